@@ -1,0 +1,138 @@
+"""The answer cache: upstream replies kept as wire bytes, served with TTLs counted down.
+
+An entry holds the reply's records exactly as they came (OPT removed) plus the offset of
+every TTL. Serving patches the TTLs once per second of age and reuses that copy until the
+next second, so a hit costs a dictionary lookup and a few byte joins.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Final
+
+from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, pack_u32_into
+
+#: Default bounds; the config can change them.
+DEFAULT_MAX_ENTRIES: Final = 100_000
+DEFAULT_MAX_TTL: Final = 86_400
+DEFAULT_MAX_NEGATIVE_TTL: Final = 3_600
+
+
+class Entry:
+    """One cached (or just received) reply, ready to be served to any client."""
+
+    __slots__ = (
+        "_rendered",
+        "_rendered_age",
+        "an",
+        "ar",
+        "body",
+        "expires",
+        "flags",
+        "ns",
+        "rcode",
+        "stored",
+        "ttl_offsets",
+        "ttls",
+    )
+
+    def __init__(self, scan: Scan, stored: float, expires: float) -> None:
+        self.flags = scan.flags
+        self.rcode = scan.rcode
+        self.an = scan.ancount
+        self.ns = scan.nscount
+        self.ar = scan.arcount
+        self.body = scan.body
+        self.ttl_offsets = scan.ttl_offsets
+        self.stored = stored
+        self.expires = expires
+        # No record may claim to live longer than the entry: that cap carries the policy's
+        # next transition and the configured maximum to the client.
+        life = max(0, int(expires - stored))
+        self.ttls = [t if t < life else life for t in scan.ttls]
+        self._rendered_age = -1
+        self._rendered = b""
+
+    def records(self, now: float) -> bytes:
+        """The records after the question, TTLs reduced by the entry's age in whole seconds."""
+        age = int(now - self.stored)
+        if age < 0:
+            age = 0
+        if age != self._rendered_age:
+            if self.ttl_offsets:
+                buf = bytearray(self.body)
+                for off, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
+                    pack_u32_into(buf, off, ttl - age if ttl > age else 0)
+                self._rendered = bytes(buf)
+            else:
+                self._rendered = self.body
+            self._rendered_age = age
+        return self._rendered
+
+
+class Cache:
+    """An LRU map from (name, type, class, DO) to :class:`Entry`, bounded in entries."""
+
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        min_ttl: int = 0,
+        max_ttl: int = DEFAULT_MAX_TTL,
+        max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL,
+    ) -> None:
+        self.max_entries = max_entries
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self.max_negative_ttl = max_negative_ttl
+        self._data: OrderedDict[bytes, Entry] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        """The live entry for ``key``, or None (an expired one is dropped on the way)."""
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if entry.expires <= now:
+            del self._data[key]
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def lifetime(self, scan: Scan) -> int | None:
+        """How long a reply may be kept (RFC 2308 for negative ones), or None: not at all."""
+        if scan.rcode == RCODE_NOERROR and scan.ancount:
+            ttl = scan.min_answer_ttl or 0
+            return max(self.min_ttl, min(ttl, self.max_ttl))
+        if scan.rcode in (RCODE_NOERROR, RCODE_NXDOMAIN):
+            if scan.negative_ttl is None:
+                return None  # no SOA: RFC 2308 5 says do not cache
+            return min(scan.negative_ttl, self.max_negative_ttl)
+        return None  # SERVFAIL, REFUSED, FORMERR...: never cached
+
+    def admit(self, key: bytes, scan: Scan, now: float, cap_until: float) -> Entry:
+        """Make an entry of ``scan``; keep it when its lifetime (cut at ``cap_until``) is
+        positive. The entry is returned either way so the reply can be served once."""
+        life = self.lifetime(scan)
+        expires = now + life if life is not None else now
+        if cap_until < expires:
+            expires = cap_until
+        entry = Entry(scan, now, expires)
+        if expires > now and self.max_entries > 0:
+            data = self._data
+            data[key] = entry
+            data.move_to_end(key)
+            if len(data) > self.max_entries:
+                data.popitem(last=False)
+                self.evictions += 1
+        return entry
+
+    def clear(self) -> None:
+        self._data.clear()

@@ -1,0 +1,175 @@
+"""The query pipeline, in its one declared order.
+
+``Resolver.handle`` takes the bytes of a query and returns the bytes of the answer, None
+(stay silent), or an awaitable for the answer when it must come from upstream. Everything
+that can be answered without I/O is answered synchronously, with no task created: that is
+most of the traffic (blocked names and cache hits) and what keeps the hot path cheap.
+
+The order, and why each step sits where it does:
+
+1. parse      - reads header, question and OPT from the bytes; garbage stops here, so no
+                later step ever sees a malformed query. Non-QUERY opcodes get NOTIMP and
+                EDNS versions above 0 get BADVERS (RFC 6891) before any policy work.
+2. policy     - before the cache and the upstream: a blocked name is never forwarded (that
+                would leak the lookup) and never answered from a cache filled before its
+                ban took force. The policy also says until when its verdict holds, which
+                caps cache lifetimes below.
+3. ANY/UDP    - after policy (a blocked name stays blocked for ANY too), before the cache:
+                RFC 8482 minimal answer, no amplification over UDP.
+4. cache      - after policy, before upstream: a hit costs no I/O.
+5. upstream   - last: in-flight deduplication, then the forwarder; the reply is admitted to
+                the cache with its lifetime capped at the policy's next transition.
+
+Each step's answer passes through ``_fit`` which truncates (TC=1) what does not fit the
+client's UDP size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from .cache import Cache, Entry
+from .policy.model import Policy
+from .sinkhole import blocked_answer
+from .upstream import Forwarder
+from .wire import (
+    FLAG_AD,
+    OPT_DO,
+    OPT_PLAIN,
+    RCODE_BADVERS,
+    RCODE_NOTIMP,
+    RCODE_SERVFAIL,
+    TYPE_ANY,
+    TYPE_HINFO,
+    FormatError,
+    Query,
+    Unanswerable,
+    error_response,
+    formerr_from_header,
+    header,
+    opt_record,
+    parse_query,
+    pointer,
+    response_flags,
+    rr,
+    truncate,
+)
+
+log = logging.getLogger("resolver.chain")
+
+Clock = Callable[[], float]
+Result = bytes | None | Awaitable[bytes | None]
+
+# RFC 8482 4.2: a synthesized HINFO saying why ANY got no real answer.
+_ANY_RDATA: Final = b"\x07RFC8482\x00"
+_ANY_TTL: Final = 3600
+_TCP_MAX: Final = 65535
+
+
+class Resolver:
+    """Answers queries: policy, then cache, then upstream. One per server."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        cache: Cache,
+        forwarder: Forwarder,
+        clock: Clock = time.time,
+    ) -> None:
+        #: Replaced whole on reload; read once per query, so a query sees one policy.
+        self.policy = policy
+        self.cache = cache
+        self.forwarder = forwarder
+        self.clock = clock
+        self._inflight: dict[bytes, asyncio.Future[Entry | None]] = {}
+
+    def handle(self, data: bytes, tcp: bool) -> Result:
+        """Answer one query; see the module docstring for the order of the steps."""
+        try:
+            q = parse_query(data)
+        except Unanswerable:
+            return None
+        except FormatError:
+            return formerr_from_header(data)
+        if q.opcode:
+            return error_response(q, RCODE_NOTIMP, with_question=bool(q.question))
+        if q.edns_version:
+            return error_response(q, RCODE_BADVERS)
+        limit = _TCP_MAX if tcp else q.udp_size
+
+        now = self.clock()
+        rule, valid_until = self.policy.decide(q.key, q.labels, now)
+        if rule is not None:
+            return _fit(blocked_answer(q, rule, now), q, limit)
+
+        if q.qtype == TYPE_ANY and not tcp:
+            return _minimal_any(q)
+
+        key = _cache_key(q)
+        entry = self.cache.get(key, now)
+        if entry is not None:
+            return _fit(render(entry, q, now), q, limit)
+        return self._forward(q, key, valid_until, limit)
+
+    async def _forward(self, q: Query, key: bytes, valid_until: float, limit: int) -> bytes:
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            # The same question is already on its way upstream: share its answer.
+            entry = await asyncio.shield(waiting)
+        else:
+            future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+            self._inflight[key] = future
+            try:
+                scan = await self.forwarder.resolve(q)
+                entry = None
+                if scan is not None:
+                    entry = self.cache.admit(key, scan, self.clock(), valid_until)
+                future.set_result(entry)
+            except BaseException:
+                future.set_result(None)
+                raise
+            finally:
+                del self._inflight[key]
+        if entry is None:
+            return error_response(q, RCODE_SERVFAIL)
+        return _fit(render(entry, q, self.clock()), q, limit)
+
+
+def _cache_key(q: Query) -> bytes:
+    # The name in lower case, type and class as sent, and the DO and CD bits: an answer
+    # with DNSSEC records or unchecked data must not reach a client that did not ask.
+    return q.key + q.question[-4:] + bytes((q.do, (q.flags >> 4) & 1))
+
+
+def render(entry: Entry, q: Query, now: float) -> bytes:
+    """A cached reply as the answer to ``q``: its ID, its question's case, its flags."""
+    flags = response_flags(q, entry.rcode)
+    if q.do or q.flags & FLAG_AD:
+        flags |= entry.flags & FLAG_AD  # RFC 6840 5.8: AD only for clients that ask
+    if q.edns:
+        return (
+            header(q.id, flags, 1, entry.an, entry.ns, entry.ar + 1)
+            + q.question
+            + entry.records(now)
+            + (OPT_DO if q.do else OPT_PLAIN)
+        )
+    return header(q.id, flags, 1, entry.an, entry.ns, entry.ar) + q.question + entry.records(now)
+
+
+def _fit(answer: bytes, q: Query, limit: int) -> bytes:
+    if len(answer) <= limit:
+        return answer
+    rcode = answer[3] & 0xF
+    opt = opt_record(q.do) if q.edns else b""
+    return truncate(q, rcode, answer[3] & FLAG_AD, opt)
+
+
+def _minimal_any(q: Query) -> bytes:
+    record = rr(pointer(12), TYPE_HINFO, _ANY_TTL, _ANY_RDATA)
+    opt = (OPT_DO if q.do else OPT_PLAIN) if q.edns else b""
+    flags = response_flags(q, 0)
+    return header(q.id, flags, 1, 1, 0, 1 if opt else 0) + q.question + record + opt

@@ -1,0 +1,232 @@
+"""The configuration: typed, with defaults, loaded from YAML with errors that name a line.
+
+Precedence: command-line flags, then the config file, then the embedded default (listen on
+127.0.0.1:5353 and [::1]:5353, forward to the nameservers of /etc/resolv.conf, enforce the
+shipped ``blocklists/``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+from .cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
+from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TCP_MAX_PIPELINE
+from .upstream import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, Upstream, parse_upstream, split_host_port
+from .yamlload import SourceError, Where, YMap, check_keys, item_where, key_where, load_file
+
+DEFAULT_PORT: Final = 5353
+RESOLV_CONF: Final = Path("/etc/resolv.conf")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def shipped_blocklists() -> Path:
+    """The ``blocklists/`` directory shipped beside the package (a checkout or the image)."""
+    env = os.environ.get("RESOLVER_BLOCKLISTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "blocklists"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """An address to listen on, UDP and TCP."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> Listen:
+    """Read ``HOST:PORT`` or ``[V6]:PORT`` (port 53 when omitted; 0 picks a free port)."""
+    host, port = split_host_port(str(text), 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: a listen address must be an IP address") from None
+    return Listen(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    min_ttl: int = 0
+    max_ttl: int = DEFAULT_MAX_TTL
+    max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class TCPConfig:
+    idle_timeout: float = DEFAULT_TCP_IDLE
+    max_connections: int = DEFAULT_TCP_MAX_CONNECTIONS
+    max_pipeline: int = DEFAULT_TCP_MAX_PIPELINE
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``resolver serve`` needs. ``upstreams`` empty means /etc/resolv.conf."""
+
+    listen: tuple[Listen, ...] = ()
+    upstreams: tuple[Upstream, ...] = ()
+    blocklists: Path = field(default_factory=shipped_blocklists)
+    upstream_timeout: float = DEFAULT_TIMEOUT
+    upstream_deadline: float = DEFAULT_DEADLINE
+    cache: CacheConfig = CacheConfig()
+    tcp: TCPConfig = TCPConfig()
+    drain_timeout: float = 5.0
+    log_level: str = "info"
+    source: str = "embedded default"
+    #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
+    default_listen: bool = True
+
+
+TOP_KEYS: Final = frozenset(
+    {
+        "listen",
+        "upstreams",
+        "blocklists",
+        "upstream_timeout",
+        "upstream_deadline",
+        "cache",
+        "tcp",
+        "drain_timeout",
+        "log_level",
+    }
+)
+CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
+TCP_KEYS: Final = frozenset(TCPConfig.__dataclass_fields__)
+
+DEFAULT_LISTEN: Final = (Listen("127.0.0.1", DEFAULT_PORT), Listen("::1", DEFAULT_PORT))
+
+
+def resolv_conf_upstreams(path: Path = RESOLV_CONF) -> tuple[Upstream, ...]:
+    """The ``nameserver`` lines of resolv.conf that are IP addresses."""
+    found = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                found.append(parse_upstream(parts[1].split("%")[0]))
+            except ValueError:
+                continue
+    return tuple(found)
+
+
+def _number(doc: YMap, key: str, kind: type, low: float, high: float, default: Any) -> Any:
+    value = doc.get(key, default)
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or not low <= value <= high:
+        noun = "a number" if kind is float else "a whole number"
+        raise SourceError(key_where(doc, key), key, f"expected {noun} from {low:g} to {high:g}")
+    return kind(value)
+
+
+def _section(doc: YMap, key: str, keys: frozenset[str]) -> YMap:
+    value = doc.get(key)
+    if value is None:
+        empty = YMap()
+        empty.where = doc.where
+        empty.key_where = {}
+        return empty
+    if not isinstance(value, YMap):
+        raise SourceError(key_where(doc, key), key, "expected a mapping")
+    check_keys(value, keys, key)
+    return value
+
+
+def _address_list(doc: YMap, key: str, parse: Any) -> tuple[Any, ...]:
+    value = doc.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise SourceError(key_where(doc, key), key, "expected a list of addresses")
+    out = []
+    for index, item in enumerate(value):
+        try:
+            out.append(parse(str(item)))
+        except ValueError as exc:
+            raise SourceError(
+                item_where(value, index) or key_where(doc, key), f"{key}[{index}]", str(exc)
+            ) from None
+    return tuple(out)
+
+
+def load_config(path: Path) -> Config:
+    """Read a YAML config file; relative paths in it are relative to the file."""
+    doc = load_file(path)
+    if doc is None:
+        doc = YMap()
+        doc.where = Where(str(path), 1, 1)
+        doc.key_where = {}
+    if not isinstance(doc, YMap):
+        raise SourceError(Where(str(path), 1, 1), "", "the config must be a YAML mapping")
+    check_keys(doc, TOP_KEYS, "the config")
+    cache = _section(doc, "cache", CACHE_KEYS)
+    tcp = _section(doc, "tcp", TCP_KEYS)
+    level = doc.get("log_level", "info")
+    if level not in LOG_LEVELS:
+        raise SourceError(key_where(doc, "log_level"), "log_level", f"use one of {LOG_LEVELS}")
+    listen = _address_list(doc, "listen", parse_listen)
+    blocklists = doc.get("blocklists")
+    if blocklists is not None and not isinstance(blocklists, str):
+        raise SourceError(key_where(doc, "blocklists"), "blocklists", "expected a path")
+    base = Config()
+    return Config(
+        listen=listen,
+        upstreams=_address_list(doc, "upstreams", parse_upstream),
+        blocklists=(path.parent / blocklists) if blocklists else base.blocklists,
+        upstream_timeout=_number(doc, "upstream_timeout", float, 0.05, 30, DEFAULT_TIMEOUT),
+        upstream_deadline=_number(doc, "upstream_deadline", float, 0.1, 60, DEFAULT_DEADLINE),
+        cache=CacheConfig(
+            max_entries=_number(cache, "max_entries", int, 0, 100_000_000, DEFAULT_MAX_ENTRIES),
+            min_ttl=_number(cache, "min_ttl", int, 0, 86_400, 0),
+            max_ttl=_number(cache, "max_ttl", int, 0, 7 * 86_400, DEFAULT_MAX_TTL),
+            max_negative_ttl=_number(
+                cache, "max_negative_ttl", int, 0, 86_400, DEFAULT_MAX_NEGATIVE_TTL
+            ),
+        ),
+        tcp=TCPConfig(
+            idle_timeout=_number(tcp, "idle_timeout", float, 0.1, 3600, DEFAULT_TCP_IDLE),
+            max_connections=_number(
+                tcp, "max_connections", int, 1, 1_000_000, DEFAULT_TCP_MAX_CONNECTIONS
+            ),
+            max_pipeline=_number(tcp, "max_pipeline", int, 1, 65_535, DEFAULT_TCP_MAX_PIPELINE),
+        ),
+        drain_timeout=_number(doc, "drain_timeout", float, 0, 300, 5.0),
+        log_level=level,
+        source=str(path),
+        default_listen=not listen,
+    )
+
+
+def finish(
+    config: Config,
+    listen: list[str] | None = None,
+    upstreams: list[str] | None = None,
+    blocklists: str | None = None,
+) -> Config:
+    """Apply command-line overrides and fill in the embedded defaults."""
+    if listen:
+        config = replace(
+            config, listen=tuple(parse_listen(x) for x in listen), default_listen=False
+        )
+    if upstreams:
+        config = replace(config, upstreams=tuple(parse_upstream(x) for x in upstreams))
+    if blocklists:
+        config = replace(config, blocklists=Path(blocklists))
+    if not config.listen:
+        config = replace(config, listen=DEFAULT_LISTEN, default_listen=True)
+    if not config.upstreams:
+        config = replace(config, upstreams=resolv_conf_upstreams())
+    return config

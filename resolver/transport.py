@@ -1,0 +1,225 @@
+"""UDP and TCP listeners: thin protocol classes around :meth:`Resolver.handle`.
+
+TCP follows RFC 7766: two-byte length framing, several queries in flight per connection and
+answered as each is ready (a slow upstream answer does not hold back the others), an idle
+timeout, and a cap on connections that closes the oldest idle one first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, cast
+
+log = logging.getLogger("resolver.transport")
+
+Handler = Callable[[bytes, bool], bytes | Awaitable[bytes | None] | None]
+
+DEFAULT_TCP_IDLE: Final = 10.0
+DEFAULT_TCP_MAX_CONNECTIONS: Final = 1000
+DEFAULT_TCP_MAX_PIPELINE: Final = 100
+
+
+class Tasks:
+    """The answers still being worked on, so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.running: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return task
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for running answers; cancel the rest; return how many."""
+        if not self.running:
+            return 0
+        _, pending = await asyncio.wait(set(self.running), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        return len(pending)
+
+
+class UDPListener(asyncio.DatagramProtocol):
+    """One UDP socket. Synchronous answers are sent at once; others from a task."""
+
+    def __init__(self, handler: Handler, tasks: Tasks) -> None:
+        self.handle = handler
+        self.tasks = tasks
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            result = self.handle(data, False)
+        except Exception:  # a bug must cost one answer, never the listener
+            log.exception("internal error answering a UDP query")
+            return
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            assert self.transport is not None
+            self.transport.sendto(result, addr)
+            return
+        self.tasks.spawn(self._reply_later(result, addr))
+
+    async def _reply_later(self, pending: Awaitable[bytes | None], addr: Any) -> None:
+        try:
+            answer = await pending
+        except Exception:
+            log.exception("internal error answering a UDP query")
+            return
+        if answer is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(answer, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (a client went away) are no reason to stop.
+        log.debug("UDP error: %s", exc)
+
+
+class TCPConnections:
+    """The open TCP connections of all listeners, oldest first, with their limits."""
+
+    def __init__(
+        self,
+        max_connections: int = DEFAULT_TCP_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_TCP_IDLE,
+        max_pipeline: int = DEFAULT_TCP_MAX_PIPELINE,
+    ) -> None:
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_pipeline = max_pipeline
+        self.open: dict[TCPConnection, None] = {}  # insertion order = age
+
+    def admit(self, conn: TCPConnection) -> bool:
+        """Register ``conn``; when over the cap, close the oldest idle connection first."""
+        if len(self.open) >= self.max_connections:
+            victim = next((c for c in self.open if c.pending == 0), None)
+            if victim is None:
+                return False
+            victim.close()
+        self.open[conn] = None
+        return True
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            conn.close()
+
+
+class TCPConnection(asyncio.Protocol):
+    """One client connection: frames in, answers out in whatever order they are ready."""
+
+    def __init__(self, handler: Handler, tasks: Tasks, registry: TCPConnections) -> None:
+        self.handle = handler
+        self.tasks = tasks
+        self.registry = registry
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.pending = 0
+        self.paused = False
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.registry.admit(self):
+            self.transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        self.timer = loop.call_later(self.registry.idle_timeout, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.open.pop(self, None)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle_for = loop.time() - self.last_active
+        if self.pending == 0 and idle_for >= self.registry.idle_timeout:
+            self.close()
+            return
+        wait = max(0.05, self.registry.idle_timeout - idle_for)
+        self.timer = loop.call_later(wait, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = asyncio.get_running_loop().time()
+        buf = self.buffer
+        buf += data
+        while len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + size:
+                break
+            message = bytes(buf[2 : 2 + size])
+            del buf[: 2 + size]
+            self._answer(message)
+            if self.transport is None or self.transport.is_closing():
+                return
+
+    def _answer(self, message: bytes) -> None:
+        try:
+            result = self.handle(message, True)
+        except Exception:
+            log.exception("internal error answering a TCP query")
+            return
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            self._send(result)
+            return
+        self.pending += 1
+        if self.pending >= self.registry.max_pipeline and not self.paused and self.transport:
+            self.transport.pause_reading()  # bound the work one client can queue
+            self.paused = True
+        self.tasks.spawn(self._reply_later(result))
+
+    async def _reply_later(self, pending: Awaitable[bytes | None]) -> None:
+        try:
+            answer = await pending
+        except Exception:
+            log.exception("internal error answering a TCP query")
+            answer = None
+        finally:
+            self.pending -= 1
+            self.last_active = asyncio.get_running_loop().time()
+            if self.paused and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+                self.paused = False
+        if answer is not None:
+            self._send(answer)
+
+    def _send(self, answer: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(answer).to_bytes(2, "big") + answer)
+
+
+def make_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
+    """A bound, non-blocking socket. IPv6 sockets are IPv6-only, so that ``[::]`` and
+    ``0.0.0.0`` can both be listed on one port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

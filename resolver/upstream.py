@@ -1,0 +1,247 @@
+"""Forwarding to upstream resolvers over UDP, with TCP when the reply is truncated.
+
+Spoofing resistance (RFC 5452): each upstream query gets a random ID and its own socket,
+connected to the upstream, so the kernel picks a random source port and delivers only
+datagrams from the upstream's address and port; a datagram whose ID or question differ is
+ignored and the wait goes on. A truncated reply is never final: the question is asked again
+over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import Final
+
+from .wire import (
+    FLAG_AD,
+    FLAG_CD,
+    FLAG_RD,
+    FLAG_TC,
+    OPT_DO,
+    OPT_PLAIN,
+    RCODE_FORMERR,
+    RCODE_NOTIMP,
+    RCODE_REFUSED,
+    RCODE_SERVFAIL,
+    FormatError,
+    Mismatch,
+    Query,
+    Scan,
+    header,
+    scan_response,
+)
+
+log = logging.getLogger("resolver.upstream")
+
+DEFAULT_TIMEOUT: Final = 1.0
+DEFAULT_DEADLINE: Final = 2.5
+_MAX_UDP: Final = 65535
+
+
+class UpstreamError(Exception):
+    """One exchange with one upstream failed; ``kind`` is a bounded label for metrics."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An upstream resolver address, as configured."""
+
+    host: str
+    port: int = 53
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def label(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{text!r}: missing ']'")
+        if not rest:
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':port' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        return text, default_port  # a name, an IPv4 address or a bare IPv6 address
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def parse_upstream(text: str) -> Upstream:
+    """Read ``host[:port]`` (or ``udp://host[:port]``); the host must be an IP address,
+    since resolving it would need a resolver."""
+    import ipaddress
+
+    raw = text.strip()
+    if raw.startswith("udp://"):
+        raw = raw[len("udp://") :]
+    elif "://" in raw:
+        scheme = raw.split("://", 1)[0]
+        raise ValueError(f"{text!r}: upstream scheme {scheme!r} is not supported (use udp://)")
+    host, port = split_host_port(raw, 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: an upstream must be an IP address") from None
+    if port == 0:
+        raise ValueError(f"{text!r}: port 0 is no upstream port")
+    return Upstream(host, port)
+
+
+def upstream_query(qid: int, q: Query, edns: bool) -> bytes:
+    """The query we send upstream for ``q``: its question in lower case, RD set, CD and AD
+    as the client asked, our own OPT (1232 bytes, the client's DO) and none of its options."""
+    flags = FLAG_RD | (q.flags & (FLAG_CD | FLAG_AD))
+    question = q.key + q.question[-4:]
+    if edns:
+        return header(qid, flags, 1, 0, 0, 1) + question + (OPT_DO if q.do else OPT_PLAIN)
+    return header(qid, flags, 1, 0, 0, 0) + question
+
+
+class Forwarder:
+    """Asks the upstreams in order until one answers, within a bounded time."""
+
+    def __init__(
+        self,
+        upstreams: list[Upstream],
+        timeout: float = DEFAULT_TIMEOUT,
+        deadline: float = DEFAULT_DEADLINE,
+    ) -> None:
+        if not upstreams:
+            raise ValueError("at least one upstream is needed")
+        self.upstreams = upstreams
+        self.timeout = timeout
+        self.deadline = deadline
+        #: Failed exchanges by kind (timeout, network, malformed, truncated, rcode).
+        self.errors: Counter[str] = Counter()
+        #: Datagrams ignored because ID, question or format did not match (RFC 5452).
+        self.ignored = 0
+
+    async def resolve(self, q: Query) -> Scan | None:
+        """The first good reply for ``q``; None when every upstream failed in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline
+        ups = self.upstreams
+        # With a single upstream, a lost datagram deserves a second try.
+        for attempt in range(max(2, len(ups))):
+            up = ups[attempt % len(ups)]
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                scan = await self._exchange(up, q, min(self.timeout, left), deadline)
+            except UpstreamError as exc:
+                self.errors[exc.kind] += 1
+                log.debug("upstream %s failed: %s", up, exc)
+                continue
+            if scan.rcode in (RCODE_SERVFAIL, RCODE_REFUSED):
+                self.errors["rcode"] += 1
+                log.debug("upstream %s answered rcode %d", up, scan.rcode)
+                continue
+            return scan
+        return None
+
+    async def _exchange(self, up: Upstream, q: Query, timeout: float, deadline: float) -> Scan:
+        question = q.key + q.question[-4:]
+        qid = secrets.randbits(16)
+        scan = await self._udp(up, upstream_query(qid, q, True), qid, question, timeout)
+        if scan.rcode in (RCODE_FORMERR, RCODE_NOTIMP):
+            # An old server that does not speak EDNS: ask again without it (RFC 6891 7).
+            qid = secrets.randbits(16)
+            scan = await self._udp(up, upstream_query(qid, q, False), qid, question, timeout)
+        if scan.flags & FLAG_TC:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise UpstreamError("truncated", "no time left for TCP")
+            qid = secrets.randbits(16)
+            scan = await self._tcp(up, upstream_query(qid, q, True), qid, question, left)
+            if scan.flags & FLAG_TC:
+                raise UpstreamError("truncated", "truncated over TCP too")
+        return scan
+
+    async def _udp(
+        self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float
+    ) -> Scan:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(up.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect((up.host, up.port))
+                sock.send(wire)
+            except OSError as exc:
+                raise UpstreamError("network", str(exc)) from None
+            done: asyncio.Future[Scan] = loop.create_future()
+
+            def readable() -> None:
+                while not done.done():
+                    try:
+                        data = sock.recv(_MAX_UDP)
+                    except BlockingIOError:
+                        return
+                    except OSError as exc:  # ICMP port unreachable and friends
+                        done.set_exception(UpstreamError("network", str(exc)))
+                        return
+                    try:
+                        done.set_result(scan_response(data, qid, question))
+                    except (Mismatch, FormatError) as exc:
+                        self.ignored += 1
+                        log.debug("ignored a datagram from %s: %s", up, exc)
+
+            fd = sock.fileno()
+            loop.add_reader(fd, readable)
+            try:
+                return await asyncio.wait_for(done, timeout)
+            except TimeoutError:
+                raise UpstreamError("timeout", f"no answer in {timeout:.2f} s") from None
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            sock.close()
+
+    async def _tcp(
+        self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float
+    ) -> Scan:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(up.host, up.port)
+                try:
+                    writer.write(len(wire).to_bytes(2, "big") + wire)
+                    while True:
+                        size = int.from_bytes(await reader.readexactly(2), "big")
+                        data = await reader.readexactly(size)
+                        try:
+                            return scan_response(data, qid, question)
+                        except (Mismatch, FormatError) as exc:
+                            self.ignored += 1
+                            log.debug("ignored a TCP message from %s: %s", up, exc)
+                finally:
+                    writer.close()
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no TCP answer in {timeout:.2f} s") from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise UpstreamError("network", f"TCP: {exc}") from None
