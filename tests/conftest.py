@@ -88,7 +88,11 @@ class RunningServer:
         return self.send(message, tcp=tcp, timeout=timeout, host=host)
 
     def send(
-        self, message: dns.message.Message, *, tcp: bool = False, timeout: float = 3.0,
+        self,
+        message: dns.message.Message,
+        *,
+        tcp: bool = False,
+        timeout: float = 3.0,
         host: str | None = None,
     ) -> dns.message.Message:
         where = host or self.host
@@ -125,8 +129,8 @@ def upstream() -> Iterator[FakeUpstream]:
             ("www.example.test", "A"): ["192.0.2.2"],
             ("notdeepseek.com", "A"): ["192.0.2.3"],
             ("allowed.test", "A"): ["192.0.2.4"],
-            ("big.test", "TXT"): [f'"{"x" * 200}"' for _ in range(10)],
-            ("Mixed.Case.test", "A"): ["192.0.2.5"],
+            ("big.test", "TXT"): [f'"{i}{"x" * 200}"' for i in range(10)],
+            ("mixed.case.test", "A"): ["192.0.2.5"],
             ("soon.test", "A"): ["192.0.2.6"],
         }
     )

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import dns.exception
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -52,6 +53,7 @@ class FakeUpstream:
         self.spoofer.bind((self.host, 0))
         self.queries: Counter[tuple[str, str, str]] = Counter()  # (proto, name, type)
         self.last_query: dns.message.Message | None = None
+        self.sources: list[tuple[int, int]] = []  # (source port, query ID) of UDP queries
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._serve_udp, daemon=True),
@@ -110,8 +112,13 @@ class FakeUpstream:
             response.authority.append(
                 dns.rrset.from_text("test.", self.negative_ttl * 2, "IN", "SOA", soa)
             )
-        wire = response.to_wire()
-        if proto == "udp" and behaviour.mode == "truncate":
+        try:
+            wire = response.to_wire(max_size=65535 if proto == "tcp" else 0)
+            too_big = False
+        except dns.exception.TooBig:
+            wire = response.to_wire(max_size=65535)
+            too_big = True
+        if proto == "udp" and (behaviour.mode == "truncate" or too_big):
             header = bytearray(wire[:12])
             header[2] |= 0x02  # TC
             struct.pack_into("!HHH", header, 6, 0, 0, 0)
@@ -130,18 +137,34 @@ class FakeUpstream:
                 query = dns.message.from_wire(data)
             except Exception:
                 continue
+            self.sources.append((addr[1], query.id))
             behaviour, wire = self._reply(query, "udp")
             threading.Thread(
                 target=self._send_udp, args=(behaviour, wire, addr, query), daemon=True
             ).start()
 
     def _send_udp(
-        self, behaviour: Behaviour, wire: bytes | None, addr: tuple[str, int],
+        self,
+        behaviour: Behaviour,
+        wire: bytes | None,
+        addr: tuple[str, int],
+        query: dns.message.Message,
+    ) -> None:
+        try:
+            self._send_udp_now(behaviour, wire, addr, query)
+        except OSError:
+            pass  # closed by the end of the test while the reply was delayed
+
+    def _send_udp_now(
+        self,
+        behaviour: Behaviour,
+        wire: bytes | None,
+        addr: tuple[str, int],
         query: dns.message.Message,
     ) -> None:
         if behaviour.delay:
             time.sleep(behaviour.delay)
-        if wire is None:
+        if wire is None or self._stop.is_set():
             return
         if behaviour.mode == "spoof":
             # Three forgeries first: wrong ID, wrong question, and the right reply from a

@@ -1,0 +1,129 @@
+"""Forwarding under faults: failover, timeouts, truncation, spoofing, garbage, sharing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import dns.flags
+import dns.rcode
+import pytest
+
+from resolver.upstream import parse_upstream
+
+from .conftest import RunningServer
+from .fakeupstream import Behaviour, FakeUpstream
+
+
+def dead_port() -> str:
+    """A loopback UDP port with nobody behind it (ICMP port unreachable comes back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_failover_to_the_next_upstream_when_the_first_is_down(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream
+) -> None:
+    running = make_server(upstreams=(parse_upstream(dead_port()), parse_upstream(upstream.address)))
+    reply = running.query("example.test", "A")
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert running.resolver.forwarder.errors["network"] >= 1
+
+
+def test_failover_when_the_first_upstream_is_silent(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream
+) -> None:
+    silent = FakeUpstream(default=Behaviour("drop"))
+    try:
+        running = make_server(
+            upstreams=(parse_upstream(silent.address), parse_upstream(upstream.address))
+        )
+        started = time.monotonic()
+        reply = running.query("example.test", "A")
+        elapsed = time.monotonic() - started
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert 0.3 <= elapsed < 1.5  # one per-try timeout (0.4 s), then the second upstream
+        assert running.resolver.forwarder.errors["timeout"] == 1
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("mode", ["drop", "servfail", "refused", "garbage"])
+def test_all_upstreams_failing_gives_servfail_in_bounded_time(
+    server: RunningServer, upstream: FakeUpstream, mode: str
+) -> None:
+    upstream.behaviours["example.test"] = Behaviour(mode)
+    started = time.monotonic()
+    reply = server.query("example.test", "A", timeout=5)
+    elapsed = time.monotonic() - started
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert elapsed < 1.5 + 0.5  # the configured deadline, with slack for a busy machine
+    # SERVFAIL is not cached: once the upstream recovers, so does the answer.
+    upstream.behaviours.clear()
+    assert server.query("example.test", "A").rcode() == dns.rcode.NOERROR
+
+
+def test_default_deadline_is_under_three_seconds(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream
+) -> None:
+    from resolver.upstream import DEFAULT_DEADLINE, DEFAULT_TIMEOUT
+
+    running = make_server(upstream_timeout=DEFAULT_TIMEOUT, upstream_deadline=DEFAULT_DEADLINE)
+    upstream.default = Behaviour("drop")
+    started = time.monotonic()
+    reply = running.query("example.test", "A", timeout=6)
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert time.monotonic() - started < 3.0
+
+
+def test_truncated_upstream_answer_is_retried_over_tcp(
+    server: RunningServer, upstream: FakeUpstream
+) -> None:
+    upstream.behaviours["example.test"] = Behaviour("truncate")
+    reply = server.query("example.test", "A")
+    assert "TC" not in dns.flags.to_text(reply.flags)
+    assert [rd.to_text() for rd in reply.answer[0]] == ["192.0.2.1"]
+    assert upstream.count("example.test", "A", "udp") == 1
+    assert upstream.count("example.test", "A", "tcp") == 1
+    # What was cached is the TCP answer, never the truncated copy.
+    again = server.query("example.test", "A")
+    assert again.answer and upstream.count("example.test", "A") == 2
+
+
+def test_spoofed_replies_are_ignored(server: RunningServer, upstream: FakeUpstream) -> None:
+    upstream.behaviours["example.test"] = Behaviour("spoof")
+    reply = server.query("example.test", "A")
+    assert [rd.to_text() for rd in reply.answer[0]] == ["192.0.2.1"]  # never 6.6.6.6
+    # Wrong ID and wrong question were read and ignored; the other port never got through.
+    assert server.resolver.forwarder.ignored == 2
+
+
+def test_identical_queries_in_flight_share_one_upstream_query(
+    server: RunningServer, upstream: FakeUpstream
+) -> None:
+    upstream.behaviours["example.test"] = Behaviour(delay=0.3)
+    results: list[int] = []
+
+    def ask() -> None:
+        results.append(server.query("example.test", "A").rcode())
+
+    threads = [threading.Thread(target=ask) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [dns.rcode.NOERROR] * 10
+    assert upstream.count("example.test", "A") == 1
+
+
+def test_each_upstream_query_uses_a_fresh_source_port_and_id(
+    server: RunningServer, upstream: FakeUpstream
+) -> None:
+    for index in range(8):
+        server.query(f"n{index}.test", "A")
+    assert len(upstream.sources) == 8
+    assert len({port for port, _ in upstream.sources}) == 8
+    assert len({qid for _, qid in upstream.sources}) == 8
