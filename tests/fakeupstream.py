@@ -8,6 +8,7 @@ resolvers.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -150,10 +151,9 @@ class FakeUpstream:
         addr: tuple[str, int],
         query: dns.message.Message,
     ) -> None:
-        try:
+        # The socket may be closed by the end of a test while a reply was delayed.
+        with contextlib.suppress(OSError):
             self._send_udp_now(behaviour, wire, addr, query)
-        except OSError:
-            pass  # closed by the end of the test while the reply was delayed
 
     def _send_udp_now(
         self,
