@@ -16,7 +16,16 @@ from typing import Any, Final
 from .cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
 from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TCP_MAX_PIPELINE
 from .upstream import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, Upstream, parse_upstream, split_host_port
-from .yamlload import SourceError, Where, YMap, check_keys, item_where, key_where, load_file
+from .yamlload import (
+    SourceError,
+    Where,
+    YMap,
+    check_keys,
+    empty_map,
+    item_where,
+    load_file,
+    value_where,
+)
 
 DEFAULT_PORT: Final = 5353
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
@@ -126,19 +135,16 @@ def _number(doc: YMap, key: str, kind: type, low: float, high: float, default: A
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     if not ok or not low <= value <= high:
         noun = "a number" if kind is float else "a whole number"
-        raise SourceError(key_where(doc, key), key, f"expected {noun} from {low:g} to {high:g}")
+        raise SourceError(value_where(doc, key), key, f"expected {noun} from {low:g} to {high:g}")
     return kind(value)
 
 
 def _section(doc: YMap, key: str, keys: frozenset[str]) -> YMap:
     value = doc.get(key)
     if value is None:
-        empty = YMap()
-        empty.where = doc.where
-        empty.key_where = {}
-        return empty
+        return empty_map(doc.where)
     if not isinstance(value, YMap):
-        raise SourceError(key_where(doc, key), key, "expected a mapping")
+        raise SourceError(value_where(doc, key), key, "expected a mapping")
     check_keys(value, keys, key)
     return value
 
@@ -150,14 +156,14 @@ def _address_list(doc: YMap, key: str, parse: Any) -> tuple[Any, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise SourceError(key_where(doc, key), key, "expected a list of addresses")
+        raise SourceError(value_where(doc, key), key, "expected a list of addresses")
     out = []
     for index, item in enumerate(value):
         try:
             out.append(parse(str(item)))
         except ValueError as exc:
             raise SourceError(
-                item_where(value, index) or key_where(doc, key), f"{key}[{index}]", str(exc)
+                item_where(value, index) or value_where(doc, key), f"{key}[{index}]", str(exc)
             ) from None
     return tuple(out)
 
@@ -166,9 +172,7 @@ def load_config(path: Path) -> Config:
     """Read a YAML config file; relative paths in it are relative to the file."""
     doc = load_file(path)
     if doc is None:
-        doc = YMap()
-        doc.where = Where(str(path), 1, 1)
-        doc.key_where = {}
+        doc = empty_map(Where(str(path), 1, 1))
     if not isinstance(doc, YMap):
         raise SourceError(Where(str(path), 1, 1), "", "the config must be a YAML mapping")
     check_keys(doc, TOP_KEYS, "the config")
@@ -176,11 +180,11 @@ def load_config(path: Path) -> Config:
     tcp = _section(doc, "tcp", TCP_KEYS)
     level = doc.get("log_level", "info")
     if level not in LOG_LEVELS:
-        raise SourceError(key_where(doc, "log_level"), "log_level", f"use one of {LOG_LEVELS}")
+        raise SourceError(value_where(doc, "log_level"), "log_level", f"use one of {LOG_LEVELS}")
     listen = _address_list(doc, "listen", parse_listen)
     blocklists = doc.get("blocklists")
     if blocklists is not None and not isinstance(blocklists, str):
-        raise SourceError(key_where(doc, "blocklists"), "blocklists", "expected a path")
+        raise SourceError(value_where(doc, "blocklists"), "blocklists", "expected a path")
     base = Config()
     return Config(
         listen=listen,

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from .cache import Cache
 from .chain import Clock, Resolver
@@ -55,6 +55,7 @@ class Server:
         )
         self.bound: list[Bound] = []
         self._udp: list[asyncio.DatagramTransport] = []
+        self._udp_listeners: list[UDPListener] = []
         self._tcp: list[asyncio.Server] = []
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
@@ -133,10 +134,11 @@ class Server:
             break
         else:
             raise StartupError(f"cannot find a port free for both UDP and TCP on {listen.host}")
-        transport, _ = await loop.create_datagram_endpoint(
+        transport, listener = await loop.create_datagram_endpoint(
             lambda: UDPListener(handler, self.tasks), sock=udp_sock
         )
-        self._udp.append(cast(asyncio.DatagramTransport, transport))
+        self._udp_listeners.append(listener)
+        self._udp.append(transport)
         server = await loop.create_server(
             lambda: TCPConnection(handler, self.tasks, self.connections),
             sock=tcp_sock,
@@ -159,17 +161,25 @@ class Server:
         for server in self._tcp:
             server.close()
         self._udp.clear()
+        self._udp_listeners.clear()
         self._tcp.clear()
 
     async def stop(self) -> None:
         """Stop accepting, let answers in progress finish (bounded), close connections."""
-        self._close_listeners()
+        # UDP sockets stay open while draining (answers leave through them) but take no
+        # new queries; TCP stops accepting connections and reading new queries.
+        for listener in self._udp_listeners:
+            listener.accepting = False
+        for server in self._tcp:
+            server.close()
+        self.connections.stop_reading()
         left = await self.tasks.drain(self.config.drain_timeout)
         if left:
             log.warning(
                 "stopped with %d answers unfinished after %.1f s", left, self.config.drain_timeout
             )
         self.connections.close_all()
+        self._close_listeners()
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the policy."""

@@ -51,11 +51,15 @@ class UDPListener(asyncio.DatagramProtocol):
         self.handle = handler
         self.tasks = tasks
         self.transport: asyncio.DatagramTransport | None = None
+        #: False while shutting down: answers in progress still go out, new queries do not.
+        self.accepting = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self.accepting:
+            return
         try:
             result = self.handle(data, False)
         except Exception:  # a bug must cost one answer, never the listener
@@ -107,6 +111,10 @@ class TCPConnections:
         self.open[conn] = None
         return True
 
+    def stop_reading(self) -> None:
+        for conn in self.open:
+            conn.stop_reading()
+
     def close_all(self) -> None:
         for conn in list(self.open):
             conn.close()
@@ -125,6 +133,7 @@ class TCPConnection(asyncio.Protocol):
         self.paused = False
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.draining = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -144,6 +153,15 @@ class TCPConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def stop_reading(self) -> None:
+        """Shutting down: take no new queries; close now if none is in progress."""
+        if self.pending == 0:
+            self.close()
+        elif self.transport is not None and not self.paused:
+            self.transport.pause_reading()
+            self.paused = True
+        self.draining = True
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,7 +212,12 @@ class TCPConnection(asyncio.Protocol):
         finally:
             self.pending -= 1
             self.last_active = asyncio.get_running_loop().time()
-            if self.paused and self.transport is not None and not self.transport.is_closing():
+            if (
+                self.paused
+                and not self.draining
+                and self.transport is not None
+                and not self.transport.is_closing()
+            ):
                 self.transport.resume_reading()
                 self.paused = False
         if answer is not None:

@@ -45,6 +45,7 @@ class YMap(dict[str, Any]):
 
     where: Where
     key_where: dict[str, Where]
+    value_where: dict[str, Where]
 
 
 class YList(list[Any]):
@@ -52,6 +53,15 @@ class YList(list[Any]):
 
     where: Where
     item_where: list[Where]
+
+
+def empty_map(where: Where) -> YMap:
+    """An empty :class:`YMap` standing at ``where`` (for a section left out)."""
+    out = YMap()
+    out.where = where
+    out.key_where = {}
+    out.value_where = {}
+    return out
 
 
 def _where(node: Node, file: str) -> Where:
@@ -72,9 +82,7 @@ _Loader.yaml_implicit_resolvers = {
 def _construct_map(loader: _Loader, node: Node) -> YMap:
     assert isinstance(node, MappingNode)
     loader.flatten_mapping(node)
-    out = YMap()
-    out.where = _where(node, loader.file)
-    out.key_where = {}
+    out = empty_map(_where(node, loader.file))
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         where = _where(key_node, loader.file)
@@ -84,6 +92,7 @@ def _construct_map(loader: _Loader, node: Node) -> YMap:
             raise SourceError(where, key, f"key repeated (first at line {out.key_where[key].line})")
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_where[key] = where
+        out.value_where[key] = _where(value_node, loader.file)
     return out
 
 
@@ -133,10 +142,10 @@ def load_file(path: Path) -> Any:
     return load_text(text, str(path))
 
 
-def key_where(mapping: Any, key: str) -> Where | None:
-    """Where ``key`` stood in ``mapping`` (or the mapping itself), when known."""
+def value_where(mapping: Any, key: str) -> Where | None:
+    """Where the value of ``key`` stood in ``mapping`` (or the mapping itself), when known."""
     if isinstance(mapping, YMap):
-        return mapping.key_where.get(key, mapping.where)
+        return mapping.value_where.get(key, mapping.where)
     return None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..wire import encode_name
-from ..yamlload import SourceError, Where, YMap, check_keys, item_where, key_where, load_file
+from ..yamlload import SourceError, Where, YMap, check_keys, item_where, load_file, value_where
 from .model import ACTIONS, Action, BlockList, Policy, Rule
 from .timewindow import TimeValueError, Window, parse_instant, zone
 
@@ -78,7 +78,7 @@ def _require_str(doc: YMap, key: str, default: str | None = None) -> str:
     if value is None:
         raise SourceError(doc.where, key, "required key is missing")
     if not isinstance(value, str):
-        raise SourceError(key_where(doc, key), key, f"expected text, got {value!r}")
+        raise SourceError(value_where(doc, key), key, f"expected text, got {value!r}")
     return value
 
 
@@ -96,18 +96,18 @@ def parse_window(value: Any, where: Where | None, field: str, tz: Any) -> Window
             try:
                 bounds[key] = parse_instant(value[key], tz)
             except TimeValueError as exc:
-                raise SourceError(key_where(value, key), f"{field}.{key}", str(exc)) from None
+                raise SourceError(value_where(value, key), f"{field}.{key}", str(exc)) from None
     window = Window(bounds.get("from", window.start), bounds.get("until", window.end))
     if window.empty:
         raise SourceError(
-            key_where(value, "until"), f"{field}.until", "'until' is not after 'from'"
+            value_where(value, "until"), f"{field}.until", "'until' is not after 'from'"
         )
     return window
 
 
 def parse_action(doc: YMap) -> Action:
     value = doc.get("action", "nxdomain")
-    where = key_where(doc, "action")
+    where = value_where(doc, "action")
     if isinstance(value, str):
         if value not in ACTIONS or value == "sinkhole":
             raise SourceError(
@@ -130,7 +130,9 @@ def parse_action(doc: YMap) -> Action:
             if isinstance(addrs, str):
                 addrs = [addrs]
             if not isinstance(addrs, list):
-                raise SourceError(key_where(spec, key), f"action.sinkhole.{key}", "expected a list")
+                raise SourceError(
+                    value_where(spec, key), f"action.sinkhole.{key}", "expected a list"
+                )
             out = []
             for index, text in enumerate(addrs):
                 try:
@@ -139,7 +141,7 @@ def parse_action(doc: YMap) -> Action:
                     addr = None
                 if addr is None or addr.version != version:
                     raise SourceError(
-                        item_where(addrs, index) or key_where(spec, key),
+                        item_where(addrs, index) or value_where(spec, key),
                         f"action.sinkhole.{key}",
                         f"{text!r} is not an IPv{version} address",
                     )
@@ -186,7 +188,7 @@ def parse_list(doc: Any, file: str) -> tuple[BlockList, list[Rule]]:
     list_id = _require_str(doc, "list")
     if not _LIST_ID.match(list_id):
         raise SourceError(
-            key_where(doc, "list"),
+            value_where(doc, "list"),
             "list",
             f"{list_id!r}: a list id is 1-63 lower-case letters, digits, '-' or '_'",
         )
@@ -194,16 +196,16 @@ def parse_list(doc: Any, file: str) -> tuple[BlockList, list[Rule]]:
     try:
         tz = zone(tz_name)
     except TimeValueError as exc:
-        raise SourceError(key_where(doc, "timezone"), "timezone", str(exc)) from None
+        raise SourceError(value_where(doc, "timezone"), "timezone", str(exc)) from None
     ttl = doc.get("ttl", DEFAULT_TTL)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 <= ttl <= MAX_TTL:
-        raise SourceError(key_where(doc, "ttl"), "ttl", f"expected seconds from 0 to {MAX_TTL}")
+        raise SourceError(value_where(doc, "ttl"), "ttl", f"expected seconds from 0 to {MAX_TTL}")
     blocklist = BlockList(
         id=list_id,
         description=_require_str(doc, "description", ""),
         reference=_require_str(doc, "reference", ""),
         timezone=tz,
-        window=parse_window(doc.get("active"), key_where(doc, "active"), "active", tz),
+        window=parse_window(doc.get("active"), value_where(doc, "active"), "active", tz),
         action=parse_action(doc),
         ttl=ttl,
         where=doc.where,
@@ -212,7 +214,7 @@ def parse_list(doc: Any, file: str) -> tuple[BlockList, list[Rule]]:
     if domains is None:
         domains = []
     if not isinstance(domains, list):
-        raise SourceError(key_where(doc, "domains"), "domains", "expected a list of domains")
+        raise SourceError(value_where(doc, "domains"), "domains", "expected a list of domains")
     rules: list[Rule] = []
     for index, item in enumerate(domains):
         where = item_where(domains, index) or doc.where
@@ -222,8 +224,10 @@ def parse_list(doc: Any, file: str) -> tuple[BlockList, list[Rule]]:
         if isinstance(item, YMap):
             check_keys(item, RULE_KEYS, field)
             name_value = item.get("name")
-            where = key_where(item, "name") or where
-            own = parse_window(item.get("active"), key_where(item, "active"), f"{field}.active", tz)
+            where = value_where(item, "name") or where
+            own = parse_window(
+                item.get("active"), value_where(item, "active"), f"{field}.active", tz
+            )
             window = window.intersect(own)
             if "reference" in item:
                 reference = _require_str(item, "reference")

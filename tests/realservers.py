@@ -1,0 +1,174 @@
+"""Real programs for the tests: NSD as an authoritative upstream, and the resolver itself as
+a subprocess started the way an operator starts it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dns.message
+import dns.query
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (at the time of asking)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no free port")
+
+
+def wait_for_dns(host: str, port: int, name: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dns.query.udp(dns.message.make_query(name, "SOA"), host, port=port, timeout=0.3)
+            return
+        except (dns.exception.Timeout, OSError):
+            if time.monotonic() > deadline:
+                raise
+
+
+class NSD:
+    """NSD serving one generated zone on 127.0.0.1:<free port>, stopped by its PID."""
+
+    def __init__(self, workdir: Path, zone: str, records: list[str]) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.zone = zone
+        zonefile = workdir / f"{zone}.zone"
+        zonefile.write_text(
+            f"$ORIGIN {zone}.\n$TTL 3600\n"
+            f"@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300\n"
+            f"@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n" + "\n".join(records) + "\n"
+        )
+        conf = workdir / "nsd.conf"
+        conf.write_text(
+            "server:\n"
+            f"  ip-address: 127.0.0.1@{self.port}\n"
+            f"  port: {self.port}\n"
+            '  username: ""\n'
+            '  chroot: ""\n'
+            f'  zonesdir: "{workdir}"\n'
+            f'  pidfile: "{workdir}/nsd.pid"\n'
+            f'  xfrdfile: "{workdir}/xfrd.state"\n'
+            f'  zonelistfile: "{workdir}/zone.list"\n'
+            f'  database: ""\n'
+            f'  logfile: "{workdir}/nsd.log"\n'
+            "  server-count: 1\n"
+            "  verbosity: 1\n"
+            "remote-control:\n  control-enable: no\n"
+            f"zone:\n  name: {zone}\n  zonefile: {zonefile.name}\n"
+        )
+        binary = shutil.which("nsd") or "/usr/sbin/nsd"
+        self.proc = subprocess.Popen(
+            [binary, "-d", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for_dns("127.0.0.1", self.port, zone)
+        except BaseException:
+            self.stop()
+            log = (workdir / "nsd.log").read_text() if (workdir / "nsd.log").exists() else ""
+            raise RuntimeError(f"NSD did not start: {log}") from None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def nsd_available() -> bool:
+    return bool(shutil.which("nsd") or os.path.exists("/usr/sbin/nsd"))
+
+
+class ResolverProcess:
+    """``python -m resolver serve ...`` as a child process, with its log lines."""
+
+    LISTEN = re.compile(r"listening on (udp|tcp) (\S+):(\d+)$")
+
+    def __init__(self, *args: str, ready: bool = True, timeout: float = 15.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resolver", "serve", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = 0
+        if ready:
+            self.wait_for("ready", timeout)
+            for line in self.lines:
+                match = self.LISTEN.search(line)
+                if match and match.group(1) == "udp" and not self.port:
+                    self.port = int(match.group(3))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> str:
+        """Wait for a log line containing ``text``; fail on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (not self._reader.is_alive() and seen == len(self.lines)):
+                    break
+                self._changed.wait(min(left, 0.2))
+        raise AssertionError(f"no log line with {text!r}; log:\n" + "\n".join(self.lines))
+
+    def finish(self, timeout: float = 10.0) -> int:
+        """Wait for exit and for the rest of the log; the exit code."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.finish()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
