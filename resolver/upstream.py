@@ -41,6 +41,7 @@ log = logging.getLogger("resolver.upstream")
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_DEADLINE: Final = 2.5
 _MAX_UDP: Final = 65535
+_FAILED_RCODES: Final = frozenset({RCODE_SERVFAIL, RCODE_REFUSED, RCODE_FORMERR, RCODE_NOTIMP})
 
 
 class UpstreamError(Exception):
@@ -158,7 +159,9 @@ class Forwarder:
                 self.errors[exc.kind] += 1
                 log.debug("upstream %s failed: %s", up, exc)
                 continue
-            if scan.rcode in (RCODE_SERVFAIL, RCODE_REFUSED):
+            if scan.rcode in _FAILED_RCODES:
+                # Not an answer about the name: another upstream may do better, and the
+                # client is told SERVFAIL rather than an error about a query it never sent.
                 self.errors["rcode"] += 1
                 log.debug("upstream %s answered rcode %d", up, scan.rcode)
                 continue

@@ -28,7 +28,7 @@ import dns.rrset
 class Behaviour:
     """What the upstream does for a name (lower case, no trailing dot)."""
 
-    mode: str = "answer"  # answer | drop | servfail | truncate | spoof | garbage | refused
+    mode: str = "answer"  # answer | drop | servfail | refused | formerr | truncate | spoof | garbage
     delay: float = 0.0
 
 
@@ -95,10 +95,8 @@ class FakeUpstream:
         if behaviour.mode == "garbage":
             return behaviour, b"\x00\x01garbage"
         response = dns.message.make_response(query)
-        if behaviour.mode in ("servfail", "refused"):
-            response.set_rcode(
-                dns.rcode.SERVFAIL if behaviour.mode == "servfail" else dns.rcode.REFUSED
-            )
+        if behaviour.mode in ("servfail", "refused", "formerr"):
+            response.set_rcode(dns.rcode.from_text(behaviour.mode.upper()))
             return behaviour, response.to_wire()
         values = self.records.get((name, rtype))
         if values:

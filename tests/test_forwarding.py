@@ -51,7 +51,7 @@ def test_failover_when_the_first_upstream_is_silent(
         silent.close()
 
 
-@pytest.mark.parametrize("mode", ["drop", "servfail", "refused", "garbage"])
+@pytest.mark.parametrize("mode", ["drop", "servfail", "refused", "formerr", "garbage"])
 def test_all_upstreams_failing_gives_servfail_in_bounded_time(
     server: RunningServer, upstream: FakeUpstream, mode: str
 ) -> None:
