@@ -28,7 +28,9 @@ import dns.rrset
 class Behaviour:
     """What the upstream does for a name (lower case, no trailing dot)."""
 
-    mode: str = "answer"  # answer | drop | servfail | refused | formerr | truncate | spoof | garbage
+    mode: str = (
+        "answer"  # answer | drop | servfail | refused | formerr | truncate | spoof | garbage
+    )
     delay: float = 0.0
 
 
@@ -151,34 +153,27 @@ class FakeUpstream:
     ) -> None:
         # The socket may be closed by the end of a test while a reply was delayed.
         with contextlib.suppress(OSError):
-            self._send_udp_now(behaviour, wire, addr, query)
-
-    def _send_udp_now(
-        self,
-        behaviour: Behaviour,
-        wire: bytes | None,
-        addr: tuple[str, int],
-        query: dns.message.Message,
-    ) -> None:
-        if behaviour.delay:
-            time.sleep(behaviour.delay)
-        if wire is None or self._stop.is_set():
-            return
-        if behaviour.mode == "spoof":
-            # Three forgeries first: wrong ID, wrong question, and the right reply from a
-            # different source port. Only the last datagram, from the real port, is genuine.
-            fake_id = bytearray(wire)
-            struct.pack_into("!H", fake_id, 0, (query.id + 1) & 0xFFFF)
-            self.udp.sendto(bytes(fake_id), addr)
-            other = dns.message.make_query("spoofed.test.", "A")
-            other.id = query.id
-            other.flags |= 0x8000
-            self.udp.sendto(other.to_wire(), addr)
-            forged = dns.message.from_wire(wire)
-            forged.answer = [dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "6.6.6.6")]
-            self.spoofer.sendto(forged.to_wire(), addr)
-            time.sleep(0.05)
-        self.udp.sendto(wire, addr)
+            if behaviour.delay:
+                time.sleep(behaviour.delay)
+            if wire is None or self._stop.is_set():
+                return
+            if behaviour.mode == "spoof":
+                # Three forgeries first: wrong ID, wrong question, and the right reply from a
+                # different source port. Only the last datagram, from the real port, is genuine.
+                fake_id = bytearray(wire)
+                struct.pack_into("!H", fake_id, 0, (query.id + 1) & 0xFFFF)
+                self.udp.sendto(bytes(fake_id), addr)
+                other = dns.message.make_query("spoofed.test.", "A")
+                other.id = query.id
+                other.flags |= 0x8000
+                self.udp.sendto(other.to_wire(), addr)
+                forged = dns.message.from_wire(wire)
+                forged.answer = [
+                    dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "6.6.6.6")
+                ]
+                self.spoofer.sendto(forged.to_wire(), addr)
+                time.sleep(0.05)
+            self.udp.sendto(wire, addr)
 
     def _serve_tcp(self) -> None:
         while not self._stop.is_set():
