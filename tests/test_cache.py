@@ -136,3 +136,31 @@ def test_blocked_answer_never_outlives_the_ban(
     assert blocked.rcode() == dns.rcode.NXDOMAIN and ttl_of(blocked) == 20
     frozen.advance(20)
     assert running.query("soon.test", "A").rcode() == dns.rcode.NOERROR
+
+
+def test_repeated_query_bytes_get_their_own_id_from_the_answer_memo(
+    server: RunningServer, frozen: Clock
+) -> None:
+    query = dns.message.make_query("Deepseek.com", "A", use_edns=0)
+    answers = []
+    for qid in (1, 2, 0xFFFF):
+        query.id = qid
+        answers.append(server.send(query))
+    assert [a.id for a in answers] == [1, 2, 0xFFFF]
+    assert all(a.question[0].name.to_text() == "Deepseek.com." for a in answers)
+    assert all(a.rcode() == dns.rcode.NXDOMAIN for a in answers)
+    assert server.resolver.memo_hits >= 2
+
+
+def test_reload_replaces_the_policy_and_what_was_memoised(
+    server: RunningServer, upstream: FakeUpstream, lists_dir: Path
+) -> None:
+    assert server.query("example.test", "A").rcode() == dns.rcode.NOERROR
+    assert server.query("example.test", "A").rcode() == dns.rcode.NOERROR
+    (lists_dir / "new.yaml").write_text("list: new\ndomains: [example.test]\n")
+    assert server.call(server.server.reload()) is True
+    assert server.query("example.test", "A").rcode() == dns.rcode.NXDOMAIN
+    # A broken edit keeps the last good policy.
+    (lists_dir / "new.yaml").write_text("list: new\ndomains: [example.test\n")
+    assert server.call(server.server.reload()) is False
+    assert server.query("example.test", "A").rcode() == dns.rcode.NXDOMAIN
