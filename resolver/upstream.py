@@ -215,13 +215,18 @@ class Forwarder:
                         self.ignored += 1
                         log.debug("ignored a datagram from %s: %s", up, exc)
 
+            def expire() -> None:
+                if not done.done():
+                    done.set_exception(UpstreamError("timeout", f"no answer in {timeout:.2f} s"))
+
             fd = sock.fileno()
             loop.add_reader(fd, readable)
+            # A timer on the future itself: asyncio.wait_for would add a task per query.
+            timer = loop.call_later(timeout, expire)
             try:
-                return await asyncio.wait_for(done, timeout)
-            except TimeoutError:
-                raise UpstreamError("timeout", f"no answer in {timeout:.2f} s") from None
+                return await done
             finally:
+                timer.cancel()
                 loop.remove_reader(fd)
         finally:
             sock.close()
