@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 from .cache import Cache, Entry
-from .policy.model import Policy
+from .policy.model import ALL_CLIENTS, Policy
 from .sinkhole import blocked_answer
 from .upstream import Forwarder
 from .wire import (
@@ -48,6 +49,7 @@ from .wire import (
     FormatError,
     Query,
     Unanswerable,
+    decode_name,
     error_response,
     formerr_from_header,
     header,
@@ -70,7 +72,8 @@ _ANY_TTL: Final = 3600
 _TCP_MAX: Final = 65535
 _MEMO_MAX: Final = 50_000
 
-Memo = dict[bytes, tuple[bytes, float]]
+# query bytes after the ID -> (answer after the ID, valid until, list that blocked it)
+Memo = dict[bytes, tuple[bytes, float, str | None]]
 
 
 class Resolver:
@@ -91,6 +94,9 @@ class Resolver:
         # Answers by query bytes (all but the ID), per transport: see handle().
         self._memo: tuple[Memo, Memo] = ({}, {})
         self.memo_hits = 0
+        #: Queries blocked, and queries that would be blocked (monitor), by list id.
+        self.blocked: Counter[str] = Counter()
+        self.would_block: Counter[str] = Counter()
 
     @property
     def policy(self) -> Policy:
@@ -103,7 +109,7 @@ class Resolver:
         for memo in self._memo:
             memo.clear()
 
-    def handle(self, data: bytes, tcp: bool) -> Result:
+    def handle(self, data: bytes, client: str, tcp: bool) -> Result:
         """Answer one query; see the module docstring for the order of the steps.
 
         Step 0, the answer memo: a query whose bytes after the ID equal an earlier one's gets
@@ -111,12 +117,21 @@ class Resolver:
         policy's verdict, the cache entry, and the second of its TTLs). Clients repeat the
         same bytes for the same question, so blocked names and cache hits skip parsing.
         """
+        policy = self._policy
         memo = self._memo[tcp]
-        body = data[2:]
+        if policy.uses_groups:
+            # Lists apply to client groups: the same bytes may deserve another answer.
+            mask = policy.groups.mask_of(client)
+            body = mask.to_bytes(8, "little") + data[2:]
+        else:
+            mask = ALL_CLIENTS
+            body = data[2:]
         hit = memo.get(body)
         if hit is not None:
             if self.clock() < hit[1]:
                 self.memo_hits += 1
+                if hit[2] is not None:
+                    self.blocked[hit[2]] += 1
                 return data[:2] + hit[0]
             del memo[body]
         try:
@@ -132,12 +147,26 @@ class Resolver:
         limit = _TCP_MAX if tcp else q.udp_size
 
         now = self.clock()
-        rule, valid_until = self._policy.decide(q.key, q.labels, now)
+        rule, apex, monitored, valid_until = policy.decide(q.key, q.labels, mask, now)
         if rule is not None:
-            answer = _fit(blocked_answer(q, rule, now), q, limit)
+            list_id = rule.blocklist.id
+            self.blocked[list_id] += 1
+            answer = _fit(blocked_answer(q, rule, apex, now), q, limit)
             # The TTL is the list's until the window's end comes closer than that TTL.
-            _remember(memo, body, answer, min(valid_until, rule.end - rule.blocklist.ttl), now)
+            until = min(valid_until, rule.t2 - rule.blocklist.ttl)
+            _remember(memo, body, answer, until, now, list_id)
             return answer
+        if monitored is not None:
+            # Would block, once enforced: counted and logged, answered as usual, and never
+            # memoised, so that every such query is seen.
+            self.would_block[monitored.blocklist.id] += 1
+            log.info(
+                "would block %s for %s: list %s (%s)",
+                decode_name(q.qname),
+                client,
+                monitored.blocklist.id,
+                "monitor mode" if monitored.blocklist.mode == "monitor" else "monitor phase",
+            )
 
         if q.qtype == TYPE_ANY and not tcp:
             return _minimal_any(q)
@@ -146,9 +175,10 @@ class Resolver:
         entry = self.cache.get(key, now)
         if entry is not None:
             answer = _fit(render(entry, q, now), q, limit)
-            # Served TTLs change with each whole second of the entry's age.
-            next_second = entry.stored + int(now - entry.stored) + 1
-            _remember(memo, body, answer, min(valid_until, entry.expires, next_second), now)
+            if monitored is None:
+                # Served TTLs change with each whole second of the entry's age.
+                next_second = entry.stored + int(now - entry.stored) + 1
+                _remember(memo, body, answer, min(valid_until, entry.expires, next_second), now)
             return answer
         return self._forward(q, key, valid_until, limit)
 
@@ -176,11 +206,13 @@ class Resolver:
         return _fit(render(entry, q, self.clock()), q, limit)
 
 
-def _remember(memo: Memo, body: bytes, answer: bytes, until: float, now: float) -> None:
+def _remember(
+    memo: Memo, body: bytes, answer: bytes, until: float, now: float, list_id: str | None = None
+) -> None:
     if until > now:
         if len(memo) >= _MEMO_MAX:
             memo.clear()  # bounded; refilling costs one parse per distinct query
-        memo[body] = (answer[2:], until)
+        memo[body] = (answer[2:], until, list_id)
 
 
 def _cache_key(q: Query) -> bytes:

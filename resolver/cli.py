@@ -1,16 +1,26 @@
-"""The ``resolver`` command: ``serve`` and ``check``."""
+"""The ``resolver`` command: ``serve``, ``check`` and ``explain``."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
 
 from . import __version__
 from .config import Config, finish, load_config
-from .policy import load_policy
+from .policy import ClientGroups, LoadOptions, Policy, load_policy
+from .policy.model import DOMAIN, SUBDOMAINS, RuleSet
+from .policy.timewindow import NEVER, format_instant
+from .sinkhole import blocked_answer
+from .wire import encode_name, label_offsets, parse_query
 from .yamlload import SourceError
 
 
@@ -41,12 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and the lists it names")
     check.add_argument("--config", type=Path, help="YAML config file")
     check.add_argument("paths", nargs="*", type=Path, help="list files or directories")
+
+    explain = sub.add_parser("explain", help="what the policy does with a name, and why")
+    explain.add_argument("name", help="the domain name to explain")
+    explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--type", default="A", help="query type (default A)")
+    explain.add_argument(
+        "--at", help="when: a date or ISO datetime (UTC unless it has an offset); default now"
+    )
+    explain.add_argument("--config", type=Path, help="YAML config file (for groups and lists)")
+    explain.add_argument("--blocklists", type=Path, help="directory (or file) of list files")
     return parser
 
 
 def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config) if args.config else Config()
-    return config
+    return load_config(args.config) if args.config else Config()
+
+
+def _options(config: Config, keep_sources: bool, now: float | None = None) -> LoadOptions:
+    return LoadOptions(ClientGroups(dict(config.groups)), config.state_dir, keep_sources, now)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "explain":
+        return _explain(args)
     return _check(args)
 
 
@@ -72,15 +97,135 @@ def _serve(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def shadowed(policy: Policy) -> list[str]:
+    """Warnings for names already covered by a parent domain with the same settings."""
+    out = []
+    sources = policy.sources or {}
+    for name, entries in sources.items():
+        for index, where in entries:
+            rs = policy.rulesets[index]
+            if not rs.flags & DOMAIN or rs.flags & ~DOMAIN & 0xFF:
+                continue
+            parent = name
+            while b"." in parent:
+                parent = parent.split(b".", 1)[1]
+                for other_index, other_where in sources.get(parent, ()):
+                    other = policy.rulesets[other_index]
+                    if (
+                        other.blocklist is rs.blocklist
+                        and other.flags & SUBDOMAINS
+                        and other.phases == rs.phases
+                        and other.action == rs.action
+                        and other.flags & 4 == rs.flags & 4
+                    ):
+                        out.append(
+                            f"{where}: warning: {name.decode()} is already covered by "
+                            f"{parent.decode()} ({other_where})"
+                        )
+                        break
+                else:
+                    continue
+                break
+    return out
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
         paths = args.paths or [config.blocklists]
         now = time.time()
         for path in paths:
-            policy = load_policy(path)
+            policy = load_policy(path, _options(config, True, now))
+            for warning in (*policy.warnings, *shadowed(policy)):
+                print(warning, file=sys.stderr)
             print(f"{path}: ok: {policy.summary(now)}")
     except SourceError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def parse_at(text: str | None) -> float:
+    """``--at``: a date (midnight UTC) or an ISO datetime (UTC unless it has an offset)."""
+    if not text:
+        return time.time()
+    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _describe(rs: RuleSet, now: float) -> list[str]:
+    blocklist = rs.blocklist
+    tz = blocklist.timezone
+    window = f"from {format_instant(rs.phases.enforce_from, tz)}"
+    window += f" until {format_instant(rs.phases.end, tz)}"
+    if rs.phases.monitor_from < rs.phases.enforce_from:
+        window = f"monitor from {format_instant(rs.phases.monitor_from, tz)}, " + window
+    if blocklist.mode == "monitor":
+        window = f"monitor only, from {format_instant(rs.phases.monitor_from, tz)}"
+        window += f" until {format_instant(rs.phases.end, tz)}"
+    return [
+        f"list {blocklist.id} ({blocklist.description})"
+        if blocklist.description
+        else f"list {blocklist.id}",
+        f"state at that time: {rs.state(now)}; {window}",
+        f"action: {'allow (exception)' if rs.flags & 4 else rs.action.describe()}, "
+        f"ttl {blocklist.ttl}",
+        f"clients: {', '.join(blocklist.clients)}",
+        f"reference: {rs.reference or '(none given)'}",
+    ]
+
+
+def _explain(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+        path = args.blocklists or config.blocklists
+        now = parse_at(args.at)
+        policy = load_policy(path, _options(config, True, now))
+        client = str(ipaddress.ip_address(args.client))
+        rdtype = dns.rdatatype.from_text(args.type)
+        from .policy.formats import normalize
+
+        name = normalize(args.name)
+    except SourceError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"resolver explain: {exc}", file=sys.stderr)
+        return 2
+    mask = policy.groups.mask_of(client)
+    query = dns.message.make_query(name, rdtype, use_edns=0)
+    q = parse_query(query.to_wire())
+    wire = encode_name(name)
+    rule, apex, monitored, until = policy.decide(wire, label_offsets(wire), mask, now)
+    when = format_instant(now)
+    print(f"{name} {dns.rdatatype.to_text(rdtype)} for {client} at {when}:")
+    if rule is not None:
+        answer = dns.message.from_wire(blocked_answer(q, rule, apex, now))
+        records = [rr.to_text() for section in (answer.answer, answer.authority) for rr in section]
+        print(f"  BLOCKED by list {rule.blocklist.id}: {dns.rcode.to_text(answer.rcode())}")
+        for record in records:
+            print(f"    {record}")
+    elif monitored is not None:
+        print(f"  forwarded, and logged as WOULD BLOCK by list {monitored.blocklist.id} (monitor)")
+    else:
+        print("  forwarded (not blocked)")
+    if until != NEVER:
+        print(f"  this holds until {format_instant(until)}")
+    matches = policy.matches(name, mask, now)
+    if not matches:
+        print("  no rule names it")
+    sources = policy.sources or {}
+    for match in matches:
+        rs = match.ruleset
+        applies = "" if rs.blocklist.mask & mask else "  [not for this client]"
+        print(f"  rule {match.name} ({rs.kind}){applies}")
+        for line in _describe(rs, now):
+            print(f"    {line}")
+        wheres = [str(w) for i, w in sources.get(match.name.encode(), ()) if i == rs.index and w]
+        if wheres:
+            print(f"    source: {', '.join(wheres)}")
+        elif rs.where:
+            print(f"    source: {rs.where}")
     return 0

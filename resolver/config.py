@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -38,6 +39,15 @@ def shipped_blocklists() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent / "blocklists"
+
+
+def default_state_dir() -> Path:
+    """$RESOLVER_STATE_DIR, else $XDG_CACHE_HOME/resolver, else ~/.cache/resolver."""
+    env = os.environ.get("RESOLVER_STATE_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "resolver"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,10 @@ class Config:
     tcp: TCPConfig = TCPConfig()
     drain_timeout: float = 5.0
     log_level: str = "info"
+    #: Client groups by name -> networks (CIDR); lists name the groups they apply to.
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Where copies of remote lists are kept (so that a start needs no network).
+    state_dir: Path = field(default_factory=default_state_dir)
     source: str = "embedded default"
     #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
     default_listen: bool = True
@@ -105,6 +119,8 @@ TOP_KEYS: Final = frozenset(
         "tcp",
         "drain_timeout",
         "log_level",
+        "groups",
+        "state_dir",
     }
 )
 CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
@@ -168,6 +184,45 @@ def _address_list(doc: YMap, key: str, parse: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
+_GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    value = doc.get("groups")
+    if value is None:
+        return ()
+    if not isinstance(value, YMap):
+        raise SourceError(
+            value_where(doc, "groups"), "groups", "expected a mapping of group name to networks"
+        )
+    out = []
+    for name, nets in value.items():
+        field_name = f"groups.{name}"
+        if not _GROUP_NAME.match(name) or name == "all":
+            raise SourceError(
+                value.key_where.get(name),
+                field_name,
+                "a group name is 1-63 lower-case letters, digits, '-' or '_', and not 'all'",
+            )
+        if isinstance(nets, str):
+            nets = [nets]
+        if not isinstance(nets, list) or not nets:
+            raise SourceError(
+                value_where(value, name), field_name, "expected a list of networks (CIDR)"
+            )
+        for index, net in enumerate(nets):
+            try:
+                ipaddress.ip_network(str(net), strict=False)
+            except ValueError:
+                raise SourceError(
+                    item_where(nets, index) or value_where(value, name),
+                    f"{field_name}[{index}]",
+                    f"{net!r} is not a network (e.g. 10.0.0.0/8 or 2001:db8::/32)",
+                ) from None
+        out.append((name, tuple(str(n) for n in nets)))
+    return tuple(out)
+
+
 def load_config(path: Path) -> Config:
     """Read a YAML config file; relative paths in it are relative to the file."""
     doc = load_file(path)
@@ -186,6 +241,9 @@ def load_config(path: Path) -> Config:
     if blocklists is not None and not isinstance(blocklists, str):
         raise SourceError(value_where(doc, "blocklists"), "blocklists", "expected a path")
     base = Config()
+    state_dir = doc.get("state_dir")
+    if state_dir is not None and not isinstance(state_dir, str):
+        raise SourceError(value_where(doc, "state_dir"), "state_dir", "expected a path")
     return Config(
         listen=listen,
         upstreams=_address_list(doc, "upstreams", parse_upstream),
@@ -209,6 +267,8 @@ def load_config(path: Path) -> Config:
         ),
         drain_timeout=_number(doc, "drain_timeout", float, 0, 300, 5.0),
         log_level=level,
+        groups=_groups(doc),
+        state_dir=(path.parent / state_dir) if state_dir else base.state_dir,
         source=str(path),
         default_listen=not listen,
     )

@@ -7,6 +7,7 @@ in Unbound: a reload never touches the listeners, and a broken policy never stop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -18,7 +19,7 @@ from typing import Any
 from .cache import Cache
 from .chain import Clock, Resolver
 from .config import Config, Listen
-from .policy import Policy, load_policy
+from .policy import ClientGroups, LoadOptions, Policy, load_policy, remote
 from .transport import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
 from .upstream import Forwarder
 from .yamlload import SourceError
@@ -59,6 +60,9 @@ class Server:
         self._tcp: list[asyncio.Server] = []
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
+        #: When each remote list was last fetched (or its copy was), and how that went.
+        self.fetched: dict[str, float] = {}
+        self.fetch_status: dict[str, remote.FetchResult] = {}
 
     async def start(self) -> None:
         """Load the policy, then bind every listener; raise :class:`StartupError`."""
@@ -91,11 +95,18 @@ class Server:
         for bound in self.bound:
             log.info("listening on %s", bound)
 
+    def load_options(self) -> LoadOptions:
+        """How this server loads its policy: its client groups and remote-copy folder."""
+        return LoadOptions(ClientGroups(dict(self.config.groups)), self.config.state_dir)
+
     async def _load_policy(self) -> Policy:
         path = self.config.blocklists
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, load_policy, path)
+            policy = await loop.run_in_executor(None, load_policy, path, self.load_options())
+            for warning in policy.warnings:
+                log.warning("%s", warning)
+            return policy
         except SourceError as exc:
             raise StartupError(f"cannot load the policy: {exc}") from None
 
@@ -181,9 +192,49 @@ class Server:
         self.connections.close_all()
         self._close_listeners()
 
+    async def refresh_remotes(self) -> None:
+        """Keep remote lists fresh: fetch each when due (its ``refresh``), in a thread, and
+        reload when one changed. A failed fetch keeps the copy and is logged."""
+        assert self.resolver is not None
+        loop = asyncio.get_running_loop()
+        state_dir = self.config.state_dir
+        while not self.stopping.is_set():
+            specs = self.resolver.policy.remotes
+            now = time.time()
+            wake = now + 60
+            changed = False
+            for spec in specs:
+                last = self.fetched.get(spec.url)
+                if last is None:
+                    copy = await loop.run_in_executor(None, remote.load_copy, spec.url, state_dir)
+                    last = copy.fetched_at or 0.0
+                if now - last >= spec.refresh:
+                    result = await loop.run_in_executor(
+                        None, remote.fetch, spec.url, state_dir, spec.timeout, spec.max_size
+                    )
+                    last = time.time()
+                    self.fetch_status[spec.url] = result
+                    if result.status == "updated":
+                        changed = True
+                        log.info("remote list %s (list %s) updated", spec.url, spec.list_id)
+                    elif result.status == "failed":
+                        log.error(
+                            "remote list %s (list %s): %s; keeping the last copy",
+                            spec.url,
+                            spec.list_id,
+                            result.error,
+                        )
+                self.fetched[spec.url] = last
+                wake = min(wake, last + spec.refresh)
+            if changed:
+                await self.reload()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), max(1.0, wake - time.time()))
+
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the policy."""
         loop = asyncio.get_running_loop()
+        refresher = self.tasks.spawn(self.refresh_remotes())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.tasks.spawn(self.reload()))
@@ -193,6 +244,7 @@ class Server:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        refresher.cancel()
         await self.stop()
         log.info("stopped")
 

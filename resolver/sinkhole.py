@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Final
 
-from .policy.model import Rule
+from .policy.model import RuleSet
 from .wire import (
     CLASS_IN,
     RCODE_NOERROR,
@@ -40,15 +40,16 @@ def _soa_rdata(list_id: str, ttl: int) -> bytes:
     return soa_rdata(_MNAME, encode_name(f"{list_id}.blocked.invalid"), 1, ttl)
 
 
-def blocked_answer(q: Query, rule: Rule, now: float) -> bytes:
-    """The answer to ``q``, blocked by ``rule`` at ``now``.
+def blocked_answer(q: Query, rule: RuleSet, apex: int, now: float) -> bytes:
+    """The answer to ``q``, blocked by ``rule`` at ``now``; the rule named the domain at
+    label offset ``apex`` of the question (where the synthetic SOA sits).
 
     The TTL is the list's, cut so that the answer does not outlive the rule's window.
     """
     blocklist = rule.blocklist
-    action = blocklist.action
+    action = rule.action
     ttl = blocklist.ttl
-    left = rule.end - now
+    left = rule.t2 - now
     if left < ttl:
         ttl = max(0, int(left))
     kind = action.kind
@@ -73,8 +74,7 @@ def blocked_answer(q: Query, rule: Rule, now: float) -> bytes:
         else:
             if kind == "nxdomain":
                 rcode = RCODE_NXDOMAIN
-            apex = pointer(12 + len(q.qname) - len(rule.wire))
-            records = rr(apex, TYPE_SOA, ttl, _soa_rdata(blocklist.id, ttl))
+            records = rr(pointer(12 + apex), TYPE_SOA, ttl, _soa_rdata(blocklist.id, ttl))
             ns = 1
     if q.edns:
         opt = rule.opt_do if q.do else rule.opt_plain

@@ -15,7 +15,7 @@ from typing import Any, Final, cast
 
 log = logging.getLogger("resolver.transport")
 
-Handler = Callable[[bytes, bool], bytes | Awaitable[bytes | None] | None]
+Handler = Callable[[bytes, str, bool], bytes | Awaitable[bytes | None] | None]
 
 DEFAULT_TCP_IDLE: Final = 10.0
 DEFAULT_TCP_MAX_CONNECTIONS: Final = 1000
@@ -61,7 +61,7 @@ class UDPListener(asyncio.DatagramProtocol):
         if not self.accepting:
             return
         try:
-            result = self.handle(data, False)
+            result = self.handle(data, addr[0], False)
         except Exception:  # a bug must cost one answer, never the listener
             log.exception("internal error answering a UDP query")
             return
@@ -134,9 +134,12 @@ class TCPConnection(asyncio.Protocol):
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.draining = False
+        self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
         if not self.registry.admit(self):
             self.transport.abort()
             return
@@ -188,7 +191,7 @@ class TCPConnection(asyncio.Protocol):
 
     def _answer(self, message: bytes) -> None:
         try:
-            result = self.handle(message, True)
+            result = self.handle(message, self.peer, True)
         except Exception:
             log.exception("internal error answering a TCP query")
             return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from resolver.policy import load_policy
+from resolver.policy import Policy, load_policy
 from resolver.policy.timewindow import TimeValueError, parse_instant, zone
 from resolver.wire import encode_name, label_offsets
 from resolver.yamlload import SourceError
@@ -62,9 +62,9 @@ def write(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def decide(policy: object, name: str, now: float) -> tuple[str | None, float]:
+def decide(policy: Policy, name: str, now: float, mask: int = 1) -> tuple[str | None, float]:
     wire = encode_name(name)
-    rule, until = policy.decide(wire, label_offsets(wire), now)  # type: ignore[attr-defined]
+    rule, _apex, _monitor, until = policy.decide(wire, label_offsets(wire), mask, now)
     return (rule.blocklist.id if rule else None), until
 
 
@@ -175,7 +175,7 @@ ERRORS = [
     ("list: a\ndomains:\n  - {name: x.com, from: 2025}\n", "3:19: from: unknown key in domains[0]"),
     ("list: a\ndomains: [.]\n", "2:11: domains[0]: the root cannot be blocked"),
     ("list: a\ndomains: [" + "a" * 64 + ".com]\n", "2:11: domains[0]"),
-    ("list: a\ndomains: x.com\n", "2:10: domains: expected a list of domains"),
+    ("list: a\ndomains: x.com\n", "2:10: domains: expected a list under 'domains'"),
     ("list: a\n  bad indent: [\n", "YAML syntax error"),
     ("- just\n- a list\n", "1:1: a list file must be a YAML mapping"),
 ]

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver import wire
-from resolver.policy.model import Action, BlockList, Policy, Rule
-from resolver.policy.timewindow import Window
+from resolver.policy.model import ALL_CLIENTS, DOMAIN, Action, BlockList, Phases, Policy, RuleSet
+from resolver.policy.table import NameTable
 from resolver.sinkhole import blocked_answer
 from resolver.yamlload import Where
 
@@ -134,20 +134,24 @@ def test_parser_on_mutated_valid_queries(tail: bytes) -> None:
         wire.parse_query(header(ar=1) + QUESTION + tail)
 
 
-def _rule(action: Action, end: float = float("inf")) -> tuple[Rule, Policy]:
+def _rule(action: Action, end: float = float("inf")) -> RuleSet:
+    phases = Phases(end=end)
     blocklist = BlockList(
-        "ban", "", "basis: decree 1", ZoneInfo("UTC"), Window(), action, 60, Where("x", 1, 1)
-    )
-    rule = Rule(
-        "example.test",
-        wire.encode_name("example.test"),
-        blocklist,
-        0,
-        end,
+        "ban",
+        "",
         "basis: decree 1",
-        Where("x", 2, 1),
+        ZoneInfo("UTC"),
+        phases,
+        "enforce",
+        action,
+        60,
+        ("all",),
+        ALL_CLIENTS,
+        Where("x", 1, 1),
     )
-    return rule, Policy([blocklist], [rule])
+    rule = RuleSet(0, blocklist, DOMAIN, phases, "basis: decree 1", action, "domains", None)
+    Policy([blocklist], [rule], NameTable(), ())  # compiles the rule set
+    return rule
 
 
 ACTIONS = [
@@ -176,13 +180,13 @@ ACTIONS = [
 def test_blocked_answers_decode_in_both_codecs(
     case: str, action: Action, qtype: str, rcode: str, an: int, ns: int, edns: bool
 ) -> None:
-    rule, _ = _rule(action)
+    rule = _rule(action)
     query = dns.message.make_query(
         "Sub.Example.TEST", qtype, use_edns=0 if edns else False, want_dnssec=edns
     )
     query.flags |= dns.flags.CD
     q = wire.parse_query(query.to_wire())
-    data = blocked_answer(q, rule, 1000.0)
+    data = blocked_answer(q, rule, q.labels[1], 1000.0)  # the rule named Example.TEST
 
     reply = dns.message.from_wire(data)
     assert reply.id == query.id
@@ -213,9 +217,9 @@ def test_blocked_answers_decode_in_both_codecs(
 
 
 def test_blocked_ttl_never_outlives_the_window() -> None:
-    rule, _ = _rule(Action("nxdomain"), end=1000.0 + 12.5)
+    rule = _rule(Action("nxdomain"), end=1000.0 + 12.5)
     q = wire.parse_query(dns.message.make_query("example.test", "A").to_wire())
-    reply = dns.message.from_wire(blocked_answer(q, rule, 1000.0))
+    reply = dns.message.from_wire(blocked_answer(q, rule, 0, 1000.0))
     assert reply.authority[0].ttl == 12
 
 

@@ -1,16 +1,15 @@
 """The policy: list files, their activation windows, and the compiled matcher."""
 
-from .loader import load_policy
-from .model import EMPTY_POLICY, Action, BlockList, Policy, Rule
-from .timewindow import NEVER, Window
+from .loader import LoadOptions, load_policy
+from .model import EMPTY_POLICY, Action, BlockList, ClientGroups, Policy, RuleSet
 
 __all__ = [
     "EMPTY_POLICY",
-    "NEVER",
     "Action",
     "BlockList",
+    "ClientGroups",
+    "LoadOptions",
     "Policy",
-    "Rule",
-    "Window",
+    "RuleSet",
     "load_policy",
 ]

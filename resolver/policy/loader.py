@@ -1,33 +1,97 @@
-"""Load list files (one YAML file per list) into a compiled :class:`Policy`.
+"""Load list files (one YAML file per list) and what they include into a compiled
+:class:`Policy`.
 
 Everything is validated before anything is used: an unknown key, a bad date, a name that is
 no domain, all stop the load with ``file:line:column: field: message``, so that a caller can
-keep serving its last good policy.
+keep serving its last good policy. Imported files in other formats are third-party data: a
+line they hold that is not supported is reported as a warning with its line (and never
+silently widened into something broader), without failing the whole policy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..wire import encode_name
-from ..yamlload import SourceError, Where, YMap, check_keys, item_where, load_file, value_where
-from .model import ACTIONS, Action, BlockList, Policy, Rule
-from .timewindow import TimeValueError, Window, parse_instant, zone
+from ..yamlload import (
+    SourceError,
+    Where,
+    YMap,
+    check_keys,
+    item_where,
+    load_text,
+    value_where,
+)
+from . import formats, remote
+from .model import (
+    ACTIONS,
+    ALLOW,
+    DOMAIN,
+    EXACT,
+    NODATA,
+    NXDOMAIN,
+    Action,
+    BlockList,
+    ClientGroups,
+    Pattern,
+    Phases,
+    Policy,
+    RemoteSpec,
+    RuleSet,
+)
+from .table import NameTable
+from .timewindow import ALWAYS, NEVER, TimeValueError, parse_instant, zone
 
 LIST_KEYS: Final = frozenset(
-    {"list", "description", "reference", "timezone", "active", "action", "ttl", "domains"}
+    {
+        "list",
+        "description",
+        "reference",
+        "timezone",
+        "active",
+        "mode",
+        "action",
+        "ttl",
+        "clients",
+        "domains",
+        "exact",
+        "patterns",
+        "allow",
+        "include",
+    }
 )
-RULE_KEYS: Final = frozenset({"name", "active", "reference"})
-WINDOW_KEYS: Final = frozenset({"from", "until"})
+RULE_KEYS: Final = frozenset({"name", "active", "reference", "mode"})
+PATTERN_KEYS: Final = frozenset({"pattern", "active", "reference", "mode"})
+WINDOW_KEYS: Final = frozenset({"monitor_from", "from", "until"})
 SINKHOLE_KEYS: Final = frozenset({"a", "aaaa"})
+FILE_INCLUDE_KEYS: Final = frozenset({"file", "format"})
+URL_INCLUDE_KEYS: Final = frozenset({"url", "format", "refresh", "timeout", "max_size"})
+MODES: Final = ("enforce", "monitor")
 
 _LIST_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
+_WILDCARD_LABEL = re.compile(r"^[a-z0-9_*-]{1,63}$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
+_SIZE = re.compile(r"^(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?$", re.IGNORECASE)
 DEFAULT_TTL: Final = 60
 MAX_TTL: Final = 86400
+MAX_WARNINGS_PER_FILE: Final = 20
+
+
+@dataclass
+class LoadOptions:
+    """What a load needs besides the files: the config's client groups, where remote
+    copies live, whether to keep per-name sources (explain, check) and the instant used
+    for warnings about windows already closed."""
+
+    groups: ClientGroups = field(default_factory=ClientGroups)
+    state_dir: Path | None = None
+    keep_sources: bool = False
+    now: float | None = None
 
 
 def list_files(path: Path) -> list[Path]:
@@ -50,17 +114,106 @@ def list_files(path: Path) -> list[Path]:
     return found
 
 
-def load_policy(path: Path) -> Policy:
+def normalize_name(text: Any, where: Where | None, field_name: str) -> str:
+    """A rule's domain in canonical form, or a :class:`SourceError` saying why not."""
+    if not isinstance(text, str):
+        raise SourceError(where, field_name, f"expected a domain name, got {text!r}")
+    if text.strip().rstrip(".") == "":
+        raise SourceError(where, field_name, "the root cannot be blocked")
+    try:
+        name: str = formats.normalize(text.strip())
+        return name
+    except ValueError as exc:
+        raise SourceError(where, field_name, f"{text!r} is not a domain name: {exc}") from None
+
+
+class _Builder:
+    """Accumulates rule sets and names, merging names that several rule sets share."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        self.options = options
+        self.rulesets: list[RuleSet] = []
+        self._by_key: dict[tuple[Any, ...], RuleSet] = {}
+        self.table = NameTable()
+        self.multi: list[tuple[RuleSet, ...]] = []
+        self.patterns: list[Pattern] = []
+        self.warnings: list[str] = []
+        self.digest = hashlib.sha256()
+        self.remotes: list[RemoteSpec] = []
+        self.sources: dict[bytes, list[tuple[int, Where | None]]] | None = (
+            {} if options.keep_sources else None
+        )
+
+    def ruleset(
+        self,
+        blocklist: BlockList,
+        flags: int,
+        phases: Phases,
+        reference: str,
+        action: Action,
+        origin: str,
+        where: Where | None,
+    ) -> RuleSet:
+        key = (id(blocklist), flags, phases, reference, action, origin)
+        found = self._by_key.get(key)
+        if found is None:
+            found = RuleSet(
+                len(self.rulesets), blocklist, flags, phases, reference, action, origin, where
+            )
+            self._by_key[key] = found
+            self.rulesets.append(found)
+        return found
+
+    def _sets(self, value: int) -> tuple[RuleSet, ...]:
+        if value & 0x80000000:
+            return self.multi[value & 0x7FFFFFFF]
+        return (self.rulesets[value],)
+
+    def _merge(self, name: bytes, old: int, rs: RuleSet) -> bool:
+        sets = self._sets(old)
+        if rs in sets:
+            return False
+        self.multi.append((*sets, rs))
+        self.table.replace(name, 0x80000000 | (len(self.multi) - 1))
+        return True
+
+    def add(self, name: str, rs: RuleSet, where: Where | None) -> None:
+        key = name.encode()
+        stored = self.table.insert(key, rs.index)
+        if stored is not None and not self._merge(key, stored, rs):
+            self.warnings.append(f"{where}: warning: {name} is listed twice in {rs.origin}")
+        if self.sources is not None:
+            self.sources.setdefault(key, []).append((rs.index, where))
+
+    def add_many(self, names: list[bytes], rs: RuleSet, file: str, lines: list[int]) -> None:
+        if self.sources is not None:
+            for name, line in zip(names, lines, strict=True):
+                self.add(name.decode(), rs, Where(file, line, 1))
+            return
+        for name, old in self.table.add_many(names, rs.index):
+            self._merge(name, old, rs)
+
+
+def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
     """Read and compile every list under ``path``; raise :class:`SourceError` on the first
-    error."""
+    error. Warnings (duplicates, unsupported import lines, closed windows) are kept in
+    ``Policy.warnings``."""
+    options = options or LoadOptions()
+    builder = _Builder(options)
     lists: list[BlockList] = []
-    rules: list[Rule] = []
     seen: dict[str, Where] = {}
+    builder.digest.update(repr(sorted(options.groups.bits)).encode())
     for file in list_files(path):
-        doc = load_file(file)
+        try:
+            raw = file.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(Where(str(file), 1, 1), "", f"cannot read the file: {exc}") from None
+        builder.digest.update(str(file).encode() + b"\0" + raw)
+        doc = load_text(text, str(file))
         if doc is None:
             continue  # an empty file is no list (an editor's new file, a commented-out list)
-        blocklist, list_rules = parse_list(doc, str(file))
+        blocklist = _parse_list(doc, file, builder)
         if blocklist.id in seen:
             raise SourceError(
                 blocklist.where,
@@ -69,8 +222,27 @@ def load_policy(path: Path) -> Policy:
             )
         seen[blocklist.id] = blocklist.where
         lists.append(blocklist)
-        rules.extend(list_rules)
-    return Policy(lists, rules)
+    now = options.now if options.now is not None else time.time()
+    for rs in builder.rulesets:
+        if rs.phases.end <= now:
+            place = rs.where or rs.blocklist.where
+            builder.warnings.append(
+                f"{place}: warning: window of {rs.origin} in list {rs.blocklist.id} "
+                "has already closed; these rules never apply again"
+            )
+    policy = Policy(
+        lists,
+        builder.rulesets,
+        builder.table,
+        builder.multi,
+        builder.patterns,
+        options.groups,
+        builder.digest.hexdigest()[:16],
+        builder.warnings,
+        builder.sources,
+        builder.remotes,
+    )
+    return policy
 
 
 def _require_str(doc: YMap, key: str, default: str | None = None) -> str:
@@ -82,27 +254,40 @@ def _require_str(doc: YMap, key: str, default: str | None = None) -> str:
     return value
 
 
-def parse_window(value: Any, where: Where | None, field: str, tz: Any) -> Window:
-    """Read an ``active:`` mapping into a :class:`Window`."""
+def parse_phases(value: Any, where: Where | None, field_name: str, tz: Any) -> Phases:
+    """Read an ``active:`` mapping (monitor_from, from, until) into :class:`Phases`."""
     if value is None:
-        return Window()
-    if not isinstance(value, YMap):
-        raise SourceError(where, field, "expected a mapping with 'from' and/or 'until'")
-    check_keys(value, WINDOW_KEYS, field)
-    window = Window()
-    bounds: dict[str, float] = {}
-    for key in ("from", "until"):
-        if key in value:
-            try:
-                bounds[key] = parse_instant(value[key], tz)
-            except TimeValueError as exc:
-                raise SourceError(value_where(value, key), f"{field}.{key}", str(exc)) from None
-    window = Window(bounds.get("from", window.start), bounds.get("until", window.end))
-    if window.empty:
-        raise SourceError(
-            value_where(value, "until"), f"{field}.until", "'until' is not after 'from'"
-        )
-    return window
+        phases = Phases()
+    else:
+        if not isinstance(value, YMap):
+            raise SourceError(
+                where, field_name, "expected a mapping with from / until / monitor_from"
+            )
+        check_keys(value, WINDOW_KEYS, field_name)
+        bounds: dict[str, float] = {}
+        for key in ("monitor_from", "from", "until"):
+            if key in value:
+                try:
+                    bounds[key] = parse_instant(value[key], tz)
+                except TimeValueError as exc:
+                    raise SourceError(
+                        value_where(value, key), f"{field_name}.{key}", str(exc)
+                    ) from None
+        start = bounds.get("from", ALWAYS)
+        end = bounds.get("until", NEVER)
+        monitor = bounds.get("monitor_from", start)
+        if start >= end:
+            raise SourceError(
+                value_where(value, "until"), f"{field_name}.until", "'until' is not after 'from'"
+            )
+        if monitor > start:
+            raise SourceError(
+                value_where(value, "monitor_from"),
+                f"{field_name}.monitor_from",
+                "'monitor_from' is after 'from': the monitor phase comes before enforcement",
+            )
+        phases = Phases(monitor, start, end)
+    return phases
 
 
 def parse_action(doc: YMap) -> Action:
@@ -117,12 +302,10 @@ def parse_action(doc: YMap) -> Action:
                 "or {sinkhole: {a: [...], aaaa: [...]}}",
             )
         return Action(value)
-    if (
-        isinstance(value, YMap)
-        and list(value) == ["sinkhole"]
-        and isinstance(value["sinkhole"], YMap)
-    ):
+    if isinstance(value, YMap) and list(value) == ["sinkhole"]:
         spec = value["sinkhole"]
+        if not isinstance(spec, YMap):
+            raise SourceError(where, "action.sinkhole", "expected a mapping with a and/or aaaa")
         check_keys(spec, SINKHOLE_KEYS, "action.sinkhole")
         packed: dict[str, tuple[bytes, ...]] = {}
         for key, version in (("a", 4), ("aaaa", 6)):
@@ -130,9 +313,8 @@ def parse_action(doc: YMap) -> Action:
             if isinstance(addrs, str):
                 addrs = [addrs]
             if not isinstance(addrs, list):
-                raise SourceError(
-                    value_where(spec, key), f"action.sinkhole.{key}", "expected a list"
-                )
+                where_addrs = value_where(spec, key)
+                raise SourceError(where_addrs, f"action.sinkhole.{key}", "expected a list")
             out = []
             for index, text in enumerate(addrs):
                 try:
@@ -155,35 +337,40 @@ def parse_action(doc: YMap) -> Action:
     )
 
 
-def domain_wire(text: Any, where: Where | None, field: str) -> tuple[str, bytes]:
-    """Normalise a domain (case, trailing dot, IDNA) to (presentation form, wire form)."""
-    if not isinstance(text, str) or not text.strip():
-        raise SourceError(where, field, f"expected a domain name, got {text!r}")
-    name = text.strip().rstrip(".").lower()
-    if not name:
-        raise SourceError(where, field, "the root cannot be blocked")
-    try:
-        name = name.encode("idna").decode("ascii") if not name.isascii() else name
-    except UnicodeError:
-        raise SourceError(where, field, f"{text!r} is not a valid internationalised name") from None
-    for label in name.split("."):
-        if not _LABEL.match(label) or len(label) > 63:
+def _parse_clients(doc: YMap, groups: ClientGroups) -> tuple[tuple[str, ...], int]:
+    value = doc.get("clients", ["all"])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise SourceError(value_where(doc, "clients"), "clients", "expected a list of group names")
+    mask = 0
+    for index, name in enumerate(value):
+        bit = groups.bits.get(name) if isinstance(name, str) else None
+        if bit is None:
+            known = ", ".join(sorted(groups.bits))
             raise SourceError(
-                where,
-                field,
-                f"{text!r} is not a domain name (label {label!r}: letters, digits, '-' and '_', "
-                "1 to 63 characters)",
+                item_where(value, index) or value_where(doc, "clients"),
+                f"clients[{index}]",
+                f"unknown client group {name!r} (defined in the config: {known})",
             )
-    try:
-        return name, encode_name(name)
-    except ValueError as exc:
-        raise SourceError(where, field, str(exc)) from None
+        mask |= bit
+    return tuple(value), mask
 
 
-def parse_list(doc: Any, file: str) -> tuple[BlockList, list[Rule]]:
-    """Validate one list document and build its :class:`BlockList` and rules."""
+def _items(doc: YMap, key: str) -> list[Any]:
+    value = doc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SourceError(value_where(doc, key), key, f"expected a list under {key!r}")
+    return value
+
+
+def _parse_list(doc: Any, file: Path, builder: _Builder) -> BlockList:
+    """Validate one list document and add its rules to ``builder``."""
+    name = str(file)
     if not isinstance(doc, YMap):
-        raise SourceError(Where(file, 1, 1), "", "a list file must be a YAML mapping")
+        raise SourceError(Where(name, 1, 1), "", "a list file must be a YAML mapping")
     check_keys(doc, LIST_KEYS, "a list")
     list_id = _require_str(doc, "list")
     if not _LIST_ID.match(list_id):
@@ -197,43 +384,242 @@ def parse_list(doc: Any, file: str) -> tuple[BlockList, list[Rule]]:
         tz = zone(tz_name)
     except TimeValueError as exc:
         raise SourceError(value_where(doc, "timezone"), "timezone", str(exc)) from None
+    mode = _parse_mode(doc, "mode", "enforce")
     ttl = doc.get("ttl", DEFAULT_TTL)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 <= ttl <= MAX_TTL:
         raise SourceError(value_where(doc, "ttl"), "ttl", f"expected seconds from 0 to {MAX_TTL}")
+    clients, mask = _parse_clients(doc, builder.options.groups)
     blocklist = BlockList(
         id=list_id,
         description=_require_str(doc, "description", ""),
         reference=_require_str(doc, "reference", ""),
         timezone=tz,
-        window=parse_window(doc.get("active"), value_where(doc, "active"), "active", tz),
+        phases=Phases(),
+        mode=mode,
         action=parse_action(doc),
         ttl=ttl,
+        clients=clients,
+        mask=mask,
         where=doc.where,
+        window=parse_phases(doc.get("active"), value_where(doc, "active"), "active", tz),
     )
-    domains = doc.get("domains", [])
-    if domains is None:
-        domains = []
-    if not isinstance(domains, list):
-        raise SourceError(value_where(doc, "domains"), "domains", "expected a list of domains")
-    rules: list[Rule] = []
-    for index, item in enumerate(domains):
-        where = item_where(domains, index) or doc.where
-        field = f"domains[{index}]"
-        window = blocklist.window
-        reference = blocklist.reference
+    blocklist.phases = blocklist.window.monitor_only() if mode == "monitor" else blocklist.window
+    count = 0
+    for key, flags in (("domains", DOMAIN), ("exact", EXACT), ("allow", DOMAIN | ALLOW)):
+        count += _add_names(doc, key, flags, blocklist, builder, tz)
+    count += _add_patterns(doc, blocklist, builder, tz)
+    for index, item in enumerate(_items(doc, "include")):
+        count += _add_include(item, index, doc, file, blocklist, builder)
+    blocklist.rule_count = count
+    return blocklist
+
+
+def _parse_mode(doc: YMap, field_name: str, default: str) -> str:
+    mode = _require_str(doc, "mode", default)
+    if mode not in MODES:
+        raise SourceError(
+            value_where(doc, "mode"), field_name, f"unknown mode {mode!r}: use enforce or monitor"
+        )
+    return mode
+
+
+def _entry_settings(
+    item: YMap, field_name: str, blocklist: BlockList, tz: Any
+) -> tuple[Phases, str]:
+    """A rule's own phases (its window within the list's, then its mode or the list's)
+    and its reference."""
+    phases = blocklist.window
+    if "active" in item:
+        own = parse_phases(item["active"], value_where(item, "active"), f"{field_name}.active", tz)
+        phases = own.within(blocklist.window)
+    if _parse_mode(item, f"{field_name}.mode", blocklist.mode) == "monitor":
+        phases = phases.monitor_only()
+    reference = _require_str(item, "reference") if "reference" in item else blocklist.reference
+    return phases, reference
+
+
+def _add_names(
+    doc: YMap, key: str, flags: int, blocklist: BlockList, builder: _Builder, tz: Any
+) -> int:
+    items = _items(doc, key)
+    for index, item in enumerate(items):
+        where = item_where(items, index) or doc.where
+        field_name = f"{key}[{index}]"
+        phases, reference = blocklist.phases, blocklist.reference
         if isinstance(item, YMap):
-            check_keys(item, RULE_KEYS, field)
-            name_value = item.get("name")
+            check_keys(item, RULE_KEYS, field_name)
+            if "name" not in item:
+                raise SourceError(where, f"{field_name}.name", "required key is missing")
+            phases, reference = _entry_settings(item, field_name, blocklist, tz)
+            name_value = item["name"]
             where = value_where(item, "name") or where
-            own = parse_window(
-                item.get("active"), value_where(item, "active"), f"{field}.active", tz
-            )
-            window = window.intersect(own)
-            if "reference" in item:
-                reference = _require_str(item, "reference")
+            own_where: Where | None = where
         else:
             name_value = item
-        name, wire = domain_wire(name_value, where, field)
-        rules.append(Rule(name, wire, blocklist, window.start, window.end, reference, where))
-    blocklist.rule_count = len(rules)
-    return blocklist, rules
+            own_where = None
+        name = normalize_name(name_value, where, field_name)
+        rs = builder.ruleset(
+            blocklist, flags, phases, reference, blocklist.action, key, own_where or doc.where
+        )
+        builder.add(name, rs, where)
+    return len(items)
+
+
+def pattern_regex(text: str) -> re.Pattern[bytes]:
+    """Compile a pattern rule: ``/regex/`` as written (matched against the whole lower-case
+    name, without the trailing dot), or labels where ``*`` stands for any run of characters
+    within one label (``deepseek.*``, ``*-ai.example``, ``api.*.deepseek.com``)."""
+    if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
+        return re.compile(text[1:-1].encode(), re.IGNORECASE)
+    name = text.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if "*" not in name or not all(_WILDCARD_LABEL.match(label) for label in labels):
+        raise ValueError(
+            "a pattern is /regex/ or a name whose labels may hold '*' (one label each), "
+            "e.g. deepseek.* or api.*.example.com"
+        )
+    parts = [re.escape(label).replace(r"\*", "[^.]*") for label in labels]
+    return re.compile(r"\.".join(parts).encode())
+
+
+def _add_patterns(doc: YMap, blocklist: BlockList, builder: _Builder, tz: Any) -> int:
+    items = _items(doc, "patterns")
+    for index, item in enumerate(items):
+        where = item_where(items, index) or doc.where
+        field_name = f"patterns[{index}]"
+        phases, reference = blocklist.phases, blocklist.reference
+        text = item
+        if isinstance(item, YMap):
+            check_keys(item, PATTERN_KEYS, field_name)
+            if "pattern" not in item:
+                raise SourceError(where, f"{field_name}.pattern", "required key is missing")
+            phases, reference = _entry_settings(item, field_name, blocklist, tz)
+            text = item["pattern"]
+            where = value_where(item, "pattern") or where
+        if not isinstance(text, str):
+            raise SourceError(where, field_name, f"expected a pattern, got {text!r}")
+        try:
+            regex = pattern_regex(text)
+        except (ValueError, re.error) as exc:
+            raise SourceError(where, field_name, f"{text!r}: {exc}") from None
+        rs = builder.ruleset(
+            blocklist, EXACT, phases, reference, blocklist.action, "patterns", where
+        )
+        builder.patterns.append(Pattern(text, regex, rs))
+    return len(items)
+
+
+def parse_duration(value: Any, where: Where | None, field_name: str) -> float:
+    """``30s``, ``15m``, ``6h``, ``1d`` or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = _DURATION.match(str(value).strip().lower())
+    if not match or float(match.group(1)) <= 0:
+        raise SourceError(where, field_name, f"{value!r} is not a duration (e.g. 30s, 15m, 6h, 1d)")
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
+    return float(match.group(1)) * scale
+
+
+def _parse_size(value: Any, where: Where | None, field_name: str) -> int:
+    match = _SIZE.match(str(value).strip())
+    if not match:
+        raise SourceError(where, field_name, f"{value!r} is not a size (e.g. 64MiB)")
+    unit = (match.group(2) or "b").lower()
+    scale = {"b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30}
+    return int(match.group(1)) * scale[unit]
+
+
+def _add_include(
+    item: Any, index: int, doc: YMap, file: Path, blocklist: BlockList, builder: _Builder
+) -> int:
+    items = doc["include"]
+    where = item_where(items, index) or doc.where
+    field_name = f"include[{index}]"
+    if not isinstance(item, YMap) or ("file" in item) == ("url" in item):
+        raise SourceError(
+            where, field_name, "expected {file: PATH, format: F} or {url: URL, format: F}"
+        )
+    check_keys(item, FILE_INCLUDE_KEYS if "file" in item else URL_INCLUDE_KEYS, field_name)
+    fmt = item.get("format")
+    if not isinstance(fmt, str) or fmt not in formats.FORMATS:
+        raise SourceError(
+            value_where(item, "format") if "format" in item else where,
+            f"{field_name}.format",
+            f"unknown format {fmt!r}: use one of {', '.join(formats.FORMATS)}",
+        )
+    if "file" in item:
+        target = file.parent / str(item["file"])
+        source = str(target)
+        try:
+            raw = target.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(
+                value_where(item, "file"), f"{field_name}.file", f"cannot read {target}: {exc}"
+            ) from None
+        builder.digest.update(source.encode() + b"\0" + raw)
+    else:
+        url = str(item["url"])
+        if not url.startswith(("http://", "https://")):
+            raise SourceError(
+                value_where(item, "url"), f"{field_name}.url", "expected an http(s) URL"
+            )
+        refresh = parse_duration(
+            item.get("refresh", "6h"), value_where(item, "refresh"), f"{field_name}.refresh"
+        )
+        timeout = parse_duration(
+            item.get("timeout", "10s"), value_where(item, "timeout"), f"{field_name}.timeout"
+        )
+        max_size = _parse_size(
+            item.get("max_size", "64MiB"), value_where(item, "max_size"), f"{field_name}.max_size"
+        )
+        builder.remotes.append(RemoteSpec(url, refresh, timeout, max_size, blocklist.id))
+        source = url
+        blocklist.includes.append(url)
+        state_dir = builder.options.state_dir
+        copy = remote.load_copy(url, state_dir) if state_dir else None
+        if copy is None or copy.text is None:
+            builder.warnings.append(
+                f"{where}: warning: no copy of {url} yet; list {blocklist.id} goes without "
+                "it until it is fetched"
+            )
+            return 0
+        text = copy.text
+        builder.digest.update(source.encode() + b"\0" + text.encode())
+    return _add_imported(text, fmt, source, blocklist, builder)
+
+
+def _add_imported(text: str, fmt: str, source: str, blocklist: BlockList, builder: _Builder) -> int:
+    problems: list[formats.Problem] = []
+    by_flags: dict[int, tuple[list[bytes], list[int]]] = {}
+    count = 0
+    for name, flags, line in formats.parse(text, fmt, problems):
+        names, lines = by_flags.setdefault(flags, ([], []))
+        names.append(name.encode())
+        lines.append(line)
+        count += 1
+    for flags, (names, lines) in by_flags.items():
+        action = blocklist.action
+        if flags & NODATA:
+            action = Action("nodata")
+        elif flags & NXDOMAIN:
+            action = Action("nxdomain")
+        rs = builder.ruleset(
+            blocklist,
+            flags & (DOMAIN | ALLOW),
+            blocklist.phases,
+            blocklist.reference,
+            action,
+            f"include {source}",
+            Where(source, lines[0], 1),
+        )
+        builder.add_many(names, rs, source, lines)
+    for problem in problems[:MAX_WARNINGS_PER_FILE]:
+        builder.warnings.append(
+            f"{source}:{problem.line}:{problem.column}: warning: {problem.message}"
+        )
+    if len(problems) > MAX_WARNINGS_PER_FILE:
+        builder.warnings.append(
+            f"{source}: warning: {len(problems) - MAX_WARNINGS_PER_FILE} more unsupported lines"
+        )
+    return count

@@ -3,22 +3,42 @@
 Loading builds a new :class:`Policy` off the hot path; swapping it in is one reference
 assignment. :meth:`Policy.decide` is pure: no I/O and no clock of its own, so the same
 snapshot answers for any instant a caller (a query, ``explain --at``, a test) asks about.
+
+Names live in a :class:`NameTable` (about 24 bytes per name). Each name maps to one or more
+:class:`RuleSet` records: what the rules that share a list, a kind, an action, a window and
+a reference have in common. A million imported names thus share a handful of rule sets.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 from zoneinfo import ZoneInfo
 
 from ..wire import EDE_BLOCKED, ede_option, opt_record
 from ..yamlload import Where
-from .timewindow import NEVER, Window
+from .table import NameTable
+from .timewindow import ALWAYS, NEVER
+
+# What a rule set covers and does (bit flags, shared with the import formats).
+EXACT: Final = 1  # the name itself
+SUBDOMAINS: Final = 2  # every name below it
+DOMAIN: Final = EXACT | SUBDOMAINS
+ALLOW: Final = 4  # an exception: never blocked by any list, for the same clients
+NODATA: Final = 8  # action override (RPZ CNAME *.)
+NXDOMAIN: Final = 16  # action override (RPZ CNAME .)
+
+PENDING: Final = "pending"
+MONITOR: Final = "monitor"
+ENFORCED: Final = "enforced"
+EXPIRED: Final = "expired"
 
 ACTIONS: Final = ("nxdomain", "nodata", "refused", "null", "sinkhole")
+_MULTI: Final = 0x80000000
+ALL_CLIENTS: Final = 1  # bit 0: the built-in group "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,41 +56,165 @@ class Action:
         return "sinkhole to " + ", ".join(addrs)
 
 
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """When rules are watched and when enforced, as instants: monitored from
+    ``monitor_from``, enforced from ``enforce_from``, over at ``end`` (exclusive).
+    ``monitor_from <= enforce_from <= end`` always holds; an empty phase has equal bounds."""
+
+    monitor_from: float = ALWAYS
+    enforce_from: float = ALWAYS
+    end: float = NEVER
+
+    def state(self, now: float) -> str:
+        if now < self.monitor_from:
+            return PENDING
+        if now >= self.end:
+            return EXPIRED
+        if now < self.enforce_from:
+            return MONITOR
+        return ENFORCED
+
+    def next_change(self, now: float) -> float:
+        for instant in (self.monitor_from, self.enforce_from, self.end):
+            if now < instant:
+                return instant
+        return NEVER
+
+    def within(self, other: Phases) -> Phases:
+        """These phases cut to a list's: a rule is enforced only when both are."""
+        end = min(self.end, other.end)
+        enforce = min(max(self.enforce_from, other.enforce_from), end)
+        monitor = min(max(self.monitor_from, other.monitor_from), enforce)
+        return Phases(monitor, enforce, end)
+
+    def monitor_only(self) -> Phases:
+        """These phases in monitor mode: watched over the whole window, never enforced."""
+        return Phases(self.monitor_from, self.end, self.end)
+
+    @property
+    def closed(self) -> bool:
+        """Never monitored nor enforced at any instant."""
+        return self.monitor_from >= self.end
+
+
 @dataclass(eq=False, slots=True)
 class BlockList:
-    """One list file: its identity, its basis, its window and how it answers."""
+    """One list file: its identity, its basis, its phases and how it answers."""
 
     id: str
     description: str
     reference: str
     timezone: ZoneInfo
-    window: Window
+    #: In force for rules of this list: ``window`` cut by the mode (monitor never enforces).
+    phases: Phases
+    mode: str
     action: Action
     ttl: int
+    clients: tuple[str, ...]
+    mask: int
     where: Where
     rule_count: int = 0
+    includes: list[str] = field(default_factory=list)
+    #: The list's ``active`` window as written, before its mode applies.
+    window: Phases = Phases()
 
 
 @dataclass(eq=False, slots=True)
-class Rule:
-    """A domain (and its subdomains) blocked by a list within a window.
+class RuleSet:
+    """What a group of rules shares. The hot path reads ``t0``/``t1``/``t2`` (the phases
+    flattened), ``flags`` and ``mask``; the OPT records with the Blocked EDE are prebuilt."""
 
-    ``start``/``end`` are the list's window intersected with the rule's own. The two OPT
-    records carrying the Extended DNS Error are built once here, not per query.
-    """
-
-    name: str
-    wire: bytes
+    index: int
     blocklist: BlockList
-    start: float
-    end: float
+    flags: int
+    phases: Phases
     reference: str
-    where: Where
+    action: Action
+    origin: str
+    where: Where | None
+    t0: float = ALWAYS
+    t1: float = ALWAYS
+    t2: float = NEVER
+    mask: int = ALL_CLIENTS
     opt_plain: bytes = field(default=b"", repr=False)
     opt_do: bytes = field(default=b"", repr=False)
 
     def state(self, now: float) -> str:
-        return Window(self.start, self.end).state(now)
+        return self.phases.state(now)
+
+    @property
+    def end(self) -> float:
+        return self.t2
+
+    @property
+    def kind(self) -> str:
+        if self.flags & ALLOW:
+            return "allow"
+        return {EXACT: "exact", SUBDOMAINS: "subdomains", DOMAIN: "domain"}[self.flags & DOMAIN]
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A wildcard or regular-expression rule, matched against the whole name."""
+
+    text: str
+    regex: re.Pattern[bytes]
+    ruleset: RuleSet
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSpec:
+    """A remote list to keep fresh: fetched outside the load path, read from its copy."""
+
+    url: str
+    refresh: float
+    timeout: float
+    max_size: int
+    list_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One rule that covers a name (for explaining): its set, the name it names, the state."""
+
+    ruleset: RuleSet
+    name: str
+    state: str
+
+
+class ClientGroups:
+    """Named client networks from the config; bit 0 is ``all``, then one bit per group."""
+
+    def __init__(self, groups: dict[str, Sequence[str]] | None = None) -> None:
+        self.bits: dict[str, int] = {"all": ALL_CLIENTS}
+        self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]] = []
+        for index, (name, nets) in enumerate((groups or {}).items()):
+            bit = 1 << (index + 1)
+            self.bits[name] = bit
+            for net in nets:
+                self.networks.append((ipaddress.ip_network(net, strict=False), bit))
+        self._cache: dict[str, int] = {}
+
+    def mask_of(self, host: str) -> int:
+        """The groups a client address belongs to, as a bit mask (cached per address)."""
+        mask = self._cache.get(host)
+        if mask is None:
+            mask = ALL_CLIENTS
+            try:
+                addr = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                addr = None
+            if addr is not None:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                for net, bit in self.networks:
+                    if addr.version == net.version and addr in net:
+                        mask |= bit
+            if len(self._cache) >= 65536:
+                self._cache.clear()  # bounded: a scan of many addresses must not grow it
+            self._cache[host] = mask
+        return mask
 
 
 def ede_text(blocklist: BlockList, reference: str) -> str:
@@ -79,81 +223,186 @@ def ede_text(blocklist: BlockList, reference: str) -> str:
     return f"{text}: {reference}" if reference else text
 
 
+def dotted(key: bytes, labels: tuple[int, ...]) -> bytes:
+    """The dotted lower-case form of a wire name, label offsets unchanged.
+
+    A label's length byte becomes the dot before it, so label ``i`` starts at ``labels[i]``
+    in both forms. A dot inside a label (legal on the wire) becomes 0xFF so that the
+    single label ``deepseek.com`` never reads as two.
+    """
+    text = key[1:-1]
+    if len(labels) <= 1 and 46 not in text:
+        return text
+    buf = bytearray(text.replace(b".", b"\xff"))
+    for off in labels[1:]:
+        buf[off - 1] = 46
+    return bytes(buf)
+
+
+Decision = tuple[RuleSet | None, int, RuleSet | None, float]
+NO_MATCH: Final[Decision] = (None, 0, None, NEVER)
+
+
 class Policy:
-    """All lists, compiled: a map from each blocked name (lower-case wire) to its rules."""
+    """All lists, compiled."""
 
-    __slots__ = ("_rules", "digest", "lists", "rule_count")
+    __slots__ = (
+        "digest",
+        "groups",
+        "lists",
+        "multi",
+        "name_count",
+        "patterns",
+        "remotes",
+        "rulesets",
+        "sources",
+        "table",
+        "uses_groups",
+        "warnings",
+    )
 
-    def __init__(self, lists: Iterable[BlockList], rules: Iterable[Rule]) -> None:
+    def __init__(
+        self,
+        lists: Iterable[BlockList],
+        rulesets: Sequence[RuleSet],
+        table: NameTable,
+        multi: Sequence[tuple[RuleSet, ...]],
+        patterns: Sequence[Pattern] = (),
+        groups: ClientGroups | None = None,
+        digest: str = "",
+        warnings: Sequence[str] = (),
+        sources: dict[bytes, list[tuple[int, Where | None]]] | None = None,
+        remotes: Sequence[RemoteSpec] = (),
+    ) -> None:
         self.lists: tuple[BlockList, ...] = tuple(lists)
-        table: dict[bytes, list[Rule]] = {}
+        self.rulesets = tuple(rulesets)
+        self.table = table
+        self.multi = tuple(multi)
+        self.patterns = tuple(patterns)
+        self.groups = groups or ClientGroups()
+        self.uses_groups = any(b.mask != ALL_CLIENTS for b in self.lists)
+        #: Content hash of every file read: two policies with the same digest answer alike.
+        self.digest = digest
+        self.warnings = tuple(warnings)
+        self.name_count = len(table)
+        #: name -> (rule set index, where) for explain/check; only when asked for at load.
+        self.sources = sources
+        #: Remote lists this policy includes, for the refresher to keep fresh.
+        self.remotes = tuple(remotes)
         opts: dict[tuple[str, str], tuple[bytes, bytes]] = {}
-        digest = hashlib.sha256()
-        count = 0
-        for rule in rules:
-            key = (rule.blocklist.id, rule.reference)
+        for rs in self.rulesets:
+            key = (rs.blocklist.id, rs.reference)
             built = opts.get(key)
             if built is None:
-                option = ede_option(EDE_BLOCKED, ede_text(rule.blocklist, rule.reference))
+                option = ede_option(EDE_BLOCKED, ede_text(rs.blocklist, rs.reference))
                 built = (opt_record(False, 0, option), opt_record(True, 0, option))
                 opts[key] = built
-            rule.opt_plain, rule.opt_do = built
-            table.setdefault(rule.wire, []).append(rule)
-            digest.update(f"{rule.blocklist.id}\0{rule.name}\0{rule.start}\0{rule.end}\n".encode())
-            count += 1
-        for blocklist in self.lists:
-            digest.update(
-                f"{blocklist.id}\0{blocklist.action}\0{blocklist.ttl}\0{blocklist.reference}\n".encode()
-            )
-        self._rules: dict[bytes, tuple[Rule, ...]] = {k: tuple(v) for k, v in table.items()}
-        self.rule_count = count
-        #: Content hash: two policies with the same digest answer the same way.
-        self.digest = digest.hexdigest()[:16]
+            rs.opt_plain, rs.opt_do = built
+            rs.t0, rs.t1, rs.t2 = rs.phases.monitor_from, rs.phases.enforce_from, rs.phases.end
+            rs.mask = rs.blocklist.mask
 
-    def decide(self, key: bytes, labels: tuple[int, ...], now: float) -> tuple[Rule | None, float]:
-        """The rule that blocks ``key`` at ``now`` (or None), and until when that holds.
+    @property
+    def rule_count(self) -> int:
+        return sum(b.rule_count for b in self.lists)
 
-        ``key`` is a lower-case wire name and ``labels`` its label offsets, so every parent
-        domain is a slice: the walk costs one hash lookup per label whatever the list size.
-        Labels run from the longest name to the shortest, so the first rule in force is the
-        longest match, and among rules for the same name the first in list order.
+    def _sets(self, value: int) -> tuple[RuleSet, ...]:
+        if value & _MULTI:
+            return self.multi[value & ~_MULTI]
+        return (self.rulesets[value],)
 
-        The second value is the next instant at which any matching rule starts or stops:
-        a forwarded answer must not be cached past it, nor a blocked answer outlive it.
+    def decide(self, key: bytes, labels: tuple[int, ...], mask: int, now: float) -> Decision:
+        """What the policy does with ``key`` for a client in groups ``mask`` at ``now``.
+
+        Returns (the rule set that blocks, the label offset of the name it matched, a rule
+        set that would block in its monitor phase, the next instant at which any of this
+        changes). ``key`` is a lower-case wire name and ``labels`` its label offsets.
+
+        Precedence: an allow in force wins over every block; among blocks the longest
+        name wins, then list order; exact and domain rules come before patterns.
         """
-        rules_for = self._rules.get
-        best: Rule | None = None
+        text = dotted(key, labels)
+        get = self.table.get
+        block: RuleSet | None = None
+        where = 0
+        monitor: RuleSet | None = None
+        allowed = False
         until = NEVER
+        need = EXACT
         for off in labels:
-            rules = rules_for(key[off:] if off else key)
-            if rules is None:
-                continue
-            for rule in rules:
-                if now < rule.start:
-                    if rule.start < until:
-                        until = rule.start
-                elif now < rule.end:
-                    if rule.end < until:
-                        until = rule.end
-                    if best is None:
-                        best = rule
-        return best, until
+            value = get(text[off:] if off else text)
+            if value is not None:
+                for rs in self._sets(value):
+                    if not rs.flags & need or not rs.mask & mask:
+                        continue
+                    if now < rs.t0:
+                        if rs.t0 < until:
+                            until = rs.t0
+                    elif now >= rs.t2:
+                        continue
+                    elif now < rs.t1:
+                        if rs.t1 < until:
+                            until = rs.t1
+                        if monitor is None and not rs.flags & ALLOW:
+                            monitor = rs
+                    else:
+                        if rs.t2 < until:
+                            until = rs.t2
+                        if rs.flags & ALLOW:
+                            allowed = True
+                        elif block is None:
+                            block, where = rs, off
+            need = SUBDOMAINS
+        if self.patterns:
+            for pattern in self.patterns:
+                rs = pattern.ruleset
+                if not rs.mask & mask or now >= rs.t2 or not pattern.regex.fullmatch(text):
+                    continue
+                if now < rs.t0:
+                    until = min(until, rs.t0)
+                elif now < rs.t1:
+                    until = min(until, rs.t1)
+                    if monitor is None and not rs.flags & ALLOW:
+                        monitor = rs
+                else:
+                    until = min(until, rs.t2)
+                    if rs.flags & ALLOW:
+                        allowed = True
+                    elif block is None:
+                        block, where = rs, 0
+        if allowed:
+            return None, 0, None, until
+        if block is None and monitor is None and until == NEVER:
+            return NO_MATCH
+        return block, where, monitor, until
 
-    def matches(self, key: bytes, labels: tuple[int, ...]) -> list[Rule]:
-        """Every rule whose name covers ``key``, whatever its window (for explaining)."""
-        found: list[Rule] = []
+    def matches(self, name: str, mask: int, now: float) -> list[Match]:
+        """Every rule that names ``name`` or a parent of it, whatever its window or its
+        clients, in precedence order (for ``explain``)."""
+        text = name.rstrip(".").lower().encode()
+        labels = [0] + [i + 1 for i, ch in enumerate(text) if ch == 46]
+        found: list[Match] = []
+        need = EXACT
         for off in labels:
-            found.extend(self._rules.get(key[off:] if off else key, ()))
+            suffix = text[off:]
+            value = self.table.get(suffix)
+            if value is not None:
+                for rs in self._sets(value):
+                    if rs.flags & need:
+                        found.append(Match(rs, suffix.decode(), rs.state(now)))
+            need = SUBDOMAINS
+        for pattern in self.patterns:
+            if pattern.regex.fullmatch(text):
+                found.append(Match(pattern.ruleset, pattern.text, pattern.ruleset.state(now)))
         return found
 
     def summary(self, now: float) -> str:
         """One line for the log: lists, rules, and which lists are in force now."""
         parts = []
         for blocklist in self.lists:
-            state = blocklist.window.state(now)
+            state = blocklist.phases.state(now)
             parts.append(f"{blocklist.id} ({blocklist.rule_count} rules, {state})")
         listed = "; ".join(parts) if parts else "no lists"
         return f"policy {self.digest}: {len(self.lists)} lists, {self.rule_count} rules: {listed}"
 
 
-EMPTY_POLICY: Final = Policy((), ())
+EMPTY_POLICY: Final = Policy((), (), NameTable(), ())
