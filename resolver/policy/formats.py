@@ -807,7 +807,9 @@ def _rpz_record(
     name, scope = trigger_or_problem
     action = _rpz_action(rtype, rdata, name, scope, zone.origin)
     if isinstance(action, str):
-        problems.append(Problem(number, rdata[0][1] if rdata else type_column, action))
+        # A refused target is shown at the target; refused local data at its type.
+        column = rdata[0][1] if rtype == "CNAME" and rdata else type_column
+        problems.append(Problem(number, column, action))
         return None
     return (name, scope | action, number)
 

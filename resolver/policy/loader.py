@@ -10,6 +10,8 @@ silently widened into something broader), without failing the whole policy.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import ipaddress
 import re
@@ -80,6 +82,7 @@ _SIZE = re.compile(r"^(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?$", re.IGNORECASE)
 DEFAULT_TTL: Final = 60
 MAX_TTL: Final = 86400
 MAX_WARNINGS_PER_FILE: Final = 20
+_CHUNK: Final = 4096
 
 
 @dataclass
@@ -242,7 +245,19 @@ def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
         builder.sources,
         builder.remotes,
     )
+    release_memory()
     return policy
+
+
+def release_memory() -> None:
+    """Give the memory a load freed back to the system (glibc keeps it otherwise).
+
+    Parsing a million names allocates and frees far more than the table keeps; without
+    this, resident memory stays at the load's peak (about 57 bytes per domain instead of
+    33 for a million domains, measured by bench/policy_scale.py).
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _require_str(doc: YMap, key: str, default: str | None = None) -> str:
@@ -293,6 +308,8 @@ def parse_phases(value: Any, where: Where | None, field_name: str, tz: Any) -> P
 def parse_action(doc: YMap) -> Action:
     value = doc.get("action", "nxdomain")
     where = value_where(doc, "action")
+    if value is None:
+        value = "null"  # `action: null` reads as YAML's null: it means the null action
     if isinstance(value, str):
         if value not in ACTIONS or value == "sinkhole":
             raise SourceError(
@@ -466,9 +483,10 @@ def _add_names(
 
 
 def pattern_regex(text: str) -> re.Pattern[bytes]:
-    """Compile a pattern rule: ``/regex/`` as written (matched against the whole lower-case
-    name, without the trailing dot), or labels where ``*`` stands for any run of characters
-    within one label (``deepseek.*``, ``*-ai.example``, ``api.*.deepseek.com``)."""
+    """Compile a pattern rule: ``/regex/`` as written, searched for in the lower-case name
+    without its trailing dot (anchor it with ``^`` and ``$`` to match the whole name), or
+    labels where ``*`` stands for any run of characters within one label (``deepseek.*``,
+    ``*-ai.example``, ``api.*.deepseek.com``), which match the whole name."""
     if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
         return re.compile(text[1:-1].encode(), re.IGNORECASE)
     name = text.strip().rstrip(".").lower()
@@ -479,7 +497,7 @@ def pattern_regex(text: str) -> re.Pattern[bytes]:
             "e.g. deepseek.* or api.*.example.com"
         )
     parts = [re.escape(label).replace(r"\*", "[^.]*") for label in labels]
-    return re.compile(r"\.".join(parts).encode())
+    return re.compile(("^" + r"\.".join(parts) + "$").encode())
 
 
 def _add_patterns(doc: YMap, blocklist: BlockList, builder: _Builder, tz: Any) -> int:
@@ -591,29 +609,41 @@ def _add_include(
 
 def _add_imported(text: str, fmt: str, source: str, blocklist: BlockList, builder: _Builder) -> int:
     problems: list[formats.Problem] = []
-    by_flags: dict[int, tuple[list[bytes], list[int]]] = {}
+    pending: dict[int, tuple[list[bytes], list[int]]] = {}
+    rulesets: dict[int, RuleSet] = {}
     count = 0
+
+    def flush(flags: int) -> None:
+        names, lines = pending.pop(flags)
+        rs = rulesets.get(flags)
+        if rs is None:
+            action = blocklist.action
+            if flags & NODATA:
+                action = Action("nodata")
+            elif flags & NXDOMAIN:
+                action = Action("nxdomain")
+            rs = rulesets[flags] = builder.ruleset(
+                blocklist,
+                flags & (DOMAIN | ALLOW),
+                blocklist.phases,
+                blocklist.reference,
+                action,
+                f"include {source}",
+                Where(source, lines[0], 1),
+            )
+        builder.add_many(names, rs, source, lines)
+
+    # Names go into the table in chunks: a million names never sit in a list at once, so
+    # the load's peak memory (which stays resident) is the table, not the parse.
     for name, flags, line in formats.parse(text, fmt, problems):
-        names, lines = by_flags.setdefault(flags, ([], []))
+        names, lines = pending.setdefault(flags, ([], []))
         names.append(name.encode())
         lines.append(line)
         count += 1
-    for flags, (names, lines) in by_flags.items():
-        action = blocklist.action
-        if flags & NODATA:
-            action = Action("nodata")
-        elif flags & NXDOMAIN:
-            action = Action("nxdomain")
-        rs = builder.ruleset(
-            blocklist,
-            flags & (DOMAIN | ALLOW),
-            blocklist.phases,
-            blocklist.reference,
-            action,
-            f"include {source}",
-            Where(source, lines[0], 1),
-        )
-        builder.add_many(names, rs, source, lines)
+        if len(names) >= _CHUNK:
+            flush(flags)
+    for flags in list(pending):
+        flush(flags)
     for problem in problems[:MAX_WARNINGS_PER_FILE]:
         builder.warnings.append(
             f"{source}:{problem.line}:{problem.column}: warning: {problem.message}"

@@ -355,7 +355,7 @@ class Policy:
         if self.patterns:
             for pattern in self.patterns:
                 rs = pattern.ruleset
-                if not rs.mask & mask or now >= rs.t2 or not pattern.regex.fullmatch(text):
+                if not rs.mask & mask or now >= rs.t2 or not pattern.regex.search(text):
                     continue
                 if now < rs.t0:
                     until = min(until, rs.t0)
@@ -391,7 +391,7 @@ class Policy:
                         found.append(Match(rs, suffix.decode(), rs.state(now)))
             need = SUBDOMAINS
         for pattern in self.patterns:
-            if pattern.regex.fullmatch(text):
+            if pattern.regex.search(text):
                 found.append(Match(pattern.ruleset, pattern.text, pattern.ruleset.state(now)))
         return found
 
