@@ -652,7 +652,7 @@ _IP_TRIGGERS: Final = {
     "rpz-client-ip": "client IP address (rpz-client-ip)",
 }
 
-Token = tuple[str, int]
+_Token = tuple[str, int]
 
 
 @dataclass(slots=True)
@@ -672,7 +672,7 @@ def _parse_rpz(text: str, problems: list[Problem]) -> Iterator[Entry]:
     fast_ok = True
     fast_owner: str | None = None  # owner of the last fast-path record (relative)
     original = _lines(text)
-    pending: list[Token] = []  # tokens of a record still inside parentheses
+    pending: list[_Token] = []  # tokens of a record still inside parentheses
     pending_line = 0
     pending_blank = False
     depth = 0
@@ -741,7 +741,7 @@ def _absolute(token: str, origin: str | None) -> str:
 
 
 def _rpz_record(
-    record: list[Token], number: int, blank: bool, zone: _Zone, problems: list[Problem]
+    record: list[_Token], number: int, blank: bool, zone: _Zone, problems: list[Problem]
 ) -> Entry | None:
     """Interpret one logical record (or directive) of an RPZ file."""
     first, column = record[0]
@@ -814,7 +814,7 @@ def _rpz_record(
     return (name, scope | action, number)
 
 
-def _rpz_directive(record: list[Token], number: int, zone: _Zone, problems: list[Problem]) -> None:
+def _rpz_directive(record: list[_Token], number: int, zone: _Zone, problems: list[Problem]) -> None:
     directive, column = record[0][0].upper(), record[0][1]
     args = [token for token, _ in record[1:]]
     if directive == "$ORIGIN" and len(args) == 1:
@@ -873,7 +873,7 @@ def _trigger(owner: str, apex: str | None) -> tuple[str, int] | str:
 
 
 def _rpz_action(
-    rtype: str, rdata: list[Token], name: str, scope: int, origin: str | None
+    rtype: str, rdata: list[_Token], name: str, scope: int, origin: str | None
 ) -> int | str:
     """The flags for a policy record's action, or why it is not supported."""
     if rtype != "CNAME":

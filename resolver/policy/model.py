@@ -20,16 +20,13 @@ from zoneinfo import ZoneInfo
 
 from ..wire import EDE_BLOCKED, ede_option, opt_record
 from ..yamlload import Where
+
+# What a rule set covers and does: the bit flags the import formats produce.
+from .formats import ALLOW, DOMAIN, EXACT, NODATA, NXDOMAIN, SUBDOMAINS
 from .table import NameTable
 from .timewindow import ALWAYS, NEVER
 
-# What a rule set covers and does (bit flags, shared with the import formats).
-EXACT: Final = 1  # the name itself
-SUBDOMAINS: Final = 2  # every name below it
-DOMAIN: Final = EXACT | SUBDOMAINS
-ALLOW: Final = 4  # an exception: never blocked by any list, for the same clients
-NODATA: Final = 8  # action override (RPZ CNAME *.)
-NXDOMAIN: Final = 16  # action override (RPZ CNAME .)
+__all__ = ["ALLOW", "DOMAIN", "EXACT", "NODATA", "NXDOMAIN", "SUBDOMAINS"]
 
 PENDING: Final = "pending"
 MONITOR: Final = "monitor"

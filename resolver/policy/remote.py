@@ -145,7 +145,10 @@ def fetch(
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    # A folder that cannot be made is reported when the copy cannot be saved; the fetch
+    # itself can still succeed and serve this run.
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     old = load_copy(url, cache_dir)
     meta = _read_meta(url, cache_dir) if old.text is not None else {}
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -159,8 +162,10 @@ def fetch(
         return FetchResult("failed", old.text, f"fetching {url} failed: {why}", old.fetched_at)
 
     deadline = time.monotonic() + timeout
+    answered = False  # whether the status line and headers came: which timeout it was
     try:
         with _opener().open(request, timeout=timeout) as response:
+            answered = True
             if response.status != 200:
                 return failed(f"the server answered HTTP {response.status}, expected 200")
             body = _read_capped(response, max_bytes, deadline)
@@ -178,9 +183,14 @@ def fetch(
     except _TooBig:
         return failed(f"the list is larger than the limit of {max_bytes} bytes")
     except TimeoutError:
+        if not answered:
+            return failed(f"no answer within {timeout:g} s")
         return failed(f"the transfer took longer than {timeout:g} s")
     except (OSError, http.client.HTTPException) as exc:
-        return failed(f"the transfer broke off: {exc!r}")
+        why = str(exc) or type(exc).__name__
+        if not answered:
+            return failed(f"the connection broke off before an answer: {why}")
+        return failed(f"the transfer broke off: {why}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -222,6 +232,9 @@ def _read_capped(response: http.client.HTTPResponse, max_bytes: int, deadline: f
         # read (and the deadline check) for longer than the socket timeout.
         chunk = response.read1(min(_CHUNK, max_bytes + 1 - size))
         if not chunk:
+            if response.length:
+                # read1 does not check a Content-Length the server failed to deliver.
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
             return b"".join(chunks)
         chunks.append(chunk)
         size += len(chunk)
