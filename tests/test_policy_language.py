@@ -390,3 +390,76 @@ def test_check_passes_on_the_shipped_policy() -> None:
     assert result.returncode == 0, result.stderr
     assert "deepseek (2 rules, enforced)" in result.stdout
     assert "bypass (" in result.stdout and "example-ai-services (5 rules, monitor)" in result.stdout
+
+
+class ListServer:
+    """A tiny HTTP server on loopback serving one list, whose body and status we script."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        owner = self
+        self.body = b"allowed.test\n"
+        self.status = 200
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(owner.status)
+                self.send_header("Content-Length", str(len(owner.body)))
+                self.end_headers()
+                self.wfile.write(owner.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/list.txt"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_remote_list_is_fetched_refreshed_kept_on_failure_and_used_offline(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    import time
+
+    from .realservers import ResolverProcess
+    from .test_cli import ask
+
+    lists = write(tmp_path, "lists/r.yaml", "")
+    web = ListServer()
+    lists.write_text(f"list: r\ninclude: [{{url: '{web.url}', format: domains, refresh: 1s}}]\n")
+    config = write(tmp_path, "c.yaml", f"blocklists: lists\nstate_dir: {tmp_path / 'state'}\n")
+    args = ("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address)
+
+    def wait_rcode(proc: ResolverProcess, name: str, rcode: int) -> None:
+        deadline = time.monotonic() + 8
+        while ask(proc.port, name).rcode() != rcode:
+            assert time.monotonic() < deadline, "\n".join(proc.lines)
+            time.sleep(0.1)
+
+    try:
+        proc = ResolverProcess(*args)
+        try:
+            wait_rcode(proc, "allowed.test", dns.rcode.NXDOMAIN)  # fetched, then reloaded
+            web.body = b"notdeepseek.com\n"
+            wait_rcode(proc, "notdeepseek.com", dns.rcode.NXDOMAIN)  # refreshed
+            assert ask(proc.port, "allowed.test").rcode() == dns.rcode.NOERROR
+            web.status = 500
+            proc.wait_for("keeping the last copy", 8)
+            assert ask(proc.port, "notdeepseek.com").rcode() == dns.rcode.NXDOMAIN
+        finally:
+            assert proc.stop() == 0
+    finally:
+        web.close()
+    # The web server is gone: a new start uses the copy on disk, at once.
+    offline = ResolverProcess(*args)
+    try:
+        assert ask(offline.port, "notdeepseek.com").rcode() == dns.rcode.NXDOMAIN
+    finally:
+        assert offline.stop() == 0
