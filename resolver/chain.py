@@ -29,14 +29,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Final
+from time import perf_counter
+from typing import TYPE_CHECKING, Final
+
+import dns.rdatatype
 
 from .cache import Cache, Entry
-from .policy.model import ALL_CLIENTS, Policy
+from .metrics import Stats, qtype_label, rcode_label
+from .policy.model import ALL_CLIENTS, Policy, RuleSet
 from .sinkhole import blocked_answer
 from .upstream import Forwarder
+
+if TYPE_CHECKING:
+    from .querylog import AuditLog
+
 from .wire import (
     FLAG_AD,
     OPT_DO,
@@ -72,8 +79,64 @@ _ANY_TTL: Final = 3600
 _TCP_MAX: Final = 65535
 _MEMO_MAX: Final = 50_000
 
-# query bytes after the ID -> (answer after the ID, valid until, list that blocked it)
-Memo = dict[bytes, tuple[bytes, float, str | None]]
+
+class Info:
+    """What an answer is, for metrics and the audit log; computed once per distinct
+    answer and kept in the memo, so that counting a memo hit is a few increments."""
+
+    __slots__ = (
+        "decision",
+        "hist",
+        "keys",
+        "list_id",
+        "logged",
+        "per_list",
+        "qname",
+        "qtype",
+        "rcode",
+        "reference",
+        "rule",
+    )
+
+    def __init__(
+        self,
+        stats: Stats,
+        decision: str,
+        qtype: int,
+        rcode: int,
+        list_id: str | None = None,
+        rule: str | None = None,
+        reference: str | None = None,
+        qname: str = "",
+        logged: bool = False,
+    ) -> None:
+        self.decision = decision
+        qlabel = qtype_label(qtype)
+        self.rcode = rcode_label(rcode)
+        #: The answers-counter keys for UDP and for TCP.
+        self.keys = (("udp", qlabel, self.rcode, decision), ("tcp", qlabel, self.rcode, decision))
+        self.hist = stats.durations[decision]
+        self.per_list = (
+            (
+                stats.blocked
+                if decision == "blocked"
+                else stats.would_block
+                if decision == "monitored"
+                else None
+            )
+            if list_id is not None
+            else None
+        )
+        self.list_id = list_id or ""
+        self.rule = rule
+        self.reference = reference
+        self.qname = qname
+        self.qtype = qtype
+        self.logged = logged
+
+
+# query bytes after the ID -> (answer after the ID, valid until, what it is)
+Memo = dict[bytes, tuple[bytes, float, Info]]
 
 
 class Resolver:
@@ -94,9 +157,9 @@ class Resolver:
         # Answers by query bytes (all but the ID), per transport: see handle().
         self._memo: tuple[Memo, Memo] = ({}, {})
         self.memo_hits = 0
-        #: Queries blocked, and queries that would be blocked (monitor), by list id.
-        self.blocked: Counter[str] = Counter()
-        self.would_block: Counter[str] = Counter()
+        self.stats = Stats()
+        #: The audit log, when one is configured (its writer runs in its own thread).
+        self.audit: AuditLog | None = None
 
     @property
     def policy(self) -> Policy:
@@ -117,6 +180,7 @@ class Resolver:
         policy's verdict, the cache entry, and the second of its TTLs). Clients repeat the
         same bytes for the same question, so blocked names and cache hits skip parsing.
         """
+        started = perf_counter()
         policy = self._policy
         memo = self._memo[tcp]
         if policy.uses_groups:
@@ -130,8 +194,7 @@ class Resolver:
         if hit is not None:
             if self.clock() < hit[1]:
                 self.memo_hits += 1
-                if hit[2] is not None:
-                    self.blocked[hit[2]] += 1
+                self._account(hit[2], tcp, client, started)
                 return data[:2] + hit[0]
             del memo[body]
         try:
@@ -139,27 +202,30 @@ class Resolver:
         except Unanswerable:
             return None
         except FormatError:
-            return formerr_from_header(data)
+            answer = formerr_from_header(data)
+            self._account(Info(self.stats, "error", 0, 1), tcp, client, started)
+            return answer
         if q.opcode:
-            return error_response(q, RCODE_NOTIMP, with_question=bool(q.question))
+            return self._error(q, RCODE_NOTIMP, tcp, client, started)
         if q.edns_version:
-            return error_response(q, RCODE_BADVERS)
+            return self._error(q, RCODE_BADVERS, tcp, client, started)
         limit = _TCP_MAX if tcp else q.udp_size
 
         now = self.clock()
         rule, apex, monitored, valid_until = policy.decide(q.key, q.labels, mask, now)
         if rule is not None:
-            list_id = rule.blocklist.id
-            self.blocked[list_id] += 1
             answer = _fit(blocked_answer(q, rule, apex, now), q, limit)
+            info = self._info(q, "blocked", answer[3] & 0xF, rule, apex, True)
+            self._account(info, tcp, client, started)
             # The TTL is the list's until the window's end comes closer than that TTL.
             until = min(valid_until, rule.t2 - rule.blocklist.ttl)
-            _remember(memo, body, answer, until, now, list_id)
+            _remember(memo, body, answer, until, now, info)
             return answer
+        decision = "cached"
         if monitored is not None:
             # Would block, once enforced: counted and logged, answered as usual, and never
             # memoised, so that every such query is seen.
-            self.would_block[monitored.blocklist.id] += 1
+            decision = "monitored"
             log.info(
                 "would block %s for %s: list %s (%s)",
                 decode_name(q.qname),
@@ -167,22 +233,95 @@ class Resolver:
                 monitored.blocklist.id,
                 "monitor mode" if monitored.blocklist.mode == "monitor" else "monitor phase",
             )
+        elif apex < 0:
+            decision = "allowed"
 
         if q.qtype == TYPE_ANY and not tcp:
-            return _minimal_any(q)
+            answer = _minimal_any(q)
+            self._account(self._info(q, decision, 0, monitored), tcp, client, started)
+            return answer
 
         key = _cache_key(q)
         entry = self.cache.get(key, now)
         if entry is not None:
             answer = _fit(render(entry, q, now), q, limit)
+            info = self._info(q, decision, entry.rcode, monitored, 0, monitored is not None)
+            self._account(info, tcp, client, started)
             if monitored is None:
                 # Served TTLs change with each whole second of the entry's age.
                 next_second = entry.stored + int(now - entry.stored) + 1
-                _remember(memo, body, answer, min(valid_until, entry.expires, next_second), now)
+                until = min(valid_until, entry.expires, next_second)
+                _remember(memo, body, answer, until, now, info)
             return answer
-        return self._forward(q, key, valid_until, limit)
+        forwarded = "forwarded" if decision == "cached" else decision
+        return self._forward(q, key, valid_until, limit, forwarded, monitored, tcp, client, started)
 
-    async def _forward(self, q: Query, key: bytes, valid_until: float, limit: int) -> bytes:
+    def _info(
+        self,
+        q: Query,
+        decision: str,
+        rcode: int,
+        rule: RuleSet | None = None,
+        apex: int = 0,
+        named: bool = False,
+    ) -> Info:
+        """The labels and audit fields of one answer, computed once (then memoised)."""
+        audit = self.audit
+        logged = audit is not None and audit.wants(decision)
+        return Info(
+            self.stats,
+            decision,
+            q.qtype,
+            rcode,
+            rule.blocklist.id if rule is not None else None,
+            decode_name(q.key[apex:]).rstrip(".") if rule is not None and apex >= 0 else None,
+            rule.reference if rule is not None else None,
+            decode_name(q.qname) if logged or named else "",
+            logged,
+        )
+
+    def _account(self, info: Info, tcp: bool, client: str, started: float) -> None:
+        """Count one answer and, when the audit log wants it, log it."""
+        elapsed = perf_counter() - started
+        answers = self.stats.answers
+        key = info.keys[tcp]
+        answers[key] = answers.get(key, 0) + 1
+        info.hist.observe(elapsed)
+        if info.per_list is not None:
+            info.per_list[info.list_id] += 1
+        if info.logged and self.audit is not None:
+            self.audit.record(
+                time.time(),
+                client,
+                "tcp" if tcp else "udp",
+                info.qname,
+                qtype_text(info.qtype),
+                info.rcode,
+                info.decision,
+                info.list_id or None,
+                info.rule,
+                info.reference,
+                None,
+                elapsed,
+            )
+
+    def _error(self, q: Query, rcode: int, tcp: bool, client: str, started: float) -> bytes:
+        answer = error_response(q, rcode, with_question=bool(q.question))
+        self._account(self._info(q, "error", rcode), tcp, client, started)
+        return answer
+
+    async def _forward(
+        self,
+        q: Query,
+        key: bytes,
+        valid_until: float,
+        limit: int,
+        decision: str,
+        monitored: RuleSet | None,
+        tcp: bool,
+        client: str,
+        started: float,
+    ) -> bytes:
         waiting = self._inflight.get(key)
         if waiting is not None:
             # The same question is already on its way upstream: share its answer.
@@ -202,17 +341,26 @@ class Resolver:
             finally:
                 del self._inflight[key]
         if entry is None:
-            return error_response(q, RCODE_SERVFAIL)
-        return _fit(render(entry, q, self.clock()), q, limit)
+            answer = error_response(q, RCODE_SERVFAIL)
+            decision, rcode = "error", RCODE_SERVFAIL
+        else:
+            answer = _fit(render(entry, q, self.clock()), q, limit)
+            rcode = entry.rcode
+        info = self._info(q, decision, rcode, monitored, 0, monitored is not None)
+        self._account(info, tcp, client, started)
+        return answer
 
 
-def _remember(
-    memo: Memo, body: bytes, answer: bytes, until: float, now: float, list_id: str | None = None
-) -> None:
+def _remember(memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info) -> None:
     if until > now:
         if len(memo) >= _MEMO_MAX:
             memo.clear()  # bounded; refilling costs one parse per distinct query
-        memo[body] = (answer[2:], until, list_id)
+        memo[body] = (answer[2:], until, info)
+
+
+def qtype_text(qtype: int) -> str:
+    """A query type as dig writes it (A, AAAA, TYPE666)."""
+    return str(dns.rdatatype.to_text(dns.rdatatype.RdataType.make(qtype)))
 
 
 def _cache_key(q: Query) -> bytes:

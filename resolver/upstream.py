@@ -13,10 +13,12 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
+from .metrics import Histogram, rcode_label
 from .wire import (
     FLAG_AD,
     FLAG_CD,
@@ -40,6 +42,7 @@ log = logging.getLogger("resolver.upstream")
 
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_DEADLINE: Final = 2.5
+DOWN_AFTER: Final = 3
 _MAX_UDP: Final = 65535
 _FAILED_RCODES: Final = frozenset({RCODE_SERVFAIL, RCODE_REFUSED, RCODE_FORMERR, RCODE_NOTIMP})
 
@@ -137,8 +140,12 @@ class Forwarder:
         self.upstreams = upstreams
         self.timeout = timeout
         self.deadline = deadline
-        #: Failed exchanges by kind (timeout, network, malformed, truncated, rcode).
-        self.errors: Counter[str] = Counter()
+        #: Failed exchanges by (upstream, kind): timeout, network, truncated, rcode.
+        self.errors: Counter[tuple[str, str]] = Counter()
+        #: Exchange durations by (upstream, rcode).
+        self.durations: dict[tuple[str, str], Histogram] = {}
+        #: Consecutive failures by upstream: at DOWN_AFTER it is reported down.
+        self.failures: Counter[str] = Counter()
         #: Datagrams ignored because ID, question or format did not match (RFC 5452).
         self.ignored = 0
 
@@ -153,20 +160,41 @@ class Forwarder:
             left = deadline - loop.time()
             if left <= 0:
                 break
+            started = time.perf_counter()
             try:
                 scan = await self._exchange(up, q, min(self.timeout, left), deadline)
             except UpstreamError as exc:
-                self.errors[exc.kind] += 1
+                self._failed(up, exc.kind)
                 log.debug("upstream %s failed: %s", up, exc)
                 continue
+            key = (up.label, rcode_label(scan.rcode))
+            hist = self.durations.get(key)
+            if hist is None:
+                hist = self.durations[key] = Histogram()
+            hist.observe(time.perf_counter() - started)
             if scan.rcode in _FAILED_RCODES:
                 # Not an answer about the name: another upstream may do better, and the
                 # client is told SERVFAIL rather than an error about a query it never sent.
-                self.errors["rcode"] += 1
+                self._failed(up, "rcode")
                 log.debug("upstream %s answered rcode %d", up, scan.rcode)
                 continue
+            self.failures[up.label] = 0
             return scan
         return None
+
+    def _failed(self, up: Upstream, kind: str) -> None:
+        self.errors[(up.label, kind)] += 1
+        self.failures[up.label] += 1
+        if self.failures[up.label] == DOWN_AFTER:
+            log.warning("upstream %s is down after %d failures in a row", up, DOWN_AFTER)
+
+    def healthy(self, up: Upstream) -> bool:
+        """False after DOWN_AFTER failures in a row, until the next good answer."""
+        return self.failures[up.label] < DOWN_AFTER
+
+    def error_count(self, kind: str) -> int:
+        """Failed exchanges of one kind, over all upstreams."""
+        return sum(n for (_, k), n in self.errors.items() if k == kind)
 
     async def _exchange(self, up: Upstream, q: Query, timeout: float, deadline: float) -> Scan:
         question = q.key + q.question[-4:]

@@ -312,10 +312,10 @@ def test_server_monitor_answers_normally_and_counts_every_query(
     for _ in range(3):
         reply = running.query("www.example.test", "A")
         assert reply.rcode() == dns.rcode.NOERROR and reply.answer
-    assert running.resolver.would_block["watch"] == 3
+    assert running.resolver.stats.would_block["watch"] == 3
     assert running.query("deepseek.com", "A").rcode() == dns.rcode.NXDOMAIN
     running.query("deepseek.com", "A")
-    assert running.resolver.blocked["deepseek"] == 2
+    assert running.resolver.stats.blocked["deepseek"] == 2
 
 
 # ---------------------------------------------------------------- operator tools

@@ -310,9 +310,9 @@ class Policy:
     def decide(self, key: bytes, labels: tuple[int, ...], mask: int, now: float) -> Decision:
         """What the policy does with ``key`` for a client in groups ``mask`` at ``now``.
 
-        Returns (the rule set that blocks, the label offset of the name it matched, a rule
-        set that would block in its monitor phase, the next instant at which any of this
-        changes). ``key`` is a lower-case wire name and ``labels`` its label offsets.
+        Returns (the rule set that blocks, the label offset of the name it matched (-1 when
+        an allow rule decided), a rule set that would block in its monitor phase, the next
+        instant at which any of this changes). ``key`` is a lower-case wire name and ``labels`` its label offsets.
 
         Precedence: an allow in force wins over every block; among blocks the longest
         name wins, then list order; exact and domain rules come before patterns.
@@ -367,7 +367,7 @@ class Policy:
                     elif block is None:
                         block, where = rs, 0
         if allowed:
-            return None, 0, None, until
+            return None, -1, None, until  # -1: an allow rule decided
         if block is None and monitor is None and until == NEVER:
             return NO_MATCH
         return block, where, monitor, until
