@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import json
 import logging
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import dns.message
-import dns.rcode
-import dns.rdatatype
+import dns.exception
 
 from . import __version__
 from .config import Config, finish, load_config
+from .explain import explain, render_text
 from .policy import ClientGroups, LoadOptions, Policy, load_policy
-from .policy.model import DOMAIN, SUBDOMAINS, RuleSet
-from .policy.timewindow import NEVER, format_instant
-from .sinkhole import blocked_answer
-from .wire import encode_name, label_offsets, parse_query
+from .policy.model import DOMAIN, SUBDOMAINS
 from .yamlload import SourceError
 
 
@@ -61,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--config", type=Path, help="YAML config file (for groups and lists)")
     explain.add_argument("--blocklists", type=Path, help="directory (or file) of list files")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     return parser
 
 
@@ -155,77 +152,18 @@ def parse_at(text: str | None) -> float:
     return moment.timestamp()
 
 
-def _describe(rs: RuleSet, now: float) -> list[str]:
-    blocklist = rs.blocklist
-    tz = blocklist.timezone
-    window = f"from {format_instant(rs.phases.enforce_from, tz)}"
-    window += f" until {format_instant(rs.phases.end, tz)}"
-    if rs.phases.monitor_from < rs.phases.enforce_from:
-        window = f"monitor from {format_instant(rs.phases.monitor_from, tz)}, " + window
-    if blocklist.mode == "monitor":
-        window = f"monitor only, from {format_instant(rs.phases.monitor_from, tz)}"
-        window += f" until {format_instant(rs.phases.end, tz)}"
-    return [
-        f"list {blocklist.id} ({blocklist.description})"
-        if blocklist.description
-        else f"list {blocklist.id}",
-        f"state at that time: {rs.state(now)}; {window}",
-        f"action: {'allow (exception)' if rs.flags & 4 else rs.action.describe()}, "
-        f"ttl {blocklist.ttl}",
-        f"clients: {', '.join(blocklist.clients)}",
-        f"reference: {rs.reference or '(none given)'}",
-    ]
-
-
 def _explain(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
         path = args.blocklists or config.blocklists
         now = parse_at(args.at)
         policy = load_policy(path, _options(config, True, now))
-        client = str(ipaddress.ip_address(args.client))
-        rdtype = dns.rdatatype.from_text(args.type)
-        from .policy.formats import normalize
-
-        name = normalize(args.name)
+        doc = explain(policy, args.name, args.client, args.type, now)
     except SourceError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    except (ValueError, dns.exception.DNSException) as exc:
         print(f"resolver explain: {exc}", file=sys.stderr)
         return 2
-    mask = policy.groups.mask_of(client)
-    query = dns.message.make_query(name, rdtype, use_edns=0)
-    q = parse_query(query.to_wire())
-    wire = encode_name(name)
-    rule, apex, monitored, until = policy.decide(wire, label_offsets(wire), mask, now)
-    when = format_instant(now)
-    print(f"{name} {dns.rdatatype.to_text(rdtype)} for {client} at {when}:")
-    if rule is not None:
-        answer = dns.message.from_wire(blocked_answer(q, rule, apex, now))
-        records = [rr.to_text() for section in (answer.answer, answer.authority) for rr in section]
-        print(f"  BLOCKED by list {rule.blocklist.id}: {dns.rcode.to_text(answer.rcode())}")
-        for record in records:
-            print(f"    {record}")
-    elif monitored is not None:
-        print(f"  forwarded, and logged as WOULD BLOCK by list {monitored.blocklist.id} (monitor)")
-    else:
-        print("  forwarded (not blocked)")
-    if until != NEVER:
-        print(f"  this holds until {format_instant(until)}")
-    matches = policy.matches(name, mask, now)
-    if not matches:
-        print("  no rule names it")
-    sources = policy.sources or {}
-    for match in matches:
-        rs = match.ruleset
-        applies = "" if rs.blocklist.mask & mask else "  [not for this client]"
-        print(f"  rule {match.name} ({rs.kind}){applies}")
-        for line in _describe(rs, now):
-            print(f"    {line}")
-        wheres = [str(w) for i, w in sources.get(match.name.encode(), ()) if i == rs.index and w]
-        if wheres:
-            print(f"    source: {', '.join(wheres)}")
-        elif rs.where:
-            print(f"    source: {rs.where}")
+    print(json.dumps(doc, indent=2) if args.json else render_text(doc))
     return 0

@@ -1,0 +1,134 @@
+"""Explaining the policy: what it does with a name, for a client, at an instant, and why.
+
+One function builds the explanation as data; ``resolver explain`` prints it and the admin
+API's ``/v1/explain`` returns it as JSON, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+from .policy.formats import normalize
+from .policy.model import Policy, RuleSet
+from .policy.timewindow import NEVER, format_instant
+from .sinkhole import blocked_answer
+from .wire import encode_name, label_offsets, parse_query
+
+
+def _window(rs: RuleSet) -> dict[str, str | None]:
+    tz = rs.blocklist.timezone
+    phases = rs.phases
+
+    def when(instant: float) -> str | None:
+        return None if instant in (NEVER, -NEVER) else format_instant(instant, tz)
+
+    return {
+        "monitor_from": when(phases.monitor_from)
+        if phases.monitor_from < phases.enforce_from
+        else None,
+        "from": when(phases.enforce_from) if phases.enforce_from < phases.end else None,
+        "until": when(phases.end),
+    }
+
+
+def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> dict[str, Any]:
+    """The decision for ``name`` asked by ``client`` with type ``rdtype`` at ``now``, and
+    every rule that names it. Raises ValueError for a bad name, address or type."""
+    name = normalize(name)
+    client = str(ipaddress.ip_address(client))
+    qtype = dns.rdatatype.from_text(rdtype)
+    mask = policy.groups.mask_of(client)
+    wire = encode_name(name)
+    rule, apex, monitored, until = policy.decide(wire, label_offsets(wire), mask, now)
+    out: dict[str, Any] = {
+        "name": name,
+        "type": dns.rdatatype.to_text(qtype),
+        "client": client,
+        "at": format_instant(now),
+        "policy": policy.digest,
+    }
+    if rule is not None:
+        q = parse_query(dns.message.make_query(name, qtype, use_edns=0).to_wire())
+        answer = dns.message.from_wire(blocked_answer(q, rule, apex, now))
+        out["decision"] = "blocked"
+        out["list"] = rule.blocklist.id
+        out["answer"] = {
+            "rcode": dns.rcode.to_text(answer.rcode()),
+            "records": [str(rr) for section in (answer.answer, answer.authority) for rr in section],
+        }
+    elif monitored is not None:
+        out["decision"] = "monitored"
+        out["list"] = monitored.blocklist.id
+    else:
+        out["decision"] = "allowed" if apex < 0 else "forwarded"
+    out["until"] = None if until == NEVER else format_instant(until)
+    sources = policy.sources or {}
+    rules = []
+    for match in policy.matches(name, mask, now):
+        rs = match.ruleset
+        blocklist = rs.blocklist
+        wheres = [str(w) for i, w in sources.get(match.name.encode(), ()) if i == rs.index and w]
+        rules.append(
+            {
+                "rule": match.name,
+                "kind": rs.kind,
+                "list": blocklist.id,
+                "description": blocklist.description,
+                "state": match.state,
+                "mode": blocklist.mode,
+                "window": _window(rs),
+                "action": "allow" if rs.kind == "allow" else rs.action.describe(),
+                "ttl": blocklist.ttl,
+                "clients": list(blocklist.clients),
+                "applies_to_client": bool(blocklist.mask & mask),
+                "reference": rs.reference,
+                "source": wheres or ([str(rs.where)] if rs.where else []),
+            }
+        )
+    out["rules"] = rules
+    return out
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    """The explanation as ``resolver explain`` prints it."""
+    lines = [f"{doc['name']} {doc['type']} for {doc['client']} at {doc['at']}:"]
+    decision = doc["decision"]
+    if decision == "blocked":
+        lines.append(f"  BLOCKED by list {doc['list']}: {doc['answer']['rcode']}")
+        lines += [f"    {record}" for record in doc["answer"]["records"]]
+    elif decision == "monitored":
+        lines.append(f"  forwarded, and logged as WOULD BLOCK by list {doc['list']} (monitor)")
+    elif decision == "allowed":
+        lines.append("  forwarded: an allow rule (exception) decides")
+    else:
+        lines.append("  forwarded (not blocked)")
+    if doc["until"]:
+        lines.append(f"  this holds until {doc['until']}")
+    if not doc["rules"]:
+        lines.append("  no rule names it")
+    for rule in doc["rules"]:
+        mark = "" if rule["applies_to_client"] else "  [not for this client]"
+        lines.append(f"  rule {rule['rule']} ({rule['kind']}){mark}")
+        title = f"list {rule['list']}"
+        lines.append(
+            f"    {title} ({rule['description']})" if rule["description"] else f"    {title}"
+        )
+        window = rule["window"]
+        parts = []
+        if window["monitor_from"]:
+            parts.append(f"monitor from {window['monitor_from']}")
+        if rule["mode"] == "monitor":
+            parts.append("monitor only")
+        parts.append(f"from {window['from'] or 'always'} until {window['until'] or 'never'}")
+        lines.append(f"    state at that time: {rule['state']}; {', '.join(parts)}")
+        lines.append(f"    action: {rule['action']}, ttl {rule['ttl']}")
+        lines.append(f"    clients: {', '.join(rule['clients'])}")
+        lines.append(f"    reference: {rule['reference'] or '(none given)'}")
+        if rule["source"]:
+            lines.append(f"    source: {', '.join(rule['source'])}")
+    return "\n".join(lines)
