@@ -7,14 +7,13 @@ import json
 import logging
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import dns.exception
 
 from . import __version__
 from .config import Config, finish, load_config
-from .explain import explain, render_text
+from .explain import explain, parse_at, render_text
 from .policy import ClientGroups, LoadOptions, Policy, load_policy
 from .policy.model import DOMAIN, SUBDOMAINS
 from .yamlload import SourceError
@@ -43,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--blocklists", metavar="PATH", help="directory (or file) of list files")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--admin", metavar="HOST:PORT", help="serve the admin API here (off unless asked for)"
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (off unless asked for)",
+    )
 
     check = sub.add_parser("check", help="validate a config file and the lists it names")
     check.add_argument("--config", type=Path, help="YAML config file")
@@ -80,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    def reread() -> Config:
+        return finish(
+            _load(args), args.listen, args.upstream, args.blocklists, args.admin, args.metrics
+        )
+
     try:
-        config = finish(_load(args), args.listen, args.upstream, args.blocklists)
+        config = reread()
     except (SourceError, ValueError) as exc:
         print(f"resolver: {exc}", file=sys.stderr)
         return 2
@@ -91,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from .server import run
 
-    return run(config)
+    return run(config, reread)
 
 
 def shadowed(policy: Policy) -> list[str]:
@@ -140,16 +152,6 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def parse_at(text: str | None) -> float:
-    """``--at``: a date (midnight UTC) or an ISO datetime (UTC unless it has an offset)."""
-    if not text:
-        return time.time()
-    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def _explain(args: argparse.Namespace) -> int:

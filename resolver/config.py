@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from .cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
+from .querylog import AuditConfig
+from .querylog import parse_config as parse_audit
 from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TCP_MAX_PIPELINE
 from .upstream import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, Upstream, parse_upstream, split_host_port
 from .yamlload import (
@@ -87,6 +89,13 @@ class TCPConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    interval: float = 1.0  # seconds between checks of the files' metadata
+    debounce: float = 0.5  # quiet time after a change before reloading (bursts of edits)
+    checksum_interval: float = 60.0  # seconds between content checksums (the backstop)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything ``resolver serve`` needs. ``upstreams`` empty means /etc/resolv.conf."""
 
@@ -103,6 +112,13 @@ class Config:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: Where copies of remote lists are kept (so that a start needs no network).
     state_dir: Path = field(default_factory=default_state_dir)
+    #: The admin API's address (off when None) and its bearer token.
+    admin: Listen | None = None
+    admin_token: str | None = None
+    #: The /metrics address (off when None).
+    metrics: Listen | None = None
+    reload: ReloadConfig = ReloadConfig()
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "embedded default"
     #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
     default_listen: bool = True
@@ -121,8 +137,15 @@ TOP_KEYS: Final = frozenset(
         "log_level",
         "groups",
         "state_dir",
+        "admin",
+        "metrics",
+        "reload",
+        "audit",
     }
 )
+ADMIN_KEYS: Final = frozenset({"listen", "token"})
+METRICS_KEYS: Final = frozenset({"listen"})
+RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)
 CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
 TCP_KEYS: Final = frozenset(TCPConfig.__dataclass_fields__)
 
@@ -223,6 +246,16 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def _one_address(doc: YMap, key: str, field_name: str) -> Listen | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    try:
+        return parse_listen(str(value))
+    except ValueError as exc:
+        raise SourceError(value_where(doc, key), field_name, str(exc)) from None
+
+
 def load_config(path: Path) -> Config:
     """Read a YAML config file; relative paths in it are relative to the file."""
     doc = load_file(path)
@@ -241,6 +274,26 @@ def load_config(path: Path) -> Config:
     if blocklists is not None and not isinstance(blocklists, str):
         raise SourceError(value_where(doc, "blocklists"), "blocklists", "expected a path")
     base = Config()
+    admin = _section(doc, "admin", ADMIN_KEYS)
+    metrics = _section(doc, "metrics", METRICS_KEYS)
+    reload = _section(doc, "reload", RELOAD_KEYS)
+    token = admin.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise SourceError(
+            value_where(admin, "token"), "admin.token", "expected a secret of 16 characters or more"
+        )
+    audit_doc = doc.get("audit") or {}
+    if not isinstance(audit_doc, dict):
+        raise SourceError(value_where(doc, "audit"), "audit", "expected a mapping")
+    try:
+        audit = parse_audit(audit_doc)
+    except ValueError as exc:
+        field_name, _, message = str(exc).partition(": ")
+        key = field_name.split(".", 1)[-1]
+        where = audit_doc.key_where.get(key) if isinstance(audit_doc, YMap) else None
+        raise SourceError(where or value_where(doc, "audit"), field_name, message) from None
+    if audit.path is not None and not audit.path.is_absolute():
+        audit = replace(audit, path=path.parent / audit.path)
     state_dir = doc.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
         raise SourceError(value_where(doc, "state_dir"), "state_dir", "expected a path")
@@ -268,6 +321,15 @@ def load_config(path: Path) -> Config:
         drain_timeout=_number(doc, "drain_timeout", float, 0, 300, 5.0),
         log_level=level,
         groups=_groups(doc),
+        admin=_one_address(admin, "listen", "admin.listen"),
+        admin_token=token,
+        metrics=_one_address(metrics, "listen", "metrics.listen"),
+        reload=ReloadConfig(
+            interval=_number(reload, "interval", float, 0.1, 3600, 1.0),
+            debounce=_number(reload, "debounce", float, 0, 60, 0.5),
+            checksum_interval=_number(reload, "checksum_interval", float, 1, 86400, 60.0),
+        ),
+        audit=audit,
         state_dir=(path.parent / state_dir) if state_dir else base.state_dir,
         source=str(path),
         default_listen=not listen,
@@ -279,8 +341,14 @@ def finish(
     listen: list[str] | None = None,
     upstreams: list[str] | None = None,
     blocklists: str | None = None,
+    admin: str | None = None,
+    metrics: str | None = None,
 ) -> Config:
     """Apply command-line overrides and fill in the embedded defaults."""
+    if admin:
+        config = replace(config, admin=parse_listen(admin))
+    if metrics:
+        config = replace(config, metrics=parse_listen(metrics))
     if listen:
         config = replace(
             config, listen=tuple(parse_listen(x) for x in listen), default_listen=False

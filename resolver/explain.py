@@ -7,6 +7,8 @@ API's ``/v1/explain`` returns it as JSON, so the two can never disagree.
 from __future__ import annotations
 
 import ipaddress
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import dns.message
@@ -18,6 +20,16 @@ from .policy.model import Policy, RuleSet
 from .policy.timewindow import NEVER, format_instant
 from .sinkhole import blocked_answer
 from .wire import encode_name, label_offsets, parse_query
+
+
+def parse_at(text: str | None) -> float:
+    """``--at``: a date (midnight UTC) or an ISO datetime (UTC unless it has an offset)."""
+    if not text:
+        return time.time()
+    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def _window(rs: RuleSet) -> dict[str, str | None]:

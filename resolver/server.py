@@ -9,17 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import ipaddress
 import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .admin import admin_routes, metrics_routes
 from .cache import Cache
 from .chain import Clock, Resolver
 from .config import Config, Listen
+from .httpserver import HTTPServer
 from .policy import ClientGroups, LoadOptions, Policy, load_policy, remote
+from .policy.loader import list_files
+from .querylog import AuditLog
 from .transport import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
 from .upstream import Forwarder
 from .yamlload import SourceError
@@ -47,9 +55,20 @@ class Bound:
 class Server:
     """One resolver instance. ``start`` binds, ``stop`` drains; usable in-process by tests."""
 
-    def __init__(self, config: Config, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock = time.time,
+        reread: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
+        #: Reads the config again (file and command-line flags) on reload, when there is one.
+        self.reread = reread
+        self.started_at = time.time()
+        self._http: list[HTTPServer] = []
+        self.admin_port = 0
+        self.metrics_port = 0
         self.tasks = Tasks()
         self.connections = TCPConnections(
             config.tcp.max_connections, config.tcp.idle_timeout, config.tcp.max_pipeline
@@ -63,6 +82,7 @@ class Server:
         #: When each remote list was last fetched (or its copy was), and how that went.
         self.fetched: dict[str, float] = {}
         self.fetch_status: dict[str, remote.FetchResult] = {}
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Load the policy, then bind every listener; raise :class:`StartupError`."""
@@ -85,15 +105,59 @@ class Server:
             list(config.upstreams), config.upstream_timeout, config.upstream_deadline
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
+        self._loaded(policy)
         log.info("forwarding to %s", ", ".join(str(u) for u in config.upstreams))
         try:
             for listen in config.listen:
                 await self._bind(listen)
+            await self._start_http()
         except BaseException:
             self._close_listeners()
+            await self._close_http()
             raise
         for bound in self.bound:
             log.info("listening on %s", bound)
+        if config.audit.sink != "off":
+            self.resolver.audit = AuditLog(config.audit)
+            self.resolver.audit.start()
+            log.info("audit log: %s (%s)", config.audit.path or "stdout", config.audit.what)
+
+    async def _start_http(self) -> None:
+        config = self.config
+        if config.admin is not None:
+            if not ipaddress.ip_address(config.admin.host).is_loopback and not config.admin_token:
+                raise StartupError(
+                    f"the admin API on {config.admin} would be reachable from the network: "
+                    "set admin.token in the config (a secret of 16+ characters), or listen on "
+                    "127.0.0.1"
+                )
+            server = HTTPServer(admin_routes(self), config.admin_token)
+            self.admin_port = await self._listen_http(server, config.admin, "admin API")
+        if config.metrics is not None:
+            server = HTTPServer(metrics_routes(self))
+            self.metrics_port = await self._listen_http(server, config.metrics, "metrics")
+
+    async def _listen_http(self, server: HTTPServer, where: Listen, what: str) -> int:
+        try:
+            port = await server.start(where.host, where.port)
+        except OSError as exc:
+            raise StartupError(_bind_message(f"{what} (http)", where, exc)) from None
+        self._http.append(server)
+        host = f"[{where.host}]" if ":" in where.host else where.host
+        log.info("%s on http://%s:%d/", what, host, port)
+        return port
+
+    async def _close_http(self) -> None:
+        for server in self._http:
+            await server.close()
+        self._http.clear()
+
+    def _loaded(self, policy: Policy) -> None:
+        assert self.resolver is not None
+        stats = self.resolver.stats
+        stats.policy_loaded_at = stats.last_reload_success = time.time()
+        stats.last_reload_failed = False
+        stats.last_reload_error = None
 
     def load_options(self) -> LoadOptions:
         """How this server loads its policy: its client groups and remote-copy folder."""
@@ -111,16 +175,62 @@ class Server:
             raise StartupError(f"cannot load the policy: {exc}") from None
 
     async def reload(self) -> bool:
-        """Load the policy again; on error keep serving the last good one. SIGHUP."""
-        assert self.resolver is not None
-        try:
-            policy = await self._load_policy()
-        except StartupError as exc:
-            log.error("reload failed, keeping policy %s: %s", self.resolver.policy.digest, exc)
-            return False
-        self.resolver.policy = policy  # one assignment: each query sees one policy or the other
-        log.info("reloaded %s", policy.summary(self.clock()))
-        return True
+        """Read the config and the policy again and swap them in; on any error keep serving
+        the last good ones. SIGHUP, the file watcher and POST /v1/reload all come here."""
+        resolver = self.resolver
+        assert resolver is not None
+        async with self._reload_lock:
+            stats = resolver.stats
+            previous = self.config
+            try:
+                if self.reread is not None:
+                    try:
+                        self.config = self.reread()
+                    except (SourceError, ValueError) as exc:
+                        raise StartupError(f"cannot load the config: {exc}") from None
+                policy = await self._load_policy()
+            except StartupError as exc:
+                self.config = previous
+                stats.reloads["failure"] += 1
+                stats.last_reload_failed = True
+                stats.last_reload_error = str(exc)
+                log.error("reload failed, keeping policy %s: %s", resolver.policy.digest, exc)
+                return False
+            self._apply_config(previous, self.config)
+            resolver.policy = policy  # one assignment: each query sees one policy or the other
+            stats.reloads["success"] += 1
+            self._loaded(policy)
+            log.info("reloaded %s", policy.summary(self.clock()))
+            return True
+
+    def _apply_config(self, old: Config, new: Config) -> None:
+        """Take what can change without a restart; say what cannot."""
+        resolver = self.resolver
+        assert resolver is not None
+        forwarder = resolver.forwarder
+        if new.upstreams and list(new.upstreams) != forwarder.upstreams:
+            forwarder.upstreams = list(new.upstreams)
+            log.info("upstreams now %s", ", ".join(str(u) for u in new.upstreams))
+        forwarder.timeout = new.upstream_timeout
+        forwarder.deadline = new.upstream_deadline
+        cache = resolver.cache
+        cache.max_entries = new.cache.max_entries
+        cache.min_ttl = new.cache.min_ttl
+        cache.max_ttl = new.cache.max_ttl
+        cache.max_negative_ttl = new.cache.max_negative_ttl
+        for name, before, after in (
+            ("listen", old.listen, new.listen),
+            ("tcp", old.tcp, new.tcp),
+            ("admin", (old.admin, old.admin_token), (new.admin, new.admin_token)),
+            ("metrics", old.metrics, new.metrics),
+            ("audit", old.audit, new.audit),
+        ):
+            if before != after:
+                log.warning(
+                    "config: '%s' changed; it takes effect only after a restart "
+                    "(keeping the running value)",
+                    name,
+                )
 
     async def _bind(self, listen: Listen) -> None:
         loop = asyncio.get_running_loop()
@@ -191,6 +301,9 @@ class Server:
             )
         self.connections.close_all()
         self._close_listeners()
+        await self._close_http()
+        if self.resolver is not None and self.resolver.audit is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.resolver.audit.close)
 
     async def refresh_remotes(self) -> None:
         """Keep remote lists fresh: fetch each when due (its ``refresh``), in a thread, and
@@ -231,10 +344,74 @@ class Server:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), max(1.0, wake - time.time()))
 
+    async def watch_files(self) -> None:
+        """Reload when the config file or anything the policy read changes on disk.
+
+        Every ``reload.interval`` the watcher compares the files' metadata (the directory
+        walk included, so new and deleted lists count, and a Kubernetes ConfigMap's
+        ``..data`` symlink swap shows as new targets); every ``checksum_interval`` it also
+        hashes their contents, a backstop for edits that keep size and mtime. A change
+        waits ``debounce`` of quiet (an editor's burst of writes), then reloads once.
+        """
+        loop = asyncio.get_running_loop()
+        settings = self.config.reload
+        seen = await loop.run_in_executor(None, self._fingerprint, False)
+        digest = await loop.run_in_executor(None, self._fingerprint, True)
+        last_sum = time.monotonic()
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), settings.interval)
+            if self.stopping.is_set():
+                return
+            now = await loop.run_in_executor(None, self._fingerprint, False)
+            changed = now != seen
+            if not changed and time.monotonic() - last_sum >= settings.checksum_interval:
+                last_sum = time.monotonic()
+                changed = await loop.run_in_executor(None, self._fingerprint, True) != digest
+            if not changed:
+                continue
+            while True:  # debounce: wait until the files stop changing
+                await asyncio.sleep(settings.debounce)
+                again = await loop.run_in_executor(None, self._fingerprint, False)
+                if again == now:
+                    break
+                now = again
+            log.info("files changed on disk: reloading")
+            await self.reload()
+            seen = await loop.run_in_executor(None, self._fingerprint, False)
+            digest = await loop.run_in_executor(None, self._fingerprint, True)
+            last_sum = time.monotonic()
+
+    def _watched(self) -> list[Path]:
+        paths: list[Path] = []
+        if self.config.source != "embedded default":
+            paths.append(Path(self.config.source))
+        with contextlib.suppress(SourceError):
+            paths.extend(list_files(self.config.blocklists))
+        if self.resolver is not None:
+            paths.extend(Path(f) for f in self.resolver.policy.files)
+        return paths
+
+    def _fingerprint(self, contents: bool) -> str:
+        """Metadata (or, with ``contents``, a hash of the contents) of the watched files."""
+        digest = hashlib.sha256()
+        for path in sorted(set(self._watched())):
+            digest.update(str(path).encode() + b"\0")
+            try:
+                if contents:
+                    digest.update(path.read_bytes())
+                else:
+                    st = path.stat()  # follows symlinks: a swapped target is a change
+                    digest.update(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                digest.update(b"missing")
+        return str(digest.hexdigest())
+
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the policy."""
         loop = asyncio.get_running_loop()
         refresher = self.tasks.spawn(self.refresh_remotes())
+        watcher = self.tasks.spawn(self.watch_files())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.tasks.spawn(self.reload()))
@@ -245,6 +422,7 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         refresher.cancel()
+        watcher.cancel()
         await self.stop()
         log.info("stopped")
 
@@ -279,12 +457,12 @@ def install_loop() -> str:
     return "uvloop"
 
 
-def run(config: Config) -> int:
-    """Serve until stopped; the process exit code."""
+def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
+    """Serve until stopped; the process exit code. ``reread`` reads the config again."""
     loop_name = install_loop()
 
     async def main() -> int:
-        server = Server(config)
+        server = Server(config, reread=reread)
         try:
             await server.start()
         except StartupError as exc:

@@ -143,6 +143,7 @@ class _Builder:
         self.warnings: list[str] = []
         self.digest = hashlib.sha256()
         self.remotes: list[RemoteSpec] = []
+        self.files: list[str] = []
         self.sources: dict[bytes, list[tuple[int, Where | None]]] | None = (
             {} if options.keep_sources else None
         )
@@ -213,6 +214,7 @@ def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
         except (OSError, UnicodeDecodeError) as exc:
             raise SourceError(Where(str(file), 1, 1), "", f"cannot read the file: {exc}") from None
         builder.digest.update(str(file).encode() + b"\0" + raw)
+        builder.files.append(str(file))
         doc = load_text(text, str(file))
         if doc is None:
             continue  # an empty file is no list (an editor's new file, a commented-out list)
@@ -244,6 +246,7 @@ def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
         builder.warnings,
         builder.sources,
         builder.remotes,
+        builder.files,
     )
     release_memory()
     return policy
@@ -576,6 +579,7 @@ def _add_include(
                 value_where(item, "file"), f"{field_name}.file", f"cannot read {target}: {exc}"
             ) from None
         builder.digest.update(source.encode() + b"\0" + raw)
+        builder.files.append(source)
     else:
         url = str(item["url"])
         if not url.startswith(("http://", "https://")):

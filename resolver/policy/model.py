@@ -245,6 +245,7 @@ class Policy:
 
     __slots__ = (
         "digest",
+        "files",
         "groups",
         "lists",
         "multi",
@@ -270,6 +271,7 @@ class Policy:
         warnings: Sequence[str] = (),
         sources: dict[bytes, list[tuple[int, Where | None]]] | None = None,
         remotes: Sequence[RemoteSpec] = (),
+        files: Sequence[str] = (),
     ) -> None:
         self.lists: tuple[BlockList, ...] = tuple(lists)
         self.rulesets = tuple(rulesets)
@@ -286,6 +288,8 @@ class Policy:
         self.sources = sources
         #: Remote lists this policy includes, for the refresher to keep fresh.
         self.remotes = tuple(remotes)
+        #: Every local file read (lists and included files), for the reload watcher.
+        self.files = tuple(files)
         opts: dict[tuple[str, str], tuple[bytes, bytes]] = {}
         for rs in self.rulesets:
             key = (rs.blocklist.id, rs.reference)
@@ -312,7 +316,8 @@ class Policy:
 
         Returns (the rule set that blocks, the label offset of the name it matched (-1 when
         an allow rule decided), a rule set that would block in its monitor phase, the next
-        instant at which any of this changes). ``key`` is a lower-case wire name and ``labels`` its label offsets.
+        instant at which any of this changes). ``key`` is a lower-case wire name and
+        ``labels`` its label offsets.
 
         Precedence: an allow in force wins over every block; among blocks the longest
         name wins, then list order; exact and domain rules come before patterns.

@@ -1,0 +1,166 @@
+"""The admin API (health, readiness, status, explain, reload) and the /metrics endpoint.
+
+Both are routes on :class:`HTTPServer`, on the DNS event loop. Handlers only read the
+server's state, except reload, which loads the new policy off the loop as every reload does.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import TYPE_CHECKING, Any
+
+import dns.exception
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import __version__
+from .explain import explain, parse_at
+from .httpserver import Handler, Request, Response, error, json_response
+from .metrics import ResolverCollector
+from .policy.timewindow import ALWAYS, NEVER, format_instant
+
+if TYPE_CHECKING:
+    from .server import Server
+
+
+def _instant(value: float) -> str | None:
+    return None if value in (NEVER, ALWAYS) or not value else format_instant(value)
+
+
+def admin_routes(server: Server) -> dict[tuple[str, str], Handler]:
+    """The admin API of ``server``; see resolver/schema/admin.openapi.json."""
+
+    async def healthz(_: Request) -> Response:
+        return json_response(200, {"status": "alive"})
+
+    async def readyz(_: Request) -> Response:
+        resolver = server.resolver
+        checks = {
+            "listeners": bool(server.bound),
+            "policy": resolver is not None,
+            "upstream": resolver is not None
+            and any(resolver.forwarder.healthy(u) for u in resolver.forwarder.upstreams),
+        }
+        ready = all(checks.values())
+        return json_response(200 if ready else 503, {"ready": ready, "checks": checks})
+
+    async def status(_: Request) -> Response:
+        return json_response(200, status_document(server))
+
+    async def explain_route(request: Request) -> Response:
+        resolver = server.resolver
+        if resolver is None:
+            return error(503, "not started")
+        name = request.query.get("name")
+        if not name:
+            return error(400, "give ?name=")
+        try:
+            at = request.query.get("at")
+            now = parse_at(at) if at else server.clock()
+            doc = explain(
+                resolver.policy,
+                name,
+                request.query.get("client") or "127.0.0.1",
+                request.query.get("type") or "A",
+                now,
+            )
+        except (ValueError, dns.exception.DNSException) as exc:
+            return error(400, str(exc))
+        return json_response(200, doc)
+
+    async def reload(_: Request) -> Response:
+        ok = await server.reload()
+        stats = server.resolver.stats if server.resolver else None
+        return json_response(
+            200 if ok else 500,
+            {
+                "result": "success" if ok else "failure",
+                "policy": server.resolver.policy.digest if server.resolver else None,
+                "error": stats.last_reload_error if stats and not ok else None,
+            },
+        )
+
+    return {
+        ("GET", "/healthz"): healthz,
+        ("GET", "/readyz"): readyz,
+        ("GET", "/v1/status"): status,
+        ("GET", "/v1/explain"): explain_route,
+        ("POST", "/v1/reload"): reload,
+    }
+
+
+def status_document(server: Server) -> dict[str, Any]:
+    """What ``GET /v1/status`` returns."""
+    resolver = server.resolver
+    now = server.clock()
+    doc: dict[str, Any] = {
+        "version": __version__,
+        "python": platform.python_version(),
+        "started_at": format_instant(server.started_at),
+        "uptime_seconds": round(time.time() - server.started_at, 3),
+        "listeners": [str(b) for b in server.bound],
+    }
+    if resolver is None:
+        return doc
+    forwarder = resolver.forwarder
+    doc["upstreams"] = [
+        {
+            "address": u.label,
+            "healthy": forwarder.healthy(u),
+            "consecutive_failures": forwarder.failures[u.label],
+        }
+        for u in forwarder.upstreams
+    ]
+    policy = resolver.policy
+    stats = resolver.stats
+    doc["policy"] = {
+        "version": policy.digest,
+        "loaded_at": _instant(stats.policy_loaded_at),
+        "rules": policy.rule_count,
+        "names": policy.name_count,
+        "last_reload_failed": stats.last_reload_failed,
+        "last_reload_error": stats.last_reload_error,
+        "warnings": len(policy.warnings),
+    }
+    doc["lists"] = [
+        {
+            "id": b.id,
+            "description": b.description,
+            "reference": b.reference,
+            "mode": b.mode,
+            "state": b.phases.state(now),
+            "rules": b.rule_count,
+            "clients": list(b.clients),
+            "enforced_from": _instant(b.phases.enforce_from),
+            "next_transition": _instant(b.phases.next_change(now)),
+            "blocked": stats.blocked[b.id],
+            "would_block": stats.would_block[b.id],
+        }
+        for b in policy.lists
+    ]
+    doc["remote_lists"] = [
+        {
+            "url": spec.url,
+            "list": spec.list_id,
+            "status": (r := server.fetch_status.get(spec.url)) and r.status,
+            "error": r.error if r else None,
+            "fetched_at": _instant(r.fetched_at or 0) if r else None,
+        }
+        for spec in policy.remotes
+    ]
+    cache = resolver.cache
+    doc["cache"] = {"entries": len(cache), "max_entries": cache.max_entries}
+    audit = resolver.audit
+    doc["audit"] = {"dropped": audit.dropped if audit else 0, "enabled": audit is not None}
+    return doc
+
+
+def metrics_routes(server: Server) -> dict[tuple[str, str], Handler]:
+    """``GET /metrics`` in the Prometheus text format, from a registry of our own."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ResolverCollector(server))
+
+    async def metrics(_: Request) -> Response:
+        return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+    return {("GET", "/metrics"): metrics}
