@@ -20,11 +20,11 @@ import dns.rrset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver.cache import Cache  # noqa: E402
-from resolver.chain import Resolver, _cache_key  # noqa: E402
-from resolver.policy import load_policy  # noqa: E402
-from resolver.upstream import Forwarder, Upstream  # noqa: E402
-from resolver.wire import parse_query, scan_response  # noqa: E402
+from resolver.cache import Cache
+from resolver.chain import Resolver, _cache_key
+from resolver.policy import load_policy
+from resolver.upstream import Forwarder, Upstream
+from resolver.wire import parse_query, scan_response
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"resolver {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "audit",
+        add_help=False,
+        help="report which clients hit which lists, from audit log files (see audit --help)",
+    )
 
     serve = sub.add_parser("serve", help="answer DNS queries (UDP and TCP)")
     serve.add_argument("--config", type=Path, help="YAML config file (see deploy/resolver.yaml)")
@@ -78,6 +83,11 @@ def _options(config: Config, keep_sources: bool, now: float | None = None) -> Lo
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``resolver`` command; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        from .audit import main as audit_main  # its own argument parser
+
+        return audit_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)

@@ -206,6 +206,13 @@ class AuditLog:
             self._run()
         else:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning(
+                    "audit log: the writer did not finish within %.1f s; about %d queued "
+                    "entries may not be written",
+                    timeout,
+                    self._queue.qsize(),
+                )
 
     # The writer thread.
 

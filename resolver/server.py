@@ -376,11 +376,13 @@ class Server:
                 if again == now:
                     break
                 now = again
-            log.info("files changed on disk: reloading")
-            await self.reload()
-            seen = await loop.run_in_executor(None, self._fingerprint, False)
+            # Remember what is about to be loaded, not what is there after: an edit made
+            # during the reload must still count as a change.
+            seen = now
             digest = await loop.run_in_executor(None, self._fingerprint, True)
             last_sum = time.monotonic()
+            log.info("files changed on disk: reloading")
+            await self.reload()
 
     def _watched(self) -> list[Path]:
         paths: list[Path] = []
