@@ -142,10 +142,11 @@ class ResolverProcess:
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for(self, text: str, timeout: float = 15.0) -> str:
-        """Wait for a log line containing ``text``; fail on exit or timeout."""
+    def wait_for(self, text: str, timeout: float = 15.0, since: int = 0) -> str:
+        """Wait for a log line containing ``text`` (from line ``since`` on); fail on exit
+        or timeout."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         with self._changed:
             while True:
                 for line in self.lines[seen:]:
