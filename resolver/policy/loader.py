@@ -458,28 +458,47 @@ def _entry_settings(
     return phases, reference
 
 
+def _entry(
+    items: list[Any],
+    index: int,
+    doc: YMap,
+    section: str,
+    main: str,
+    keys: frozenset[str],
+    blocklist: BlockList,
+    tz: Any,
+) -> tuple[Any, Where | None, Phases, str, bool]:
+    """One item of a rule section: a plain value, or a mapping with its own window,
+    reference and mode. Returns (value, where, phases, reference, has its own settings)."""
+    item = items[index]
+    where = item_where(items, index) or doc.where
+    field_name = f"{section}[{index}]"
+    if not isinstance(item, YMap):
+        return item, where, blocklist.phases, blocklist.reference, False
+    check_keys(item, keys, field_name)
+    if main not in item:
+        raise SourceError(where, f"{field_name}.{main}", "required key is missing")
+    phases, reference = _entry_settings(item, field_name, blocklist, tz)
+    return item[main], value_where(item, main) or where, phases, reference, True
+
+
 def _add_names(
     doc: YMap, key: str, flags: int, blocklist: BlockList, builder: _Builder, tz: Any
 ) -> int:
     items = _items(doc, key)
-    for index, item in enumerate(items):
-        where = item_where(items, index) or doc.where
-        field_name = f"{key}[{index}]"
-        phases, reference = blocklist.phases, blocklist.reference
-        if isinstance(item, YMap):
-            check_keys(item, RULE_KEYS, field_name)
-            if "name" not in item:
-                raise SourceError(where, f"{field_name}.name", "required key is missing")
-            phases, reference = _entry_settings(item, field_name, blocklist, tz)
-            name_value = item["name"]
-            where = value_where(item, "name") or where
-            own_where: Where | None = where
-        else:
-            name_value = item
-            own_where = None
-        name = normalize_name(name_value, where, field_name)
+    for index in range(len(items)):
+        value, where, phases, reference, own = _entry(
+            items, index, doc, key, "name", RULE_KEYS, blocklist, tz
+        )
+        name = normalize_name(value, where, f"{key}[{index}]")
         rs = builder.ruleset(
-            blocklist, flags, phases, reference, blocklist.action, key, own_where or doc.where
+            blocklist,
+            flags,
+            phases,
+            reference,
+            blocklist.action,
+            key,
+            where if own else doc.where,
         )
         builder.add(name, rs, where)
     return len(items)
@@ -505,18 +524,11 @@ def pattern_regex(text: str) -> re.Pattern[bytes]:
 
 def _add_patterns(doc: YMap, blocklist: BlockList, builder: _Builder, tz: Any) -> int:
     items = _items(doc, "patterns")
-    for index, item in enumerate(items):
-        where = item_where(items, index) or doc.where
+    for index in range(len(items)):
+        text, where, phases, reference, _ = _entry(
+            items, index, doc, "patterns", "pattern", PATTERN_KEYS, blocklist, tz
+        )
         field_name = f"patterns[{index}]"
-        phases, reference = blocklist.phases, blocklist.reference
-        text = item
-        if isinstance(item, YMap):
-            check_keys(item, PATTERN_KEYS, field_name)
-            if "pattern" not in item:
-                raise SourceError(where, f"{field_name}.pattern", "required key is missing")
-            phases, reference = _entry_settings(item, field_name, blocklist, tz)
-            text = item["pattern"]
-            where = value_where(item, "pattern") or where
         if not isinstance(text, str):
             raise SourceError(where, field_name, f"expected a pattern, got {text!r}")
         try:
