@@ -34,9 +34,11 @@ class Entry:
         "stored",
         "ttl_offsets",
         "ttls",
+        "upstream",
     )
 
     def __init__(self, scan: Scan, stored: float, expires: float) -> None:
+        self.upstream = scan.source
         self.flags = scan.flags
         self.rcode = scan.rcode
         self.an = scan.ancount

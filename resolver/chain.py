@@ -96,6 +96,7 @@ class Info:
         "rcode",
         "reference",
         "rule",
+        "upstream",
     )
 
     def __init__(
@@ -109,8 +110,10 @@ class Info:
         reference: str | None = None,
         qname: str = "",
         logged: bool = False,
+        upstream: str | None = None,
     ) -> None:
         self.decision = decision
+        self.upstream = upstream
         qlabel = qtype_label(qtype)
         self.rcode = rcode_label(rcode)
         #: The answers-counter keys for UDP and for TCP.
@@ -245,7 +248,9 @@ class Resolver:
         entry = self.cache.get(key, now)
         if entry is not None:
             answer = _fit(render(entry, q, now), q, limit)
-            info = self._info(q, decision, entry.rcode, monitored, 0, monitored is not None)
+            info = self._info(
+                q, decision, entry.rcode, monitored, 0, monitored is not None, entry.upstream
+            )
             self._account(info, tcp, client, started)
             if monitored is None:
                 # Served TTLs change with each whole second of the entry's age.
@@ -264,6 +269,7 @@ class Resolver:
         rule: RuleSet | None = None,
         apex: int = 0,
         named: bool = False,
+        upstream: str | None = None,
     ) -> Info:
         """The labels and audit fields of one answer, computed once (then memoised)."""
         audit = self.audit
@@ -278,6 +284,7 @@ class Resolver:
             rule.reference if rule is not None else None,
             decode_name(q.qname) if logged or named else "",
             logged,
+            upstream,
         )
 
     def _account(self, info: Info, tcp: bool, client: str, started: float) -> None:
@@ -340,13 +347,14 @@ class Resolver:
                 raise
             finally:
                 del self._inflight[key]
+        upstream = None
         if entry is None:
             answer = error_response(q, RCODE_SERVFAIL)
             decision, rcode = "error", RCODE_SERVFAIL
         else:
             answer = _fit(render(entry, q, self.clock()), q, limit)
-            rcode = entry.rcode
-        info = self._info(q, decision, rcode, monitored, 0, monitored is not None)
+            rcode, upstream = entry.rcode, entry.upstream
+        info = self._info(q, decision, rcode, monitored, 0, monitored is not None, upstream)
         self._account(info, tcp, client, started)
         return answer
 

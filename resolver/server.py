@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class Server:
         self.fetched: dict[str, float] = {}
         self.fetch_status: dict[str, remote.FetchResult] = {}
         self._reload_lock = asyncio.Lock()
+        self._baseline = self._baseline_sum = ""
 
     async def start(self) -> None:
         """Load the policy, then bind every listener; raise :class:`StartupError`."""
@@ -94,6 +95,10 @@ class Server:
                 "or 'upstreams:' in the config"
             )
         _refuse_self_forwarding(config)
+        # The watcher's baseline: the files as they were before the load, so that an edit
+        # made while starting still counts as a change.
+        loop = asyncio.get_running_loop()
+        before = await loop.run_in_executor(None, self._fingerprint, False, ())
         policy = await self._load_policy()
         log.info("%s", policy.summary(self.clock()))
         cache = Cache(
@@ -107,6 +112,12 @@ class Server:
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self._loaded(policy)
+        # Now that included files are known, they join the baseline, unless something
+        # changed during the load (then the first check reloads).
+        unchanged = await loop.run_in_executor(None, self._fingerprint, False, ()) == before
+        if unchanged:
+            self._baseline = await loop.run_in_executor(None, self._fingerprint, False)
+            self._baseline_sum = await loop.run_in_executor(None, self._fingerprint, True)
         log.info("forwarding to %s", ", ".join(str(u) for u in config.upstreams))
         try:
             for listen in config.listen:
@@ -365,8 +376,7 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         settings = self.config.reload
-        seen = await loop.run_in_executor(None, self._fingerprint, False)
-        digest = await loop.run_in_executor(None, self._fingerprint, True)
+        seen, digest = self._baseline, self._baseline_sum
         last_sum = time.monotonic()
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -394,20 +404,22 @@ class Server:
             log.info("files changed on disk: reloading")
             await self.reload()
 
-    def _watched(self) -> list[Path]:
+    def _watched(self, included: Sequence[str] | None) -> list[Path]:
         paths: list[Path] = []
         if self.config.source != "embedded default":
             paths.append(Path(self.config.source))
         with contextlib.suppress(SourceError):
             paths.extend(list_files(self.config.blocklists))
-        if self.resolver is not None:
-            paths.extend(Path(f) for f in self.resolver.policy.files)
+        if included is None and self.resolver is not None:
+            included = self.resolver.policy.files
+        paths.extend(Path(f) for f in included or ())
         return paths
 
-    def _fingerprint(self, contents: bool) -> str:
-        """Metadata (or, with ``contents``, a hash of the contents) of the watched files."""
+    def _fingerprint(self, contents: bool, included: Sequence[str] | None = None) -> str:
+        """Metadata (or, with ``contents``, a hash of the contents) of the watched files:
+        the config, the list files, and ``included`` (default: what the policy read)."""
         digest = hashlib.sha256()
-        for path in sorted(set(self._watched())):
+        for path in sorted(set(self._watched(included))):
             digest.update(str(path).encode() + b"\0")
             try:
                 if contents:
@@ -419,14 +431,25 @@ class Server:
                 digest.update(b"missing")
         return str(digest.hexdigest())
 
+    def install_signals(self) -> None:
+        """SIGTERM and SIGINT stop, SIGHUP reloads. Installed before anything slow, so
+        that a signal during start-up is never the default action (death for SIGHUP)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
+
+    def _hangup(self) -> None:
+        if self.resolver is None:
+            log.info("SIGHUP during start-up: the policy being loaded is already fresh")
+            return
+        self.tasks.spawn(self.reload())
+
     async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads the policy."""
+        """Run until SIGTERM or SIGINT (see install_signals)."""
         loop = asyncio.get_running_loop()
         refresher = self.tasks.spawn(self.refresh_remotes())
         watcher = self.tasks.spawn(self.watch_files())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.tasks.spawn(self.reload()))
         try:
             await self.stopping.wait()
             log.info("stopping: no new queries; finishing those in progress")
@@ -475,11 +498,15 @@ def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
 
     async def main() -> int:
         server = Server(config, reread=reread)
+        server.install_signals()
         try:
             await server.start()
         except StartupError as exc:
             log.error("%s", exc)
             return 2
+        if server.stopping.is_set():
+            await server.stop()
+            return 0
         log.info("ready (%s event loop, config: %s)", loop_name, config.source)
         await server.serve()
         return 0

@@ -140,7 +140,8 @@ class Forwarder:
         self.upstreams = upstreams
         self.timeout = timeout
         self.deadline = deadline
-        #: Failed exchanges by (upstream, kind): timeout, network, truncated, rcode.
+        #: Failed exchanges by (upstream, kind): timeout, network, truncated, rcode; and
+        #: ignored replies: mismatch (ID or question), malformed.
         self.errors: Counter[tuple[str, str]] = Counter()
         #: Exchange durations by (upstream, rcode).
         self.durations: dict[tuple[str, str], Histogram] = {}
@@ -179,8 +180,16 @@ class Forwarder:
                 log.debug("upstream %s answered rcode %d", up, scan.rcode)
                 continue
             self.failures[up.label] = 0
+            scan.source = up.label
             return scan
         return None
+
+    def _ignored(self, up: Upstream, exc: Exception) -> None:
+        # Not the answer to our question (RFC 5452): ignored, and counted by kind.
+        self.ignored += 1
+        kind = "mismatch" if isinstance(exc, Mismatch) else "malformed"
+        self.errors[(up.label, kind)] += 1
+        log.debug("ignored a reply from %s: %s", up, exc)
 
     def _failed(self, up: Upstream, kind: str) -> None:
         self.errors[(up.label, kind)] += 1
@@ -240,8 +249,7 @@ class Forwarder:
                     try:
                         done.set_result(scan_response(data, qid, question))
                     except (Mismatch, FormatError) as exc:
-                        self.ignored += 1
-                        log.debug("ignored a datagram from %s: %s", up, exc)
+                        self._ignored(up, exc)
 
             def expire() -> None:
                 if not done.done():
@@ -273,8 +281,7 @@ class Forwarder:
                         try:
                             return scan_response(data, qid, question)
                         except (Mismatch, FormatError) as exc:
-                            self.ignored += 1
-                            log.debug("ignored a TCP message from %s: %s", up, exc)
+                            self._ignored(up, exc)
                 finally:
                     writer.close()
         except TimeoutError:

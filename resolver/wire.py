@@ -430,11 +430,14 @@ class Scan:
         "negative_ttl",
         "nscount",
         "rcode",
+        "source",
         "ttl_offsets",
         "ttls",
     )
 
     def __init__(self) -> None:
+        #: The upstream that sent it (set by the forwarder).
+        self.source = ""
         self.flags = 0
         self.rcode = 0
         self.ancount = 0

@@ -285,6 +285,7 @@ def test_audit_log_records_blocked_queries_and_the_report_finds_them(
     assert first["decision"] == "blocked" and first["rcode"] == "NXDOMAIN"
     assert first["list"] == "deepseek" and first["rule"] == "deepseek.com"
     assert first["reference"] == "test" and first["time"].endswith("Z")
+    assert "upstream" not in first  # blocked: never forwarded
     report = subprocess.run(
         [sys.executable, "-m", "resolver", "audit", str(path), "--list", "deepseek"],
         cwd=ROOT,
