@@ -60,6 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="YAML config file")
     check.add_argument("paths", nargs="*", type=Path, help="list files or directories")
 
+    health = sub.add_parser(
+        "healthcheck", help="ask the resolver a real DNS question; exit 0 when it answers"
+    )
+    health.add_argument(
+        "--server",
+        default="127.0.0.1:53",
+        metavar="HOST:PORT",
+        help="the resolver to ask (default 127.0.0.1:53)",
+    )
+    health.add_argument(
+        "--name",
+        default="healthcheck.resolver.invalid",
+        help="the name to ask for (any answer, NXDOMAIN included, counts as alive)",
+    )
+    health.add_argument("--tcp", action="store_true", help="ask over TCP")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
     explain = sub.add_parser("explain", help="what the policy does with a name, and why")
     explain.add_argument("name", help="the domain name to explain")
     explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "healthcheck":
+        return _healthcheck(args)
     return _check(args)
 
 
@@ -178,4 +197,36 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"resolver explain: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(doc, indent=2) if args.json else render_text(doc))
+    return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """A real DNS query to the resolver (the container's HEALTHCHECK): exit 0 on any
+    well-formed answer, 1 on silence, a malformed answer or SERVFAIL, 2 on bad arguments.
+
+    Over UDP it asks ANY, which the resolver answers itself (RFC 8482), so the check says
+    whether this resolver is up, not whether its upstreams are (that is /readyz)."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    from .upstream import split_host_port
+
+    try:
+        host, port = split_host_port(args.server, 53)
+    except ValueError as exc:
+        print(f"resolver healthcheck: {exc}", file=sys.stderr)
+        return 2
+    query = dns.message.make_query(args.name, "A" if args.tcp else "ANY")
+    ask = dns.query.tcp if args.tcp else dns.query.udp
+    try:
+        reply = ask(query, host, port=port, timeout=args.timeout)
+    except (OSError, dns.exception.DNSException) as exc:
+        print(f"unhealthy: no answer from {args.server}: {exc}", file=sys.stderr)
+        return 1
+    rcode = dns.rcode.to_text(reply.rcode())
+    if reply.rcode() == dns.rcode.SERVFAIL:
+        print(f"unhealthy: {args.server} answered SERVFAIL", file=sys.stderr)
+        return 1
+    print(f"healthy: {args.server} answered {rcode}")
     return 0

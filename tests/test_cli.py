@@ -281,3 +281,34 @@ def test_a_window_opening_while_serving_changes_the_answer_at_that_instant(
         assert upstream.count("soon.test", "A") == 1
     finally:
         assert proc.stop() == 0
+
+
+def test_healthcheck_asks_the_resolver_itself(
+    resolver: ResolverProcess, upstream: FakeUpstream
+) -> None:
+    upstream.default = Behaviour("drop")  # upstreams down: the resolver itself still answers
+    ok = subprocess.run(
+        [sys.executable, "-m", "resolver", "healthcheck", "--server", f"127.0.0.1:{resolver.port}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ok.returncode == 0 and "healthy" in ok.stdout
+    down = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resolver",
+            "healthcheck",
+            "--server",
+            f"127.0.0.1:{free_port()}",
+            "--timeout",
+            "0.5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert down.returncode == 1 and "unhealthy" in down.stderr
