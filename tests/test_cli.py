@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 
 from .fakeupstream import Behaviour, FakeUpstream
-from .realservers import NSD, ROOT, ResolverProcess, nsd_available
+from .realservers import NSD, ROOT, ResolverProcess, free_port, nsd_available
 
 
 @pytest.fixture
