@@ -27,6 +27,7 @@ class Entry:
         "an",
         "ar",
         "body",
+        "chain",
         "expires",
         "flags",
         "ns",
@@ -39,6 +40,8 @@ class Entry:
 
     def __init__(self, scan: Scan, stored: float, expires: float) -> None:
         self.upstream = scan.source
+        #: Names the answer passes through (CNAME/DNAME), checked against policy on use.
+        self.chain = tuple(dict.fromkeys(scan.chain))
         self.flags = scan.flags
         self.rcode = scan.rcode
         self.an = scan.ancount

@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Final
 import dns.rdatatype
 
 from .cache import Cache, Entry
+from .guard import DROP, REFUSE, TRUNCATE, Guard
 from .metrics import Stats, qtype_label, rcode_label
 from .policy.model import ALL_CLIENTS, Policy, RuleSet
+from .policy.timewindow import NEVER
 from .sinkhole import blocked_answer
 from .upstream import Forwarder
 
@@ -50,6 +52,7 @@ from .wire import (
     OPT_PLAIN,
     RCODE_BADVERS,
     RCODE_NOTIMP,
+    RCODE_REFUSED,
     RCODE_SERVFAIL,
     TYPE_ANY,
     TYPE_HINFO,
@@ -60,6 +63,7 @@ from .wire import (
     error_response,
     formerr_from_header,
     header,
+    label_offsets,
     opt_record,
     parse_query,
     pointer,
@@ -77,6 +81,7 @@ Result = bytes | None | Awaitable[bytes | None]
 _ANY_RDATA: Final = b"\x07RFC8482\x00"
 _ANY_TTL: Final = 3600
 _TCP_MAX: Final = 65535
+_STOPPED: Final = {REFUSE: "acl", DROP: "dropped", TRUNCATE: "truncated"}
 _MEMO_MAX: Final = 50_000
 
 
@@ -163,6 +168,8 @@ class Resolver:
         self.stats = Stats()
         #: The audit log, when one is configured (its writer runs in its own thread).
         self.audit: AuditLog | None = None
+        #: The access list and rate limit; None lets everyone in.
+        self.guard: Guard | None = None
 
     @property
     def policy(self) -> Policy:
@@ -184,6 +191,11 @@ class Resolver:
         same bytes for the same question, so blocked names and cache hits skip parsing.
         """
         started = perf_counter()
+        guard = self.guard
+        if guard is not None:
+            verdict = guard.check(client, tcp)
+            if verdict:
+                return self._guarded(verdict, data, tcp, client, started)
         policy = self._policy
         memo = self._memo[tcp]
         if policy.uses_groups:
@@ -247,6 +259,16 @@ class Resolver:
         key = _cache_key(q)
         entry = self.cache.get(key, now)
         if entry is not None:
+            if entry.chain:
+                rule, rname, behind_until = self._behind(q, entry, mask, now)
+                valid_until = min(valid_until, behind_until)
+                if rule is not None:
+                    answer, info = self._blocked_behind(
+                        q, rule, rname, now, limit, tcp, client, started
+                    )
+                    until = min(valid_until, rule.t2 - rule.blocklist.ttl, entry.expires)
+                    _remember(memo, body, answer, until, now, info)
+                    return answer
             answer = _fit(render(entry, q, now), q, limit)
             info = self._info(
                 q, decision, entry.rcode, monitored, 0, monitored is not None, entry.upstream
@@ -259,7 +281,9 @@ class Resolver:
                 _remember(memo, body, answer, until, now, info)
             return answer
         forwarded = "forwarded" if decision == "cached" else decision
-        return self._forward(q, key, valid_until, limit, forwarded, monitored, tcp, client, started)
+        return self._forward(
+            q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
+        )
 
     def _info(
         self,
@@ -312,6 +336,76 @@ class Resolver:
                 elapsed,
             )
 
+    def _behind(
+        self, q: Query, entry: Entry, mask: int, now: float
+    ) -> tuple[RuleSet | None, str, float]:
+        """A rule that blocks a name the answer passes through (a CNAME or DNAME owner or
+        target): the alias must not lead around the ban. Also until when that holds."""
+        until = NEVER
+        for name in entry.chain:
+            if name == q.key:
+                continue
+            rule, apex, _, changes = self._policy.decide(name, label_offsets(name), mask, now)
+            if changes < until:
+                until = changes
+            if rule is not None:
+                return rule, decode_name(name[apex:]).rstrip("."), until
+        return None, "", until
+
+    def _blocked_behind(
+        self,
+        q: Query,
+        rule: RuleSet,
+        rname: str,
+        now: float,
+        limit: int,
+        tcp: bool,
+        client: str,
+        started: float,
+    ) -> tuple[bytes, Info]:
+        answer = _fit(blocked_answer(q, rule, 0, now), q, limit)
+        logged = self.audit is not None and self.audit.wants("blocked")
+        info = Info(
+            self.stats,
+            "blocked",
+            q.qtype,
+            answer[3] & 0xF,
+            rule.blocklist.id,
+            rname,
+            rule.reference,
+            decode_name(q.qname),
+            logged,
+        )
+        self._account(info, tcp, client, started)
+        log.info(
+            "blocked %s for %s: its answer passes through %s (list %s)",
+            decode_name(q.qname),
+            client,
+            rname,
+            rule.blocklist.id,
+        )
+        return answer, info
+
+    def _guarded(
+        self, verdict: int, data: bytes, tcp: bool, client: str, started: float
+    ) -> bytes | None:
+        """A query the access list or the rate limit stops: REFUSED, silence or TC=1."""
+        self.stats.stopped[_STOPPED[verdict]] += 1
+        if verdict == DROP:
+            return None
+        try:
+            q = parse_query(data)
+        except (Unanswerable, FormatError):
+            return None  # not worth an answer to a stranger or a flood
+        if verdict == TRUNCATE:
+            # Over the limit on UDP: TC=1 sends a real client to TCP, which costs a
+            # spoofing flood its source address.
+            opt = opt_record(q.do) if q.edns else b""
+            return truncate(q, 0, 0, opt)
+        answer = error_response(q, RCODE_REFUSED)
+        self._account(self._info(q, "refused", RCODE_REFUSED), tcp, client, started)
+        return answer
+
     def _error(self, q: Query, rcode: int, tcp: bool, client: str, started: float) -> bytes:
         answer = error_response(q, rcode, with_question=bool(q.question))
         self._account(self._info(q, "error", rcode), tcp, client, started)
@@ -328,6 +422,7 @@ class Resolver:
         tcp: bool,
         client: str,
         started: float,
+        mask: int = ALL_CLIENTS,
     ) -> bytes:
         waiting = self._inflight.get(key)
         if waiting is not None:
@@ -348,6 +443,11 @@ class Resolver:
             finally:
                 del self._inflight[key]
         upstream = None
+        if entry is not None and entry.chain:
+            now = self.clock()
+            rule, rname, _ = self._behind(q, entry, mask, now)
+            if rule is not None:
+                return self._blocked_behind(q, rule, rname, now, limit, tcp, client, started)[0]
         if entry is None:
             answer = error_response(q, RCODE_SERVFAIL)
             decision, rcode = "error", RCODE_SERVFAIL

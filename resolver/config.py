@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
+from .guard import DEFAULT_ALLOW
 from .querylog import AuditConfig
 from .querylog import parse_config as parse_audit
 from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TCP_MAX_PIPELINE
@@ -89,6 +90,21 @@ class TCPConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AclConfig:
+    allow: tuple[str, ...] = DEFAULT_ALLOW  # networks allowed to query
+    action: str = "refuse"  # refuse (REFUSED) | drop (silence) for everyone else
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    qps: float = 0.0  # queries per second per client over UDP; 0 = off
+    burst: float = 0.0  # bucket size (at least qps)
+    over_limit: str = "drop"  # drop | truncate (TC=1: real clients retry over TCP)
+    ipv6_prefix: int = 56  # IPv6 clients share a bucket per prefix
+    max_clients: int = 100_000  # buckets kept; beyond, all are cleared
+
+
+@dataclass(frozen=True, slots=True)
 class ReloadConfig:
     interval: float = 1.0  # seconds between checks of the files' metadata
     debounce: float = 0.5  # quiet time after a change before reloading (bursts of edits)
@@ -118,6 +134,8 @@ class Config:
     #: The /metrics address (off when None).
     metrics: Listen | None = None
     reload: ReloadConfig = ReloadConfig()
+    acl: AclConfig = AclConfig()
+    ratelimit: RateLimitConfig = RateLimitConfig()
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "embedded default"
     #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
@@ -141,8 +159,12 @@ TOP_KEYS: Final = frozenset(
         "metrics",
         "reload",
         "audit",
+        "acl",
+        "ratelimit",
     }
 )
+ACL_KEYS: Final = frozenset(AclConfig.__dataclass_fields__)
+RATELIMIT_KEYS: Final = frozenset(RateLimitConfig.__dataclass_fields__)
 ADMIN_KEYS: Final = frozenset({"listen", "token"})
 METRICS_KEYS: Final = frozenset({"listen"})
 RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)
@@ -246,6 +268,24 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def _networks(doc: YMap, key: str, field_name: str) -> tuple[str, ...]:
+    value = doc.get(key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise SourceError(value_where(doc, key), field_name, "expected a list of networks (CIDR)")
+    for index, net in enumerate(value):
+        try:
+            ipaddress.ip_network(str(net), strict=False)
+        except ValueError:
+            raise SourceError(
+                item_where(value, index) or value_where(doc, key),
+                f"{field_name}[{index}]",
+                f"{net!r} is not a network (e.g. 10.0.0.0/8 or 2001:db8::/32)",
+            ) from None
+    return tuple(str(n) for n in value)
+
+
 def _one_address(doc: YMap, key: str, field_name: str) -> Listen | None:
     value = doc.get(key)
     if value is None:
@@ -294,6 +334,17 @@ def load_config(path: Path) -> Config:
         raise SourceError(where or value_where(doc, "audit"), field_name, message) from None
     if audit.path is not None and not audit.path.is_absolute():
         audit = replace(audit, path=path.parent / audit.path)
+    acl = _section(doc, "acl", ACL_KEYS)
+    allow = _networks(acl, "allow", "acl.allow") if "allow" in acl else DEFAULT_ALLOW
+    acl_action = acl.get("action", "refuse")
+    if acl_action not in ("refuse", "drop"):
+        raise SourceError(value_where(acl, "action"), "acl.action", "use refuse or drop")
+    limit = _section(doc, "ratelimit", RATELIMIT_KEYS)
+    over = limit.get("over_limit", "drop")
+    if over not in ("drop", "truncate"):
+        raise SourceError(
+            value_where(limit, "over_limit"), "ratelimit.over_limit", "use drop or truncate"
+        )
     state_dir = doc.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
         raise SourceError(value_where(doc, "state_dir"), "state_dir", "expected a path")
@@ -330,6 +381,14 @@ def load_config(path: Path) -> Config:
             checksum_interval=_number(reload, "checksum_interval", float, 1, 86400, 60.0),
         ),
         audit=audit,
+        acl=AclConfig(allow, acl_action),
+        ratelimit=RateLimitConfig(
+            qps=_number(limit, "qps", float, 0, 1e6, 0.0),
+            burst=_number(limit, "burst", float, 0, 1e7, 0.0),
+            over_limit=over,
+            ipv6_prefix=_number(limit, "ipv6_prefix", int, 32, 128, 56),
+            max_clients=_number(limit, "max_clients", int, 1, 10_000_000, 100_000),
+        ),
         state_dir=(path.parent / state_dir) if state_dir else base.state_dir,
         source=str(path),
         default_listen=not listen,

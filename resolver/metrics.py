@@ -118,6 +118,8 @@ class Stats:
         self.last_reload_failed = False
         self.last_reload_error: str | None = None
         self.policy_loaded_at = 0.0
+        #: Queries stopped before any work: acl (refused), dropped, truncated (rate limit).
+        self.stopped: Counter[str] = Counter()
 
 
 class ResolverCollector(Collector):
@@ -267,6 +269,21 @@ class ResolverCollector(Collector):
         for target in forwarder.upstreams:
             up.add_metric([target.label], 1.0 if forwarder.healthy(target) else 0.0)
         yield up
+
+        stopped = CounterMetricFamily(
+            "resolver_queries_stopped",
+            "Queries stopped by the access list (acl) or the rate limit (dropped, truncated).",
+            labels=["reason"],
+        )
+        for reason in ("acl", "dropped", "truncated"):
+            stopped.add_metric([reason], stats.stopped[reason])
+        yield stopped
+        guard = resolver.guard
+        yield GaugeMetricFamily(
+            "resolver_ratelimit_clients",
+            "Clients (or IPv6 prefixes) with a rate-limit bucket; bounded.",
+            value=guard.tracked if guard is not None else 0,
+        )
 
         audit = resolver.audit
         yield CounterMetricFamily(

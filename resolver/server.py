@@ -25,6 +25,7 @@ from .admin import admin_routes, metrics_routes
 from .cache import Cache
 from .chain import Clock, Resolver
 from .config import Config, Listen
+from .guard import Guard
 from .httpserver import HTTPServer
 from .policy import ClientGroups, LoadOptions, Policy, load_policy, remote
 from .policy.loader import list_files
@@ -111,6 +112,7 @@ class Server:
             list(config.upstreams), config.upstream_timeout, config.upstream_deadline
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
+        self.resolver.guard = make_guard(config)
         self._loaded(policy)
         # Now that included files are known, they join the baseline, unless something
         # changed during the load (then the first check reloads).
@@ -234,6 +236,9 @@ class Server:
             log.info("upstreams now %s", ", ".join(str(u) for u in new.upstreams))
         forwarder.timeout = new.upstream_timeout
         forwarder.deadline = new.upstream_deadline
+        if (old.acl, old.ratelimit) != (new.acl, new.ratelimit):
+            resolver.guard = make_guard(new)
+            log.info("access list and rate limit updated")
         cache = resolver.cache
         cache.max_entries = new.cache.max_entries
         cache.min_ttl = new.cache.min_ttl
@@ -460,6 +465,20 @@ class Server:
         watcher.cancel()
         await self.stop()
         log.info("stopped")
+
+
+def make_guard(config: Config) -> Guard:
+    """The access list and rate limit the config asks for."""
+    limit = config.ratelimit
+    return Guard(
+        config.acl.allow,
+        config.acl.action,
+        limit.qps,
+        limit.burst,
+        limit.over_limit,
+        limit.ipv6_prefix,
+        limit.max_clients,
+    )
 
 
 def _bind_message(proto: str, listen: Listen, exc: OSError) -> str:

@@ -21,6 +21,7 @@ TYPE_CNAME: Final = 5
 TYPE_SOA: Final = 6
 TYPE_HINFO: Final = 13
 TYPE_AAAA: Final = 28
+TYPE_DNAME: Final = 39
 TYPE_OPT: Final = 41
 TYPE_ANY: Final = 255
 CLASS_IN: Final = 1
@@ -425,6 +426,7 @@ class Scan:
         "ancount",
         "arcount",
         "body",
+        "chain",
         "flags",
         "min_answer_ttl",
         "negative_ttl",
@@ -436,6 +438,8 @@ class Scan:
     )
 
     def __init__(self) -> None:
+        #: Owners and targets of CNAME and DNAME records in the answer (lower-case wire).
+        self.chain: list[bytes] = []
         #: The upstream that sent it (set by the forwarder).
         self.source = ""
         self.flags = 0
@@ -504,6 +508,10 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
         if index < ancount:
             if s.min_answer_ttl is None or ttl < s.min_answer_ttl:
                 s.min_answer_ttl = ttl
+            if rtype in (TYPE_CNAME, TYPE_DNAME):
+                # The names an answer passes through, for policy to see behind the alias.
+                s.chain.append(_read_name_slow(data, rstart)[0].lower())
+                s.chain.append(_read_name_slow(data, rdata)[0].lower())
         elif index < ancount + nscount:
             if rtype == TYPE_SOA and rdlen >= 22:
                 minimum = _U32.unpack_from(data, off - 4)[0]

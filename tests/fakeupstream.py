@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import dns.exception
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -106,11 +107,18 @@ class FakeUpstream:
         if behaviour.mode in ("servfail", "refused", "formerr"):
             response.set_rcode(dns.rcode.from_text(behaviour.mode.upper()))
             return behaviour, response.to_wire()
+        owner = question.name
+        alias = self.records.get((name, "CNAME")) if rtype != "CNAME" else None
+        while alias:  # follow a CNAME chain, as a recursive server's answer does
+            response.answer.append(dns.rrset.from_text_list(owner, self.ttl, "IN", "CNAME", alias))
+            owner = dns.name.from_text(alias[0])
+            name = owner.to_text().rstrip(".").lower()
+            alias = self.records.get((name, "CNAME"))
         values = self.records.get((name, rtype))
         if values:
-            response.answer.append(
-                dns.rrset.from_text_list(question.name, self.ttl, "IN", rtype, values)
-            )
+            response.answer.append(dns.rrset.from_text_list(owner, self.ttl, "IN", rtype, values))
+        elif response.answer:
+            pass  # the chain's end has no such record: the CNAMEs are the answer
         else:
             exists = any(n == name for n, _ in self.records)
             if not exists:

@@ -1,0 +1,113 @@
+"""Who may query, and how fast: the access list and per-client rate limiting.
+
+Both run first on every query, before the answer memo, so they cost a dictionary lookup
+for a known client. State is bounded: the per-address cache and the token buckets are
+cleared when they reach their cap (a scan of many addresses then costs a rebuild, never
+unbounded memory).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Loopback, RFC 1918, RFC 4193 (unique local), link-local, IPv4-mapped loopback.
+DEFAULT_ALLOW: Final = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+    "169.254.0.0/16",
+    "fe80::/10",
+)
+
+PASS: Final = 0
+REFUSE: Final = 1
+DROP: Final = 2
+TRUNCATE: Final = 3
+
+
+class Guard:
+    """The access list and the token buckets, keyed by client address."""
+
+    def __init__(
+        self,
+        allow: Sequence[str] = DEFAULT_ALLOW,
+        denied: str = "refuse",
+        rate: float = 0.0,
+        burst: float = 0.0,
+        over_limit: str = "drop",
+        ipv6_prefix: int = 56,
+        max_clients: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in allow]
+        self.denied = REFUSE if denied == "refuse" else DROP
+        self.rate = rate
+        self.burst = max(burst, rate)
+        self.over_limit = TRUNCATE if over_limit == "truncate" else DROP
+        self.ipv6_prefix = ipv6_prefix
+        self.max_clients = max_clients
+        self.clock = clock
+        # client address -> (allowed, rate-limit key)
+        self._clients: dict[str, tuple[bool, str]] = {}
+        # rate-limit key -> [tokens, last refill]
+        self._buckets: dict[str, list[float]] = {}
+        self.refused = 0
+        self.limited = 0
+
+    def _classify(self, client: str) -> tuple[bool, str]:
+        try:
+            addr = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return False, client
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        allowed = any(addr.version == net.version and addr in net for net in self.networks)
+        if addr.version == 6:
+            # One subscriber usually holds a whole /56: limit the prefix, not each address.
+            key = str(ipaddress.ip_network(f"{addr}/{self.ipv6_prefix}", strict=False))
+        else:
+            key = str(addr)
+        return allowed, key
+
+    def check(self, client: str, tcp: bool) -> int:
+        """PASS, or what to do with a query from ``client``: REFUSE, DROP or TRUNCATE."""
+        known = self._clients.get(client)
+        if known is None:
+            if len(self._clients) >= self.max_clients:
+                self._clients.clear()
+            known = self._clients[client] = self._classify(client)
+        if not known[0]:
+            self.refused += 1
+            return self.denied
+        if not self.rate or tcp:
+            return PASS  # TCP has its own bounds; a client sent there by TC=1 must get in
+        now = self.clock()
+        bucket = self._buckets.get(known[1])
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._buckets.clear()
+            self._buckets[known[1]] = [self.burst - 1.0, now]
+            return PASS
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            self.limited += 1
+            return self.over_limit
+        bucket[0] = tokens - 1.0
+        return PASS
+
+    @property
+    def tracked(self) -> int:
+        """Rate-limit buckets held (bounded by max_clients)."""
+        return len(self._buckets)

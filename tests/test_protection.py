@@ -1,0 +1,197 @@
+"""Protection: who may query, flood control with bounded state, answers that hide a banned
+name behind a CNAME, and hostile packets against the running server."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resolver.config import AclConfig, RateLimitConfig
+
+from .conftest import RunningServer
+from .fakeupstream import FakeUpstream
+
+
+def from_address(
+    server: RunningServer, source: str, name: str, timeout: float = 1.0, **make: object
+) -> dns.message.Message | None:
+    query = dns.message.make_query(name, "A", **make)  # type: ignore[arg-type]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.sendto(query.to_wire(), (server.host, server.port))
+        try:
+            return dns.message.from_wire(sock.recv(65535))
+        except TimeoutError:
+            return None
+
+
+@pytest.mark.parametrize(("action", "expect"), [("refuse", "REFUSED"), ("drop", None)])
+def test_acl_refuses_or_drops_strangers(
+    make_server: Callable[..., RunningServer], action: str, expect: str | None
+) -> None:
+    running = make_server(acl=AclConfig(("127.0.0.1/32",), action))
+    assert from_address(running, "127.0.0.1", "example.test").rcode() == dns.rcode.NOERROR
+    reply = from_address(running, "127.0.0.9", "example.test", timeout=0.3)
+    if expect is None:
+        assert reply is None
+    else:
+        assert reply is not None and dns.rcode.to_text(reply.rcode()) == expect
+        assert reply.question[0].name.to_text() == "example.test."
+    assert running.resolver.stats.stopped["acl" if action == "refuse" else "dropped"] == 1
+
+
+def test_default_acl_allows_loopback_and_private_networks() -> None:
+    from resolver.guard import PASS, REFUSE, Guard
+
+    guard = Guard()
+    for client in (
+        "127.0.0.1",
+        "::1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "fd00::1",
+        "fe80::1",
+        "::ffff:192.168.0.5",
+    ):
+        assert guard.check(client, False) == PASS, client
+    for client in ("8.8.8.8", "2001:4860::8888", "172.32.0.1"):
+        assert guard.check(client, False) == REFUSE, client
+
+
+def flood(server: RunningServer, source: str, count: int, seconds: float) -> tuple[int, int]:
+    """Send ``count`` queries from ``source`` as fast as possible (bounded in time too);
+    return (answers, truncated answers) received."""
+    wire = dns.message.make_query("deepseek.com", "A").to_wire()
+    answers = truncated = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        deadline = time.monotonic() + seconds
+        sent = 0
+        while sent < count and time.monotonic() < deadline:
+            sock.sendto(wire, (server.host, server.port))
+            sent += 1
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                time.sleep(0.005)
+                continue
+            answers += 1
+            truncated += bool(data[2] & 0x02)
+    return answers, truncated
+
+
+def test_a_flooding_client_is_limited_and_others_are_not(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = make_server(ratelimit=RateLimitConfig(qps=20, burst=20))
+    answered, _ = flood(running, "127.0.0.3", 400, 2.0)
+    assert answered <= 60  # the burst, and what refilled meanwhile
+    assert running.resolver.stats.stopped["dropped"] >= 300
+    # Another client is not slowed: every one of its queries is answered at once.
+    for _ in range(10):
+        reply = from_address(running, "127.0.0.4", "example.test", timeout=1.0)
+        assert reply is not None and reply.rcode() == dns.rcode.NOERROR
+    # Over TCP the same flooding client still gets in (real clients retry there).
+    assert running.query("example.test", "A", tcp=True, host="127.0.0.1").rcode() == 0
+
+
+def test_over_the_limit_can_answer_tc_so_real_clients_retry_over_tcp(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = make_server(ratelimit=RateLimitConfig(qps=5, burst=5, over_limit="truncate"))
+    answered, truncated = flood(running, "127.0.0.5", 100, 2.0)
+    assert answered == 100 and truncated >= 90
+
+
+def test_rate_limit_state_is_bounded(make_server: Callable[..., RunningServer]) -> None:
+    running = make_server(ratelimit=RateLimitConfig(qps=100, burst=100, max_clients=50))
+    for index in range(150):
+        from_address(running, f"127.0.1.{index + 1}", "deepseek.com", timeout=1.0)
+    assert running.resolver.guard.tracked <= 50
+
+
+@pytest.fixture
+def aliased(upstream: FakeUpstream) -> FakeUpstream:
+    upstream.records[("alias.test", "CNAME")] = ["chat.deepseek.com."]
+    upstream.records[("chat.deepseek.com", "A")] = ["203.0.113.7"]
+    upstream.records[("hop.test", "CNAME")] = ["alias.test."]
+    upstream.records[("fine.test", "CNAME")] = ["example.test."]
+    return upstream
+
+
+@pytest.mark.parametrize("name", ["alias.test", "hop.test"])
+def test_a_cname_chain_through_a_banned_name_is_blocked(
+    server: RunningServer, aliased: FakeUpstream, name: str
+) -> None:
+    for _ in range(2):  # forwarded, then from the cache
+        reply = server.query(name, "A", use_edns=0)
+        assert reply.rcode() == dns.rcode.NXDOMAIN and not reply.answer
+        (ede,) = [o for o in reply.options if o.otype == 15]
+        assert "deepseek" in ede.text
+    assert server.resolver.stats.blocked["deepseek"] == 2
+
+
+def test_a_harmless_cname_chain_is_answered(server: RunningServer, aliased: FakeUpstream) -> None:
+    reply = server.query("fine.test", "A")
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert [rrset.rdtype for rrset in reply.answer] == [5, 1]
+
+
+def test_a_chain_is_checked_against_the_policy_in_force(
+    server: RunningServer, aliased: FakeUpstream, lists_dir: Path
+) -> None:
+    assert server.query("fine.test", "A").rcode() == dns.rcode.NOERROR  # cached now
+    (lists_dir / "ex.yaml").write_text("list: ex\ndomains: [example.test]\n")
+    assert server.call(server.server.reload())
+    assert server.query("fine.test", "A").rcode() == dns.rcode.NXDOMAIN
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    header=st.binary(min_size=12, max_size=12),
+    body=st.binary(max_size=80),
+)
+def test_any_packet_gets_formerr_an_answer_or_silence_and_the_server_lives_on(
+    server: RunningServer, header: bytes, body: bytes
+) -> None:
+    data = header[:2] + bytes([header[2] & 0x7F]) + header[3:] + body  # a query, not a reply
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.05)
+        sock.sendto(data, (server.host, server.port))
+        try:
+            raw = sock.recv(65535)
+        except TimeoutError:
+            raw = None
+    if raw is not None:
+        assert raw[:2] == data[:2] and raw[2] & 0x80  # our reply to that query
+    good = dns.message.make_query("deepseek.com", "A")
+    assert server.send(good).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_garbage_over_tcp_then_a_valid_query(server: RunningServer) -> None:
+    with socket.create_connection((server.host, server.port), timeout=3) as sock:
+        for size in (0, 1, 5, 11, 300):
+            sock.sendall(struct.pack("!H", size) + b"\xff" * size)
+        good = dns.message.make_query("deepseek.com", "A").to_wire()
+        sock.sendall(struct.pack("!H", len(good)) + good)
+        while True:
+            size = struct.unpack("!H", sock.recv(2, socket.MSG_WAITALL))[0]
+            reply = dns.message.from_wire(sock.recv(size, socket.MSG_WAITALL))
+            if reply.rcode() == dns.rcode.NXDOMAIN:
+                break
