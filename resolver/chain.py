@@ -168,6 +168,8 @@ class Resolver:
         self.stats = Stats()
         #: The audit log, when one is configured (its writer runs in its own thread).
         self.audit: AuditLog | None = None
+        #: Distinct questions waiting for upstreams at once; beyond, SERVFAIL at once.
+        self.max_inflight = 4096
         #: The access list and rate limit; None lets everyone in.
         self.guard: Guard | None = None
 
@@ -280,6 +282,10 @@ class Resolver:
                 until = min(valid_until, entry.expires, next_second)
                 _remember(memo, body, answer, until, now, info)
             return answer
+        if len(self._inflight) >= self.max_inflight and key not in self._inflight:
+            # Too many questions already upstream: refuse more work rather than queue it.
+            self.stats.stopped["overload"] += 1
+            return self._error(q, RCODE_SERVFAIL, tcp, client, started)
         forwarded = "forwarded" if decision == "cached" else decision
         return self._forward(
             q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask

@@ -272,10 +272,11 @@ class ResolverCollector(Collector):
 
         stopped = CounterMetricFamily(
             "resolver_queries_stopped",
-            "Queries stopped by the access list (acl) or the rate limit (dropped, truncated).",
+            "Queries stopped before any work: access list (acl), rate limit (dropped, "
+            "truncated), too many questions already upstream (overload).",
             labels=["reason"],
         )
-        for reason in ("acl", "dropped", "truncated"):
+        for reason in ("acl", "dropped", "truncated", "overload"):
             stopped.add_metric([reason], stats.stopped[reason])
         yield stopped
         guard = resolver.guard

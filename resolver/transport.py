@@ -20,6 +20,8 @@ Handler = Callable[[bytes, str, bool], bytes | Awaitable[bytes | None] | None]
 DEFAULT_TCP_IDLE: Final = 10.0
 DEFAULT_TCP_MAX_CONNECTIONS: Final = 1000
 DEFAULT_TCP_MAX_PIPELINE: Final = 100
+#: Bytes a connection may have received but not yet framed: one largest message and more.
+MAX_BUFFERED: Final = 2 * (2 + 65535)
 
 
 class Tasks:
@@ -135,6 +137,7 @@ class TCPConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.draining = False
         self.peer = ""
+        self.partial_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -168,23 +171,38 @@ class TCPConnection(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
-        idle_for = loop.time() - self.last_active
+        now = loop.time()
+        idle_for = now - self.last_active
         if self.pending == 0 and idle_for >= self.registry.idle_timeout:
+            self.close()
+            return
+        if self.buffer and now - self.partial_since >= self.registry.idle_timeout:
+            # A message trickling in a byte at a time keeps a connection "active" but
+            # never finishes: it gets the idle timeout to arrive whole.
             self.close()
             return
         wait = max(0.05, self.registry.idle_timeout - idle_for)
         self.timer = loop.call_later(wait, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        self.last_active = now
         buf = self.buffer
+        if not buf:
+            self.partial_since = now
         buf += data
+        if len(buf) > MAX_BUFFERED:
+            # More than a full message and then some, unread: not a DNS client.
+            log.debug("closing a TCP connection from %s: %d bytes buffered", self.peer, len(buf))
+            self.close()
+            return
         while len(buf) >= 2:
             size = (buf[0] << 8) | buf[1]
             if len(buf) < 2 + size:
                 break
             message = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
+            self.partial_since = now
             self._answer(message)
             if self.transport is None or self.transport.is_closing():
                 return

@@ -96,3 +96,39 @@ def test_connection_cap_closes_the_oldest_idle_first(
     finally:
         oldest.close()
         middle.close()
+
+
+def test_a_message_trickling_in_is_cut_off_at_the_idle_timeout(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = make_server(tcp=TCPConfig(idle_timeout=0.5))
+    wire = dns.message.make_query("example.test", "A").to_wire()
+    framed = struct.pack("!H", len(wire)) + wire
+    with socket.create_connection((running.host, running.port), timeout=5) as sock:
+        started = time.monotonic()
+        closed = False
+        for byte in framed[:-1]:  # never the last byte; each byte "active"
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            if is_closed(sock, 0.2):
+                closed = True
+                break
+        assert closed and time.monotonic() - started < 5
+
+
+def test_too_many_questions_upstream_get_servfail_at_once(
+    server: RunningServer, upstream: FakeUpstream
+) -> None:
+    server.resolver.max_inflight = 2
+    upstream.default = Behaviour(delay=0.3)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        for index in range(5):
+            query = dns.message.make_query(f"n{index}.test", "A")
+            sock.sendto(query.to_wire(), (server.host, server.port))
+        rcodes = sorted(dns.message.from_wire(sock.recv(4096)).rcode() for _ in range(5))
+    assert rcodes.count(dns.rcode.SERVFAIL) >= 3
+    assert server.resolver.stats.stopped["overload"] >= 3
