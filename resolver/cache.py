@@ -24,6 +24,7 @@ class Entry:
     __slots__ = (
         "_rendered",
         "_rendered_age",
+        "addresses",
         "an",
         "ar",
         "body",
@@ -42,6 +43,8 @@ class Entry:
         self.upstream = scan.source
         #: Names the answer passes through (CNAME/DNAME), checked against policy on use.
         self.chain = tuple(dict.fromkeys(scan.chain))
+        #: Addresses in the answer, checked against network rules and rebinding on use.
+        self.addresses = tuple(scan.addresses)
         self.flags = scan.flags
         self.rcode = scan.rcode
         self.an = scan.ancount

@@ -27,6 +27,7 @@ client's UDP size.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -170,6 +171,10 @@ class Resolver:
         self.audit: AuditLog | None = None
         #: Distinct questions waiting for upstreams at once; beyond, SERVFAIL at once.
         self.max_inflight = 4096
+        #: DNS rebinding protection: when set, a private address in the answer for a name
+        #: outside ``internal_zones`` is blocked with this rule set.
+        self.rebinding: RuleSet | None = None
+        self.internal_zones: tuple[str, ...] = ()
         #: The access list and rate limit; None lets everyone in.
         self.guard: Guard | None = None
 
@@ -261,7 +266,7 @@ class Resolver:
         key = _cache_key(q)
         entry = self.cache.get(key, now)
         if entry is not None:
-            if entry.chain:
+            if self._inspects(entry):
                 rule, rname, behind_until = self._behind(q, entry, mask, now)
                 valid_until = min(valid_until, behind_until)
                 if rule is not None:
@@ -345,18 +350,39 @@ class Resolver:
     def _behind(
         self, q: Query, entry: Entry, mask: int, now: float
     ) -> tuple[RuleSet | None, str, float]:
-        """A rule that blocks a name the answer passes through (a CNAME or DNAME owner or
-        target): the alias must not lead around the ban. Also until when that holds."""
+        """A rule that blocks what an answer leads to: a name its CNAME or DNAME chain
+        passes through (the alias must not lead around the ban), an address inside a
+        list's ``networks``, or a private address for a public name (rebinding). Also
+        until when that verdict holds."""
         until = NEVER
+        policy = self._policy
         for name in entry.chain:
             if name == q.key:
                 continue
-            rule, apex, _, changes = self._policy.decide(name, label_offsets(name), mask, now)
+            rule, apex, _, changes = policy.decide(name, label_offsets(name), mask, now)
             if changes < until:
                 until = changes
             if rule is not None:
                 return rule, decode_name(name[apex:]).rstrip("."), until
+        for packed in entry.addresses:
+            if policy.networks:
+                rule, net, changes = policy.match_address(packed, mask, now)
+                until = min(until, changes)
+                if rule is not None:
+                    return rule, net, until
+            if self.rebinding is not None and _private(packed) and not self._internal(q):
+                return self.rebinding, "a private address", until
         return None, "", until
+
+    def _internal(self, q: Query) -> bool:
+        text = decode_name(q.key).rstrip(".")
+        return any(text == zone or text.endswith("." + zone) for zone in self.internal_zones)
+
+    def _inspects(self, entry: Entry) -> bool:
+        return bool(
+            entry.chain
+            or (entry.addresses and (self._policy.networks or self.rebinding is not None))
+        )
 
     def _blocked_behind(
         self,
@@ -449,7 +475,7 @@ class Resolver:
             finally:
                 del self._inflight[key]
         upstream = None
-        if entry is not None and entry.chain:
+        if entry is not None and self._inspects(entry):
             now = self.clock()
             rule, rname, _ = self._behind(q, entry, mask, now)
             if rule is not None:
@@ -470,6 +496,33 @@ def _remember(memo: Memo, body: bytes, answer: bytes, until: float, now: float, 
         if len(memo) >= _MEMO_MAX:
             memo.clear()  # bounded; refilling costs one parse per distinct query
         memo[body] = (answer[2:], until, info)
+
+
+_PRIVATE: Final = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def _private(packed: bytes) -> bool:
+    """An address a public name must not resolve to (RFC 1918, loopback, link-local,
+    unique local, shared address space, unspecified), IPv4-mapped included."""
+    addr = ipaddress.ip_address(packed)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in _PRIVATE)
 
 
 def qtype_text(qtype: int) -> str:

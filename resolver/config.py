@@ -105,6 +105,12 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RebindingConfig:
+    enabled: bool = False  # block public names that answer with private addresses
+    allow: tuple[str, ...] = ()  # internal zones whose names may answer privately
+
+
+@dataclass(frozen=True, slots=True)
 class ReloadConfig:
     interval: float = 1.0  # seconds between checks of the files' metadata
     debounce: float = 0.5  # quiet time after a change before reloading (bursts of edits)
@@ -136,6 +142,7 @@ class Config:
     reload: ReloadConfig = ReloadConfig()
     acl: AclConfig = AclConfig()
     ratelimit: RateLimitConfig = RateLimitConfig()
+    rebinding: RebindingConfig = RebindingConfig()
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "embedded default"
     #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
@@ -161,8 +168,10 @@ TOP_KEYS: Final = frozenset(
         "audit",
         "acl",
         "ratelimit",
+        "rebinding",
     }
 )
+REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
 ACL_KEYS: Final = frozenset(AclConfig.__dataclass_fields__)
 RATELIMIT_KEYS: Final = frozenset(RateLimitConfig.__dataclass_fields__)
 ADMIN_KEYS: Final = frozenset({"listen", "token"})
@@ -345,6 +354,19 @@ def load_config(path: Path) -> Config:
         raise SourceError(
             value_where(limit, "over_limit"), "ratelimit.over_limit", "use drop or truncate"
         )
+    rebinding = _section(doc, "rebinding", REBINDING_KEYS)
+    enabled = rebinding.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SourceError(
+            value_where(rebinding, "enabled"), "rebinding.enabled", "use true or false"
+        )
+    zones = rebinding.get("allow", [])
+    if isinstance(zones, str):
+        zones = [zones]
+    if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
+        raise SourceError(
+            value_where(rebinding, "allow"), "rebinding.allow", "expected a list of zone names"
+        )
     state_dir = doc.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
         raise SourceError(value_where(doc, "state_dir"), "state_dir", "expected a path")
@@ -382,6 +404,7 @@ def load_config(path: Path) -> Config:
         ),
         audit=audit,
         acl=AclConfig(allow, acl_action),
+        rebinding=RebindingConfig(enabled, tuple(z.strip(".").lower() for z in zones)),
         ratelimit=RateLimitConfig(
             qps=_number(limit, "qps", float, 0, 1e6, 0.0),
             burst=_number(limit, "burst", float, 0, 1e7, 0.0),

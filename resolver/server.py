@@ -29,6 +29,7 @@ from .guard import Guard
 from .httpserver import HTTPServer
 from .policy import ClientGroups, LoadOptions, Policy, load_policy, remote
 from .policy.loader import list_files
+from .policy.model import synthetic_ruleset
 from .querylog import AuditLog
 from .transport import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
 from .upstream import Forwarder
@@ -113,6 +114,7 @@ class Server:
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self.resolver.guard = make_guard(config)
+        apply_rebinding(self.resolver, config)
         self._loaded(policy)
         # Now that included files are known, they join the baseline, unless something
         # changed during the load (then the first check reloads).
@@ -236,6 +238,7 @@ class Server:
             log.info("upstreams now %s", ", ".join(str(u) for u in new.upstreams))
         forwarder.timeout = new.upstream_timeout
         forwarder.deadline = new.upstream_deadline
+        apply_rebinding(resolver, new)
         if (old.acl, old.ratelimit) != (new.acl, new.ratelimit):
             resolver.guard = make_guard(new)
             log.info("access list and rate limit updated")
@@ -465,6 +468,20 @@ class Server:
         watcher.cancel()
         await self.stop()
         log.info("stopped")
+
+
+def apply_rebinding(resolver: Resolver, config: Config) -> None:
+    """Turn DNS rebinding protection on or off as the config says."""
+    resolver.internal_zones = config.rebinding.allow
+    resolver.rebinding = (
+        synthetic_ruleset(
+            "rebinding",
+            "DNS rebinding protection",
+            "a public name answered with a private address (DNS rebinding protection)",
+        )
+        if config.rebinding.enabled
+        else None
+    )
 
 
 def make_guard(config: Config) -> Guard:

@@ -423,6 +423,7 @@ class Scan:
     """
 
     __slots__ = (
+        "addresses",
         "ancount",
         "arcount",
         "body",
@@ -440,6 +441,8 @@ class Scan:
     def __init__(self) -> None:
         #: Owners and targets of CNAME and DNAME records in the answer (lower-case wire).
         self.chain: list[bytes] = []
+        #: A and AAAA addresses in the answer (packed), for network rules and rebinding.
+        self.addresses: list[bytes] = []
         #: The upstream that sent it (set by the forwarder).
         self.source = ""
         self.flags = 0
@@ -508,7 +511,9 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
         if index < ancount:
             if s.min_answer_ttl is None or ttl < s.min_answer_ttl:
                 s.min_answer_ttl = ttl
-            if rtype in (TYPE_CNAME, TYPE_DNAME):
+            if (rtype == TYPE_A and rdlen == 4) or (rtype == TYPE_AAAA and rdlen == 16):
+                s.addresses.append(data[rdata:off])
+            elif rtype in (TYPE_CNAME, TYPE_DNAME):
                 # The names an answer passes through, for policy to see behind the alias.
                 s.chain.append(_read_name_slow(data, rstart)[0].lower())
                 s.chain.append(_read_name_slow(data, rdata)[0].lower())

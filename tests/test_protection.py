@@ -197,3 +197,35 @@ def test_garbage_over_tcp_then_a_valid_query(server: RunningServer) -> None:
             reply = dns.message.from_wire(sock.recv(size, socket.MSG_WAITALL))
             if reply.rcode() == dns.rcode.NXDOMAIN:
                 break
+
+
+def test_an_answer_address_inside_a_listed_network_is_blocked(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, lists_dir: Path
+) -> None:
+    (lists_dir / "nets.yaml").write_text(
+        "list: nets\nreference: hosting of banned services\nnetworks: [192.0.2.1/32, '2001:db8::/64']\n"
+    )
+    running = make_server()
+    for name, rtype in (("example.test", "A"), ("example.test", "AAAA")):
+        reply = running.query(name, rtype, use_edns=0)
+        assert reply.rcode() == dns.rcode.NXDOMAIN, (name, rtype)
+        (ede,) = [o for o in reply.options if o.otype == 15]
+        assert "nets" in ede.text
+    assert running.query("www.example.test", "A").rcode() == dns.rcode.NOERROR  # 192.0.2.2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_rebinding_protection(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, enabled: bool
+) -> None:
+    from resolver.config import RebindingConfig
+
+    upstream.records[("evil.test", "A")] = ["10.0.0.5"]
+    upstream.records[("db.corp.test", "A")] = ["10.0.0.6"]
+    upstream.records[("loop.test", "AAAA")] = ["::ffff:127.0.0.1"]
+    running = make_server(rebinding=RebindingConfig(enabled, ("corp.test",)))
+    expect = dns.rcode.NXDOMAIN if enabled else dns.rcode.NOERROR
+    assert running.query("evil.test", "A").rcode() == expect
+    assert running.query("loop.test", "AAAA").rcode() == expect
+    assert running.query("db.corp.test", "A").rcode() == dns.rcode.NOERROR  # internal zone
+    assert running.query("example.test", "A").rcode() == dns.rcode.NOERROR  # public address

@@ -65,6 +65,7 @@ LIST_KEYS: Final = frozenset(
         "patterns",
         "allow",
         "include",
+        "networks",
     }
 )
 RULE_KEYS: Final = frozenset({"name", "active", "reference", "mode"})
@@ -144,6 +145,7 @@ class _Builder:
         self.digest = hashlib.sha256()
         self.remotes: list[RemoteSpec] = []
         self.files: list[str] = []
+        self.networks: list[tuple[Any, RuleSet]] = []
         self.sources: dict[bytes, list[tuple[int, Where | None]]] | None = (
             {} if options.keep_sources else None
         )
@@ -247,6 +249,7 @@ def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
         builder.sources,
         builder.remotes,
         builder.files,
+        builder.networks,
     )
     release_memory()
     return policy
@@ -428,6 +431,7 @@ def _parse_list(doc: Any, file: Path, builder: _Builder) -> BlockList:
     for key, flags in (("domains", DOMAIN), ("exact", EXACT), ("allow", DOMAIN | ALLOW)):
         count += _add_names(doc, key, flags, blocklist, builder, tz)
     count += _add_patterns(doc, blocklist, builder, tz)
+    count += _add_networks(doc, blocklist, builder)
     for index, item in enumerate(_items(doc, "include")):
         count += _add_include(item, index, doc, file, blocklist, builder)
     blocklist.rule_count = count
@@ -539,6 +543,30 @@ def _add_patterns(doc: YMap, blocklist: BlockList, builder: _Builder, tz: Any) -
             blocklist, EXACT, phases, reference, blocklist.action, "patterns", where
         )
         builder.patterns.append(Pattern(text, regex, rs))
+    return len(items)
+
+
+def _add_networks(doc: YMap, blocklist: BlockList, builder: _Builder) -> int:
+    """``networks:``: upstream answers with an address inside one are blocked (rpz-ip)."""
+    items = _items(doc, "networks")
+    for index, item in enumerate(items):
+        where = item_where(items, index) or doc.where
+        try:
+            net = ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            raise SourceError(
+                where, f"networks[{index}]", f"{item!r} is not a network (e.g. 203.0.113.0/24)"
+            ) from None
+        rs = builder.ruleset(
+            blocklist,
+            EXACT,
+            blocklist.phases,
+            blocklist.reference,
+            blocklist.action,
+            "networks",
+            where,
+        )
+        builder.networks.append((net, rs))
     return len(items)
 
 

@@ -237,6 +237,7 @@ def dotted(key: bytes, labels: tuple[int, ...]) -> bytes:
 
 
 Decision = tuple[RuleSet | None, int, RuleSet | None, float]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 NO_MATCH: Final[Decision] = (None, 0, None, NEVER)
 
 
@@ -250,6 +251,7 @@ class Policy:
         "lists",
         "multi",
         "name_count",
+        "networks",
         "patterns",
         "remotes",
         "rulesets",
@@ -272,6 +274,7 @@ class Policy:
         sources: dict[bytes, list[tuple[int, Where | None]]] | None = None,
         remotes: Sequence[RemoteSpec] = (),
         files: Sequence[str] = (),
+        networks: Sequence[tuple[Network, RuleSet]] = (),
     ) -> None:
         self.lists: tuple[BlockList, ...] = tuple(lists)
         self.rulesets = tuple(rulesets)
@@ -290,6 +293,8 @@ class Policy:
         self.remotes = tuple(remotes)
         #: Every local file read (lists and included files), for the reload watcher.
         self.files = tuple(files)
+        #: Answer-address rules: an upstream answer with an address inside is blocked.
+        self.networks = tuple(networks)
         opts: dict[tuple[str, str], tuple[bytes, bytes]] = {}
         for rs in self.rulesets:
             key = (rs.blocklist.id, rs.reference)
@@ -377,6 +382,23 @@ class Policy:
             return NO_MATCH
         return block, where, monitor, until
 
+    def match_address(
+        self, packed: bytes, mask: int, now: float
+    ) -> tuple[RuleSet | None, str, float]:
+        """A network rule in force that contains the answer address ``packed``, the
+        network as text, and the next change of any network rule that contains it."""
+        addr = ipaddress.ip_address(packed)
+        until = NEVER
+        for net, rs in self.networks:
+            if addr.version != net.version or addr not in net or not rs.mask & mask:
+                continue
+            state = rs.phases.state(now)
+            change = rs.phases.next_change(now)
+            until = min(until, change)
+            if state == ENFORCED:
+                return rs, str(net), until
+        return None, "", until
+
     def matches(self, name: str, mask: int, now: float) -> list[Match]:
         """Every rule that names ``name`` or a parent of it, whatever its window or its
         clients, in precedence order (for ``explain``)."""
@@ -408,3 +430,25 @@ class Policy:
 
 
 EMPTY_POLICY: Final = Policy((), (), NameTable(), ())
+
+
+def synthetic_ruleset(list_id: str, description: str, reference: str, ttl: int = 60) -> RuleSet:
+    """A rule set that no file names, for blocks the resolver decides itself (DNS
+    rebinding protection): compiled like the others, with its EDE prebuilt."""
+    blocklist = BlockList(
+        list_id,
+        description,
+        reference,
+        ZoneInfo("UTC"),
+        Phases(),
+        "enforce",
+        Action(),
+        ttl,
+        ("all",),
+        ALL_CLIENTS,
+        Where("(built in)", 1, 1),
+        1,
+    )
+    rs = RuleSet(0, blocklist, DOMAIN, Phases(), reference, Action(), "built in", None)
+    Policy([blocklist], [rs], NameTable(), ())  # compiles the rule set's fields
+    return rs
