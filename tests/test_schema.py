@@ -39,6 +39,8 @@ include: [{file: x.hosts, format: hosts}, {url: "https://lists.example/x.txt", f
         True,
     ),
     ("sinkhole", "list: a\naction: {sinkhole: {a: [10.0.0.1], aaaa: ['::1']}}\n", True),
+    ("networks", "list: a\nnetworks: [203.0.113.0/24, '2001:db8::/32']\n", True),
+    ("bad network", "list: a\nnetworks: [not-a-net]\n", False),
     ("sinkhole single address", "list: a\naction: {sinkhole: {a: 10.0.0.1}}\n", True),
     ("datetime with offset", "list: a\nactive: {from: '2025-02-26T08:00:00+01:00'}\n", True),
     ("monitor mode", "list: a\nmode: monitor\n", True),
