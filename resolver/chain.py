@@ -277,8 +277,9 @@ class Resolver:
                     _remember(memo, body, answer, until, now, info)
                     return answer
             answer = _fit(render(entry, q, now), q, limit)
+            apex = policy.named(q.key, q.labels, monitored) if monitored is not None else 0
             info = self._info(
-                q, decision, entry.rcode, monitored, 0, monitored is not None, entry.upstream
+                q, decision, entry.rcode, monitored, apex, monitored is not None, entry.upstream
             )
             self._account(info, tcp, client, started)
             if monitored is None:
@@ -343,7 +344,7 @@ class Resolver:
                 info.list_id or None,
                 info.rule,
                 info.reference,
-                None,
+                info.upstream,
                 elapsed,
             )
 
@@ -486,7 +487,8 @@ class Resolver:
         else:
             answer = _fit(render(entry, q, self.clock()), q, limit)
             rcode, upstream = entry.rcode, entry.upstream
-        info = self._info(q, decision, rcode, monitored, 0, monitored is not None, upstream)
+        apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
+        info = self._info(q, decision, rcode, monitored, apex, monitored is not None, upstream)
         self._account(info, tcp, client, started)
         return answer
 

@@ -295,3 +295,22 @@ def test_audit_log_records_blocked_queries_and_the_report_finds_them(
     )
     assert report.returncode == 0, report.stderr
     assert "127.0.0.1" in report.stdout and "deepseek" in report.stdout
+
+
+def test_audit_names_the_rule_that_matched_a_monitored_subdomain(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "w.yaml").write_text("list: w\nmode: monitor\ndomains: [example.test]\n")
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "c.yaml"
+    config.write_text(f"blocklists: lists\naudit: {{sink: file, path: {audit}}}\n")
+    proc = ResolverProcess(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address
+    )
+    ask(proc.port, "www.example.test")
+    assert proc.stop() == 0
+    (entry,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert entry["decision"] == "monitored" and entry["rule"] == "example.test"
+    assert entry["qname"] == "www.example.test." and entry["upstream"] == upstream.address

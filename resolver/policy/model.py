@@ -382,6 +382,16 @@ class Policy:
             return NO_MATCH
         return block, where, monitor, until
 
+    def named(self, key: bytes, labels: tuple[int, ...], rs: RuleSet) -> int:
+        """The label offset of the longest name in ``key`` that ``rs`` names (for logs:
+        which rule decided); 0 when it was a pattern."""
+        text = dotted(key, labels)
+        for off in labels:
+            value = self.table.get(text[off:] if off else text)
+            if value is not None and rs in self._sets(value):
+                return off
+        return 0
+
     def match_address(
         self, packed: bytes, mask: int, now: float
     ) -> tuple[RuleSet | None, str, float]:
