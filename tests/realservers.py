@@ -127,7 +127,11 @@ class ResolverProcess:
         self._reader.start()
         self.port = 0
         if ready:
-            self.wait_for("ready", timeout)
+            try:
+                self.wait_for("ready", timeout)
+            except BaseException:
+                self.stop()  # never leave a half-started server behind
+                raise
             for line in self.lines:
                 match = self.LISTEN.search(line)
                 if match and match.group(1) == "udp" and not self.port:
