@@ -19,7 +19,14 @@ from .guard import DEFAULT_ALLOW
 from .querylog import AuditConfig
 from .querylog import parse_config as parse_audit
 from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TCP_MAX_PIPELINE
-from .upstream import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, Upstream, parse_upstream, split_host_port
+from .upstream import (
+    DEFAULT_DEADLINE,
+    DEFAULT_TIMEOUT,
+    STRATEGIES,
+    Upstream,
+    parse_upstream,
+    split_host_port,
+)
 from .yamlload import (
     SourceError,
     Where,
@@ -126,6 +133,9 @@ class Config:
     blocklists: Path = field(default_factory=shipped_blocklists)
     upstream_timeout: float = DEFAULT_TIMEOUT
     upstream_deadline: float = DEFAULT_DEADLINE
+    upstream_strategy: str = "failover"
+    #: Conditional forwarding: zone -> its upstreams (longest matching zone wins).
+    forward: tuple[tuple[str, tuple[Upstream, ...]], ...] = ()
     cache: CacheConfig = CacheConfig()
     tcp: TCPConfig = TCPConfig()
     drain_timeout: float = 5.0
@@ -169,6 +179,8 @@ TOP_KEYS: Final = frozenset(
         "acl",
         "ratelimit",
         "rebinding",
+        "upstream_strategy",
+        "forward",
     }
 )
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
@@ -277,6 +289,26 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def _forward(doc: YMap) -> tuple[tuple[str, tuple[Upstream, ...]], ...]:
+    value = doc.get("forward")
+    if value is None:
+        return ()
+    if not isinstance(value, YMap):
+        raise SourceError(
+            value_where(doc, "forward"), "forward", "expected a mapping of zone to upstreams"
+        )
+    out = []
+    for zone in value:
+        name = zone.strip().rstrip(".").lower()
+        if not name or " " in name:
+            raise SourceError(value.key_where.get(zone), f"forward.{zone}", "expected a zone name")
+        ups = _address_list(value, zone, parse_upstream)
+        if not ups:
+            raise SourceError(value_where(value, zone), f"forward.{zone}", "give upstreams")
+        out.append((name, ups))
+    return tuple(out)
+
+
 def _networks(doc: YMap, key: str, field_name: str) -> tuple[str, ...]:
     value = doc.get(key)
     if isinstance(value, str):
@@ -367,6 +399,13 @@ def load_config(path: Path) -> Config:
         raise SourceError(
             value_where(rebinding, "allow"), "rebinding.allow", "expected a list of zone names"
         )
+    strategy = doc.get("upstream_strategy", "failover")
+    if strategy not in STRATEGIES:
+        raise SourceError(
+            value_where(doc, "upstream_strategy"),
+            "upstream_strategy",
+            f"use one of {', '.join(STRATEGIES)}",
+        )
     state_dir = doc.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
         raise SourceError(value_where(doc, "state_dir"), "state_dir", "expected a path")
@@ -403,6 +442,8 @@ def load_config(path: Path) -> Config:
             checksum_interval=_number(reload, "checksum_interval", float, 1, 86400, 60.0),
         ),
         audit=audit,
+        upstream_strategy=strategy,
+        forward=_forward(doc),
         acl=AclConfig(allow, acl_action),
         rebinding=RebindingConfig(enabled, tuple(z.strip(".").lower() for z in zones)),
         ratelimit=RateLimitConfig(

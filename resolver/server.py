@@ -110,7 +110,11 @@ class Server:
             config.cache.max_negative_ttl,
         )
         forwarder = Forwarder(
-            list(config.upstreams), config.upstream_timeout, config.upstream_deadline
+            list(config.upstreams),
+            config.upstream_timeout,
+            config.upstream_deadline,
+            config.upstream_strategy,
+            {zone: list(ups) for zone, ups in config.forward},
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self.resolver.guard = make_guard(config)
@@ -238,6 +242,8 @@ class Server:
             log.info("upstreams now %s", ", ".join(str(u) for u in new.upstreams))
         forwarder.timeout = new.upstream_timeout
         forwarder.deadline = new.upstream_deadline
+        forwarder.strategy = new.upstream_strategy
+        forwarder.routes = {zone.encode(): list(ups) for zone, ups in new.forward}
         apply_rebinding(resolver, new)
         if (old.acl, old.ratelimit) != (new.acl, new.ratelimit):
             resolver.guard = make_guard(new)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import socket
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .metrics import Histogram, rcode_label
+from .policy.model import dotted
 from .wire import (
     FLAG_AD,
     FLAG_CD,
@@ -43,6 +45,8 @@ log = logging.getLogger("resolver.upstream")
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_DEADLINE: Final = 2.5
 DOWN_AFTER: Final = 3
+MAX_BACKOFF: Final = 60.0
+STRATEGIES: Final = ("failover", "random", "fastest", "parallel")
 _MAX_UDP: Final = 65535
 _FAILED_RCODES: Final = frozenset({RCODE_SERVFAIL, RCODE_REFUSED, RCODE_FORMERR, RCODE_NOTIMP})
 
@@ -127,13 +131,16 @@ def upstream_query(qid: int, q: Query, edns: bool) -> bytes:
 
 
 class Forwarder:
-    """Asks the upstreams in order until one answers, within a bounded time."""
+    """Asks upstreams (by strategy, skipping those marked down) until one answers, within
+    a bounded time; conditional forwarding picks the upstreams by zone."""
 
     def __init__(
         self,
         upstreams: list[Upstream],
         timeout: float = DEFAULT_TIMEOUT,
         deadline: float = DEFAULT_DEADLINE,
+        strategy: str = "failover",
+        routes: dict[str, list[Upstream]] | None = None,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
@@ -149,40 +156,115 @@ class Forwarder:
         self.failures: Counter[str] = Counter()
         #: Datagrams ignored because ID, question or format did not match (RFC 5452).
         self.ignored = 0
+        #: failover (in order), random, fastest (by measured latency), parallel (two at once).
+        self.strategy = strategy
+        #: Conditional forwarding: zone (lower-case, no trailing dot) -> its upstreams.
+        self.routes: dict[bytes, list[Upstream]] = {
+            zone.strip(".").lower().encode(): ups for zone, ups in (routes or {}).items()
+        }
+        self.latency: dict[str, float] = {}
+        self._background: set[asyncio.Task[Scan | None]] = set()
+        self.backoff: dict[str, float] = {}
+        self.retry_at: dict[str, float] = {}
+
+    def upstreams_for(self, q: Query) -> list[Upstream]:
+        """The upstreams for ``q``: those of the longest forwarding zone that contains its
+        name (conditional forwarding), else the default ones."""
+        if self.routes:
+            text = dotted(q.key, q.labels)
+            for off in q.labels:
+                zone = text[off:]
+                ups = self.routes.get(zone)
+                if ups is not None:
+                    return ups
+        return self.upstreams
+
+    def _order(self, ups: list[Upstream]) -> tuple[list[Upstream], list[Upstream]]:
+        """The upstreams to try, by strategy, and those resting (down, their backoff not
+        yet run out), which are tried only when the others fail."""
+        now = time.monotonic()
+        usable = [
+            u
+            for u in ups
+            if self.failures[u.label] < DOWN_AFTER or now >= self.retry_at.get(u.label, 0.0)
+        ]
+        resting = [u for u in ups if u not in usable]
+        if self.strategy == "random":
+            usable = random.sample(usable, len(usable))
+        elif self.strategy == "fastest":
+            usable.sort(key=lambda u: self.latency.get(u.label, 0.0))
+        return usable, resting
 
     async def resolve(self, q: Query) -> Scan | None:
         """The first good reply for ``q``; None when every upstream failed in time."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline
-        ups = self.upstreams
+        usable, resting = self._order(self.upstreams_for(q))
+        ups = usable + resting
+        if self.strategy == "parallel" and len(usable) > 1:
+            scan = await self._parallel(q, usable[:2], deadline)
+            if scan is not None:
+                return scan
+            ups = usable[2:] + resting or ups
         # With a single upstream, a lost datagram deserves a second try.
         for attempt in range(max(2, len(ups))):
-            up = ups[attempt % len(ups)]
             left = deadline - loop.time()
             if left <= 0:
                 break
-            started = time.perf_counter()
-            try:
-                scan = await self._exchange(up, q, min(self.timeout, left), deadline)
-            except UpstreamError as exc:
-                self._failed(up, exc.kind)
-                log.debug("upstream %s failed: %s", up, exc)
-                continue
-            key = (up.label, rcode_label(scan.rcode))
-            hist = self.durations.get(key)
-            if hist is None:
-                hist = self.durations[key] = Histogram()
-            hist.observe(time.perf_counter() - started)
-            if scan.rcode in _FAILED_RCODES:
-                # Not an answer about the name: another upstream may do better, and the
-                # client is told SERVFAIL rather than an error about a query it never sent.
-                self._failed(up, "rcode")
-                log.debug("upstream %s answered rcode %d", up, scan.rcode)
-                continue
-            self.failures[up.label] = 0
-            scan.source = up.label
-            return scan
+            scan = await self._attempt(
+                ups[attempt % len(ups)], q, min(self.timeout, left), deadline
+            )
+            if scan is not None:
+                return scan
         return None
+
+    async def _parallel(self, q: Query, ups: list[Upstream], deadline: float) -> Scan | None:
+        """Ask several upstreams at once; the first good answer wins."""
+        loop = asyncio.get_running_loop()
+        timeout = min(self.timeout, deadline - loop.time())
+        tasks = [asyncio.ensure_future(self._attempt(u, q, timeout, deadline)) for u in ups]
+        # The slower attempts run on (bounded by their timeout) so that their outcome
+        # still counts for health and latency; they are kept referenced until done.
+        for task in tasks:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        for next_done in asyncio.as_completed(tasks):
+            scan = await next_done
+            if scan is not None:
+                return scan
+        return None
+
+    async def _attempt(
+        self, up: Upstream, q: Query, timeout: float, deadline: float
+    ) -> Scan | None:
+        """One exchange with one upstream, accounted for; None when it failed."""
+        started = time.perf_counter()
+        try:
+            scan = await self._exchange(up, q, timeout, deadline)
+        except UpstreamError as exc:
+            self._failed(up, exc.kind)
+            log.debug("upstream %s failed: %s", up, exc)
+            return None
+        took = time.perf_counter() - started
+        key = (up.label, rcode_label(scan.rcode))
+        hist = self.durations.get(key)
+        if hist is None:
+            hist = self.durations[key] = Histogram()
+        hist.observe(took)
+        if scan.rcode in _FAILED_RCODES:
+            # Not an answer about the name: another upstream may do better, and the
+            # client is told SERVFAIL rather than an error about a query it never sent.
+            self._failed(up, "rcode")
+            log.debug("upstream %s answered rcode %d", up, scan.rcode)
+            return None
+        if self.failures[up.label] >= DOWN_AFTER:
+            log.info("upstream %s is up again", up)
+        self.failures[up.label] = 0
+        self.backoff.pop(up.label, None)
+        previous = self.latency.get(up.label)
+        self.latency[up.label] = took if previous is None else 0.8 * previous + 0.2 * took
+        scan.source = up.label
+        return scan
 
     def _ignored(self, up: Upstream, exc: Exception) -> None:
         # Not the answer to our question (RFC 5452): ignored, and counted by kind.
@@ -194,8 +276,13 @@ class Forwarder:
     def _failed(self, up: Upstream, kind: str) -> None:
         self.errors[(up.label, kind)] += 1
         self.failures[up.label] += 1
-        if self.failures[up.label] == DOWN_AFTER:
-            log.warning("upstream %s is down after %d failures in a row", up, DOWN_AFTER)
+        if self.failures[up.label] >= DOWN_AFTER:
+            # Down: skipped while resting, then probed; each failed probe doubles the rest.
+            rest = min(self.backoff.get(up.label, 0.5) * 2, MAX_BACKOFF)
+            self.backoff[up.label] = rest
+            self.retry_at[up.label] = time.monotonic() + rest
+            if self.failures[up.label] == DOWN_AFTER:
+                log.warning("upstream %s is down after %d failures in a row", up, DOWN_AFTER)
 
     def healthy(self, up: Upstream) -> bool:
         """False after DOWN_AFTER failures in a row, until the next good answer."""

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import dns.flags
 import dns.rcode
@@ -127,3 +128,92 @@ def test_each_upstream_query_uses_a_fresh_source_port_and_id(
     assert len(upstream.sources) == 8
     assert len({port for port, _ in upstream.sources}) == 8
     assert len({qid for _, qid in upstream.sources}) == 8
+
+
+def test_conditional_forwarding_by_longest_zone(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, lists_dir: Path
+) -> None:
+    corp = FakeUpstream(
+        records={("db.corp.test", "A"): ["10.1.1.1"], ("x.lab.corp.test", "A"): ["10.9.9.9"]}
+    )
+    lab = FakeUpstream(records={("x.lab.corp.test", "A"): ["10.2.2.2"]})
+    try:
+        (lists_dir / "corp.yaml").write_text("list: corp\ndomains: [blocked.corp.test]\n")
+        running = make_server(
+            forward=(
+                ("corp.test", (parse_upstream(corp.address),)),
+                ("lab.corp.test", (parse_upstream(lab.address),)),
+            )
+        )
+        assert running.query("db.corp.test").answer[0][0].to_text() == "10.1.1.1"
+        assert running.query("x.lab.corp.test").answer[0][0].to_text() == "10.2.2.2"
+        assert running.query("example.test").answer[0][0].to_text() == "192.0.2.1"
+        # The policy applies before forwarding, whatever the zone.
+        assert running.query("blocked.corp.test").rcode() == dns.rcode.NXDOMAIN
+        assert corp.count("blocked.corp.test") == 0
+        assert upstream.count("db.corp.test") == 0 and corp.count("example.test") == 0
+    finally:
+        corp.close()
+        lab.close()
+
+
+@pytest.mark.parametrize("strategy", ["failover", "random", "fastest", "parallel"])
+def test_strategies_answer_and_skip_a_dead_upstream(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, strategy: str
+) -> None:
+    silent = FakeUpstream(default=Behaviour("drop"))
+    try:
+        running = make_server(
+            upstreams=(parse_upstream(silent.address), parse_upstream(upstream.address)),
+            upstream_strategy=strategy,
+        )
+        for index in range(6):
+            assert running.query(f"n{index}.test", timeout=5).rcode() == dns.rcode.NXDOMAIN
+        forwarder = running.resolver.forwarder
+        if strategy in ("failover", "parallel"):
+            time.sleep(0.6)  # parallel: the silent upstream's attempts time out meanwhile
+            # Marked down after three failures in a row, then skipped while it rests.
+            assert not forwarder.healthy(forwarder.upstreams[0])
+            asked = sum(silent.queries.values())
+            for index in range(3):
+                running.query(f"m{index}.test", timeout=5)
+            assert sum(silent.queries.values()) == asked
+    finally:
+        silent.close()
+
+
+def test_parallel_takes_the_first_good_answer(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream
+) -> None:
+    slow = FakeUpstream(
+        records={("example.test", "A"): ["192.0.2.99"]}, default=Behaviour(delay=0.3)
+    )
+    try:
+        running = make_server(
+            upstreams=(parse_upstream(slow.address), parse_upstream(upstream.address)),
+            upstream_strategy="parallel",
+        )
+        started = time.monotonic()
+        reply = running.query("example.test")
+        assert time.monotonic() - started < 0.25
+        assert reply.answer[0][0].to_text() == "192.0.2.1"
+        assert slow.count("example.test") == 1  # it was asked too
+    finally:
+        slow.close()
+
+
+def test_a_down_upstream_is_probed_again_and_comes_back(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream
+) -> None:
+    running = make_server()
+    forwarder = running.resolver.forwarder
+    upstream.default = Behaviour("servfail")
+    for index in range(3):
+        running.query(f"d{index}.test", timeout=5)
+    assert not forwarder.healthy(forwarder.upstreams[0])
+    upstream.default = Behaviour()
+    deadline = time.monotonic() + 5
+    while running.query("example.test", timeout=5).rcode() != dns.rcode.NOERROR:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert forwarder.healthy(forwarder.upstreams[0])
