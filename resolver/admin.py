@@ -17,7 +17,9 @@ from . import __version__
 from .explain import explain, parse_at
 from .httpserver import Handler, Request, Response, error, json_response
 from .metrics import ResolverCollector
+from .policy.formats import normalize
 from .policy.timewindow import ALWAYS, NEVER, format_instant
+from .wire import encode_name
 
 if TYPE_CHECKING:
     from .server import Server
@@ -80,7 +82,21 @@ def admin_routes(server: Server) -> dict[tuple[str, str], Handler]:
             },
         )
 
+    async def flush(request: Request) -> Response:
+        resolver = server.resolver
+        if resolver is None:
+            return error(503, "not started")
+        name = request.query.get("name")
+        try:
+            wire = encode_name(normalize(name)).lower() if name else None
+        except ValueError as exc:
+            return error(400, f"bad name: {exc}")
+        removed = resolver.cache.flush(wire)
+        resolver.forget_answers()  # the memo holds rendered cache hits too
+        return json_response(200, {"flushed": removed, "name": normalize(name) if name else None})
+
     return {
+        ("POST", "/v1/cache/flush"): flush,
         ("GET", "/healthz"): healthz,
         ("GET", "/readyz"): readyz,
         ("GET", "/v1/status"): status,

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Final
 
-from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, pack_u32_into
+from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, label_offsets, pack_u32_into
 
 #: Default bounds; the config can change them.
 DEFAULT_MAX_ENTRIES: Final = 100_000
 DEFAULT_MAX_TTL: Final = 86_400
 DEFAULT_MAX_NEGATIVE_TTL: Final = 3_600
+#: RFC 8767 4: the TTL of a stale answer.
+STALE_TTL: Final = 30
 
 
 class Entry:
@@ -61,6 +63,13 @@ class Entry:
         self._rendered_age = -1
         self._rendered = b""
 
+    def stale_records(self) -> bytes:
+        """The records with every TTL at 30 s, as RFC 8767 serves a stale answer."""
+        buf = bytearray(self.body)
+        for off in self.ttl_offsets:
+            pack_u32_into(buf, off, STALE_TTL)
+        return bytes(buf)
+
     def records(self, now: float) -> bytes:
         """The records after the question, TTLs reduced by the entry's age in whole seconds."""
         age = int(now - self.stored)
@@ -87,11 +96,14 @@ class Cache:
         min_ttl: int = 0,
         max_ttl: int = DEFAULT_MAX_TTL,
         max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL,
+        serve_stale: float = 0.0,
     ) -> None:
         self.max_entries = max_entries
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.max_negative_ttl = max_negative_ttl
+        #: Seconds past expiry an entry may still be served when upstreams fail (0: off).
+        self.serve_stale = serve_stale
         self._data: OrderedDict[bytes, Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -107,12 +119,38 @@ class Cache:
             self.misses += 1
             return None
         if entry.expires <= now:
-            del self._data[key]
+            if now - entry.expires >= self.serve_stale:
+                del self._data[key]  # kept while it may still serve stale (RFC 8767)
             self.misses += 1
             return None
         self._data.move_to_end(key)
         self.hits += 1
         return entry
+
+    def stale(self, key: bytes, now: float) -> Entry | None:
+        """An expired entry still within ``serve_stale`` seconds of its expiry, for when
+        the upstreams fail or are too slow (RFC 8767)."""
+        entry = self._data.get(key)
+        if entry is None or entry.expires > now or now - entry.expires >= self.serve_stale:
+            return None
+        return entry
+
+    def flush(self, name: bytes | None = None) -> int:
+        """Drop every entry (``name`` None) or those for ``name`` (lower-case wire) and the
+        names below it; return how many were dropped."""
+        if name is None:
+            count = len(self._data)
+            self._data.clear()
+            return count
+        doomed = []
+        for key in self._data:
+            owner = key[:-6]  # the name; then type, class, DO and CD
+            cut = len(owner) - len(name)
+            if cut >= 0 and owner.endswith(name) and (cut == 0 or cut in label_offsets(owner)):
+                doomed.append(key)
+        for key in doomed:
+            del self._data[key]
+        return len(doomed)
 
     def lifetime(self, scan: Scan) -> int | None:
         """How long a reply may be kept (RFC 2308 for negative ones), or None: not at all."""

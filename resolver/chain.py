@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .querylog import AuditLog
 
 from .wire import (
+    EDE_STALE,
     FLAG_AD,
     OPT_DO,
     OPT_PLAIN,
@@ -61,6 +62,7 @@ from .wire import (
     Query,
     Unanswerable,
     decode_name,
+    ede_option,
     error_response,
     formerr_from_header,
     header,
@@ -83,6 +85,9 @@ _ANY_RDATA: Final = b"\x07RFC8482\x00"
 _ANY_TTL: Final = 3600
 _TCP_MAX: Final = 65535
 _STOPPED: Final = {REFUSE: "acl", DROP: "dropped", TRUNCATE: "truncated"}
+_STALE_OPTION: Final = ede_option(EDE_STALE, "")
+_STALE_PLAIN: Final = opt_record(False, 0, _STALE_OPTION)
+_STALE_DO: Final = opt_record(True, 0, _STALE_OPTION)
 _MEMO_MAX: Final = 50_000
 
 
@@ -169,8 +174,13 @@ class Resolver:
         self.stats = Stats()
         #: The audit log, when one is configured (its writer runs in its own thread).
         self.audit: AuditLog | None = None
-        #: Distinct questions waiting for upstreams at once; beyond, SERVFAIL at once.
+        #: Queries waiting for upstreams at once; beyond, SERVFAIL at once.
         self.max_inflight = 4096
+        self.waiting = 0
+        #: Seconds to wait for upstreams before serving a stale answer (RFC 8767's client
+        #: response timer), when the cache keeps stale entries.
+        self.stale_timer = 1.8
+        self._refreshing: set[asyncio.Future[Entry | None]] = set()
         #: DNS rebinding protection: when set, a private address in the answer for a name
         #: outside ``internal_zones`` is blocked with this rule set.
         self.rebinding: RuleSet | None = None
@@ -186,6 +196,10 @@ class Resolver:
     @policy.setter
     def policy(self, policy: Policy) -> None:
         self._policy = policy
+        self.forget_answers()
+
+    def forget_answers(self) -> None:
+        """Empty the answer memo (after a policy swap or a cache flush)."""
         for memo in self._memo:
             memo.clear()
 
@@ -288,10 +302,13 @@ class Resolver:
                 until = min(valid_until, entry.expires, next_second)
                 _remember(memo, body, answer, until, now, info)
             return answer
-        if len(self._inflight) >= self.max_inflight and key not in self._inflight:
-            # Too many questions already upstream: refuse more work rather than queue it.
+        if self.waiting >= self.max_inflight:
+            # Too many queries already waiting for upstreams: refuse more work rather
+            # than queue it (counted now, not when the task first runs, so a burst that
+            # arrives in one read is bounded too).
             self.stats.stopped["overload"] += 1
             return self._error(q, RCODE_SERVFAIL, tcp, client, started)
+        self.waiting += 1
         forwarded = "forwarded" if decision == "cached" else decision
         return self._forward(
             q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
@@ -444,6 +461,59 @@ class Resolver:
         self._account(self._info(q, "error", rcode), tcp, client, started)
         return answer
 
+    async def _fetch(self, q: Query, key: bytes, valid_until: float) -> Entry | None:
+        """The upstream answer for ``q``, admitted to the cache; identical questions
+        already on their way upstream share one fetch."""
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            scan = await self.forwarder.resolve(q)
+            entry = None
+            if scan is not None:
+                entry = self.cache.admit(key, scan, self.clock(), valid_until)
+            future.set_result(entry)
+            return entry
+        except BaseException:
+            future.set_result(None)
+            raise
+        finally:
+            del self._inflight[key]
+
+    def _stale(
+        self,
+        q: Query,
+        entry: Entry,
+        limit: int,
+        decision: str,
+        monitored: RuleSet | None,
+        tcp: bool,
+        client: str,
+        started: float,
+    ) -> bytes:
+        """An expired answer, TTL 30, with Extended DNS Error 3 (Stale Answer)."""
+        flags = response_flags(q, entry.rcode)
+        records = entry.stale_records()
+        if q.edns:
+            opt = _STALE_DO if q.do else _STALE_PLAIN
+            answer = (
+                header(q.id, flags, 1, entry.an, entry.ns, entry.ar + 1)
+                + q.question
+                + records
+                + opt
+            )
+        else:
+            answer = header(q.id, flags, 1, entry.an, entry.ns, entry.ar) + q.question + records
+        self.stats.stale += 1
+        decision = "cached" if decision == "forwarded" else decision
+        info = self._info(
+            q, decision, entry.rcode, monitored, 0, monitored is not None, entry.upstream
+        )
+        self._account(info, tcp, client, started)
+        return _fit(answer, q, limit)
+
     async def _forward(
         self,
         q: Query,
@@ -457,24 +527,41 @@ class Resolver:
         started: float,
         mask: int = ALL_CLIENTS,
     ) -> bytes:
-        waiting = self._inflight.get(key)
-        if waiting is not None:
-            # The same question is already on its way upstream: share its answer.
-            entry = await asyncio.shield(waiting)
+        try:
+            return await self._answer_from_upstream(
+                q, key, valid_until, limit, decision, monitored, tcp, client, started, mask
+            )
+        finally:
+            self.waiting -= 1
+
+    async def _answer_from_upstream(
+        self,
+        q: Query,
+        key: bytes,
+        valid_until: float,
+        limit: int,
+        decision: str,
+        monitored: RuleSet | None,
+        tcp: bool,
+        client: str,
+        started: float,
+        mask: int,
+    ) -> bytes:
+        stale = self.cache.stale(key, self.clock()) if self.cache.serve_stale else None
+        fetch = asyncio.ensure_future(self._fetch(q, key, valid_until))
+        if stale is not None:
+            # RFC 8767: if no answer comes within the client response timer, or none at
+            # all, the stale one is better than SERVFAIL; the fetch goes on meanwhile and
+            # refreshes the cache when it lands.
+            done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
+            entry = fetch.result() if done else None
+            if entry is None:
+                if not done:
+                    self._refreshing.add(fetch)
+                    fetch.add_done_callback(self._refreshing.discard)
+                return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
         else:
-            future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-            self._inflight[key] = future
-            try:
-                scan = await self.forwarder.resolve(q)
-                entry = None
-                if scan is not None:
-                    entry = self.cache.admit(key, scan, self.clock(), valid_until)
-                future.set_result(entry)
-            except BaseException:
-                future.set_result(None)
-                raise
-            finally:
-                del self._inflight[key]
+            entry = await fetch
         upstream = None
         if entry is not None and self._inspects(entry):
             now = self.clock()

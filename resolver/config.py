@@ -87,6 +87,8 @@ class CacheConfig:
     min_ttl: int = 0
     max_ttl: int = DEFAULT_MAX_TTL
     max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL
+    serve_stale: float = 0.0  # seconds past expiry an answer may still serve (0: off)
+    stale_timer: float = 1.8  # seconds to wait for upstreams before serving stale
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +424,8 @@ def load_config(path: Path) -> Config:
             max_negative_ttl=_number(
                 cache, "max_negative_ttl", int, 0, 86_400, DEFAULT_MAX_NEGATIVE_TTL
             ),
+            serve_stale=_number(cache, "serve_stale", float, 0, 30 * 86_400, 0.0),
+            stale_timer=_number(cache, "stale_timer", float, 0.05, 30, 1.8),
         ),
         tcp=TCPConfig(
             idle_timeout=_number(tcp, "idle_timeout", float, 0.1, 3600, DEFAULT_TCP_IDLE),

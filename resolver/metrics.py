@@ -118,6 +118,8 @@ class Stats:
         self.last_reload_failed = False
         self.last_reload_error: str | None = None
         self.policy_loaded_at = 0.0
+        #: Answers served stale (RFC 8767) because upstreams failed or were too slow.
+        self.stale = 0
         #: Queries stopped before any work: acl (refused), dropped, truncated (rate limit).
         self.stopped: Counter[str] = Counter()
 
@@ -239,6 +241,11 @@ class ResolverCollector(Collector):
         )
         yield CounterMetricFamily(
             "resolver_cache_misses", "Cache lookups that found nothing.", value=cache.misses
+        )
+        yield CounterMetricFamily(
+            "resolver_cache_stale_answers",
+            "Expired answers served because the upstreams failed or were too slow (RFC 8767).",
+            value=stats.stale,
         )
         yield CounterMetricFamily(
             "resolver_cache_evictions", "Entries evicted to bound the cache.", value=cache.evictions

@@ -108,6 +108,7 @@ class Server:
             config.cache.min_ttl,
             config.cache.max_ttl,
             config.cache.max_negative_ttl,
+            config.cache.serve_stale,
         )
         forwarder = Forwarder(
             list(config.upstreams),
@@ -118,6 +119,7 @@ class Server:
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self.resolver.guard = make_guard(config)
+        self.resolver.stale_timer = config.cache.stale_timer
         apply_rebinding(self.resolver, config)
         self._loaded(policy)
         # Now that included files are known, they join the baseline, unless something
@@ -253,6 +255,8 @@ class Server:
         cache.min_ttl = new.cache.min_ttl
         cache.max_ttl = new.cache.max_ttl
         cache.max_negative_ttl = new.cache.max_negative_ttl
+        cache.serve_stale = new.cache.serve_stale
+        resolver.stale_timer = new.cache.stale_timer
         for name, before, after in (
             ("listen", old.listen, new.listen),
             ("tcp", old.tcp, new.tcp),

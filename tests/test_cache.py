@@ -3,6 +3,7 @@ forwarded answers that never outlive a ban's effective date."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -164,3 +165,64 @@ def test_reload_replaces_the_policy_and_what_was_memoised(
     (lists_dir / "new.yaml").write_text("list: new\ndomains: [example.test\n")
     assert server.call(server.server.reload()) is False
     assert server.query("example.test", "A").rcode() == dns.rcode.NXDOMAIN
+
+
+@pytest.mark.parametrize("failure", ["servfail", "drop"])
+def test_serve_stale_when_upstreams_fail_or_are_slow(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, frozen: Clock, failure: str
+) -> None:
+    running = make_server(cache=CacheConfig(serve_stale=3600, stale_timer=0.3))
+    assert ttl_of(running.query("example.test", "A")) == 300
+    frozen.advance(400)  # expired 100 s ago
+    upstream.default = Behaviour(failure)
+    reply = running.query("example.test", "A", use_edns=0, timeout=5)
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert reply.answer[0][0].to_text() == "192.0.2.1" and reply.answer[0].ttl == 30
+    (ede,) = [o for o in reply.options if o.otype == 15]
+    assert ede.code == 3  # Stale Answer
+    assert running.resolver.stats.stale == 1
+    # Beyond the maximum staleness: SERVFAIL, as without serve-stale.
+    frozen.advance(3600)
+    assert running.query("example.test", "A", timeout=5).rcode() == dns.rcode.SERVFAIL
+
+
+def test_a_stale_answer_is_refreshed_in_the_background(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, frozen: Clock
+) -> None:
+    running = make_server(cache=CacheConfig(serve_stale=3600, stale_timer=0.1))
+    running.query("example.test", "A")
+    frozen.advance(400)
+    upstream.behaviours["example.test"] = Behaviour(delay=0.3)  # slower than the timer
+    stale = running.query("example.test", "A")
+    assert stale.answer[0].ttl == 30
+    time.sleep(0.5)  # the fetch lands and refreshes the entry
+    fresh = running.query("example.test", "A")
+    assert fresh.answer[0].ttl == 300 and upstream.count("example.test", "A") == 2
+
+
+def test_without_serve_stale_an_expired_entry_is_gone(
+    server: RunningServer, upstream: FakeUpstream, frozen: Clock
+) -> None:
+    server.query("example.test", "A")
+    frozen.advance(400)
+    upstream.default = Behaviour("servfail")
+    assert server.query("example.test", "A", timeout=5).rcode() == dns.rcode.SERVFAIL
+
+
+def test_flush_one_name_and_its_subdomains_or_everything(
+    server: RunningServer, upstream: FakeUpstream
+) -> None:
+    from resolver.wire import encode_name
+
+    for name in ("example.test", "www.example.test", "notdeepseek.com"):
+        server.query(name, "A")
+        server.query(name, "A")
+    cache = server.resolver.cache
+    assert cache.flush(encode_name("example.test")) == 2
+    server.resolver.forget_answers()
+    server.query("www.example.test", "A")
+    server.query("notdeepseek.com", "A")
+    assert upstream.count("www.example.test", "A") == 2  # flushed: asked again
+    assert upstream.count("notdeepseek.com", "A") == 1  # kept
+    assert cache.flush(encode_name("test")) == 1  # label boundary: not "notdeepseek.com"
+    assert cache.flush() == 1

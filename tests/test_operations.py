@@ -183,6 +183,9 @@ ADMIN_CALLS = [
     ("/v1/status", "GET", "", None),
     ("/v1/status", "GET", "", "wrong-token-wrong-token"),
     ("/v1/reload", "POST", "", TOKEN),
+    ("/v1/cache/flush", "POST", "?name=example.test", TOKEN),
+    ("/v1/cache/flush", "POST", "?name=bad..name", TOKEN),
+    ("/v1/cache/flush", "POST", "", TOKEN),
 ]
 
 
@@ -210,6 +213,8 @@ def test_admin_api_matches_its_openapi_description(
     assert seen[("/v1/status", "", None)][0] == 401
     assert seen[("/v1/status", "", "wrong-token-wrong-token")][0] == 401
     assert seen[("/v1/reload", "", TOKEN)][1]["result"] == "success"
+    assert seen[("/v1/cache/flush", "?name=example.test", TOKEN)][1]["name"] == "example.test"
+    assert seen[("/v1/cache/flush", "?name=bad..name", TOKEN)][0] == 400
     status, doc = seen[("/v1/status", "", TOKEN)]
     assert [entry["id"] for entry in doc["lists"]] == ["deepseek"]
     assert doc["lists"][0]["state"] == "enforced"
