@@ -16,6 +16,8 @@ from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, label_offsets, pack_u32_i
 DEFAULT_MAX_ENTRIES: Final = 100_000
 DEFAULT_MAX_TTL: Final = 86_400
 DEFAULT_MAX_NEGATIVE_TTL: Final = 3_600
+#: Uses of an entry that make it popular enough to prefetch.
+PREFETCH_HITS: Final = 3
 #: RFC 8767 4: the TTL of a stale answer.
 STALE_TTL: Final = 30
 
@@ -33,7 +35,9 @@ class Entry:
         "chain",
         "expires",
         "flags",
+        "hits",
         "ns",
+        "prefetching",
         "rcode",
         "stored",
         "ttl_offsets",
@@ -43,6 +47,8 @@ class Entry:
 
     def __init__(self, scan: Scan, stored: float, expires: float) -> None:
         self.upstream = scan.source
+        self.hits = 0
+        self.prefetching = False
         #: Names the answer passes through (CNAME/DNAME), checked against policy on use.
         self.chain = tuple(dict.fromkeys(scan.chain))
         #: Addresses in the answer, checked against network rules and rebinding on use.
@@ -97,6 +103,7 @@ class Cache:
         max_ttl: int = DEFAULT_MAX_TTL,
         max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL,
         serve_stale: float = 0.0,
+        prefetch: bool = False,
     ) -> None:
         self.max_entries = max_entries
         self.min_ttl = min_ttl
@@ -104,6 +111,9 @@ class Cache:
         self.max_negative_ttl = max_negative_ttl
         #: Seconds past expiry an entry may still be served when upstreams fail (0: off).
         self.serve_stale = serve_stale
+        #: Refresh popular entries before they expire.
+        self.prefetch = prefetch
+        self.prefetches = 0
         self._data: OrderedDict[bytes, Entry] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -125,7 +135,19 @@ class Cache:
             return None
         self._data.move_to_end(key)
         self.hits += 1
+        entry.hits += 1
         return entry
+
+    def wants_prefetch(self, entry: Entry, now: float) -> bool:
+        """Popular (PREFETCH_HITS uses) and in the last tenth of its life: refresh it now,
+        once, so that its users never see it expire."""
+        if not self.prefetch or entry.prefetching or entry.hits < PREFETCH_HITS:
+            return False
+        if entry.expires - now > 0.1 * (entry.expires - entry.stored):
+            return False
+        entry.prefetching = True
+        self.prefetches += 1
+        return True
 
     def stale(self, key: bytes, now: float) -> Entry | None:
         """An expired entry still within ``serve_stale`` seconds of its expiry, for when

@@ -290,6 +290,10 @@ class Resolver:
                     until = min(valid_until, rule.t2 - rule.blocklist.ttl, entry.expires)
                     _remember(memo, body, answer, until, now, info)
                     return answer
+            if self.cache.wants_prefetch(entry, now):
+                refresh = asyncio.ensure_future(self._fetch(q, key, valid_until))
+                self._refreshing.add(refresh)
+                refresh.add_done_callback(self._refreshing.discard)
             answer = _fit(render(entry, q, now), q, limit)
             apex = policy.named(q.key, q.labels, monitored) if monitored is not None else 0
             info = self._info(

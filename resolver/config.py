@@ -89,6 +89,7 @@ class CacheConfig:
     max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL
     serve_stale: float = 0.0  # seconds past expiry an answer may still serve (0: off)
     stale_timer: float = 1.8  # seconds to wait for upstreams before serving stale
+    prefetch: bool = False  # refresh popular entries in the last tenth of their life
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +292,13 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def _flag(doc: YMap, key: str, field_name: str) -> bool:
+    value = doc.get(key, False)
+    if not isinstance(value, bool):
+        raise SourceError(value_where(doc, key), field_name, "use true or false")
+    return value
+
+
 def _forward(doc: YMap) -> tuple[tuple[str, tuple[Upstream, ...]], ...]:
     value = doc.get("forward")
     if value is None:
@@ -426,6 +434,7 @@ def load_config(path: Path) -> Config:
             ),
             serve_stale=_number(cache, "serve_stale", float, 0, 30 * 86_400, 0.0),
             stale_timer=_number(cache, "stale_timer", float, 0.05, 30, 1.8),
+            prefetch=_flag(cache, "prefetch", "cache.prefetch"),
         ),
         tcp=TCPConfig(
             idle_timeout=_number(tcp, "idle_timeout", float, 0.1, 3600, DEFAULT_TCP_IDLE),

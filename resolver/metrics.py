@@ -243,6 +243,11 @@ class ResolverCollector(Collector):
             "resolver_cache_misses", "Cache lookups that found nothing.", value=cache.misses
         )
         yield CounterMetricFamily(
+            "resolver_cache_prefetches",
+            "Popular entries refreshed before they expired.",
+            value=cache.prefetches,
+        )
+        yield CounterMetricFamily(
             "resolver_cache_stale_answers",
             "Expired answers served because the upstreams failed or were too slow (RFC 8767).",
             value=stats.stale,

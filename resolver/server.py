@@ -109,6 +109,7 @@ class Server:
             config.cache.max_ttl,
             config.cache.max_negative_ttl,
             config.cache.serve_stale,
+            config.cache.prefetch,
         )
         forwarder = Forwarder(
             list(config.upstreams),
@@ -256,6 +257,7 @@ class Server:
         cache.max_ttl = new.cache.max_ttl
         cache.max_negative_ttl = new.cache.max_negative_ttl
         cache.serve_stale = new.cache.serve_stale
+        cache.prefetch = new.cache.prefetch
         resolver.stale_timer = new.cache.stale_timer
         for name, before, after in (
             ("listen", old.listen, new.listen),

@@ -226,3 +226,24 @@ def test_flush_one_name_and_its_subdomains_or_everything(
     assert upstream.count("notdeepseek.com", "A") == 1  # kept
     assert cache.flush(encode_name("test")) == 1  # label boundary: not "notdeepseek.com"
     assert cache.flush() == 1
+
+
+def test_prefetch_refreshes_a_popular_entry_before_it_expires(
+    make_server: Callable[..., RunningServer], upstream: FakeUpstream, frozen: Clock
+) -> None:
+    running = make_server(cache=CacheConfig(prefetch=True))
+    running.query("example.test", "A")
+    for _ in range(3):
+        frozen.advance(1)  # a new second each time: past the answer memo, to the cache
+        running.query("example.test", "A")
+    assert upstream.count("example.test", "A") == 1
+    frozen.advance(275)  # 278 s old of 300: in the last tenth of its life
+    assert ttl_of(running.query("example.test", "A")) == 22  # served from the cache...
+    deadline = time.monotonic() + 3
+    while upstream.count("example.test", "A") < 2:  # ...and refreshed in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.1)
+    frozen.advance(1)
+    assert ttl_of(running.query("example.test", "A")) == 299  # the fresh copy
+    assert running.resolver.cache.prefetches == 1
