@@ -137,6 +137,8 @@ class Config:
     upstream_timeout: float = DEFAULT_TIMEOUT
     upstream_deadline: float = DEFAULT_DEADLINE
     upstream_strategy: str = "failover"
+    #: CA file to verify DNS-over-TLS upstreams with (default: the system trust store).
+    tls_ca_file: Path | None = None
     #: Conditional forwarding: zone -> its upstreams (longest matching zone wins).
     forward: tuple[tuple[str, tuple[Upstream, ...]], ...] = ()
     cache: CacheConfig = CacheConfig()
@@ -184,6 +186,7 @@ TOP_KEYS: Final = frozenset(
         "rebinding",
         "upstream_strategy",
         "forward",
+        "tls_ca_file",
     }
 )
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
@@ -416,6 +419,9 @@ def load_config(path: Path) -> Config:
             "upstream_strategy",
             f"use one of {', '.join(STRATEGIES)}",
         )
+    ca_file = doc.get("tls_ca_file")
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise SourceError(value_where(doc, "tls_ca_file"), "tls_ca_file", "expected a path")
     state_dir = doc.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
         raise SourceError(value_where(doc, "state_dir"), "state_dir", "expected a path")
@@ -456,6 +462,7 @@ def load_config(path: Path) -> Config:
         ),
         audit=audit,
         upstream_strategy=strategy,
+        tls_ca_file=(path.parent / ca_file) if ca_file else None,
         forward=_forward(doc),
         acl=AclConfig(allow, acl_action),
         rebinding=RebindingConfig(enabled, tuple(z.strip(".").lower() for z in zones)),

@@ -117,6 +117,7 @@ class Server:
             config.upstream_deadline,
             config.upstream_strategy,
             {zone: list(ups) for zone, ups in config.forward},
+            str(config.tls_ca_file) if config.tls_ca_file else None,
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self.resolver.guard = make_guard(config)

@@ -14,8 +14,10 @@ import logging
 import random
 import secrets
 import socket
+import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -65,6 +67,10 @@ class Upstream:
 
     host: str
     port: int = 53
+    #: udp (with TCP for truncated replies), tcp, or tls (DNS over TLS, RFC 7858).
+    transport: str = "udp"
+    #: For tls: the name the certificate must carry (default: the address).
+    tls_name: str | None = None
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -72,7 +78,11 @@ class Upstream:
 
     @property
     def label(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.transport == "udp":
+            return hostport
+        name = f"#{self.tls_name}" if self.tls_name else ""
+        return f"{self.transport}://{hostport}{name}"
 
     def __str__(self) -> str:
         return self.label
@@ -100,24 +110,123 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 def parse_upstream(text: str) -> Upstream:
-    """Read ``host[:port]`` (or ``udp://host[:port]``); the host must be an IP address,
-    since resolving it would need a resolver."""
+    """Read ``[udp://]IP[:port]``, ``tcp://IP[:port]`` or ``tls://IP[:port][#name]`` (DNS
+    over TLS, port 853, the certificate checked against ``name`` or else the address).
+    The host must be an IP address: resolving it would need a resolver."""
     import ipaddress
 
     raw = text.strip()
-    if raw.startswith("udp://"):
-        raw = raw[len("udp://") :]
-    elif "://" in raw:
-        scheme = raw.split("://", 1)[0]
-        raise ValueError(f"{text!r}: upstream scheme {scheme!r} is not supported (use udp://)")
-    host, port = split_host_port(raw, 53)
+    transport = "udp"
+    if "://" in raw:
+        transport, raw = raw.split("://", 1)
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(
+                f"{text!r}: upstream scheme {transport!r} is not supported (udp, tcp, tls)"
+            )
+    raw, _, tls_name = raw.partition("#")
+    if tls_name and transport != "tls":
+        raise ValueError(f"{text!r}: '#name' is for tls:// upstreams")
+    host, port = split_host_port(raw, 853 if transport == "tls" else 53)
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"{text!r}: an upstream must be an IP address") from None
+        raise ValueError(
+            f"{text!r}: an upstream must be an IP address (for TLS: tls://IP#name)"
+        ) from None
     if port == 0:
         raise ValueError(f"{text!r}: port 0 is no upstream port")
-    return Upstream(host, port)
+    return Upstream(host, port, transport, tls_name or None)
+
+
+class TLSConnection:
+    """One reused DNS-over-TLS connection (RFC 7858) with pipelining: queries go out as
+    they come, answers are matched back by ID. It reconnects on the next query after a
+    failure; a certificate that does not verify is a failure, never a downgrade."""
+
+    def __init__(self, up: Upstream, context: ssl.SSLContext, idle: float = 30.0) -> None:
+        self.up = up
+        self.context = context
+        self.idle = idle
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, tuple[asyncio.Future[Scan], bytes]] = {}
+        self.reader_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock = asyncio.Lock()
+        self.ignored: Callable[[Exception], None] = lambda exc: None
+
+    async def _connect(self, timeout: float) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self.writer is not None and not self.writer.is_closing():
+                return self.writer
+            try:
+                async with asyncio.timeout(timeout):
+                    reader, writer = await asyncio.open_connection(
+                        self.up.host,
+                        self.up.port,
+                        ssl=self.context,
+                        server_hostname=self.up.tls_name or self.up.host,
+                    )
+            except TimeoutError:
+                raise UpstreamError("timeout", "TLS connection not set up in time") from None
+            except ssl.SSLError as exc:
+                raise UpstreamError("network", f"TLS: {exc}") from None
+            except OSError as exc:
+                raise UpstreamError("network", f"TLS: {exc}") from None
+            self.writer = writer
+            self.reader_task = asyncio.ensure_future(self._read(reader, writer))
+            return writer
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(None if self.pending else self.idle):
+                        size = int.from_bytes(await reader.readexactly(2), "big")
+                        data = await reader.readexactly(size)
+                except TimeoutError:
+                    return  # idle: close; the next query reconnects
+                qid = int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
+                waiting = self.pending.pop(qid, None)
+                if waiting is None:
+                    continue
+                future, question = waiting
+                try:
+                    future.set_result(scan_response(data, qid, question))
+                except (Mismatch, FormatError) as exc:
+                    self.ignored(exc)
+                    future.set_exception(UpstreamError("malformed", str(exc)))
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            for future, _ in self.pending.values():
+                if not future.done():
+                    future.set_exception(UpstreamError("network", f"TLS: {exc}"))
+            self.pending.clear()
+        finally:
+            writer.close()
+            if self.writer is writer:
+                self.writer = None
+
+    async def query(self, wire: bytes, qid: int, question: bytes, timeout: float) -> Scan:
+        writer = await self._connect(timeout)
+        while qid in self.pending:
+            qid = secrets.randbits(16)
+            wire = qid.to_bytes(2, "big") + wire[2:]
+        future: asyncio.Future[Scan] = asyncio.get_running_loop().create_future()
+        self.pending[qid] = (future, question)
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no TLS answer in {timeout:.2f} s") from None
+        finally:
+            self.pending.pop(qid, None)
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Certificate verification against the system trust store (SSL_CERT_FILE honoured),
+    or against ``ca_file``."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def upstream_query(qid: int, q: Query, edns: bool) -> bytes:
@@ -141,6 +250,7 @@ class Forwarder:
         deadline: float = DEFAULT_DEADLINE,
         strategy: str = "failover",
         routes: dict[str, list[Upstream]] | None = None,
+        tls_ca_file: str | None = None,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
@@ -164,6 +274,8 @@ class Forwarder:
         }
         self.latency: dict[str, float] = {}
         self._background: set[asyncio.Task[Scan | None]] = set()
+        self._tls: dict[Upstream, TLSConnection] = {}
+        self.tls_context = tls_context(tls_ca_file)
         self.backoff: dict[str, float] = {}
         self.retry_at: dict[str, float] = {}
 
@@ -295,6 +407,14 @@ class Forwarder:
     async def _exchange(self, up: Upstream, q: Query, timeout: float, deadline: float) -> Scan:
         question = q.key + q.question[-4:]
         qid = secrets.randbits(16)
+        if up.transport == "tls":
+            conn = self._tls.get(up)
+            if conn is None:
+                conn = self._tls[up] = TLSConnection(up, self.tls_context)
+                conn.ignored = lambda exc: self._ignored(up, exc)
+            return await conn.query(upstream_query(qid, q, True), qid, question, timeout)
+        if up.transport == "tcp":
+            return await self._tcp(up, upstream_query(qid, q, True), qid, question, timeout)
         scan = await self._udp(up, upstream_query(qid, q, True), qid, question, timeout)
         if scan.rcode in (RCODE_FORMERR, RCODE_NOTIMP):
             # An old server that does not speak EDNS: ask again without it (RFC 6891 7).

@@ -217,3 +217,35 @@ def test_a_down_upstream_is_probed_again_and_comes_back(
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert forwarder.healthy(forwarder.upstreams[0])
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "transport", "port", "name"),
+    [
+        ("192.0.2.1", "192.0.2.1:53", "udp", 53, None),
+        ("udp://192.0.2.1:5300", "192.0.2.1:5300", "udp", 5300, None),
+        ("tcp://[2001:db8::1]", "tcp://[2001:db8::1]:53", "tcp", 53, None),
+        (
+            "tls://192.0.2.1#dns.example",
+            "tls://192.0.2.1:853#dns.example",
+            "tls",
+            853,
+            "dns.example",
+        ),
+        ("tls://[2001:db8::1]:8853", "tls://[2001:db8::1]:8853", "tls", 8853, None),
+    ],
+)
+def test_upstream_addresses(
+    text: str, label: str, transport: str, port: int, name: str | None
+) -> None:
+    up = parse_upstream(text)
+    assert (up.label, up.transport, up.port, up.tls_name) == (label, transport, port, name)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["https://dns.example/dns-query", "tls://dns.example", "udp://192.0.2.1#x", "192.0.2.1:0"],
+)
+def test_bad_upstream_addresses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_upstream(text)
