@@ -197,7 +197,7 @@ class Cache:
             data = self._data
             data[key] = entry
             data.move_to_end(key)
-            if len(data) > self.max_entries:
+            while len(data) > self.max_entries:  # while: the limit may have been lowered
                 data.popitem(last=False)
                 self.evictions += 1
         return entry

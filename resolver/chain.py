@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 import dns.rdatatype
 
 from .cache import Cache, Entry
-from .guard import DROP, REFUSE, TRUNCATE, Guard
+from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
 from .metrics import Stats, qtype_label, rcode_label
 from .policy.model import ALL_CLIENTS, Policy, RuleSet
 from .policy.timewindow import NEVER
@@ -84,7 +84,8 @@ Result = bytes | None | Awaitable[bytes | None]
 _ANY_RDATA: Final = b"\x07RFC8482\x00"
 _ANY_TTL: Final = 3600
 _TCP_MAX: Final = 65535
-_STOPPED: Final = {REFUSE: "acl", DROP: "dropped", TRUNCATE: "truncated"}
+_STOPPED: Final = {REFUSE: "acl", DENY_DROP: "acl", DROP: "dropped", TRUNCATE: "truncated"}
+ALL_GROUPS: Final = (1 << 64) - 1
 _STALE_OPTION: Final = ede_option(EDE_STALE, "")
 _STALE_PLAIN: Final = opt_record(False, 0, _STALE_OPTION)
 _STALE_DO: Final = opt_record(True, 0, _STALE_OPTION)
@@ -97,6 +98,7 @@ class Info:
 
     __slots__ = (
         "decision",
+        "from_cache",
         "hist",
         "keys",
         "list_id",
@@ -122,9 +124,12 @@ class Info:
         qname: str = "",
         logged: bool = False,
         upstream: str | None = None,
+        from_cache: bool = False,
     ) -> None:
         self.decision = decision
         self.upstream = upstream
+        #: Answered from the cache (or the memo of a cache hit): a cache hit for metrics.
+        self.from_cache = from_cache
         qlabel = qtype_label(qtype)
         self.rcode = rcode_label(rcode)
         #: The answers-counter keys for UDP and for TCP.
@@ -249,6 +254,10 @@ class Resolver:
 
         now = self.clock()
         rule, apex, monitored, valid_until = policy.decide(q.key, q.labels, mask, now)
+        if policy.uses_groups and rule is None:
+            # The cache is shared by all groups: what enters it must not outlive the next
+            # change for any of them, not only for this client's.
+            valid_until = min(valid_until, policy.decide(q.key, q.labels, ALL_GROUPS, now)[3])
         if rule is not None:
             answer = _fit(blocked_answer(q, rule, apex, now), q, limit)
             info = self._info(q, "blocked", answer[3] & 0xF, rule, apex, True)
@@ -297,7 +306,14 @@ class Resolver:
             answer = _fit(render(entry, q, now), q, limit)
             apex = policy.named(q.key, q.labels, monitored) if monitored is not None else 0
             info = self._info(
-                q, decision, entry.rcode, monitored, apex, monitored is not None, entry.upstream
+                q,
+                decision,
+                entry.rcode,
+                monitored,
+                apex,
+                monitored is not None,
+                entry.upstream,
+                from_cache=True,
             )
             self._account(info, tcp, client, started)
             if monitored is None:
@@ -327,6 +343,7 @@ class Resolver:
         apex: int = 0,
         named: bool = False,
         upstream: str | None = None,
+        from_cache: bool = False,
     ) -> Info:
         """The labels and audit fields of one answer, computed once (then memoised)."""
         audit = self.audit
@@ -342,6 +359,7 @@ class Resolver:
             decode_name(q.qname) if logged or named else "",
             logged,
             upstream,
+            from_cache,
         )
 
     def _account(self, info: Info, tcp: bool, client: str, started: float) -> None:
@@ -351,6 +369,8 @@ class Resolver:
         key = info.keys[tcp]
         answers[key] = answers.get(key, 0) + 1
         info.hist.observe(elapsed)
+        if info.from_cache:
+            self.stats.cache_hits += 1
         if info.per_list is not None:
             info.per_list[info.list_id] += 1
         if info.logged and self.audit is not None:
@@ -445,7 +465,7 @@ class Resolver:
     ) -> bytes | None:
         """A query the access list or the rate limit stops: REFUSED, silence or TC=1."""
         self.stats.stopped[_STOPPED[verdict]] += 1
-        if verdict == DROP:
+        if verdict in (DROP, DENY_DROP):
             return None
         try:
             q = parse_query(data)
@@ -552,20 +572,27 @@ class Resolver:
         mask: int,
     ) -> bytes:
         stale = self.cache.stale(key, self.clock()) if self.cache.serve_stale else None
-        fetch = asyncio.ensure_future(self._fetch(q, key, valid_until))
-        if stale is not None:
+        if stale is None:
+            entry = await self._fetch(q, key, valid_until)
+        else:
             # RFC 8767: if no answer comes within the client response timer, or none at
             # all, the stale one is better than SERVFAIL; the fetch goes on meanwhile and
             # refreshes the cache when it lands.
+            fetch = asyncio.ensure_future(self._fetch(q, key, valid_until))
             done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
             entry = fetch.result() if done else None
             if entry is None:
                 if not done:
                     self._refreshing.add(fetch)
                     fetch.add_done_callback(self._refreshing.discard)
+                if self._inspects(stale):  # a stale answer gets the same checks as a fresh one
+                    now = self.clock()
+                    rule, rname, _ = self._behind(q, stale, mask, now)
+                    if rule is not None:
+                        return self._blocked_behind(
+                            q, rule, rname, now, limit, tcp, client, started
+                        )[0]
                 return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
-        else:
-            entry = await fetch
         upstream = None
         if entry is not None and self._inspects(entry):
             now = self.clock()

@@ -31,6 +31,7 @@ PASS: Final = 0
 REFUSE: Final = 1
 DROP: Final = 2
 TRUNCATE: Final = 3
+DENY_DROP: Final = 4  # dropped by the access list (not the rate limit)
 
 
 class Guard:
@@ -48,7 +49,7 @@ class Guard:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in allow]
-        self.denied = REFUSE if denied == "refuse" else DROP
+        self.denied = REFUSE if denied == "refuse" else DENY_DROP
         self.rate = rate
         self.burst = max(burst, rate)
         self.over_limit = TRUNCATE if over_limit == "truncate" else DROP
@@ -78,7 +79,8 @@ class Guard:
         return allowed, key
 
     def check(self, client: str, tcp: bool) -> int:
-        """PASS, or what to do with a query from ``client``: REFUSE, DROP or TRUNCATE."""
+        """PASS, or what to do with a query from ``client``: REFUSE or DENY_DROP (access
+        list), DROP or TRUNCATE (rate limit)."""
         known = self._clients.get(client)
         if known is None:
             if len(self._clients) >= self.max_clients:

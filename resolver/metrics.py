@@ -118,6 +118,8 @@ class Stats:
         self.last_reload_failed = False
         self.last_reload_error: str | None = None
         self.policy_loaded_at = 0.0
+        #: Answers from the cache, the answer memo's included.
+        self.cache_hits = 0
         #: Answers served stale (RFC 8767) because upstreams failed or were too slow.
         self.stale = 0
         #: Queries stopped before any work: acl (refused), dropped, truncated (rate limit).
@@ -234,8 +236,8 @@ class ResolverCollector(Collector):
 
         cache = resolver.cache
         yield GaugeMetricFamily("resolver_cache_entries", "Answers in the cache.", value=len(cache))
-        # Hits served from the answer memo never reach the cache: count answers instead.
-        hits = sum(count for key, count in stats.answers.items() if key[3] == "cached")
+        # Hits served from the answer memo never reach the cache: counted per answer.
+        hits = stats.cache_hits
         yield CounterMetricFamily(
             "resolver_cache_hits", "Queries answered from the cache.", value=hits
         )

@@ -110,6 +110,7 @@ class TCPConnections:
             if victim is None:
                 return False
             victim.close()
+            self.open.pop(victim, None)  # gone now, not when connection_lost runs
         self.open[conn] = None
         return True
 
@@ -206,6 +207,8 @@ class TCPConnection(asyncio.Protocol):
             self._answer(message)
             if self.transport is None or self.transport.is_closing():
                 return
+            if self.paused:
+                break  # at the pipeline limit: the rest waits until answers go out
 
     def _answer(self, message: bytes) -> None:
         try:
@@ -241,6 +244,8 @@ class TCPConnection(asyncio.Protocol):
             ):
                 self.transport.resume_reading()
                 self.paused = False
+                if len(self.buffer) >= 2:
+                    self.data_received(b"")  # frame what arrived while paused
         if answer is not None:
             self._send(answer)
 

@@ -388,11 +388,13 @@ class Forwarder:
     def _failed(self, up: Upstream, kind: str) -> None:
         self.errors[(up.label, kind)] += 1
         self.failures[up.label] += 1
-        if self.failures[up.label] >= DOWN_AFTER:
-            # Down: skipped while resting, then probed; each failed probe doubles the rest.
+        now = time.monotonic()
+        if self.failures[up.label] >= DOWN_AFTER and now >= self.retry_at.get(up.label, 0.0):
+            # Down: skipped while resting, then probed; each failed probe doubles the rest
+            # (failures of queries already in flight when it went down do not).
             rest = min(self.backoff.get(up.label, 0.5) * 2, MAX_BACKOFF)
             self.backoff[up.label] = rest
-            self.retry_at[up.label] = time.monotonic() + rest
+            self.retry_at[up.label] = now + rest
             if self.failures[up.label] == DOWN_AFTER:
                 log.warning("upstream %s is down after %d failures in a row", up, DOWN_AFTER)
 
@@ -434,7 +436,10 @@ class Forwarder:
         self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float
     ) -> Scan:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(up.family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(up.family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of file descriptors, say: a failed exchange
+            raise UpstreamError("network", str(exc)) from None
         try:
             sock.setblocking(False)
             try:

@@ -474,11 +474,18 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
     if rid != qid or not flags & FLAG_QR:
         raise Mismatch("ID or QR does not match")
     qend = 12 + len(question)
-    if qdcount != 1 or data[12:qend].lower() != question.lower():
+    # The name compares without case; type and class exactly (lower() would fold them).
+    if (
+        qdcount != 1
+        or data[12 : qend - 4].lower() != question[:-4].lower()
+        or data[qend - 4 : qend] != question[-4:]
+    ):
         raise Mismatch("question does not match")
     s = Scan()
     s.flags = flags
     s.rcode = flags & 0xF
+    if flags & FLAG_TC:
+        return s  # cut short (RFC 1035 allows mid-record): only its TC bit is used
     s.ancount = ancount
     s.nscount = nscount
     off = qend

@@ -265,3 +265,26 @@ def test_name_codec_round_trip() -> None:
     assert wire.decode_name(b"\x00") == "."
     with pytest.raises(ValueError):
         wire.encode_name("a" * 64 + ".test")
+
+
+def test_a_reply_cut_mid_record_with_tc_is_read_as_truncated() -> None:
+    query = dns.message.make_query("example.test", "TXT")
+    response = dns.message.make_response(query)
+    response.answer.append(
+        dns.rrset.from_text("example.test.", 300, "IN", "TXT", '"' + "x" * 200 + '"')
+    )
+    data = bytearray(response.to_wire())
+    data[2] |= 0x02  # TC
+    cut = bytes(data[:60])  # in the middle of the TXT record
+    question = cut[12 : 12 + len(b"\x07example\x04test\x00") + 4]
+    scan = wire.scan_response(cut, query.id, question)
+    assert scan.flags & wire.FLAG_TC
+
+
+def test_the_question_type_must_match_exactly() -> None:
+    query = dns.message.make_query("example.test", "HTTPS")  # type 65 = 0x41, 'A'
+    data = dns.message.make_response(query).to_wire()
+    question = data[12:]
+    other = question[:-4] + b"\x00\x61" + question[-2:]  # type 97 = 'a'
+    with pytest.raises(wire.Mismatch):
+        wire.scan_response(data, query.id, other)
