@@ -201,6 +201,3 @@ class Cache:
                 data.popitem(last=False)
                 self.evictions += 1
         return entry
-
-    def clear(self) -> None:
-        self._data.clear()

@@ -8,7 +8,6 @@ by a test moves every window at once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -77,40 +76,6 @@ def parse_instant(value: object, tz: ZoneInfo) -> float:
     if moment.tzinfo is None:
         return local_to_instant(moment, tz)
     return moment.timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """``[start, end)`` in POSIX seconds; ``start`` inclusive, ``end`` exclusive."""
-
-    start: float = ALWAYS
-    end: float = NEVER
-
-    def contains(self, now: float) -> bool:
-        return self.start <= now < self.end
-
-    def intersect(self, other: Window) -> Window:
-        return Window(max(self.start, other.start), min(self.end, other.end))
-
-    @property
-    def empty(self) -> bool:
-        return self.start >= self.end
-
-    def state(self, now: float) -> str:
-        """``pending``, ``enforced`` or ``expired`` at ``now``."""
-        if now < self.start:
-            return "pending"
-        if now >= self.end:
-            return "expired"
-        return "enforced"
-
-    def next_change(self, now: float) -> float:
-        """The first boundary after ``now`` (``NEVER`` when none)."""
-        if now < self.start:
-            return self.start
-        if now < self.end:
-            return self.end
-        return NEVER
 
 
 def format_instant(instant: float, tz: ZoneInfo | None = None) -> str:
