@@ -552,13 +552,32 @@ class Resolver:
         mask: int = ALL_CLIENTS,
     ) -> bytes:
         try:
-            return await self._answer_from_upstream(
+            return await self._from_upstream(
                 q, key, valid_until, limit, decision, monitored, tcp, client, started, mask
             )
         finally:
-            self.waiting -= 1
+            self.waiting -= 1  # counted in handle(), when the query was handed over
 
-    async def _answer_from_upstream(
+    def _blocked_if_behind(
+        self,
+        q: Query,
+        entry: Entry,
+        mask: int,
+        limit: int,
+        tcp: bool,
+        client: str,
+        started: float,
+    ) -> bytes | None:
+        """The blocked answer when what ``entry`` leads to is blocked (see _behind)."""
+        if not self._inspects(entry):
+            return None
+        now = self.clock()
+        rule, rname, _ = self._behind(q, entry, mask, now)
+        if rule is None:
+            return None
+        return self._blocked_behind(q, rule, rname, now, limit, tcp, client, started)[0]
+
+    async def _from_upstream(
         self,
         q: Query,
         key: bytes,
@@ -585,20 +604,16 @@ class Resolver:
                 if not done:
                     self._refreshing.add(fetch)
                     fetch.add_done_callback(self._refreshing.discard)
-                if self._inspects(stale):  # a stale answer gets the same checks as a fresh one
-                    now = self.clock()
-                    rule, rname, _ = self._behind(q, stale, mask, now)
-                    if rule is not None:
-                        return self._blocked_behind(
-                            q, rule, rname, now, limit, tcp, client, started
-                        )[0]
+                # A stale answer gets the same checks as a fresh one.
+                blocked = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
+                if blocked is not None:
+                    return blocked
                 return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
         upstream = None
-        if entry is not None and self._inspects(entry):
-            now = self.clock()
-            rule, rname, _ = self._behind(q, entry, mask, now)
-            if rule is not None:
-                return self._blocked_behind(q, rule, rname, now, limit, tcp, client, started)[0]
+        if entry is not None:
+            blocked = self._blocked_if_behind(q, entry, mask, limit, tcp, client, started)
+            if blocked is not None:
+                return blocked
         if entry is None:
             answer = error_response(q, RCODE_SERVFAIL)
             decision, rcode = "error", RCODE_SERVFAIL
