@@ -125,11 +125,12 @@ class Server:
         apply_rebinding(self.resolver, config)
         self._loaded(policy)
         # Now that included files are known, they join the baseline, unless something
-        # changed during the load (then the first check reloads).
-        unchanged = await loop.run_in_executor(None, self._fingerprint, False, ()) == before
-        if unchanged:
-            self._baseline = await loop.run_in_executor(None, self._fingerprint, False)
-            self._baseline_sum = await loop.run_in_executor(None, self._fingerprint, True)
+        # changed during the load (then the first check reloads). The baseline is taken
+        # before that check, so that no edit can slip in between.
+        baseline = await loop.run_in_executor(None, self._fingerprint, False)
+        baseline_sum = await loop.run_in_executor(None, self._fingerprint, True)
+        if await loop.run_in_executor(None, self._fingerprint, False, ()) == before:
+            self._baseline, self._baseline_sum = baseline, baseline_sum
         log.info("forwarding to %s", ", ".join(str(u) for u in config.upstreams))
         try:
             for listen in config.listen:
@@ -422,8 +423,17 @@ class Server:
             seen = now
             digest = await loop.run_in_executor(None, self._fingerprint, True)
             last_sum = time.monotonic()
+            lists = await loop.run_in_executor(None, self._fingerprint, False, ())
             log.info("files changed on disk: reloading")
             await self.reload()
+            # The reload may have added or dropped included files: they join the baseline,
+            # unless the config or the lists changed meanwhile (then the next check
+            # reloads). The new baseline is taken before that check, so an edit made
+            # between the two is never absorbed into it.
+            with_includes = await loop.run_in_executor(None, self._fingerprint, False)
+            contents = await loop.run_in_executor(None, self._fingerprint, True)
+            if await loop.run_in_executor(None, self._fingerprint, False, ()) == lists:
+                seen, digest = with_includes, contents
 
     def _watched(self, included: Sequence[str] | None) -> list[Path]:
         paths: list[Path] = []

@@ -319,3 +319,17 @@ def test_audit_names_the_rule_that_matched_a_monitored_subdomain(
     (entry,) = [json.loads(line) for line in audit.read_text().splitlines()]
     assert entry["decision"] == "monitored" and entry["rule"] == "example.test"
     assert entry["qname"] == "www.example.test." and entry["upstream"] == upstream.address
+
+
+def test_adding_an_include_reloads_once_and_watches_the_included_file(
+    served: tuple[ResolverProcess, Path, Path],
+) -> None:
+    proc, lists, _ = served
+    (lists / "data.txt").write_text("www.example.test\n")
+    before = len(proc.lines)
+    (lists / "inc.yaml").write_text("list: inc\ninclude: [{file: data.txt, format: domains}]\n")
+    wait_for(lambda: ask(proc.port, "www.example.test").rcode() == dns.rcode.NXDOMAIN)
+    time.sleep(1.0)  # several watcher rounds: no second reload for the same edit
+    assert sum("files changed on disk" in line for line in proc.lines[before:]) == 1
+    (lists / "data.txt").write_text("www.example.test\nexample.test\n")  # the included file
+    wait_for(lambda: ask(proc.port, "example.test").rcode() == dns.rcode.NXDOMAIN)
