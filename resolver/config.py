@@ -276,22 +276,11 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
                 field_name,
                 "a group name is 1-63 lower-case letters, digits, '-' or '_', and not 'all'",
             )
-        if isinstance(nets, str):
-            nets = [nets]
-        if not isinstance(nets, list) or not nets:
+        if not nets:
             raise SourceError(
                 value_where(value, name), field_name, "expected a list of networks (CIDR)"
             )
-        for index, net in enumerate(nets):
-            try:
-                ipaddress.ip_network(str(net), strict=False)
-            except ValueError:
-                raise SourceError(
-                    item_where(nets, index) or value_where(value, name),
-                    f"{field_name}[{index}]",
-                    f"{net!r} is not a network (e.g. 10.0.0.0/8 or 2001:db8::/32)",
-                ) from None
-        out.append((name, tuple(str(n) for n in nets)))
+        out.append((name, _networks(value, name, field_name)))
     return tuple(out)
 
 
