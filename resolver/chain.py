@@ -538,26 +538,6 @@ class Resolver:
         self._account(info, tcp, client, started)
         return _fit(answer, q, limit)
 
-    async def _forward(
-        self,
-        q: Query,
-        key: bytes,
-        valid_until: float,
-        limit: int,
-        decision: str,
-        monitored: RuleSet | None,
-        tcp: bool,
-        client: str,
-        started: float,
-        mask: int = ALL_CLIENTS,
-    ) -> bytes:
-        try:
-            return await self._from_upstream(
-                q, key, valid_until, limit, decision, monitored, tcp, client, started, mask
-            )
-        finally:
-            self.waiting -= 1  # counted in handle(), when the query was handed over
-
     def _blocked_if_behind(
         self,
         q: Query,
@@ -577,7 +557,7 @@ class Resolver:
             return None
         return self._blocked_behind(q, rule, rname, now, limit, tcp, client, started)[0]
 
-    async def _from_upstream(
+    async def _forward(
         self,
         q: Query,
         key: bytes,
@@ -588,42 +568,46 @@ class Resolver:
         tcp: bool,
         client: str,
         started: float,
-        mask: int,
+        mask: int = ALL_CLIENTS,
     ) -> bytes:
-        stale = self.cache.stale(key, self.clock()) if self.cache.serve_stale else None
-        if stale is None:
-            entry = await self._fetch(q, key, valid_until)
-        else:
-            # RFC 8767: if no answer comes within the client response timer, or none at
-            # all, the stale one is better than SERVFAIL; the fetch goes on meanwhile and
-            # refreshes the cache when it lands.
-            fetch = asyncio.ensure_future(self._fetch(q, key, valid_until))
-            done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
-            entry = fetch.result() if done else None
-            if entry is None:
-                if not done:
-                    self._refreshing.add(fetch)
-                    fetch.add_done_callback(self._refreshing.discard)
-                # A stale answer gets the same checks as a fresh one.
-                blocked = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
+        """The answer from upstream (or a stale one), checked and accounted for."""
+        try:
+            stale = self.cache.stale(key, self.clock()) if self.cache.serve_stale else None
+            if stale is None:
+                entry = await self._fetch(q, key, valid_until)
+            else:
+                # RFC 8767: if no answer comes within the client response timer, or none at
+                # all, the stale one is better than SERVFAIL; the fetch goes on meanwhile and
+                # refreshes the cache when it lands.
+                fetch = asyncio.ensure_future(self._fetch(q, key, valid_until))
+                done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
+                entry = fetch.result() if done else None
+                if entry is None:
+                    if not done:
+                        self._refreshing.add(fetch)
+                        fetch.add_done_callback(self._refreshing.discard)
+                    # A stale answer gets the same checks as a fresh one.
+                    blocked = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
+                    if blocked is not None:
+                        return blocked
+                    return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
+            upstream = None
+            if entry is not None:
+                blocked = self._blocked_if_behind(q, entry, mask, limit, tcp, client, started)
                 if blocked is not None:
                     return blocked
-                return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
-        upstream = None
-        if entry is not None:
-            blocked = self._blocked_if_behind(q, entry, mask, limit, tcp, client, started)
-            if blocked is not None:
-                return blocked
-        if entry is None:
-            answer = error_response(q, RCODE_SERVFAIL)
-            decision, rcode = "error", RCODE_SERVFAIL
-        else:
-            answer = _fit(render(entry, q, self.clock()), q, limit)
-            rcode, upstream = entry.rcode, entry.upstream
-        apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
-        info = self._info(q, decision, rcode, monitored, apex, monitored is not None, upstream)
-        self._account(info, tcp, client, started)
-        return answer
+            if entry is None:
+                answer = error_response(q, RCODE_SERVFAIL)
+                decision, rcode = "error", RCODE_SERVFAIL
+            else:
+                answer = _fit(render(entry, q, self.clock()), q, limit)
+                rcode, upstream = entry.rcode, entry.upstream
+            apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
+            info = self._info(q, decision, rcode, monitored, apex, monitored is not None, upstream)
+            self._account(info, tcp, client, started)
+            return answer
+        finally:
+            self.waiting -= 1  # counted in handle(), when the query was handed over
 
 
 def _remember(memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info) -> None:
