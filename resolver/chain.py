@@ -89,6 +89,13 @@ ALL_GROUPS: Final = (1 << 64) - 1
 _STALE_OPTION: Final = ede_option(EDE_STALE, "")
 _STALE_PLAIN: Final = opt_record(False, 0, _STALE_OPTION)
 _STALE_DO: Final = opt_record(True, 0, _STALE_OPTION)
+# Our OPT record by (stale, DO).
+_OPTS: Final = {
+    (False, False): OPT_PLAIN,
+    (False, True): OPT_DO,
+    (True, False): _STALE_PLAIN,
+    (True, True): _STALE_DO,
+}
 _MEMO_MAX: Final = 50_000
 
 
@@ -518,18 +525,7 @@ class Resolver:
         started: float,
     ) -> bytes:
         """An expired answer, TTL 30, with Extended DNS Error 3 (Stale Answer)."""
-        flags = response_flags(q, entry.rcode)
-        records = entry.stale_records()
-        if q.edns:
-            opt = _STALE_DO if q.do else _STALE_PLAIN
-            answer = (
-                header(q.id, flags, 1, entry.an, entry.ns, entry.ar + 1)
-                + q.question
-                + records
-                + opt
-            )
-        else:
-            answer = header(q.id, flags, 1, entry.an, entry.ns, entry.ar) + q.question + records
+        answer = render(entry, q, self.clock(), stale=True)
         self.stats.stale += 1
         decision = "cached" if decision == "forwarded" else decision
         info = self._info(
@@ -655,19 +651,18 @@ def _cache_key(q: Query) -> bytes:
     return q.key + q.question[-4:] + bytes((q.do, (q.flags >> 4) & 1))
 
 
-def render(entry: Entry, q: Query, now: float) -> bytes:
-    """A cached reply as the answer to ``q``: its ID, its question's case, its flags."""
+def render(entry: Entry, q: Query, now: float, stale: bool = False) -> bytes:
+    """A cached reply as the answer to ``q``: its ID, its question's case, its flags; or,
+    ``stale``, as RFC 8767 serves an expired one (TTL 30, Extended DNS Error 3)."""
     flags = response_flags(q, entry.rcode)
     if q.do or q.flags & FLAG_AD:
         flags |= entry.flags & FLAG_AD  # RFC 6840 5.8: AD only for clients that ask
+    records = entry.stale_records() if stale else entry.records(now)
     if q.edns:
-        return (
-            header(q.id, flags, 1, entry.an, entry.ns, entry.ar + 1)
-            + q.question
-            + entry.records(now)
-            + (OPT_DO if q.do else OPT_PLAIN)
-        )
-    return header(q.id, flags, 1, entry.an, entry.ns, entry.ar) + q.question + entry.records(now)
+        opt = _OPTS[stale, q.do]
+        head = header(q.id, flags, 1, entry.an, entry.ns, entry.ar + 1)
+        return head + q.question + records + opt
+    return header(q.id, flags, 1, entry.an, entry.ns, entry.ar) + q.question + records
 
 
 def _fit(answer: bytes, q: Query, limit: int) -> bytes:
