@@ -6,6 +6,7 @@ server's state, except reload, which loads the new policy off the loop as every 
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ def admin_routes(server: Server) -> dict[tuple[str, str], Handler]:
         return json_response(200 if ready else 503, {"ready": ready, "checks": checks})
 
     async def status(_: Request) -> Response:
+        if server.supervisor is not None:
+            await server.supervisor.refresh_counts()
         return json_response(200, status_document(server))
 
     async def explain_route(request: Request) -> Response:
@@ -93,6 +96,8 @@ def admin_routes(server: Server) -> dict[tuple[str, str], Handler]:
             return error(400, f"bad name: {exc}")
         removed = resolver.cache.flush(wire)
         resolver.forget_answers()  # the memo holds rendered cache hits too
+        if server.supervisor is not None:  # every worker has a cache of its own
+            removed += sum(n or 0 for n in await server.supervisor.ask("flush", wire))
         return json_response(200, {"flushed": removed, "name": normalize(name) if name else None})
 
     return {
@@ -168,6 +173,20 @@ def status_document(server: Server) -> dict[str, Any]:
     doc["cache"] = {"entries": len(cache), "max_entries": cache.max_entries}
     audit = resolver.audit
     doc["audit"] = {"dropped": audit.dropped if audit else 0, "enabled": audit is not None}
+    supervisor = server.supervisor
+    doc["workers"] = [
+        {
+            "index": 0,
+            "pid": os.getpid(),
+            "alive": True,
+            "ready": True,
+            "restarts": 0,
+            "answers": sum(stats.answers.values()),
+            "policy": policy.digest,
+            "last_reload_error": stats.last_reload_error,
+        },
+        *(child.status() for child in (supervisor.children if supervisor else ())),
+    ]
     return doc
 
 
@@ -177,6 +196,8 @@ def metrics_routes(server: Server) -> dict[tuple[str, str], Handler]:
     registry.register(ResolverCollector(server))
 
     async def metrics(_: Request) -> Response:
+        if server.supervisor is not None:
+            await server.supervisor.refresh_counts()
         return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return {("GET", "/metrics"): metrics}

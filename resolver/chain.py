@@ -45,7 +45,7 @@ from .sinkhole import blocked_answer
 from .upstream import Forwarder
 
 if TYPE_CHECKING:
-    from .querylog import AuditLog
+    from .querylog import AuditSink
 
 from .wire import (
     EDE_STALE,
@@ -185,7 +185,7 @@ class Resolver:
         self.memo_hits = 0
         self.stats = Stats()
         #: The audit log, when one is configured (its writer runs in its own thread).
-        self.audit: AuditLog | None = None
+        self.audit: AuditSink | None = None
         #: Queries waiting for upstreams at once; beyond, SERVFAIL at once.
         self.max_inflight = 4096
         self.waiting = 0

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import dns.exception
@@ -55,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (off unless asked for)",
     )
+
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes answering on the same addresses (SO_REUSEPORT; default 1)",
+    )
+    # Internal: how the first worker starts the others (see resolver/workers.py).
+    serve.add_argument("--worker-child", type=int, metavar="FD", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config file and the lists it names")
     check.add_argument("--config", type=Path, help="YAML config file")
@@ -116,10 +127,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    child = args.worker_child is not None
+
     def reread() -> Config:
-        return finish(
-            _load(args), args.listen, args.upstream, args.blocklists, args.admin, args.metrics
+        config = finish(
+            _load(args),
+            args.listen,
+            args.upstream,
+            args.blocklists,
+            args.admin,
+            args.metrics,
+            args.workers,
         )
+        if child:  # the first worker alone serves the admin API and /metrics
+            config = replace(config, admin=None, metrics=None)
+        return config
 
     try:
         config = reread()
@@ -127,12 +149,26 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"resolver: {exc}", file=sys.stderr)
         return 2
     level = (args.log_level or config.log_level).upper()
+    who = f"worker {args.worker_index}: " if child else ""
     logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+        level=level, stream=sys.stderr, format=f"%(asctime)s %(levelname)s {who}%(message)s"
     )
     from .server import run
+    from .workers import WorkerLink, child_argv
 
-    return run(config, reread)
+    if child:
+        return run(config, reread, link=WorkerLink(args.worker_child, args.worker_index))
+
+    def child_command(listens: list[str]) -> list[str]:
+        return child_argv(
+            str(args.config) if args.config else None,
+            args.upstream,
+            args.blocklists,
+            args.log_level,
+            listens,
+        )
+
+    return run(config, reread, child_command=child_command)
 
 
 def shadowed(policy: Policy) -> list[str]:

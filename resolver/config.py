@@ -127,6 +127,10 @@ class ReloadConfig:
     checksum_interval: float = 60.0  # seconds between content checksums (the backstop)
 
 
+#: More workers than this would only contend for the same cores.
+MAX_WORKERS: Final = 256
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything ``resolver serve`` needs. ``upstreams`` empty means /etc/resolv.conf."""
@@ -144,6 +148,8 @@ class Config:
     cache: CacheConfig = CacheConfig()
     tcp: TCPConfig = TCPConfig()
     drain_timeout: float = 5.0
+    #: Processes answering on the same addresses (SO_REUSEPORT); see resolver/workers.py.
+    workers: int = 1
     log_level: str = "info"
     #: Client groups by name -> networks (CIDR); lists name the groups they apply to.
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -174,6 +180,7 @@ TOP_KEYS: Final = frozenset(
         "cache",
         "tcp",
         "drain_timeout",
+        "workers",
         "log_level",
         "groups",
         "state_dir",
@@ -439,6 +446,7 @@ def load_config(path: Path) -> Config:
             max_pipeline=_number(tcp, "max_pipeline", int, 1, 65_535, DEFAULT_TCP_MAX_PIPELINE),
         ),
         drain_timeout=_number(doc, "drain_timeout", float, 0, 300, 5.0),
+        workers=_number(doc, "workers", int, 1, MAX_WORKERS, 1),
         log_level=level,
         groups=_groups(doc),
         admin=_one_address(admin, "listen", "admin.listen"),
@@ -475,8 +483,13 @@ def finish(
     blocklists: str | None = None,
     admin: str | None = None,
     metrics: str | None = None,
+    workers: int | None = None,
 ) -> Config:
     """Apply command-line overrides and fill in the embedded defaults."""
+    if workers is not None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be from 1 to {MAX_WORKERS}, not {workers}")
+        config = replace(config, workers=workers)
     if admin:
         config = replace(config, admin=parse_listen(admin))
     if metrics:

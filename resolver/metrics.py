@@ -13,7 +13,8 @@ import platform
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,7 +29,10 @@ from .policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
 from .policy.timewindow import ALWAYS, NEVER
 
 if TYPE_CHECKING:
+    from .chain import Resolver
     from .server import Server
+
+K = TypeVar("K")
 
 QTYPE_LABELS: Final = {
     1: "A",
@@ -104,6 +108,16 @@ class Histogram:
             out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
         return out
 
+    def merged(self, other: Histogram | None) -> Histogram:
+        """A new histogram with this one's observations and ``other``'s."""
+        out = Histogram()
+        out.counts = list(self.counts)
+        out.total = self.total
+        if other is not None:
+            out.counts = [a + b for a, b in zip(out.counts, other.counts, strict=True)]
+            out.total += other.total
+        return out
+
 
 class Stats:
     """What the query path counts. ``answers`` is keyed by (proto, qtype, rcode, decision)."""
@@ -126,6 +140,83 @@ class Stats:
         self.stopped: Counter[str] = Counter()
 
 
+def _merge_hists(mine: dict[K, Histogram], theirs: dict[K, Histogram]) -> dict[K, Histogram]:
+    return {k: h.merged(theirs.get(k)) for k, h in mine.items()} | {
+        k: h.merged(None) for k, h in theirs.items() if k not in mine
+    }
+
+
+@dataclass
+class Counts:
+    """Everything one process has counted, as plain picklable data.
+
+    With ``--workers N`` each worker sends its Counts to the first one, which adds them up
+    for /metrics; a single process just reads its own.
+    """
+
+    answers: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    durations: dict[str, Histogram] = field(default_factory=dict)
+    blocked: Counter[str] = field(default_factory=Counter)
+    would_block: Counter[str] = field(default_factory=Counter)
+    stopped: Counter[str] = field(default_factory=Counter)
+    upstream_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    upstream_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    cache_hits: int = 0
+    stale: int = 0
+    cache_entries: int = 0
+    cache_misses: int = 0
+    cache_prefetches: int = 0
+    cache_evictions: int = 0
+    ratelimit_clients: int = 0
+    audit_dropped: int = 0
+
+    @property
+    def answered(self) -> int:
+        """Queries answered (every response sent)."""
+        return sum(self.answers.values())
+
+    def __add__(self, other: Counts) -> Counts:
+        out = Counts(
+            self.answers + other.answers,
+            _merge_hists(self.durations, other.durations),
+            self.blocked + other.blocked,
+            self.would_block + other.would_block,
+            self.stopped + other.stopped,
+            _merge_hists(self.upstream_durations, other.upstream_durations),
+            self.upstream_errors + other.upstream_errors,
+        )
+        for name in SCALARS:
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+
+SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type == "int")
+
+
+def counts_of(resolver: Resolver) -> Counts:
+    """A copy of what ``resolver`` has counted so far."""
+    stats = resolver.stats
+    cache = resolver.cache
+    forwarder = resolver.forwarder
+    return Counts(
+        Counter(stats.answers),
+        {k: h.merged(None) for k, h in stats.durations.items()},
+        Counter(stats.blocked),
+        Counter(stats.would_block),
+        Counter(stats.stopped),
+        {k: h.merged(None) for k, h in forwarder.durations.items()},
+        Counter(forwarder.errors),
+        cache_hits=stats.cache_hits,
+        stale=stats.stale,
+        cache_entries=len(cache),
+        cache_misses=cache.misses,
+        cache_prefetches=cache.prefetches,
+        cache_evictions=cache.evictions,
+        ratelimit_clients=resolver.guard.tracked if resolver.guard is not None else 0,
+        audit_dropped=resolver.audit.dropped if resolver.audit is not None else 0,
+    )
+
+
 class ResolverCollector(Collector):
     """Builds every ``resolver_`` metric family from a running :class:`Server`."""
 
@@ -138,6 +229,7 @@ class ResolverCollector(Collector):
         if resolver is None:
             return
         stats = resolver.stats
+        counts = server.counts()
         requests = CounterMetricFamily(
             "resolver_requests", "DNS queries received.", labels=["proto", "qtype"]
         )
@@ -146,7 +238,7 @@ class ResolverCollector(Collector):
             "resolver_responses", "DNS responses sent.", labels=["rcode", "decision"]
         )
         by_response: Counter[tuple[str, str]] = Counter()
-        for (proto, qtype, rcode, decision), count in list(stats.answers.items()):
+        for (proto, qtype, rcode, decision), count in counts.answers.items():
             by_request[(proto, qtype)] += count
             by_response[(rcode, decision)] += count
         for labels, count in sorted(by_request.items()):
@@ -161,7 +253,7 @@ class ResolverCollector(Collector):
             "Time from receiving a query to having its answer.",
             labels=["decision"],
         )
-        for decision, hist in stats.durations.items():
+        for decision, hist in counts.durations.items():
             duration.add_metric([decision], hist.family_buckets(), hist.total)
         yield duration
 
@@ -174,10 +266,10 @@ class ResolverCollector(Collector):
             "Queries that a list in its monitor phase or mode would block, by list.",
             labels=["list"],
         )
-        ids = sorted({b.id for b in policy.lists} | set(stats.blocked) | set(stats.would_block))
+        ids = sorted({b.id for b in policy.lists} | set(counts.blocked) | set(counts.would_block))
         for list_id in ids:
-            blocked.add_metric([list_id], stats.blocked[list_id])
-            would.add_metric([list_id], stats.would_block[list_id])
+            blocked.add_metric([list_id], counts.blocked[list_id])
+            would.add_metric([list_id], counts.would_block[list_id])
         yield blocked
         yield would
 
@@ -234,28 +326,30 @@ class ResolverCollector(Collector):
         info.add_metric([policy.digest], 1.0)
         yield info
 
-        cache = resolver.cache
-        yield GaugeMetricFamily("resolver_cache_entries", "Answers in the cache.", value=len(cache))
+        yield GaugeMetricFamily(
+            "resolver_cache_entries", "Answers in the cache.", value=counts.cache_entries
+        )
         # Hits served from the answer memo never reach the cache: counted per answer.
-        hits = stats.cache_hits
         yield CounterMetricFamily(
-            "resolver_cache_hits", "Queries answered from the cache.", value=hits
+            "resolver_cache_hits", "Queries answered from the cache.", value=counts.cache_hits
         )
         yield CounterMetricFamily(
-            "resolver_cache_misses", "Cache lookups that found nothing.", value=cache.misses
+            "resolver_cache_misses", "Cache lookups that found nothing.", value=counts.cache_misses
         )
         yield CounterMetricFamily(
             "resolver_cache_prefetches",
             "Popular entries refreshed before they expired.",
-            value=cache.prefetches,
+            value=counts.cache_prefetches,
         )
         yield CounterMetricFamily(
             "resolver_cache_stale_answers",
             "Expired answers served because the upstreams failed or were too slow (RFC 8767).",
-            value=stats.stale,
+            value=counts.stale,
         )
         yield CounterMetricFamily(
-            "resolver_cache_evictions", "Entries evicted to bound the cache.", value=cache.evictions
+            "resolver_cache_evictions",
+            "Entries evicted to bound the cache.",
+            value=counts.cache_evictions,
         )
 
         forwarder = resolver.forwarder
@@ -264,7 +358,7 @@ class ResolverCollector(Collector):
             "Time of each exchange with an upstream, by its answer's rcode.",
             labels=["upstream", "rcode"],
         )
-        for (upstream, rcode), hist in sorted(forwarder.durations.items()):
+        for (upstream, rcode), hist in sorted(counts.upstream_durations.items()):
             up_duration.add_metric([upstream, rcode], hist.family_buckets(), hist.total)
         yield up_duration
         errors = CounterMetricFamily(
@@ -272,7 +366,7 @@ class ResolverCollector(Collector):
             "Failed exchanges with upstreams, by kind.",
             labels=["upstream", "kind"],
         )
-        for (upstream, kind), count in sorted(forwarder.errors.items()):
+        for (upstream, kind), count in sorted(counts.upstream_errors.items()):
             errors.add_metric([upstream, kind], count)
         yield errors
         up = GaugeMetricFamily(
@@ -291,20 +385,17 @@ class ResolverCollector(Collector):
             labels=["reason"],
         )
         for reason in ("acl", "dropped", "truncated", "overload"):
-            stopped.add_metric([reason], stats.stopped[reason])
+            stopped.add_metric([reason], counts.stopped[reason])
         yield stopped
-        guard = resolver.guard
         yield GaugeMetricFamily(
             "resolver_ratelimit_clients",
             "Clients (or IPv6 prefixes) with a rate-limit bucket; bounded.",
-            value=guard.tracked if guard is not None else 0,
+            value=counts.ratelimit_clients,
         )
-
-        audit = resolver.audit
         yield CounterMetricFamily(
             "resolver_audit_dropped",
             "Audit log entries dropped because the log could not keep up.",
-            value=audit.dropped if audit is not None else 0,
+            value=counts.audit_dropped,
         )
         build = GaugeMetricFamily(
             "resolver_build_info",

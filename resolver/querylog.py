@@ -41,11 +41,11 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 log = logging.getLogger("resolver.audit")
 
@@ -87,6 +87,24 @@ class AuditConfig:
 def pseudonym(key: bytes, address: str) -> str:
     """``anon-`` and the first 16 hex digits of HMAC-SHA256(key, address)."""
     return "anon-" + hmac.new(key, address.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+class AuditSink(Protocol):
+    """What the query path needs of an audit log (:class:`AuditLog`, or a worker's relay)."""
+
+    @property
+    def dropped(self) -> int: ...
+
+    def wants(self, decision: str) -> bool: ...
+
+    #: (when, client, proto, qname, qtype, rcode, decision, list_id, rule, reference,
+    #: upstream, duration): see :meth:`AuditLog.record`.
+    @property
+    def record(self) -> Callable[..., None]: ...
+
+    def start(self) -> None: ...
+
+    def close(self, timeout: float = 5.0) -> None: ...
 
 
 class AuditLog:

@@ -27,12 +27,14 @@ from .chain import Clock, Resolver
 from .config import Config, Listen
 from .guard import Guard
 from .httpserver import HTTPServer
+from .metrics import Counts, counts_of
 from .policy import ClientGroups, LoadOptions, Policy, load_policy, remote
 from .policy.loader import list_files
 from .policy.model import synthetic_ruleset
-from .querylog import AuditLog
+from .querylog import AuditLog, AuditSink
 from .transport import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
 from .upstream import Forwarder
+from .workers import RelayAudit, Supervisor, WorkerLink
 from .yamlload import SourceError
 
 log = logging.getLogger("resolver")
@@ -50,9 +52,14 @@ class Bound:
     host: str
     port: int
 
-    def __str__(self) -> str:
+    @property
+    def address(self) -> str:
+        """``HOST:PORT``, with brackets around an IPv6 host (as --listen takes it)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.proto} {host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.proto} {self.address}"
 
 
 class Server:
@@ -63,6 +70,8 @@ class Server:
         config: Config,
         clock: Clock = time.time,
         reread: Callable[[], Config] | None = None,
+        link: WorkerLink | None = None,
+        child_command: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -87,6 +96,12 @@ class Server:
         self.fetch_status: dict[str, remote.FetchResult] = {}
         self._reload_lock = asyncio.Lock()
         self._baseline = self._baseline_sum = ""
+        #: With --workers N: in a child, its channel to the primary; in the primary, the
+        #: supervisor of the children (started after the primary has bound), and the
+        #: command line of a child given the bound addresses.
+        self.link = link
+        self.supervisor: Supervisor | None = None
+        self._child_command = child_command
 
     async def start(self) -> None:
         """Load the policy, then bind every listener; raise :class:`StartupError`."""
@@ -143,9 +158,37 @@ class Server:
         for bound in self.bound:
             log.info("listening on %s", bound)
         if config.audit.sink != "off":
-            self.resolver.audit = AuditLog(config.audit)
-            self.resolver.audit.start()
-            log.info("audit log: %s (%s)", config.audit.path or "stdout", config.audit.what)
+            audit: AuditSink
+            if self.link is not None and self.link.channel is not None:
+                audit = RelayAudit(config.audit, self.link.channel)
+            else:
+                audit = AuditLog(config.audit)
+                log.info("audit log: %s (%s)", config.audit.path or "stdout", config.audit.what)
+            audit.start()
+            self.resolver.audit = audit
+        if config.workers > 1 and self.link is None:
+            await self._start_workers(config.workers)
+
+    async def _start_workers(self, count: int) -> None:
+        command = self._child_command
+        if command is None:
+            raise StartupError("workers: this server cannot start child workers")
+        listens = sorted({b.address for b in self.bound})
+        self.supervisor = Supervisor(self, count, lambda: command(listens))
+        try:
+            await self.supervisor.start()
+        except (RuntimeError, OSError) as exc:
+            await self.supervisor.stop(1.0)
+            self._close_listeners()
+            await self._close_http()
+            raise StartupError(str(exc)) from None
+        log.info("%d workers answering on the same addresses", count)
+
+    def counts(self) -> Counts:
+        """What this server has counted, all workers included (as of their last report)."""
+        assert self.resolver is not None
+        mine = counts_of(self.resolver)
+        return mine + self.supervisor.total() if self.supervisor is not None else mine
 
     async def _start_http(self) -> None:
         config = self.config
@@ -235,6 +278,8 @@ class Server:
             stats.reloads["success"] += 1
             self._loaded(policy)
             log.info("reloaded in %.3f s: %s", took, policy.summary(self.clock()))
+            if self.supervisor is not None:
+                return await self.supervisor.reload(policy.digest)
             return True
 
     def _apply_config(self, old: Config, new: Config) -> None:
@@ -267,6 +312,7 @@ class Server:
             ("admin", (old.admin, old.admin_token), (new.admin, new.admin_token)),
             ("metrics", old.metrics, new.metrics),
             ("audit", old.audit, new.audit),
+            ("workers", old.workers, new.workers),
         ):
             if before != after:
                 log.warning(
@@ -280,16 +326,18 @@ class Server:
         assert self.resolver is not None
         handler = self.resolver.handle
         port = listen.port
+        # Workers share each address: the kernel spreads queries across their sockets.
+        shared = self.config.workers > 1 or self.link is not None
         for _attempt in range(20 if port == 0 else 1):
             try:
-                udp_sock = make_socket(listen.host, port, socket.SOCK_DGRAM, False)
+                udp_sock = make_socket(listen.host, port, socket.SOCK_DGRAM, shared)
             except OSError as exc:
                 if self._skip_missing_ipv6(listen, exc):
                     return
                 raise StartupError(_bind_message("udp", listen, exc)) from None
             actual = udp_sock.getsockname()[1]
             try:
-                tcp_sock = make_socket(listen.host, actual, socket.SOCK_STREAM, False)
+                tcp_sock = make_socket(listen.host, actual, socket.SOCK_STREAM, shared)
             except OSError as exc:
                 udp_sock.close()
                 if port == 0 and exc.errno == errno.EADDRINUSE:
@@ -330,6 +378,9 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, let answers in progress finish (bounded), close connections."""
+        if self.supervisor is not None:
+            # The children drain while this worker still answers; then this one drains.
+            await self.supervisor.stop(self.config.drain_timeout + 3.0)
         # UDP sockets stay open while draining (answers leave through them) but take no
         # new queries; TCP stops accepting connections and reading new queries.
         for listener in self._udp_listeners:
@@ -345,8 +396,11 @@ class Server:
         self.connections.close_all()
         self._close_listeners()
         await self._close_http()
-        if self.resolver is not None and self.resolver.audit is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.resolver.audit.close)
+        audit = self.resolver.audit if self.resolver is not None else None
+        if isinstance(audit, RelayAudit):
+            audit.close()  # sends what is left to the primary, on this loop
+        elif audit is not None:
+            await asyncio.get_running_loop().run_in_executor(None, audit.close)
 
     async def refresh_remotes(self) -> None:
         """Keep remote lists fresh: fetch each when due (its ``refresh``), in a thread, and
@@ -479,8 +533,13 @@ class Server:
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT (see install_signals)."""
         loop = asyncio.get_running_loop()
-        refresher = self.tasks.spawn(self.refresh_remotes())
-        watcher = self.tasks.spawn(self.watch_files())
+        if self.link is not None:
+            # A child worker: the primary watches, fetches and tells it when to reload.
+            refresher = self.tasks.spawn(self.link.serve(self))
+            watcher = refresher
+        else:
+            refresher = self.tasks.spawn(self.refresh_remotes())
+            watcher = self.tasks.spawn(self.watch_files())
         try:
             await self.stopping.wait()
             log.info("stopping: no new queries; finishing those in progress")
@@ -551,14 +610,24 @@ def install_loop() -> str:
     return "uvloop"
 
 
-def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
-    """Serve until stopped; the process exit code. ``reread`` reads the config again."""
+def run(
+    config: Config,
+    reread: Callable[[], Config] | None = None,
+    link: WorkerLink | None = None,
+    child_command: Callable[[list[str]], list[str]] | None = None,
+) -> int:
+    """Serve until stopped; the process exit code. ``reread`` reads the config again.
+
+    With ``config.workers`` above 1, ``child_command`` gives the command line of a child
+    worker for the bound addresses; ``link`` is given in such a child."""
     loop_name = install_loop()
 
     async def main() -> int:
-        server = Server(config, reread=reread)
+        server = Server(config, reread=reread, link=link, child_command=child_command)
         server.install_signals()
         try:
+            if link is not None:
+                await link.open()
             await server.start()
         except StartupError as exc:
             log.error("%s", exc)

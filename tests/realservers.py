@@ -113,7 +113,9 @@ class ResolverProcess:
 
     LISTEN = re.compile(r"listening on (udp|tcp) (\S+):(\d+)$")
 
-    def __init__(self, *args: str, ready: bool = True, timeout: float = 15.0) -> None:
+    def __init__(
+        self, *args: str, ready: bool = True, timeout: float = 15.0, ready_text: str = "ready ("
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "resolver", "serve", *args],
             cwd=ROOT,
@@ -128,7 +130,7 @@ class ResolverProcess:
         self.port = 0
         if ready:
             try:
-                self.wait_for("ready", timeout)
+                self.wait_for(ready_text, timeout)
             except BaseException:
                 self.stop()  # never leave a half-started server behind
                 raise
