@@ -60,6 +60,7 @@ from .wire import (
     TYPE_HINFO,
     FormatError,
     Query,
+    Scan,
     Unanswerable,
     decode_name,
     ede_option,
@@ -337,6 +338,12 @@ class Resolver:
             return self._error(q, RCODE_SERVFAIL, tcp, client, started)
         self.waiting += 1
         forwarded = "forwarded" if decision == "cached" else decision
+        if key not in self._inflight and (
+            not self.cache.serve_stale or self.cache.stale(key, now) is None
+        ):
+            return self._forward_now(
+                q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
+            )
         return self._forward(
             q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
         )
@@ -587,23 +594,84 @@ class Resolver:
                     if blocked is not None:
                         return blocked
                     return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
-            upstream = None
-            if entry is not None:
-                blocked = self._blocked_if_behind(q, entry, mask, limit, tcp, client, started)
-                if blocked is not None:
-                    return blocked
-            if entry is None:
-                answer = error_response(q, RCODE_SERVFAIL)
-                decision, rcode = "error", RCODE_SERVFAIL
-            else:
-                answer = _fit(render(entry, q, self.clock()), q, limit)
-                rcode, upstream = entry.rcode, entry.upstream
-            apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
-            info = self._info(q, decision, rcode, monitored, apex, monitored is not None, upstream)
-            self._account(info, tcp, client, started)
-            return answer
+            return self._answered(q, entry, limit, decision, monitored, tcp, client, started, mask)
         finally:
             self.waiting -= 1  # counted in handle(), when the query was handed over
+
+    def _forward_now(
+        self,
+        q: Query,
+        key: bytes,
+        valid_until: float,
+        limit: int,
+        decision: str,
+        monitored: RuleSet | None,
+        tcp: bool,
+        client: str,
+        started: float,
+        mask: int,
+    ) -> asyncio.Future[bytes]:
+        """What :meth:`_forward` does when no stale answer and no identical fetch is in
+        play, without a task: the forwarder calls back with the reply."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        shared: asyncio.Future[Entry | None] = loop.create_future()
+        self._inflight[key] = shared
+
+        def done(scan: Scan | None) -> None:
+            try:
+                entry = None
+                if scan is not None:
+                    entry = self.cache.admit(key, scan, self.clock(), valid_until)
+                shared.set_result(entry)
+                if not answer.done():  # cancelled when shutdown ran out of time
+                    answer.set_result(
+                        self._answered(
+                            q, entry, limit, decision, monitored, tcp, client, started, mask
+                        )
+                    )
+            except Exception as exc:
+                if not answer.done():
+                    answer.set_exception(exc)
+            finally:
+                if not shared.done():
+                    shared.set_result(None)
+                if self._inflight.get(key) is shared:
+                    del self._inflight[key]
+                self.waiting -= 1
+
+        self.forwarder.begin(q, done)
+        return answer
+
+    def _answered(
+        self,
+        q: Query,
+        entry: Entry | None,
+        limit: int,
+        decision: str,
+        monitored: RuleSet | None,
+        tcp: bool,
+        client: str,
+        started: float,
+        mask: int,
+    ) -> bytes:
+        """The answer to ``q`` from a fetched entry (SERVFAIL for None), checked and
+        accounted for."""
+        upstream = None
+        if entry is not None:
+            blocked = self._blocked_if_behind(q, entry, mask, limit, tcp, client, started)
+            if blocked is not None:
+                return blocked
+        if entry is None:
+            answer = error_response(q, RCODE_SERVFAIL)
+            decision, rcode = "error", RCODE_SERVFAIL
+        else:
+            answer = _fit(render(entry, q, self.clock()), q, limit)
+            rcode, upstream = entry.rcode, entry.upstream
+        apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
+        info = self._info(q, decision, rcode, monitored, apex, monitored is not None, upstream)
+        self._account(info, tcp, client, started)
+        return answer
 
 
 def _remember(memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info) -> None:

@@ -28,13 +28,18 @@ class Tasks:
     """The answers still being worked on, so that shutdown can wait for them."""
 
     def __init__(self) -> None:
-        self.running: set[asyncio.Task[Any]] = set()
+        self.running: set[asyncio.Future[Any]] = set()
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self.running.add(task)
         task.add_done_callback(self.running.discard)
         return task
+
+    def track(self, future: asyncio.Future[Any]) -> None:
+        """An answer on its way without a task (see Forwarder.begin)."""
+        self.running.add(future)
+        future.add_done_callback(self.running.discard)
 
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for running answers; cancel the rest; return how many."""
@@ -73,7 +78,20 @@ class UDPListener(asyncio.DatagramProtocol):
             assert self.transport is not None
             self.transport.sendto(result, addr)
             return
+        if isinstance(result, asyncio.Future):
+            self.tasks.track(result)
+            result.add_done_callback(lambda done: self._reply_done(done, addr))
+            return
         self.tasks.spawn(self._reply_later(result, addr))
+
+    def _reply_done(self, done: asyncio.Future[bytes | None], addr: Any) -> None:
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None:
+            log.error("internal error answering a UDP query", exc_info=exc)
+            return
+        self._sendto(done.result(), addr)
 
     async def _reply_later(self, pending: Awaitable[bytes | None], addr: Any) -> None:
         try:
@@ -81,6 +99,9 @@ class UDPListener(asyncio.DatagramProtocol):
         except Exception:
             log.exception("internal error answering a UDP query")
             return
+        self._sendto(answer, addr)
+
+    def _sendto(self, answer: bytes | None, addr: Any) -> None:
         if answer is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(answer, addr)
 
