@@ -606,11 +606,14 @@ class Resolver(Peer):
         return None
 
     def command(self) -> tuple[list[str], Path, dict[str, str] | None]:
+        # The names go in a plain domains file that the YAML list includes: the format
+        # made for large imported lists, as dnsmasq and Unbound get their native ones.
         lists = self.dir / "blocklists"
-        lists.mkdir(exist_ok=True)
-        with open(lists / "bench.yaml", "w") as f:
-            f.write("list: bench\naction: nxdomain\ndomains:\n")
-            f.writelines(f"  - {n}\n" for n in self.ctx.blocked)
+        (lists / "data").mkdir(parents=True, exist_ok=True)
+        (lists / "data" / "bench.txt").write_text("".join(f"{n}\n" for n in self.ctx.blocked))
+        (lists / "bench.yaml").write_text(
+            "list: bench\naction: nxdomain\ninclude: [{file: data/bench.txt, format: domains}]\n"
+        )
         # Same cache capacity as dnsmasq's --cache-size; flags below override the rest.
         conf = self.dir / "resolver.yaml"
         conf.write_text(f"cache:\n  max_entries: {self.ctx.cache_size}\n")
