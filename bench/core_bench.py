@@ -1,27 +1,53 @@
 #!/usr/bin/env python3
-"""Core benchmark: this resolver vs. dnsmasq, same machine, same run, same load.
+"""Core benchmark: this resolver vs. dnsmasq and Unbound, same machine, same run, same load.
+
+One command (issue 8)::
+
+    python3 bench/core_bench.py --json core.json        # ~6-7 min; --quick: ~2-3 min
+    python3 bench/core_bench.py --full --json core.json # adds the 1,000,000-name scale runs
 
 What it measures
 ----------------
-An NSD instance serves a generated zone ``bench.test.`` (N ``A`` records,
-``h<i>.bench.test``, TTL 3600) on 127.0.0.1:<free port>.  Every server under
-test (a "peer": ``resolver`` = ``python3 -m resolver serve``, ``dnsmasq``)
-forwards to that NSD and blocks the same 1,000 names ``b<i>.blocked.test``
-(NXDOMAIN).  Each peer is started, verified, loaded with dnsperf for
-``--duration`` seconds per workload, and stopped, one peer at a time:
+An NSD instance serves a generated zone ``bench.test.`` (``h<i>.bench.test A``, TTL 3600;
+at least 200,000 names, sized so no peer runs out of never-asked names) on
+127.0.0.1:<free port>.  Every server under test (a "peer") forwards to that NSD, caches,
+and blocks the same 1,000 names ``b<i>.blocked.test`` (NXDOMAIN):
 
-* ``blocked``  -- A queries cycling through the blocked names (policy hit,
-  no upstream traffic);
-* ``repeated`` -- A queries cycling through 100 zone names, warmed first, so
-  every query is a cache hit;
-* ``unique``   -- A queries for zone names this peer has never seen (each peer
-  gets its own fresh range), so every query is a cache miss forwarded to NSD.
-  The data file is sent at most once (``dnsperf -n 1``); if the range runs out
-  before ``--duration`` the row is flagged "names exhausted" (qps is still
-  measured over the actual run time; raise ``--names`` to avoid it).
+* ``dnsmasq``      -- ``address=/name/`` lines, ``--cache-size``;
+* ``unbound``      -- one thread, ``module-config: "iterator"`` (no validation),
+  ``forward-zone "."`` to NSD, ``local-zone: "name." always_nxdomain``, no rate limit;
+* ``resolver``     -- ``python -m resolver serve`` from this checkout (repo root on
+  PYTHONPATH), the names in an included ``format: domains`` file;
+* ``resolver-w2``  -- the same with ``--workers 2``; skipped with a note while
+  ``serve --help`` has no ``--workers``.
+
+Each peer is started, verified (one forwarded and one blocked answer), run through every
+workload, and stopped, one peer at a time.  Workloads (dnsperf, A queries):
+
+* ``blocked``  -- cycles through the blocked names (policy hit, no upstream traffic);
+* ``repeated`` -- cycles through 100 zone names, warmed first: every query a cache hit;
+* ``unique``   -- never-asked zone names, sent once (``-n 1``): every query a miss
+  forwarded to NSD;
+* ``mix``      -- interleaved: 5% blocked, 80% warmed hits, 15% never-asked misses.
+
+Per workload: a throughput run (``--duration`` s, as fast as dnsperf goes), then a
+latency run at a fixed ``--latency-qps`` (5,000; ``dnsperf -Q -v``, percentiles of the
+per-query times, lost queries counted as infinitely late), then the resident memory of
+the server's process tree.  Never-asked names are handed out once per run; when a file
+runs out before the run ends the row says "names exhausted" (raise ``--names``).
+
+Policy scale (``--scale-sizes``, default 1,000 and 100,000; ``--full`` adds 1,000,000):
+dnsmasq, Unbound and the resolver started with that many blocked names; load time (exec
+to the first NXDOMAIN for the *last* blocked name), resident memory, and the blocked
+workload over all of those names for ``--scale-duration`` s.
+
+Start-up: ``resolver serve`` with the default config and the shipped ``blocklists/``,
+exec to the first NXDOMAIN for a shipped name, ``--startup-runs`` times.
 
 How to read the output
 ----------------------
+One table, one row per (workload, server); scale rows are ``blocked@1k`` etc.
+
 ``qps``          dnsperf "Queries per second" (completed queries / run time).
 ``lost%``        queries with no answer within ``--timeout`` seconds.
 ``CPU us/q``     server CPU (utime+stime of the server process tree, from
@@ -29,34 +55,33 @@ How to read the output
                  queries, in microseconds.  This is the number that matters on
                  this 2-core box: dnsperf itself needs a core, so qps is partly
                  bounded by the load generator; CPU per query is not.
-``lat ms``       dnsperf average latency.
-``qps x``        peer qps / baseline qps            (>1: peer answers more per second).
-``cpu x``        baseline CPU/q / peer CPU/q        (>1: peer is cheaper per query).
-The baseline is dnsmasq (``--baseline``).  JSON ``rcode_ok_pct`` is the share of answers
-with the expected rcode (NXDOMAIN for blocked, NOERROR otherwise); a row below
-99% is flagged, since fast wrong answers are not a result.
-
-In the ``unique`` workload NSD also burns CPU on the same two cores; its CPU is
-recorded in the JSON (``upstream_cpu_us_per_query``) but not charged to peers.
+``p50/p99 ms``   latency at the fixed rate ("lost": over 1% of queries unanswered).
+``RSS MiB``      VmRSS summed over the server's process tree after the workload
+                 (VmHWM, the peak, is in the JSON).
+``load s``       scale rows: exec to the first correct answer.
+``qps x B``      peer qps / B's qps               (>1: peer answers more per second).
+``cpu x B``      B's CPU/q / peer's CPU/q         (>1: peer is cheaper per query).
+B is each of ``--baselines`` (dnsmasq and unbound).  JSON ``rcode_ok_pct`` is the share
+of answers with the expected rcode mix (NXDOMAIN for blocked, NOERROR otherwise, 5/95 for
+mix); a row below 99% is flagged WRONG ANSWERS and the exit status is 1, since fast wrong
+answers are not a result.  In ``unique`` and ``mix`` NSD also burns CPU on the same
+cores; it is recorded (``upstream_cpu_us_per_query``) but not charged to peers.
 
 Safety: all traffic goes to 127.0.0.1, only high free ports are used, every
 load run is bounded by ``dnsperf -l`` and a subprocess timeout, and every
 process this script starts is stopped by PID (also on Ctrl-C / SIGTERM).
 
-Usage::
+Options: ``--duration`` (10; quick 3), ``--latency-duration`` (5; quick 2; 0 = none),
+``--latency-qps`` (5000), ``--quick``, ``--full``, ``--scale-sizes``, ``--scale-servers``,
+``--scale-duration`` (5; quick 2), ``--startup-runs`` (3), ``--servers``, ``--workloads``,
+``--baselines``, ``--names``, ``--blocked`` (1000), ``--cache-size`` (1,000,000, every
+peer; keep it above the names a peer sees, or ``unique`` measures dnsmasq's cache-full
+eviction path), ``--clients/--outstanding/--timeout`` (dnsperf ``-c/-q/-t``, 4/200/1),
+``--resolver-args``, ``--keep``, ``--json FILE``.
 
-    python3 bench/core_bench.py [--duration 10] [--names N] [--json out.json]
-                                [--servers dnsmasq,resolver] [--blocked 1000]
-                                [--cache-size 1000000] [--keep]
-
-``--names`` defaults to enough names that no peer's unique run can exhaust its
-range below 50k qps (``max(200000, 100 + peers * duration * 50000)``).
-``--cache-size`` is given to both peers (dnsmasq ``--cache-size``, resolver
-``cache: max_entries``); keep it above the names a peer sees, or ``unique``
-measures dnsmasq's cache-full eviction path (much slower) instead of misses.
-
-Adding peers (unbound, ...) means subclassing ``Peer`` and registering it in
-``PEERS``; adding workloads means appending to ``WORKLOADS``.
+Adding a peer means subclassing ``Peer`` (``command()``, optionally ``version()``) and
+registering it in ``PEERS``; adding a workload means appending to ``WORKLOADS`` (a plan
+function; ``fresh_share``/``qps_budget`` when it needs never-asked names).
 """
 
 from __future__ import annotations
