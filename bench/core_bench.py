@@ -3,8 +3,8 @@
 
 One command (issue 8)::
 
-    python3 bench/core_bench.py --json core.json        # ~6-7 min; --quick: ~2-3 min
-    python3 bench/core_bench.py --full --json core.json # adds the 1,000,000-name scale runs
+    python3 bench/core_bench.py --json core.json        # ~4-5 min; --quick: ~2 min
+    python3 bench/core_bench.py --full --json core.json # ~5 min: adds the 1,000,000-name scale runs
 
 What it measures
 ----------------
