@@ -268,7 +268,7 @@ class Resolver:
             valid_until = min(valid_until, policy.decide(q.key, q.labels, ALL_GROUPS, now)[3])
         if rule is not None:
             answer = _fit(blocked_answer(q, rule, apex, now), q, limit)
-            info = self._info(q, "blocked", answer[3] & 0xF, rule, apex, True)
+            info = self._info(q, "blocked", answer[3] & 0xF, rule, apex)
             self._account(info, tcp, client, started)
             # The TTL is the list's until the window's end comes closer than that TTL.
             until = min(valid_until, rule.t2 - rule.blocklist.ttl)
@@ -319,7 +319,6 @@ class Resolver:
                 entry.rcode,
                 monitored,
                 apex,
-                monitored is not None,
                 entry.upstream,
                 from_cache=True,
             )
@@ -355,11 +354,11 @@ class Resolver:
         rcode: int,
         rule: RuleSet | None = None,
         apex: int = 0,
-        named: bool = False,
         upstream: str | None = None,
         from_cache: bool = False,
     ) -> Info:
-        """The labels and audit fields of one answer, computed once (then memoised)."""
+        """The labels and audit fields of one answer, computed once (then memoised).
+        The names in text are for the audit log only: not decoded when it is off."""
         audit = self.audit
         logged = audit is not None and audit.wants(decision)
         return Info(
@@ -368,9 +367,11 @@ class Resolver:
             q.qtype,
             rcode,
             rule.blocklist.id if rule is not None else None,
-            decode_name(q.key[apex:]).rstrip(".") if rule is not None and apex >= 0 else None,
+            decode_name(q.key[apex:]).rstrip(".")
+            if logged and rule is not None and apex >= 0
+            else None,
             rule.reference if rule is not None else None,
-            decode_name(q.qname) if logged or named else "",
+            decode_name(q.qname) if logged else "",
             logged,
             upstream,
             from_cache,
@@ -535,9 +536,7 @@ class Resolver:
         answer = render(entry, q, self.clock(), stale=True)
         self.stats.stale += 1
         decision = "cached" if decision == "forwarded" else decision
-        info = self._info(
-            q, decision, entry.rcode, monitored, 0, monitored is not None, entry.upstream
-        )
+        info = self._info(q, decision, entry.rcode, monitored, 0, entry.upstream)
         self._account(info, tcp, client, started)
         return _fit(answer, q, limit)
 
@@ -669,7 +668,7 @@ class Resolver:
             answer = _fit(render(entry, q, self.clock()), q, limit)
             rcode, upstream = entry.rcode, entry.upstream
         apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
-        info = self._info(q, decision, rcode, monitored, apex, monitored is not None, upstream)
+        info = self._info(q, decision, rcode, monitored, apex, upstream)
         self._account(info, tcp, client, started)
         return answer
 

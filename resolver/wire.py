@@ -363,6 +363,10 @@ def encode_name(text: str) -> bytes:
     return bytes(out)
 
 
+#: Bytes that stand for themselves in presentation form (everything else is escaped).
+_PLAIN: Final = bytes(b for b in range(0x21, 0x7F) if chr(b) not in '.\\"()@;$ ')
+
+
 def decode_name(wire: bytes) -> str:
     """Presentation form of an uncompressed wire name (with a trailing dot, escapes as dig)."""
     if wire == b"\x00":
@@ -372,6 +376,10 @@ def decode_name(wire: bytes) -> str:
     while wire[off]:
         length = wire[off]
         label = wire[off + 1 : off + 1 + length]
+        if not label.translate(None, _PLAIN):  # the usual label: nothing to escape
+            parts.append(label.decode("ascii"))
+            off += 1 + length
+            continue
         text = []
         for byte in label:
             ch = chr(byte)
