@@ -24,6 +24,7 @@ from .wire import encode_name
 
 if TYPE_CHECKING:
     from .server import Server
+    from .upstream import Forwarder, Upstream
 
 
 def _instant(value: float) -> str | None:
@@ -124,14 +125,7 @@ def status_document(server: Server) -> dict[str, Any]:
     if resolver is None:
         return doc
     forwarder = resolver.forwarder
-    doc["upstreams"] = [
-        {
-            "address": u.label,
-            "healthy": forwarder.healthy(u),
-            "consecutive_failures": forwarder.failures[u.label],
-        }
-        for u in forwarder.upstreams
-    ]
+    doc["upstreams"] = [_upstream_status(forwarder, u) for u in forwarder.upstreams]
     policy = resolver.policy
     stats = resolver.stats
     doc["policy"] = {
@@ -201,3 +195,19 @@ def metrics_routes(server: Server) -> dict[tuple[str, str], Handler]:
         return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return {("GET", "/metrics"): metrics}
+
+
+def _upstream_status(forwarder: Forwarder, up: Upstream) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "address": up.label,
+        "transport": up.transport,
+        "healthy": forwarder.healthy(up),
+        "consecutive_failures": forwarder.failures[up.label],
+    }
+    conn = forwarder.connections.get(up)
+    if conn is not None:
+        doc["connections_opened"] = conn.connects
+    if not up.is_address and forwarder.bootstrap is not None:
+        known = forwarder.bootstrap.known.get(up.host)
+        doc["bootstrap_addresses"] = known[1] if known else []
+    return doc

@@ -145,6 +145,9 @@ class Config:
     tls_ca_file: Path | None = None
     #: Conditional forwarding: zone -> its upstreams (longest matching zone wins).
     forward: tuple[tuple[str, tuple[Upstream, ...]], ...] = ()
+    #: Plain upstreams (by address) that resolve the host names of tls and https
+    #: upstreams; empty means the nameservers of /etc/resolv.conf that are not this resolver.
+    bootstrap: tuple[Upstream, ...] = ()
     cache: CacheConfig = CacheConfig()
     tcp: TCPConfig = TCPConfig()
     drain_timeout: float = 5.0
@@ -194,6 +197,7 @@ TOP_KEYS: Final = frozenset(
         "upstream_strategy",
         "forward",
         "tls_ca_file",
+        "bootstrap",
     }
 )
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
@@ -223,6 +227,46 @@ def resolv_conf_upstreams(path: Path = RESOLV_CONF) -> tuple[Upstream, ...]:
             except ValueError:
                 continue
     return tuple(found)
+
+
+def parse_bootstrap(text: str) -> Upstream:
+    """A bootstrap server: a plain upstream given by IP address (``[udp://]IP[:port]`` or
+    ``tcp://IP[:port]``)."""
+    up = parse_upstream(text)
+    if up.transport not in ("udp", "tcp"):
+        raise ValueError(
+            f"{text!r}: a bootstrap server is a plain IP[:port] (it resolves the names of the "
+            "encrypted upstreams, so it cannot be one)"
+        )
+    return up
+
+
+def is_self(up: Upstream, listen: tuple[Listen, ...]) -> bool:
+    """Whether ``up`` is one of this resolver's own listen addresses (a wildcard listen
+    address counts as loopback)."""
+    for own in listen:
+        if own.port != up.port:
+            continue
+        if own.host == up.host:
+            return True
+        wildcard = ipaddress.ip_address(own.host).is_unspecified
+        if wildcard and ipaddress.ip_address(up.host).is_loopback:
+            return True
+    return False
+
+
+def bootstrap_servers(config: Config) -> tuple[Upstream, ...]:
+    """The configured bootstrap servers, else the nameservers of /etc/resolv.conf that are
+    not this resolver itself."""
+    if config.bootstrap:
+        return config.bootstrap
+    return tuple(u for u in resolv_conf_upstreams() if not is_self(u, config.listen))
+
+
+def name_upstreams(config: Config) -> list[Upstream]:
+    """The upstreams (default and conditional) given by host name: they need bootstrap."""
+    every = list(config.upstreams) + [u for _, ups in config.forward for u in ups]
+    return [u for u in every if not u.is_address]
 
 
 def _number(doc: YMap, key: str, kind: type, low: float, high: float, default: Any) -> Any:
@@ -461,6 +505,7 @@ def load_config(path: Path) -> Config:
         upstream_strategy=strategy,
         tls_ca_file=(path.parent / ca_file) if ca_file else None,
         forward=_forward(doc),
+        bootstrap=_address_list(doc, "bootstrap", parse_bootstrap),
         acl=AclConfig(allow, acl_action),
         rebinding=RebindingConfig(enabled, tuple(z.strip(".").lower() for z in zones)),
         ratelimit=RateLimitConfig(

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .admin import admin_routes, metrics_routes
+from .bootstrap import Bootstrap
 from .cache import Cache
 from .chain import Clock, Resolver
-from .config import Config, Listen
+from .config import Config, Listen, bootstrap_servers, is_self, name_upstreams
 from .guard import Guard
 from .httpserver import HTTPServer
 from .metrics import Counts, counts_of
@@ -133,6 +134,7 @@ class Server:
             config.upstream_strategy,
             {zone: list(ups) for zone, ups in config.forward},
             str(config.tls_ca_file) if config.tls_ca_file else None,
+            make_bootstrap(config),
         )
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self.resolver.guard = make_guard(config)
@@ -294,6 +296,13 @@ class Server:
         forwarder.deadline = new.upstream_deadline
         forwarder.strategy = new.upstream_strategy
         forwarder.routes = {zone.encode(): list(ups) for zone, ups in new.forward}
+        if new.bootstrap != old.bootstrap or (name_upstreams(new) and not forwarder.bootstrap):
+            try:
+                forwarder.bootstrap = make_bootstrap(new)
+            except StartupError as exc:
+                log.error("%s; upstreams given by host name fail until then", exc)
+            for conn in forwarder.connections.values():
+                conn.bootstrap = forwarder.bootstrap
         apply_rebinding(resolver, new)
         if (old.acl, old.ratelimit) != (new.acl, new.ratelimit):
             resolver.guard = make_guard(new)
@@ -598,6 +607,32 @@ def _refuse_self_forwarding(config: Config) -> None:
             raise StartupError(
                 f"upstream {upstream} is this resolver's own listen address: queries would loop"
             )
+    for server in config.bootstrap:
+        if is_self(server, config.listen):
+            raise StartupError(
+                f"bootstrap server {server} is this resolver's own listen address: the names "
+                "of upstreams must be resolved without this resolver; give other addresses"
+            )
+
+
+def make_bootstrap(config: Config) -> Bootstrap | None:
+    """The bootstrap for upstreams given by host name (None when there are none)."""
+    named = name_upstreams(config)
+    if not named:
+        return None
+    servers = bootstrap_servers(config)
+    if not servers:
+        raise StartupError(
+            f"upstream {named[0]} is a host name and there is no bootstrap server to resolve "
+            "it (none in /etc/resolv.conf that is not this resolver): give 'bootstrap:' "
+            "addresses in the config, or the upstream's IP address (tls://IP#name)"
+        )
+    log.info(
+        "upstream host names (%s) resolved through %s",
+        ", ".join(sorted({u.host for u in named})),
+        ", ".join(str(s) for s in servers),
+    )
+    return Bootstrap(list(servers), config.upstream_timeout, config.upstream_deadline)
 
 
 def install_loop() -> str:

@@ -1,4 +1,5 @@
-"""Forwarding to upstream resolvers over UDP, with TCP when the reply is truncated.
+"""Forwarding to upstream resolvers over UDP (TCP when the reply is truncated), TCP, DNS
+over TLS (RFC 7858) and DNS over HTTPS (RFC 8484, in :mod:`resolver.doh`).
 
 Spoofing resistance (RFC 5452): each upstream query gets a random ID and its own socket,
 connected to the upstream, so the kernel picks a random source port and delivers only
@@ -11,8 +12,12 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import base64
+import hashlib
+import ipaddress
 import logging
 import random
+import re
 import secrets
 import socket
 import ssl
@@ -20,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .metrics import Histogram, rcode_label
 from .policy.model import dotted
@@ -43,6 +48,9 @@ from .wire import (
     scan_response,
 )
 
+if TYPE_CHECKING:
+    from .bootstrap import Bootstrap
+
 log = logging.getLogger("resolver.upstream")
 
 DEFAULT_TIMEOUT: Final = 1.0
@@ -50,6 +58,9 @@ DEFAULT_DEADLINE: Final = 2.5
 DOWN_AFTER: Final = 3
 MAX_BACKOFF: Final = 60.0
 STRATEGIES: Final = ("failover", "random", "fastest", "parallel")
+DEFAULT_PORTS: Final = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
+DOH_PATH: Final = "/dns-query"
+PIN_PARAM: Final = "pin-sha256"
 _MAX_UDP: Final = 65535
 _FAILED_RCODES: Final = frozenset({RCODE_SERVFAIL, RCODE_REFUSED, RCODE_FORMERR, RCODE_NOTIMP})
 
@@ -66,16 +77,35 @@ class UpstreamError(Exception):
 class Upstream:
     """An upstream resolver address, as configured."""
 
+    #: An IP address; for tls and https also a host name, resolved through the bootstrap
+    #: servers and then the name the certificate must carry.
     host: str
     port: int = 53
-    #: udp (with TCP for truncated replies), tcp, or tls (DNS over TLS, RFC 7858).
+    #: udp (with TCP for truncated replies), tcp, tls (DNS over TLS, RFC 7858) or https
+    #: (DNS over HTTPS, RFC 8484).
     transport: str = "udp"
-    #: For tls: the name the certificate must carry (default: the address).
+    #: For tls and https to an IP address: the name the certificate must carry (default:
+    #: the address).
     tls_name: str | None = None
+    #: For https: the path of the DoH endpoint.
+    path: str = ""
+    #: SHA-256 hashes (base64) of SubjectPublicKeyInfos, one of which the server's
+    #: certificate must carry, on top of its verification (RFC 7858 4.2, RFC 7469).
+    pins: tuple[str, ...] = ()
 
     @property
     def family(self) -> socket.AddressFamily:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def is_address(self) -> bool:
+        """False for a host name (it needs the bootstrap servers)."""
+        return is_ip(self.host)
+
+    @property
+    def server_name(self) -> str:
+        """The name the certificate is verified against (SNI, HTTP authority)."""
+        return self.tls_name or self.host
 
     @property
     def label(self) -> str:
@@ -83,10 +113,21 @@ class Upstream:
         if self.transport == "udp":
             return hostport
         name = f"#{self.tls_name}" if self.tls_name else ""
-        return f"{self.transport}://{hostport}{name}"
+        return f"{self.transport}://{hostport}{self.path}{name}"
 
     def __str__(self) -> str:
         return self.label
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
 def split_host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -111,67 +152,171 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 def parse_upstream(text: str) -> Upstream:
-    """Read ``[udp://]IP[:port]``, ``tcp://IP[:port]`` or ``tls://IP[:port][#name]`` (DNS
-    over TLS, port 853, the certificate checked against ``name`` or else the address).
-    The host must be an IP address: resolving it would need a resolver."""
-    import ipaddress
-
+    """Read an upstream: ``[udp://]IP[:port]``, ``tcp://IP[:port]``,
+    ``tls://HOST[:port][?pin-sha256=B64][#name]`` (DNS over TLS, port 853) or
+    ``https://HOST[:port][/path][?pin-sha256=B64][#name]`` (DNS over HTTPS, port 443, path
+    /dns-query). For tls and https, HOST is an IP address (the certificate checked against
+    ``name``, else the address) or a host name (resolved through the bootstrap servers and
+    checked against that name); ``pin-sha256`` (repeatable) pins the server's key."""
     raw = text.strip()
     transport = "udp"
     if "://" in raw:
         transport, raw = raw.split("://", 1)
-        if transport not in ("udp", "tcp", "tls"):
+        transport = transport.lower()
+        if transport not in DEFAULT_PORTS:
             raise ValueError(
-                f"{text!r}: upstream scheme {transport!r} is not supported (udp, tcp, tls)"
+                f"{text!r}: upstream scheme {transport!r} is not supported (udp, tcp, tls, https)"
             )
+    encrypted = transport in ("tls", "https")
     raw, _, tls_name = raw.partition("#")
-    if tls_name and transport != "tls":
-        raise ValueError(f"{text!r}: '#name' is for tls:// upstreams")
-    host, port = split_host_port(raw, 853 if transport == "tls" else 53)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"{text!r}: an upstream must be an IP address (for TLS: tls://IP#name)"
-        ) from None
+    if "?" in tls_name:
+        raise ValueError(f"{text!r}: put '?{PIN_PARAM}=...' before '#name'")
+    raw, has_query, query = raw.partition("?")
+    if (tls_name or has_query) and not encrypted:
+        raise ValueError(f"{text!r}: '#name' and '?{PIN_PARAM}=' are for tls:// and https://")
+    pins = _pins(text, query) if has_query else ()
+    path = ""
+    if transport == "https":
+        raw, slash, rest = raw.partition("/")
+        path = "/" + rest if slash and rest else DOH_PATH
+    elif "/" in raw:
+        raise ValueError(f"{text!r}: only https:// upstreams have a path")
+    host, port = split_host_port(raw, DEFAULT_PORTS[transport])
     if port == 0:
         raise ValueError(f"{text!r}: port 0 is no upstream port")
-    return Upstream(host, port, transport, tls_name or None)
+    if is_ip(host):
+        return Upstream(host, port, transport, tls_name or None, path, pins)
+    if not encrypted:
+        raise ValueError(
+            f"{text!r}: a plain upstream must be an IP address (host names are for tls:// "
+            "and https:// upstreams, resolved through 'bootstrap')"
+        )
+    name = host.lower().rstrip(".")
+    if len(name) > 253 or not all(_HOSTNAME_LABEL.match(x) for x in name.split(".")):
+        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name")
+    if tls_name:
+        raise ValueError(f"{text!r}: '#name' is for an IP address; a host name is checked itself")
+    return Upstream(name, port, transport, None, path, pins)
 
 
-class TLSConnection:
+def _pins(text: str, query: str) -> tuple[str, ...]:
+    pins = []
+    for param in query.split("&"):
+        key, _, value = param.partition("=")
+        if key != PIN_PARAM:
+            raise ValueError(f"{text!r}: unknown parameter {key!r} (known: {PIN_PARAM})")
+        try:
+            ok = len(base64.b64decode(value, validate=True)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{text!r}: {PIN_PARAM} must be the base64 SHA-256 of the server key's "
+                "SubjectPublicKeyInfo (44 characters)"
+            )
+        pins.append(value)
+    return tuple(pins)
+
+
+def spki_sha256(certificate: bytes) -> str:
+    """The pin of a DER certificate: base64 of the SHA-256 of its SubjectPublicKeyInfo."""
+    # Imported here: only pinned upstreams pay for it.
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = x509.load_der_x509_certificate(certificate).public_key()
+    spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+async def connect_tls(
+    up: Upstream,
+    context: ssl.SSLContext,
+    bootstrap: Bootstrap | None,
+    timeout: float,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A verified TLS connection to ``up`` (its host name resolved through ``bootstrap``),
+    its key checked against the pins. Any failure is an :class:`UpstreamError`: there is
+    never a fallback to an unverified or unencrypted connection."""
+    failure: Exception | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            if up.is_address:
+                hosts = [up.host]
+            elif bootstrap is None:
+                raise UpstreamError("bootstrap", f"no bootstrap servers to resolve {up.host}")
+            else:
+                hosts = await bootstrap.lookup(up.host)
+            for host in hosts:
+                try:
+                    reader, writer = await asyncio.open_connection(
+                        host, up.port, ssl=context, server_hostname=up.server_name
+                    )
+                except (OSError, ssl.SSLError) as exc:
+                    failure = exc
+                    continue
+                if up.pins:
+                    cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                    if spki_sha256(cert) not in up.pins:
+                        writer.close()
+                        failure = ssl.SSLError(f"the key of {host} matches no {PIN_PARAM} pin")
+                        continue
+                return reader, writer
+    except TimeoutError:
+        failure = TimeoutError()
+    if bootstrap is not None and not up.is_address:
+        bootstrap.forget(up.host)  # it may have moved: look it up again next time
+    if isinstance(failure, TimeoutError):
+        raise UpstreamError("timeout", "TLS connection not set up in time")
+    raise UpstreamError("network", f"TLS: {failure}")
+
+
+class EncryptedConnection:
+    """What DNS-over-TLS and DNS-over-HTTPS connections share: one reused connection to
+    one upstream, set up by :func:`connect_tls` when a query needs it."""
+
+    def __init__(
+        self,
+        up: Upstream,
+        context: ssl.SSLContext,
+        idle: float = 30.0,
+        bootstrap: Bootstrap | None = None,
+    ) -> None:
+        self.up = up
+        self.context = context
+        #: Seconds without a query in flight after which the connection is closed.
+        self.idle = idle
+        self.bootstrap = bootstrap
+        self._connecting: asyncio.Lock = asyncio.Lock()
+        #: Told of replies that are not the answer to our question (for the counts).
+        self.ignored: Callable[[Exception], None] = lambda exc: None
+        #: Connections set up so far (for tests and status).
+        self.connects = 0
+
+    async def query(self, wire: bytes, qid: int, question: bytes, timeout: float) -> Scan:
+        """The reply to ``wire``; :class:`UpstreamError` when there is none in time."""
+        raise NotImplementedError
+
+
+class TLSConnection(EncryptedConnection):
     """One reused DNS-over-TLS connection (RFC 7858) with pipelining: queries go out as
     they come, answers are matched back by ID. It reconnects on the next query after a
     failure; a certificate that does not verify is a failure, never a downgrade."""
 
-    def __init__(self, up: Upstream, context: ssl.SSLContext, idle: float = 30.0) -> None:
-        self.up = up
-        self.context = context
-        self.idle = idle
-        self.writer: asyncio.StreamWriter | None = None
+    writer: asyncio.StreamWriter | None = None
+    reader_task: asyncio.Task[None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Queries in flight: ID -> (their future, their question).
         self.pending: dict[int, tuple[asyncio.Future[Scan], bytes]] = {}
-        self.reader_task: asyncio.Task[None] | None = None
-        self._connecting: asyncio.Lock = asyncio.Lock()
-        self.ignored: Callable[[Exception], None] = lambda exc: None
 
     async def _connect(self, timeout: float) -> asyncio.StreamWriter:
         async with self._connecting:
             if self.writer is not None and not self.writer.is_closing():
                 return self.writer
-            try:
-                async with asyncio.timeout(timeout):
-                    reader, writer = await asyncio.open_connection(
-                        self.up.host,
-                        self.up.port,
-                        ssl=self.context,
-                        server_hostname=self.up.tls_name or self.up.host,
-                    )
-            except TimeoutError:
-                raise UpstreamError("timeout", "TLS connection not set up in time") from None
-            except ssl.SSLError as exc:
-                raise UpstreamError("network", f"TLS: {exc}") from None
-            except OSError as exc:
-                raise UpstreamError("network", f"TLS: {exc}") from None
+            reader, writer = await connect_tls(self.up, self.context, self.bootstrap, timeout)
+            self.connects += 1
             self.writer = writer
             self.reader_task = asyncio.ensure_future(self._read(reader, writer))
             return writer
@@ -222,11 +367,13 @@ class TLSConnection:
             self.pending.pop(qid, None)
 
 
-def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+def tls_context(ca_file: str | None = None, alpn: str | None = None) -> ssl.SSLContext:
     """Certificate verification against the system trust store (SSL_CERT_FILE honoured),
-    or against ``ca_file``."""
+    or against ``ca_file``; ``alpn`` is the one protocol offered (h2 for DoH)."""
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        context.set_alpn_protocols([alpn])
     return context
 
 
@@ -252,6 +399,7 @@ class Forwarder:
         strategy: str = "failover",
         routes: dict[str, list[Upstream]] | None = None,
         tls_ca_file: str | None = None,
+        bootstrap: Bootstrap | None = None,
     ) -> None:
         if not upstreams:
             raise ValueError("at least one upstream is needed")
@@ -275,8 +423,12 @@ class Forwarder:
         }
         self.latency: dict[str, float] = {}
         self._background: set[asyncio.Task[Scan | None]] = set()
-        self._tls: dict[Upstream, TLSConnection] = {}
+        #: The reused connection of each tls and https upstream.
+        self.connections: dict[Upstream, EncryptedConnection] = {}
         self.tls_context = tls_context(tls_ca_file)
+        self.https_context = tls_context(tls_ca_file, alpn="h2")
+        #: Resolves the host names of tls and https upstreams.
+        self.bootstrap = bootstrap
         self.backoff: dict[str, float] = {}
         self.retry_at: dict[str, float] = {}
         #: Labels of the upstreams whose latest exchange failed (empty: all is well).
@@ -519,11 +671,12 @@ class Forwarder:
         it already sent (to :meth:`begin`)."""
         question = q.key + q.question[-4:]
         qid = secrets.randbits(16)
-        if up.transport == "tls":
-            conn = self._tls.get(up)
+        if up.transport in ("tls", "https"):
+            conn = self.connections.get(up)
             if conn is None:
-                conn = self._tls[up] = TLSConnection(up, self.tls_context)
-                conn.ignored = lambda exc: self._ignored(up, exc)
+                conn = self.connections[up] = self._connection(up)
+            if up.transport == "https":
+                qid = 0  # RFC 8484 4.1 (cache friendliness): replies are matched by stream
             return await conn.query(upstream_query(qid, q, True), qid, question, timeout)
         if up.transport == "tcp":
             return await self._tcp(up, upstream_query(qid, q, True), qid, question, timeout)
@@ -544,6 +697,17 @@ class Forwarder:
             if scan.flags & FLAG_TC:
                 raise UpstreamError("truncated", "truncated over TCP too")
         return scan
+
+    def _connection(self, up: Upstream) -> EncryptedConnection:
+        conn: EncryptedConnection
+        if up.transport == "https":
+            from .doh import HTTPSConnection  # doh builds on this module
+
+            conn = HTTPSConnection(up, self.https_context, bootstrap=self.bootstrap)
+        else:
+            conn = TLSConnection(up, self.tls_context, bootstrap=self.bootstrap)
+        conn.ignored = lambda exc: self._ignored(up, exc)
+        return conn
 
     async def _udp(
         self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float

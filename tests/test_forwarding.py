@@ -244,7 +244,14 @@ def test_upstream_addresses(
 
 @pytest.mark.parametrize(
     "text",
-    ["https://dns.example/dns-query", "tls://dns.example", "udp://192.0.2.1#x", "192.0.2.1:0"],
+    [
+        "https://dns.example:0/dns-query",
+        "tls://dns.example#other.example",  # a host name is checked itself
+        "udp://dns.example",  # plain upstreams by address only
+        "tls://bad_name!",
+        "udp://192.0.2.1#x",
+        "192.0.2.1:0",
+    ],
 )
 def test_bad_upstream_addresses(text: str) -> None:
     with pytest.raises(ValueError):
