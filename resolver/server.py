@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import hashlib
 import ipaddress
 import logging
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .admin import admin_routes, metrics_routes
 from .bootstrap import Bootstrap
@@ -635,6 +636,21 @@ def make_bootstrap(config: Config) -> Bootstrap | None:
     return Bootstrap(list(servers), config.upstream_timeout, config.upstream_deadline)
 
 
+#: Allocations between young-generation collections (Python's default: 700). A query
+#: allocates a few dozen objects, nearly all freed by reference counting; collecting
+#: every few queries cost about 9% of the CPU of a cache miss.
+GC_YOUNG: Final = 20_000
+
+
+def settle_memory() -> None:
+    """Once started: move what start-up built (policy, modules, config) out of the
+    collector's sight, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, older, oldest)
+
+
 def install_loop() -> str:
     """Use uvloop when it is installed (about 3x less loop overhead per datagram)."""
     try:
@@ -670,6 +686,7 @@ def run(
         if server.stopping.is_set():
             await server.stop()
             return 0
+        settle_memory()
         log.info("ready (%s event loop, config: %s)", loop_name, config.source)
         await server.serve()
         return 0
