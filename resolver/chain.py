@@ -183,6 +183,8 @@ class Resolver:
         self._inflight: dict[bytes, asyncio.Future[Entry | None]] = {}
         # Answers by query bytes (all but the ID), per transport: see handle().
         self._memo: tuple[Memo, Memo] = ({}, {})
+        #: Info objects shared by answers alike when the audit log does not want them.
+        self._infos: dict[tuple[object, ...], Info] = {}
         self.memo_hits = 0
         self.stats = Stats()
         #: The audit log, when one is configured (its writer runs in its own thread).
@@ -215,6 +217,7 @@ class Resolver:
         """Empty the answer memo (after a policy swap or a cache flush)."""
         for memo in self._memo:
             memo.clear()
+        self._infos.clear()  # they hold the old policy's rule sets
 
     def handle(self, data: bytes, client: str, tcp: bool) -> Result:
         """Answer one query; see the module docstring for the order of the steps.
@@ -358,20 +361,37 @@ class Resolver:
         from_cache: bool = False,
     ) -> Info:
         """The labels and audit fields of one answer, computed once (then memoised).
-        The names in text are for the audit log only: not decoded when it is off."""
+        The names in text are for the audit log only: without them, answers alike share
+        one Info."""
         audit = self.audit
         logged = audit is not None and audit.wants(decision)
+        if not logged:
+            shared = (decision, q.qtype, rcode, rule, upstream, from_cache)
+            info = self._infos.get(shared)
+            if info is None:
+                if len(self._infos) >= _MEMO_MAX:
+                    self._infos.clear()
+                info = self._infos[shared] = Info(
+                    self.stats,
+                    decision,
+                    q.qtype,
+                    rcode,
+                    rule.blocklist.id if rule is not None else None,
+                    None,
+                    rule.reference if rule is not None else None,
+                    upstream=upstream,
+                    from_cache=from_cache,
+                )
+            return info
         return Info(
             self.stats,
             decision,
             q.qtype,
             rcode,
             rule.blocklist.id if rule is not None else None,
-            decode_name(q.key[apex:]).rstrip(".")
-            if logged and rule is not None and apex >= 0
-            else None,
+            decode_name(q.key[apex:]).rstrip(".") if rule is not None and apex >= 0 else None,
             rule.reference if rule is not None else None,
-            decode_name(q.qname) if logged else "",
+            decode_name(q.qname),
             logged,
             upstream,
             from_cache,
