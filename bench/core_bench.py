@@ -18,8 +18,10 @@ and blocks the same 1,000 names ``b<i>.blocked.test`` (NXDOMAIN):
   ``forward-zone "."`` to NSD, ``local-zone: "name." always_nxdomain``, no rate limit;
 * ``resolver``     -- ``python -m resolver serve`` from this checkout (repo root on
   PYTHONPATH), the names in an included ``format: domains`` file;
-* ``resolver-w2``  -- the same with ``--workers 2``; skipped with a note while
-  ``serve --help`` has no ``--workers``.
+* ``resolver-w2``  -- the same with ``--workers 2`` (two processes on the port, with
+  SO_REUSEPORT); skipped with a note on a checkout whose ``serve`` has no ``--workers``.
+  On a 2-core machine dnsperf takes one core, so two workers cannot show their gain in
+  qps there; their CPU per query says what each core does.
 
 Each peer is started, verified (one forwarded and one blocked answer), run through every
 workload, and stopped, one peer at a time.  Workloads (dnsperf, A queries):
