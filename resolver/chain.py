@@ -213,6 +213,14 @@ class Resolver:
         self._policy = policy
         self.forget_answers()
 
+    async def close(self) -> None:
+        """Stop background refreshes and upstream work (at shutdown, after the drain)."""
+        pending = list(self._refreshing)
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self.forwarder.close()
+
     def forget_answers(self) -> None:
         """Empty the answer memo (after a policy swap or a cache flush)."""
         for memo in self._memo:

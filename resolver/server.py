@@ -406,6 +406,8 @@ class Server:
         self.connections.close_all()
         self._close_listeners()
         await self._close_http()
+        if self.resolver is not None:
+            await self.resolver.close()
         audit = self.resolver.audit if self.resolver is not None else None
         if isinstance(audit, RelayAudit):
             audit.close()  # sends what is left to the primary, on this loop

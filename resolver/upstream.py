@@ -414,6 +414,11 @@ class ReadWatch:
         elif self.callbacks.pop(fd, None) is not None:
             self.epoll.unregister(fd)
 
+    def close(self) -> None:
+        if self.epoll is not None and not self.epoll.closed:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
+
     def _ready(self) -> None:
         assert self.epoll is not None
         for fd, _ in self.epoll.poll(0):
@@ -469,6 +474,15 @@ class Forwarder:
         self._watch: ReadWatch | None = None
         #: Labels of the upstreams whose latest exchange failed (empty: all is well).
         self.troubled: set[str] = set()
+
+    async def close(self) -> None:
+        """Stop what is still running in the background (at shutdown, after the drain)."""
+        pending = list(self._background)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.close()
 
     def upstreams_for(self, q: Query) -> list[Upstream]:
         """The upstreams for ``q``: those of the longest forwarding zone that contains its
