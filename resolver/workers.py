@@ -126,6 +126,8 @@ class Supervisor:
         self.argv = argv
         self.children = [Child(i) for i in range(1, count)]
         self.stopping = False
+        #: Set once every child has started: from then on a dead child is started again.
+        self.started = False
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -139,6 +141,7 @@ class Supervisor:
                     f"worker {child.index} did not start (exit code "
                     f"{child.process.returncode if child.process else None}; see its log above)"
                 )
+        self.started = True
 
     async def _wait_ready(self, child: Child, timeout: float) -> bool:
         waiter = asyncio.ensure_future(child.ready.wait())
@@ -188,10 +191,9 @@ class Supervisor:
             if not future.done():
                 future.set_result(None)
         child.pending.clear()
-        was_ready = child.ready.is_set()
         child.ready.clear()
-        if self.stopping or not was_ready:
-            return  # a child that never got ready fails the start instead
+        if self.stopping or not self.started:
+            return  # during the first start, a dead child fails the start instead
         lived = time.monotonic() - child.started_at
         low, high = RESTART_BACKOFF
         delay = 0.0 if lived > high else min(high, low * 2 ** min(child.restarts, 5))
