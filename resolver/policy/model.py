@@ -329,14 +329,18 @@ class Policy:
         """
         text = dotted(key, labels)
         get = self.table.get
+        depths = self.table.depths
         block: RuleSet | None = None
         where = 0
         monitor: RuleSet | None = None
         allowed = False
         until = NEVER
         need = EXACT
+        depth = len(labels)
         for off in labels:
-            value = get(text[off:] if off else text)
+            # Only names as long as some rule's are looked up.
+            value = get(text[off:] if off else text) if depths >> depth & 1 else None
+            depth -= 1
             if value is not None:
                 for rs in self._sets(value):
                     if not rs.flags & need or not rs.mask & mask:

@@ -27,7 +27,7 @@ def name_hash(name: bytes) -> int:
 class NameTable:
     """Maps names to small integers; built once, then read-only."""
 
-    __slots__ = ("_keys", "_mask", "_values", "count")
+    __slots__ = ("_keys", "_mask", "_values", "count", "depths")
 
     def __init__(self, expected: int = 0) -> None:
         size = 8
@@ -37,6 +37,8 @@ class NameTable:
         self._values = array("I", bytes(4 * size))
         self._mask = size - 1
         self.count = 0
+        #: Bit n set when some name has n labels: a lookup can skip the other lengths.
+        self.depths = 0
 
     def _grow(self) -> None:
         keys, values = self._keys, self._values
@@ -69,6 +71,7 @@ class NameTable:
         (None when it was not there)."""
         if (self.count + 1) * 2 > self._mask + 1:
             self._grow()
+        self.depths |= 1 << (name.count(b".") + 1)
         return self._put_hash(name_hash(name), value)
 
     def add_many(self, names: list[bytes], value: int) -> list[tuple[bytes, int]]:
@@ -84,7 +87,9 @@ class NameTable:
         values = self._values
         mask = self._mask
         added = 0
+        depths = self.depths
         for name in names:
+            depths |= 1 << (name.count(b".") + 1)
             h = (hash(name) & _MASK64) or 1
             i = h & mask
             while True:
@@ -100,6 +105,7 @@ class NameTable:
                     break
                 i = (i + 1) & mask
         self.count += added
+        self.depths = depths
         return clashes
 
     def replace(self, name: bytes, value: int) -> None:
