@@ -408,11 +408,13 @@ class ReadWatch:
         self.callbacks[fd] = callback
         self.epoll.register(fd, select.EPOLLIN)
 
-    def remove(self, fd: int) -> None:
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd``, which the caller closes at once (closing a socket takes
+        it out of the epoll set: no system call needed here)."""
         if self.epoll is None:
             self.loop.remove_reader(fd)
-        elif self.callbacks.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
+        else:
+            self.callbacks.pop(fd, None)
 
     def close(self) -> None:
         if self.epoll is not None and not self.epoll.closed:
@@ -529,31 +531,9 @@ class Forwarder:
         if self.troubled or self.strategy != "failover" or up.transport != "udp":
             self._go_on(q, deadline, 0, done)
             return
-        question = q.key + q.question[-4:]
-        qid = secrets.randbits(16)
         started = time.perf_counter()
-        try:
-            sock = _socket.socket(up.family, _socket.SOCK_DGRAM)
-        except OSError:
-            self._failed(up, "network")
-            self._go_on(q, deadline, 1, done)
-            return
-        try:
-            sock.setblocking(False)
-            sock.connect((up.host, up.port))
-            sock.send(upstream_query(qid, q, True))
-        except OSError:
-            sock.close()
-            self._failed(up, "network")
-            self._go_on(q, deadline, 1, done)
-            return
-        fd = sock.fileno()
-        watch = self._read_watch(loop)
 
-        def finish(scan: Scan | None, failure: str) -> None:
-            timer.cancel()
-            watch.remove(fd)
-            sock.close()
+        def finish(scan: Scan | None, failure: str, _detail: str) -> None:
             if scan is None:
                 self._failed(up, failure)
                 self._go_on(q, deadline, 1, done)
@@ -566,25 +546,66 @@ class Forwarder:
                 else:
                     done(good)
 
+        qid = secrets.randbits(16)
+        question = q.key + q.question[-4:]
+        wire = upstream_query(qid, q, True)
+        self._udp_exchange(loop, up, wire, qid, question, min(self.timeout, self.deadline), finish)
+
+    def _udp_exchange(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        up: Upstream,
+        wire: bytes,
+        qid: int,
+        question: bytes,
+        timeout: float,
+        finish: Callable[[Scan | None, str, str], None],
+    ) -> None:
+        """Send ``wire`` from a fresh socket (a new random port, RFC 5452) and call
+        ``finish`` once: with the reply, or with None, the error kind and its detail.
+        Replies with another ID or question are ignored (counted), not taken."""
+        try:
+            # The C socket type, non-blocking from the start: socket.socket's Python-level
+            # __init__ and close bookkeeping cost about 3 us per query, for nothing used.
+            sock = _socket.socket(up.family, _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK)
+        except OSError as exc:  # out of file descriptors, say: a failed exchange
+            finish(None, "network", str(exc))
+            return
+        try:
+            sock.connect((up.host, up.port))
+            sock.send(wire)
+        except OSError as exc:
+            sock.close()
+            finish(None, "network", str(exc))
+            return
+        fd = sock.fileno()
+        watch = self._read_watch(loop)
+
+        def end(scan: Scan | None, failure: str, detail: str) -> None:
+            timer.cancel()
+            watch.forget(fd)  # closing the socket takes it out of the epoll set
+            sock.close()
+            finish(scan, failure, detail)
+
         def readable() -> None:
             while True:
                 try:
                     data = sock.recv(_MAX_UDP)
                 except BlockingIOError:
                     return
-                except OSError:  # ICMP port unreachable and friends
-                    finish(None, "network")
+                except OSError as exc:  # ICMP port unreachable and friends
+                    end(None, "network", str(exc))
                     return
                 try:
                     scan = scan_response(data, qid, question)
                 except (Mismatch, FormatError) as exc:
                     self._ignored(up, exc)
                     continue
-                finish(scan, "")
+                end(scan, "", "")
                 return
 
         watch.add(fd, readable)
-        timer = loop.call_later(min(self.timeout, self.deadline), finish, None, "timeout")
+        timer = loop.call_later(timeout, end, None, "timeout", f"no answer in {timeout:.2f} s")
 
     def _read_watch(self, loop: asyncio.AbstractEventLoop) -> ReadWatch:
         watch = self._watch
@@ -770,51 +791,18 @@ class Forwarder:
         self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float
     ) -> Scan:
         loop = asyncio.get_running_loop()
-        try:
-            # The C socket type: socket.socket's Python-level __init__ and close
-            # bookkeeping cost about 3 us per query here, for nothing this code uses.
-            sock = _socket.socket(up.family, _socket.SOCK_DGRAM)
-        except OSError as exc:  # out of file descriptors, say: a failed exchange
-            raise UpstreamError("network", str(exc)) from None
-        try:
-            sock.setblocking(False)
-            try:
-                sock.connect((up.host, up.port))
-                sock.send(wire)
-            except OSError as exc:
-                raise UpstreamError("network", str(exc)) from None
-            done: asyncio.Future[Scan] = loop.create_future()
+        done: asyncio.Future[Scan] = loop.create_future()
 
-            def readable() -> None:
-                while not done.done():
-                    try:
-                        data = sock.recv(_MAX_UDP)
-                    except BlockingIOError:
-                        return
-                    except OSError as exc:  # ICMP port unreachable and friends
-                        done.set_exception(UpstreamError("network", str(exc)))
-                        return
-                    try:
-                        done.set_result(scan_response(data, qid, question))
-                    except (Mismatch, FormatError) as exc:
-                        self._ignored(up, exc)
+        def finish(scan: Scan | None, failure: str, detail: str) -> None:
+            if done.done():
+                return  # the caller gave up (cancelled)
+            if scan is None:
+                done.set_exception(UpstreamError(failure, detail))
+            else:
+                done.set_result(scan)
 
-            def expire() -> None:
-                if not done.done():
-                    done.set_exception(UpstreamError("timeout", f"no answer in {timeout:.2f} s"))
-
-            fd = sock.fileno()
-            watch = self._read_watch(loop)
-            watch.add(fd, readable)
-            # A timer on the future itself: asyncio.wait_for would add a task per query.
-            timer = loop.call_later(timeout, expire)
-            try:
-                return await done
-            finally:
-                timer.cancel()
-                watch.remove(fd)
-        finally:
-            sock.close()
+        self._udp_exchange(loop, up, wire, qid, question, timeout, finish)
+        return await done
 
     async def _tcp(
         self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float
