@@ -25,7 +25,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from .metrics import Histogram, rcode_label
@@ -93,10 +93,21 @@ class Upstream:
     #: SHA-256 hashes (base64) of SubjectPublicKeyInfos, one of which the server's
     #: certificate must carry, on top of its verification (RFC 7858 4.2, RFC 7469).
     pins: tuple[str, ...] = ()
+    #: Computed once (the query path reads them for every miss): the address family, and
+    #: the label of metrics, logs and status.
+    family: socket.AddressFamily = field(init=False, compare=False, repr=False)
+    label: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+    def __post_init__(self) -> None:
+        v6 = ":" in self.host
+        object.__setattr__(self, "family", socket.AF_INET6 if v6 else socket.AF_INET)
+        hostport = f"[{self.host}]:{self.port}" if v6 else f"{self.host}:{self.port}"
+        if self.transport == "udp":
+            label = hostport
+        else:
+            name = f"#{self.tls_name}" if self.tls_name else ""
+            label = f"{self.transport}://{hostport}{self.path}{name}"
+        object.__setattr__(self, "label", label)
 
     @property
     def is_address(self) -> bool:
@@ -107,14 +118,6 @@ class Upstream:
     def server_name(self) -> str:
         """The name the certificate is verified against (SNI, HTTP authority)."""
         return self.tls_name or self.host
-
-    @property
-    def label(self) -> str:
-        hostport = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        if self.transport == "udp":
-            return hostport
-        name = f"#{self.tls_name}" if self.tls_name else ""
-        return f"{self.transport}://{hostport}{self.path}{name}"
 
     def __str__(self) -> str:
         return self.label
