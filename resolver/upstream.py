@@ -531,7 +531,9 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline
         up = self.upstreams_for(q)[0]
-        if self.troubled or self.strategy != "failover" or up.transport != "udp":
+        # (A later upstream that failed once stays "troubled" until it is asked again;
+        # that must not send every query down the slow path.)
+        if self.strategy != "failover" or up.transport != "udp" or up.label in self.troubled:
             self._go_on(q, deadline, 0, done)
             return
         started = time.perf_counter()
