@@ -396,10 +396,15 @@ class WorkerLink:
         channel = self.channel
         assert channel is not None and server.resolver is not None
         channel.send(("ready", server.resolver.policy.digest))
+        handling: set[asyncio.Task[None]] = set()
         try:
             while True:
                 message = await channel.receive()
-                await self._handle(server, channel, message)
+                # Each in a task of its own: a reload of a large policy must not hold up
+                # the answer to a scrape's request for counts.
+                task = asyncio.ensure_future(self._handle(server, channel, message))
+                handling.add(task)
+                task.add_done_callback(handling.discard)
         except (asyncio.IncompleteReadError, ConnectionError, EOFError):
             if not server.stopping.is_set():
                 log.error("worker %d: the first worker is gone; stopping", self.index)
