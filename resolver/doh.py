@@ -82,6 +82,8 @@ class _Session:
                 header_encoding=None,
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
             )
         )
         self.h2.initiate_connection()
