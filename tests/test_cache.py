@@ -247,3 +247,34 @@ def test_prefetch_refreshes_a_popular_entry_before_it_expires(
     frozen.advance(1)
     assert ttl_of(running.query("example.test", "A")) == 299  # the fresh copy
     assert running.resolver.cache.prefetches == 1
+
+
+def test_a_large_cache_is_sharded_and_stays_bounded() -> None:
+    import dns.message
+    import dns.rrset
+
+    from resolver.cache import Cache, shard_count
+    from resolver.wire import scan_response
+
+    assert shard_count(2) == 1 and shard_count(4096) == 1  # small caches: exact LRU
+    assert shard_count(100_000) == 32 and shard_count(10**8) == 256
+    query = dns.message.make_query("example.test", "A")
+    reply = dns.message.make_response(query)
+    reply.answer.append(dns.rrset.from_text("example.test.", 300, "IN", "A", "192.0.2.1"))
+    wire = reply.to_wire()
+    question = wire[12 : 12 + len(query.question[0].name.to_wire()) + 4]
+    scan = scan_response(wire, query.id, question)
+    cache = Cache(max_entries=50_000)
+    now = 1000.0
+    keep = b"\x04keep\x04test\x00\x00\x01\x00\x01\x00\x00"
+    cache.admit(keep, scan, now, float("inf"))
+    for i in range(80_000):
+        cache.admit(b"\x01x" + i.to_bytes(4, "big") + b"\x04test\x00rest", scan, now, 1e12)
+        if i % 1000 == 0:
+            assert cache.get(keep, now) is not None  # used often: never the LRU of its shard
+    assert 45_000 <= len(cache) <= 50_000 + 31
+    assert cache.evictions == 80_001 - len(cache)
+    assert cache.get(keep, now) is not None
+    assert cache.flush(b"\x04keep\x04test\x00") == 1 and cache.get(keep, now) is None
+    before = len(cache)
+    assert cache.flush() == before and len(cache) == 0
