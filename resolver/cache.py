@@ -59,13 +59,15 @@ class Entry:
         self.ns = scan.nscount
         self.ar = scan.arcount
         self.body = scan.body
-        self.ttl_offsets = scan.ttl_offsets
+        # Tuples of ints, not lists: the garbage collector stops tracking such tuples,
+        # so that a full collection walks one object per entry, not three.
+        self.ttl_offsets = tuple(scan.ttl_offsets)
         self.stored = stored
         self.expires = expires
         # No record may claim to live longer than the entry: that cap carries the policy's
         # next transition and the configured maximum to the client.
         life = max(0, int(expires - stored))
-        self.ttls = [t if t < life else life for t in scan.ttls]
+        self.ttls = tuple(t if t < life else life for t in scan.ttls)
         self._rendered_age = -1
         self._rendered = b""
 
