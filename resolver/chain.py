@@ -195,7 +195,6 @@ class Resolver:
         #: Seconds to wait for upstreams before serving a stale answer (RFC 8767's client
         #: response timer), when the cache keeps stale entries.
         self.stale_timer = 1.8
-        self._refreshing: set[asyncio.Future[Entry | None]] = set()
         #: DNS rebinding protection: when set, a private address in the answer for a name
         #: outside ``internal_zones`` is blocked with this rule set.
         self.rebinding: RuleSet | None = None
@@ -214,11 +213,8 @@ class Resolver:
         self.forget_answers()
 
     async def close(self) -> None:
-        """Stop background refreshes and upstream work (at shutdown, after the drain)."""
-        pending = list(self._refreshing)
-        for future in pending:
-            future.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        """Stop upstream work still going on, prefetches included (at shutdown, after the
+        drain)."""
         await self.forwarder.close()
 
     def forget_answers(self) -> None:
@@ -319,9 +315,7 @@ class Resolver:
                     _remember(memo, body, answer, until, now, info)
                     return answer
             if self.cache.wants_prefetch(entry, now):
-                refresh = asyncio.ensure_future(self._fetch(q, key, valid_until))
-                self._refreshing.add(refresh)
-                refresh.add_done_callback(self._refreshing.discard)
+                self._fetch(q, key, valid_until)  # lands in the cache by itself
             answer = _fit(render(entry, q, now), q, limit)
             apex = policy.named(q.key, q.labels, monitored) if monitored is not None else 0
             info = self._info(
@@ -348,14 +342,13 @@ class Resolver:
             return self._error(q, RCODE_SERVFAIL, tcp, client, started)
         self.waiting += 1
         forwarded = "forwarded" if decision == "cached" else decision
-        if key not in self._inflight and (
-            not self.cache.serve_stale or self.cache.stale(key, now) is None
-        ):
-            return self._forward_now(
+        stale = self.cache.stale(key, now) if self.cache.serve_stale else None
+        if stale is None:
+            return self._forward(
                 q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
             )
-        return self._forward(
-            q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
+        return self._forward_or_stale(
+            q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask, stale
         )
 
     def _info(
@@ -373,37 +366,31 @@ class Resolver:
         one Info."""
         audit = self.audit
         logged = audit is not None and audit.wants(decision)
-        if not logged:
-            shared = (decision, q.qtype, rcode, rule, upstream, from_cache)
+        shared = None if logged else (decision, q.qtype, rcode, rule, upstream, from_cache)
+        if shared is not None:
             info = self._infos.get(shared)
-            if info is None:
-                if len(self._infos) >= _MEMO_MAX:
-                    self._infos.clear()
-                info = self._infos[shared] = Info(
-                    self.stats,
-                    decision,
-                    q.qtype,
-                    rcode,
-                    rule.blocklist.id if rule is not None else None,
-                    None,
-                    rule.reference if rule is not None else None,
-                    upstream=upstream,
-                    from_cache=from_cache,
-                )
-            return info
-        return Info(
+            if info is not None:
+                return info
+        info = Info(
             self.stats,
             decision,
             q.qtype,
             rcode,
             rule.blocklist.id if rule is not None else None,
-            decode_name(q.key[apex:]).rstrip(".") if rule is not None and apex >= 0 else None,
+            decode_name(q.key[apex:]).rstrip(".")
+            if logged and rule is not None and apex >= 0
+            else None,
             rule.reference if rule is not None else None,
-            decode_name(q.qname),
+            decode_name(q.qname) if logged else "",
             logged,
             upstream,
             from_cache,
         )
+        if shared is not None:
+            if len(self._infos) >= _MEMO_MAX:
+                self._infos.clear()
+            self._infos[shared] = info
+        return info
 
     def _account(self, info: Info, tcp: bool, client: str, started: float) -> None:
         """Count one answer and, when the audit log wants it, log it."""
@@ -528,26 +515,38 @@ class Resolver:
         self._account(self._info(q, "error", rcode), tcp, client, started)
         return answer
 
-    async def _fetch(self, q: Query, key: bytes, valid_until: float) -> Entry | None:
-        """The upstream answer for ``q``, admitted to the cache; identical questions
-        already on their way upstream share one fetch."""
-        waiting = self._inflight.get(key)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            scan = await self.forwarder.resolve(q)
-            entry = None
-            if scan is not None:
-                entry = self.cache.admit(key, scan, self.clock(), valid_until)
-            future.set_result(entry)
-            return entry
-        except BaseException:
-            future.set_result(None)
-            raise
-        finally:
+    def _fetch(
+        self,
+        q: Query,
+        key: bytes,
+        valid_until: float,
+        then: Callable[[Entry | None], None] | None = None,
+    ) -> asyncio.Future[Entry | None]:
+        """The upstream answer for ``q``, admitted to the cache, as a future; identical
+        questions already on their way upstream share one fetch. ``then`` is called with
+        the entry as soon as it is there (without a turn of the event loop)."""
+        shared = self._inflight.get(key)
+        if shared is not None:
+            if then is not None:
+                shared.add_done_callback(lambda done: then(done.result()))
+            return shared
+        shared = asyncio.get_running_loop().create_future()
+        self._inflight[key] = shared
+
+        def done(scan: Scan | None) -> None:
             del self._inflight[key]
+            entry = None
+            try:
+                if scan is not None:
+                    entry = self.cache.admit(key, scan, self.clock(), valid_until)
+            finally:
+                if not shared.done():  # cancelled at shutdown
+                    shared.set_result(entry)
+            if then is not None:
+                then(entry)
+
+        self.forwarder.begin(q, done)
+        return shared
 
     def _stale(
         self,
@@ -587,45 +586,7 @@ class Resolver:
             return None
         return self._blocked_behind(q, rule, rname, now, limit, tcp, client, started)[0]
 
-    async def _forward(
-        self,
-        q: Query,
-        key: bytes,
-        valid_until: float,
-        limit: int,
-        decision: str,
-        monitored: RuleSet | None,
-        tcp: bool,
-        client: str,
-        started: float,
-        mask: int = ALL_CLIENTS,
-    ) -> bytes:
-        """The answer from upstream (or a stale one), checked and accounted for."""
-        try:
-            stale = self.cache.stale(key, self.clock()) if self.cache.serve_stale else None
-            if stale is None:
-                entry = await self._fetch(q, key, valid_until)
-            else:
-                # RFC 8767: if no answer comes within the client response timer, or none at
-                # all, the stale one is better than SERVFAIL; the fetch goes on meanwhile and
-                # refreshes the cache when it lands.
-                fetch = asyncio.ensure_future(self._fetch(q, key, valid_until))
-                done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
-                entry = fetch.result() if done else None
-                if entry is None:
-                    if not done:
-                        self._refreshing.add(fetch)
-                        fetch.add_done_callback(self._refreshing.discard)
-                    # A stale answer gets the same checks as a fresh one.
-                    blocked = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
-                    if blocked is not None:
-                        return blocked
-                    return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
-            return self._answered(q, entry, limit, decision, monitored, tcp, client, started, mask)
-        finally:
-            self.waiting -= 1  # counted in handle(), when the query was handed over
-
-    def _forward_now(
+    def _forward(
         self,
         q: Query,
         key: bytes,
@@ -638,19 +599,12 @@ class Resolver:
         started: float,
         mask: int,
     ) -> asyncio.Future[bytes]:
-        """What :meth:`_forward` does when no stale answer and no identical fetch is in
-        play, without a task: the forwarder calls back with the reply."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[bytes] = loop.create_future()
-        shared: asyncio.Future[Entry | None] = loop.create_future()
-        self._inflight[key] = shared
+        """The answer from upstream, checked and accounted for, without a task: the
+        forwarder calls back with the reply."""
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-        def done(scan: Scan | None) -> None:
+        def then(entry: Entry | None) -> None:
             try:
-                entry = None
-                if scan is not None:
-                    entry = self.cache.admit(key, scan, self.clock(), valid_until)
-                shared.set_result(entry)
                 if not answer.done():  # cancelled when shutdown ran out of time
                     answer.set_result(
                         self._answered(
@@ -661,14 +615,41 @@ class Resolver:
                 if not answer.done():
                     answer.set_exception(exc)
             finally:
-                if not shared.done():
-                    shared.set_result(None)
-                if self._inflight.get(key) is shared:
-                    del self._inflight[key]
-                self.waiting -= 1
+                self.waiting -= 1  # counted in handle(), when the query was handed over
 
-        self.forwarder.begin(q, done)
+        self._fetch(q, key, valid_until, then)
         return answer
+
+    async def _forward_or_stale(
+        self,
+        q: Query,
+        key: bytes,
+        valid_until: float,
+        limit: int,
+        decision: str,
+        monitored: RuleSet | None,
+        tcp: bool,
+        client: str,
+        started: float,
+        mask: int,
+        stale: Entry,
+    ) -> bytes:
+        """The answer from upstream, or the expired ``stale`` one (RFC 8767) when none
+        comes within the client response timer, or none at all; the fetch goes on
+        meanwhile and refreshes the cache when it lands."""
+        try:
+            fetch = self._fetch(q, key, valid_until)
+            done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
+            entry = fetch.result() if done else None
+            if entry is None:
+                # A stale answer gets the same checks as a fresh one.
+                blocked = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
+                if blocked is not None:
+                    return blocked
+                return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
+            return self._answered(q, entry, limit, decision, monitored, tcp, client, started, mask)
+        finally:
+            self.waiting -= 1  # counted in handle(), when the query was handed over
 
     def _answered(
         self,
