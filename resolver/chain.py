@@ -30,7 +30,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
@@ -106,6 +106,8 @@ class Info:
 
     __slots__ = (
         "decision",
+        "fast",
+        "fast_time",
         "from_cache",
         "hist",
         "keys",
@@ -160,6 +162,36 @@ class Info:
         self.qname = qname
         self.qtype = qtype
         self.logged = logged
+        #: UDP answers sent by the listener's fast path (see UDPListener) and their summed
+        #: durations, not yet added to the counters: Resolver.fold() adds them.
+        self.fast = 0
+        self.fast_time = 0.0
+
+    def fold(self, stats: Stats) -> int:
+        """Add the fast path's answers to the counters; return how many there were."""
+        fast = self.fast
+        if fast:
+            key = self.keys[0]
+            stats.answers[key] = stats.answers.get(key, 0) + fast
+            self.hist.counts[0] += fast  # the fast path takes answers under BUCKETS[0]
+            self.hist.total += self.fast_time
+            if self.from_cache:
+                stats.cache_hits += fast
+            if self.per_list is not None:
+                self.per_list[self.list_id] += fast
+            self.fast = 0
+            self.fast_time = 0.0
+        return fast
+
+
+class _Everyone:
+    """Every client: the fast path's access list when there is no guard."""
+
+    def __contains__(self, client: object) -> bool:
+        return True
+
+
+_EVERYONE: Final = _Everyone()
 
 
 # query bytes after the ID -> (answer after the ID, valid until, what it is)
@@ -185,8 +217,11 @@ class Resolver:
         self._memo: tuple[Memo, Memo] = ({}, {})
         #: Info objects shared by answers alike when the audit log does not want them.
         self._infos: dict[tuple[object, ...], Info] = {}
-        self.memo_hits = 0
-        self.stats = Stats()
+        self._memo_hits = 0
+        self._stats = Stats()
+        #: The Info objects of the UDP memo's entries that the listener's fast path may
+        #: count (their fast counts are added to the stats by fold()).
+        self._fast_infos: dict[Info, None] = {}
         #: The audit log, when one is configured (its writer runs in its own thread).
         self.audit: AuditSink | None = None
         #: Queries waiting for upstreams at once; beyond, SERVFAIL at once.
@@ -199,8 +234,24 @@ class Resolver:
         #: outside ``internal_zones`` is blocked with this rule set.
         self.rebinding: RuleSet | None = None
         self.internal_zones: tuple[str, ...] = ()
-        #: The access list and rate limit; None lets everyone in.
-        self.guard: Guard | None = None
+        self._guard: Guard | None = None
+        #: For the UDP listener's fast path (UDPListener.datagram_received): the UDP
+        #: memo when a memo hit needs nothing but the access list to be answered, that is
+        #: no rate limit and no client groups; otherwise None. And the clients that the
+        #: access list lets in.
+        self.fast_memo: Memo | None = None
+        self.fast_clients: Container[str] = _EVERYONE
+        self._fast_path()
+
+    @property
+    def guard(self) -> Guard | None:
+        """The access list and rate limit; None lets everyone in."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, guard: Guard | None) -> None:
+        self._guard = guard
+        self._fast_path()
 
     @property
     def policy(self) -> Policy:
@@ -211,6 +262,33 @@ class Resolver:
     def policy(self, policy: Policy) -> None:
         self._policy = policy
         self.forget_answers()
+        self._fast_path()
+
+    def _fast_path(self) -> None:
+        guard = self._guard
+        plain = not self._policy.uses_groups and (guard is None or not guard.rate)
+        self.fast_memo = self._memo[False] if plain else None
+        self.fast_clients = _EVERYONE if guard is None else guard.allowed
+
+    @property
+    def stats(self) -> Stats:
+        """The counters, the fast path's answers included."""
+        self.fold()
+        return self._stats
+
+    @property
+    def memo_hits(self) -> int:
+        """Answers from the memo, the fast path's included."""
+        self.fold()
+        return self._memo_hits
+
+    def fold(self) -> None:
+        """Add the answers the UDP fast path sent since the last call to the counters."""
+        stats = self._stats
+        hits = 0
+        for info in self._fast_infos:
+            hits += info.fold(stats)
+        self._memo_hits += hits
 
     async def close(self) -> None:
         """Stop upstream work still going on, prefetches included (at shutdown, after the
@@ -219,8 +297,10 @@ class Resolver:
 
     def forget_answers(self) -> None:
         """Empty the answer memo (after a policy swap or a cache flush)."""
+        self.fold()
         for memo in self._memo:
             memo.clear()
+        self._fast_infos.clear()
         self._infos.clear()  # they hold the old policy's rule sets
 
     def handle(self, data: bytes, client: str, tcp: bool) -> Result:
@@ -232,7 +312,7 @@ class Resolver:
         same bytes for the same question, so blocked names and cache hits skip parsing.
         """
         started = perf_counter()
-        guard = self.guard
+        guard = self._guard
         if guard is not None:
             verdict = guard.check(client, tcp)
             if verdict:
@@ -249,7 +329,7 @@ class Resolver:
         hit = memo.get(body)
         if hit is not None:
             if self.clock() < hit[1]:
-                self.memo_hits += 1
+                self._memo_hits += 1
                 self._account(hit[2], tcp, client, started)
                 return data[:2] + hit[0]
             del memo[body]
@@ -259,7 +339,7 @@ class Resolver:
             return None
         except FormatError:
             answer = formerr_from_header(data)
-            self._account(Info(self.stats, "error", 0, 1), tcp, client, started)
+            self._account(Info(self._stats, "error", 0, 1), tcp, client, started)
             return answer
         if q.opcode:
             return self._error(q, RCODE_NOTIMP, tcp, client, started)
@@ -279,7 +359,7 @@ class Resolver:
             self._account(info, tcp, client, started)
             # The TTL is the list's until the window's end comes closer than that TTL.
             until = min(valid_until, rule.t2 - rule.blocklist.ttl)
-            _remember(memo, body, answer, until, now, info)
+            self._remember(memo, body, answer, until, now, info)
             return answer
         decision = "cached"
         if monitored is not None:
@@ -312,7 +392,7 @@ class Resolver:
                         q, rule, rname, now, limit, tcp, client, started
                     )
                     until = min(valid_until, rule.t2 - rule.blocklist.ttl, entry.expires)
-                    _remember(memo, body, answer, until, now, info)
+                    self._remember(memo, body, answer, until, now, info)
                     return answer
             if self.cache.wants_prefetch(entry, now):
                 self._fetch(q, key, valid_until)  # lands in the cache by itself
@@ -332,13 +412,13 @@ class Resolver:
                 # Served TTLs change with each whole second of the entry's age.
                 next_second = entry.stored + int(now - entry.stored) + 1
                 until = min(valid_until, entry.expires, next_second)
-                _remember(memo, body, answer, until, now, info)
+                self._remember(memo, body, answer, until, now, info)
             return answer
         if self.waiting >= self.max_inflight:
             # Too many queries already waiting for upstreams: refuse more work rather
             # than queue it (counted now, not when the task first runs, so a burst that
             # arrives in one read is bounded too).
-            self.stats.stopped["overload"] += 1
+            self._stats.stopped["overload"] += 1
             return self._error(q, RCODE_SERVFAIL, tcp, client, started)
         self.waiting += 1
         forwarded = "forwarded" if decision == "cached" else decision
@@ -372,7 +452,7 @@ class Resolver:
             if info is not None:
                 return info
         info = Info(
-            self.stats,
+            self._stats,
             decision,
             q.qtype,
             rcode,
@@ -392,15 +472,34 @@ class Resolver:
             self._infos[shared] = info
         return info
 
+    def _remember(
+        self, memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info
+    ) -> None:
+        if until > now:
+            fast = memo is self._memo[False] and not info.logged
+            if len(memo) >= _MEMO_MAX:
+                if fast:
+                    self.fold()
+                    self._fast_infos.clear()
+                memo.clear()  # bounded; refilling costs one parse per distinct query
+            memo[body] = (answer[2:], until, info)
+            if fast:
+                self._fast_infos[info] = None
+
+    def memo_answered(self, info: Info, client: str, started: float) -> None:
+        """Count a UDP memo answer that the fast path took too long over to count itself."""
+        self._memo_hits += 1
+        self._account(info, False, client, started)
+
     def _account(self, info: Info, tcp: bool, client: str, started: float) -> None:
         """Count one answer and, when the audit log wants it, log it."""
         elapsed = perf_counter() - started
-        answers = self.stats.answers
+        answers = self._stats.answers
         key = info.keys[tcp]
         answers[key] = answers.get(key, 0) + 1
         info.hist.observe(elapsed)
         if info.from_cache:
-            self.stats.cache_hits += 1
+            self._stats.cache_hits += 1
         if info.per_list is not None:
             info.per_list[info.list_id] += 1
         if info.logged and self.audit is not None:
@@ -470,7 +569,7 @@ class Resolver:
         answer = _fit(blocked_answer(q, rule, 0, now), q, limit)
         logged = self.audit is not None and self.audit.wants("blocked")
         info = Info(
-            self.stats,
+            self._stats,
             "blocked",
             q.qtype,
             answer[3] & 0xF,
@@ -494,7 +593,7 @@ class Resolver:
         self, verdict: int, data: bytes, tcp: bool, client: str, started: float
     ) -> bytes | None:
         """A query the access list or the rate limit stops: REFUSED, silence or TC=1."""
-        self.stats.stopped[_STOPPED[verdict]] += 1
+        self._stats.stopped[_STOPPED[verdict]] += 1
         if verdict in (DROP, DENY_DROP):
             return None
         try:
@@ -561,7 +660,7 @@ class Resolver:
     ) -> bytes:
         """An expired answer, TTL 30, with Extended DNS Error 3 (Stale Answer)."""
         answer = render(entry, q, self.clock(), stale=True)
-        self.stats.stale += 1
+        self._stats.stale += 1
         decision = "cached" if decision == "forwarded" else decision
         info = self._info(q, decision, entry.rcode, monitored, 0, entry.upstream)
         self._account(info, tcp, client, started)
@@ -680,13 +779,6 @@ class Resolver:
         info = self._info(q, decision, rcode, monitored, apex, upstream)
         self._account(info, tcp, client, started)
         return answer
-
-
-def _remember(memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info) -> None:
-    if until > now:
-        if len(memo) >= _MEMO_MAX:
-            memo.clear()  # bounded; refilling costs one parse per distinct query
-        memo[body] = (answer[2:], until, info)
 
 
 _PRIVATE: Final = tuple(

@@ -58,6 +58,9 @@ class Guard:
         self.clock = clock
         # client address -> (allowed, rate-limit key)
         self._clients: dict[str, tuple[bool, str]] = {}
+        #: The clients of ``_clients`` that the access list lets in (the UDP fast path
+        #: asks only this; see Resolver.fast_memo).
+        self.allowed: set[str] = set()
         # rate-limit key -> [tokens, last refill]
         self._buckets: dict[str, list[float]] = {}
         self.refused = 0
@@ -85,7 +88,10 @@ class Guard:
         if known is None:
             if len(self._clients) >= self.max_clients:
                 self._clients.clear()
+                self.allowed.clear()
             known = self._clients[client] = self._classify(client)
+            if known[0]:
+                self.allowed.add(client)
         if not known[0]:
             self.refused += 1
             return self.denied

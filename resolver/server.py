@@ -334,7 +334,8 @@ class Server:
     async def _bind(self, listen: Listen) -> None:
         loop = asyncio.get_running_loop()
         assert self.resolver is not None
-        handler = self.resolver.handle
+        resolver = self.resolver
+        handler = resolver.handle
         port = listen.port
         # Workers share each address: the kernel spreads queries across their sockets.
         shared = self.config.workers > 1 or self.link is not None
@@ -357,7 +358,7 @@ class Server:
         else:
             raise StartupError(f"cannot find a port free for both UDP and TCP on {listen.host}")
         transport, listener = await loop.create_datagram_endpoint(
-            lambda: UDPListener(handler, self.tasks), sock=udp_sock
+            lambda: UDPListener(handler, self.tasks, resolver), sock=udp_sock
         )
         self._udp_listeners.append(listener)
         self._udp.append(transport)

@@ -3,15 +3,17 @@ forwarded answers that never outlive a ban's effective date."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import dns.message
 import dns.rcode
 import pytest
 
-from resolver.config import CacheConfig
+from resolver.config import AclConfig, CacheConfig
 
 from .conftest import FROZEN_NOW, Clock, RunningServer
 from .fakeupstream import Behaviour, FakeUpstream
@@ -151,6 +153,55 @@ def test_repeated_query_bytes_get_their_own_id_from_the_answer_memo(
     assert all(a.question[0].name.to_text() == "Deepseek.com." for a in answers)
     assert all(a.rcode() == dns.rcode.NXDOMAIN for a in answers)
     assert server.resolver.memo_hits >= 2
+
+
+def test_every_repeat_answered_by_the_udp_fast_path_is_counted(
+    server: RunningServer, frozen: Clock
+) -> None:
+    """Repeats over UDP are answered by the listener from the memo, without a call into
+    Resolver.handle; each still counts, in every counter /metrics reads."""
+    resolver = server.resolver
+    blocked = dns.message.make_query("deepseek.com", "A")
+    cached = dns.message.make_query("example.test", "A")
+    assert server.send(blocked).rcode() == dns.rcode.NXDOMAIN
+    for _ in range(2):  # forwarded, then a cache hit: both through handle()
+        assert server.send(cached).rcode() == dns.rcode.NOERROR
+    through_handle = resolver._memo_hits
+    for qid in range(1, 41):
+        blocked.id = cached.id = qid
+        reply = server.send(blocked)
+        assert (reply.id, reply.rcode()) == (qid, dns.rcode.NXDOMAIN)
+        reply = server.send(cached)
+        assert (reply.id, reply.rcode()) == (qid, dns.rcode.NOERROR) and reply.answer
+    assert resolver._memo_hits == through_handle  # the fast path took every repeat
+    stats = resolver.stats
+    assert stats.answers[("udp", "A", "NXDOMAIN", "blocked")] == 41
+    assert stats.answers[("udp", "A", "NOERROR", "cached")] == 41
+    assert stats.blocked["deepseek"] == 41
+    assert stats.cache_hits == 41
+    assert sum(stats.durations["blocked"].counts) == 41
+    assert sum(stats.durations["cached"].counts) == 41
+    assert resolver.memo_hits == through_handle + 80
+
+
+def test_the_udp_fast_path_answers_only_clients_the_access_list_lets_in(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = make_server(acl=AclConfig(("127.0.0.1/32",), "refuse"))
+    query = dns.message.make_query("deepseek.com", "A").to_wire()
+    for source, rcode in (
+        ("127.0.0.1", "NXDOMAIN"),
+        ("127.0.0.1", "NXDOMAIN"),
+        ("127.0.0.7", "REFUSED"),
+        ("127.0.0.7", "REFUSED"),
+    ):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((source, 0))
+            sock.settimeout(3)
+            sock.sendto(query, (running.host, running.port))
+            reply = dns.message.from_wire(sock.recv(65535))
+        assert dns.rcode.to_text(reply.rcode()) == rcode, source
+    assert running.resolver.stats.stopped["acl"] == 2
 
 
 def test_reload_replaces_the_policy_and_what_was_memoised(
