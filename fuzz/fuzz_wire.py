@@ -25,6 +25,7 @@ with atheris.instrument_imports():
     from resolver import wire
     from resolver.cache import Cache
     from resolver.chain import Resolver
+    from resolver.pending import Pending
     from resolver.policy import load_policy
     from resolver.upstream import Forwarder, Upstream
 
@@ -41,9 +42,10 @@ LOOP = asyncio.new_event_loop()
 
 async def _handle(body: bytes, tcp: bool) -> None:
     result = RESOLVER.handle(body, "127.0.0.1", tcp)
-    if isinstance(result, asyncio.Future):
+    if isinstance(result, Pending):
         assert result.done()
-        result.result()  # an exception from the answer path is a bug
+        if result.error is not None:
+            raise result.error  # an exception from the answer path is a bug
     elif result is not None and not isinstance(result, bytes):
         result.close()  # type: ignore[attr-defined]  # the serve-stale path: not fuzzed
 

@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Container
+from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
@@ -39,6 +40,7 @@ import dns.rdatatype
 from .cache import Cache, Entry
 from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
 from .metrics import Stats, qtype_label, rcode_label
+from .pending import Pending
 from .policy.model import ALL_CLIENTS, Policy, RuleSet
 from .policy.timewindow import NEVER
 from .sinkhole import blocked_answer
@@ -184,6 +186,11 @@ class Info:
         return fast
 
 
+def _settle(future: asyncio.Future[Entry | None], entry: Entry | None) -> None:
+    if not future.done():
+        future.set_result(entry)
+
+
 class _Everyone:
     """Every client: the fast path's access list when there is no guard."""
 
@@ -212,7 +219,7 @@ class Resolver:
         self.cache = cache
         self.forwarder = forwarder
         self.clock = clock
-        self._inflight: dict[bytes, asyncio.Future[Entry | None]] = {}
+        self._inflight: dict[bytes, list[Callable[[Entry | None], None]]] = {}
         # Answers by query bytes (all but the ID), per transport: see handle().
         self._memo: tuple[Memo, Memo] = ({}, {})
         #: Info objects shared by answers alike when the audit log does not want them.
@@ -620,17 +627,16 @@ class Resolver:
         key: bytes,
         valid_until: float,
         then: Callable[[Entry | None], None] | None = None,
-    ) -> asyncio.Future[Entry | None]:
-        """The upstream answer for ``q``, admitted to the cache, as a future; identical
-        questions already on their way upstream share one fetch. ``then`` is called with
-        the entry as soon as it is there (without a turn of the event loop)."""
-        shared = self._inflight.get(key)
-        if shared is not None:
+    ) -> None:
+        """Fetch the upstream answer for ``q`` and admit it to the cache; then call
+        ``then`` with the entry (None: no answer), in the same turn of the event loop.
+        Identical questions already on their way upstream share one fetch."""
+        waiters = self._inflight.get(key)
+        if waiters is not None:
             if then is not None:
-                shared.add_done_callback(lambda done: then(done.result()))
-            return shared
-        shared = asyncio.get_running_loop().create_future()
-        self._inflight[key] = shared
+                waiters.append(then)
+            return
+        waiters = self._inflight[key] = [then] if then is not None else []
 
         def done(scan: Scan | None) -> None:
             del self._inflight[key]
@@ -639,13 +645,10 @@ class Resolver:
                 if scan is not None:
                     entry = self.cache.admit(key, scan, self.clock(), valid_until)
             finally:
-                if not shared.done():  # cancelled at shutdown
-                    shared.set_result(entry)
-            if then is not None:
-                then(entry)
+                for waiter in waiters:
+                    waiter(entry)
 
         self.forwarder.begin(q, done)
-        return shared
 
     def _stale(
         self,
@@ -697,22 +700,22 @@ class Resolver:
         client: str,
         started: float,
         mask: int,
-    ) -> asyncio.Future[bytes]:
-        """The answer from upstream, checked and accounted for, without a task: the
-        forwarder calls back with the reply."""
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    ) -> Pending:
+        """The answer from upstream, checked and accounted for, without a task or a
+        future: the forwarder calls back with the reply, and the answer goes to the
+        listener at once."""
+        answer = Pending()
 
         def then(entry: Entry | None) -> None:
             try:
                 if not answer.done():  # cancelled when shutdown ran out of time
-                    answer.set_result(
+                    answer.deliver(
                         self._answered(
                             q, entry, limit, decision, monitored, tcp, client, started, mask
                         )
                     )
             except Exception as exc:
-                if not answer.done():
-                    answer.set_exception(exc)
+                answer.fail(exc)
             finally:
                 self.waiting -= 1  # counted in handle(), when the query was handed over
 
@@ -737,7 +740,8 @@ class Resolver:
         comes within the client response timer, or none at all; the fetch goes on
         meanwhile and refreshes the cache when it lands."""
         try:
-            fetch = self._fetch(q, key, valid_until)
+            fetch: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+            self._fetch(q, key, valid_until, partial(_settle, fetch))
             done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
             entry = fetch.result() if done else None
             if entry is None:

@@ -16,6 +16,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from .metrics import BUCKETS
+from .pending import Pending
 
 if TYPE_CHECKING:
     from .chain import Info
@@ -51,6 +52,8 @@ class Tasks:
 
     def __init__(self) -> None:
         self.running: set[asyncio.Future[Any]] = set()
+        #: Answers on their way from upstream, without a task (see pending.Pending).
+        self.held: set[Pending] = set()
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -65,12 +68,22 @@ class Tasks:
 
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for running answers; cancel the rest; return how many."""
-        if not self.running:
-            return 0
-        _, pending = await asyncio.wait(set(self.running), timeout=timeout)
-        for task in pending:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.running or self.held:
+            left = end - loop.time()
+            if left <= 0:
+                break
+            if self.running:
+                await asyncio.wait(set(self.running), timeout=min(left, 0.05))
+            else:
+                await asyncio.sleep(min(left, 0.01))
+        running, held = list(self.running), list(self.held)
+        for task in running:
             task.cancel()
-        return len(pending)
+        for answer in held:
+            answer.cancel()
+        return len(running) + len(held)
 
 
 class UDPListener(asyncio.DatagramProtocol):
@@ -148,6 +161,9 @@ class UDPListener(asyncio.DatagramProtocol):
             return
         if isinstance(result, bytes):
             self._sendto(result, addr)
+            return
+        if type(result) is Pending:
+            result.then(self._sendto, addr, self.tasks.held)
             return
         if isinstance(result, asyncio.Future):
             self.tasks.track(result)

@@ -112,6 +112,8 @@ class RunningServer:
                 return None
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return  # stopped by the test already
         try:
             self.call(self.server.stop())
         finally:
