@@ -1,0 +1,105 @@
+"""UDP exchanges with upstreams share one epoll set and one timer (upstream.ReadWatch):
+each still ends on time, with its reply or its own timeout, in whatever order they were
+started, and a shutdown closes the sockets still waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import dns.message
+import pytest
+
+from resolver.upstream import Forwarder, Upstream, query_id, upstream_query
+from resolver.wire import Scan, parse_query
+
+
+@pytest.fixture
+def silent() -> Iterator[socket.socket]:
+    """An upstream that reads and never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def test_timeouts_fire_on_time_whatever_the_order(silent: socket.socket) -> None:
+    up = Upstream("127.0.0.1", silent.getsockname()[1])
+    forwarder = Forwarder([up])
+    q = parse_query(dns.message.make_query("example.test", "A").to_wire())
+    question = q.key + q.question[-4:]
+
+    async def scenario() -> list[tuple[str, float, str]]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ended: list[tuple[str, float, str]] = []
+        done = asyncio.Event()
+
+        def finisher(name: str):  # type: ignore[no-untyped-def]
+            def finish(scan: Scan | None, failure: str, detail: str) -> None:
+                assert scan is None
+                ended.append((name, round(loop.time() - started, 1), failure))
+                if len(ended) == 4:
+                    done.set()
+
+            return finish
+
+        # Alike timeouts share the queue; a shorter one after a longer one gets its own
+        # timer and must not wait for the longer one.
+        for name, timeout in (("a", 0.6), ("b", 0.6), ("short", 0.2), ("c", 0.8)):
+            qid = query_id()
+            wire = upstream_query(qid, q, True)
+            forwarder._udp_exchange(loop, up, wire, qid, question, timeout, finisher(name))
+            await asyncio.sleep(0)
+        await asyncio.wait_for(done.wait(), 3)
+        watch = forwarder._watch
+        assert watch is not None and not watch.waiting and not watch.queue
+        await forwarder.close()
+        return ended
+
+    ended = asyncio.run(scenario())
+    assert ended == [
+        ("short", 0.2, "timeout"),
+        ("a", 0.6, "timeout"),
+        ("b", 0.6, "timeout"),
+        ("c", 0.8, "timeout"),
+    ]
+
+
+def test_close_closes_the_sockets_still_waiting(silent: socket.socket) -> None:
+    up = Upstream("127.0.0.1", silent.getsockname()[1])
+    forwarder = Forwarder([up])
+    q = parse_query(dns.message.make_query("example.test", "A").to_wire())
+    question = q.key + q.question[-4:]
+    finished: list[str] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            qid = query_id()
+            forwarder._udp_exchange(
+                loop,
+                up,
+                upstream_query(qid, q, True),
+                qid,
+                question,
+                5.0,
+                lambda scan, failure, detail: finished.append(failure),
+            )
+        watch = forwarder._watch
+        assert watch is not None and len(watch.waiting) == 3
+        socks = [exchange.sock for exchange in watch.waiting.values()]
+        await forwarder.close()
+        assert all(sock.fileno() == -1 for sock in socks)
+        assert not watch.waiting and not watch.queue
+        await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert finished == []  # nobody is told: the answers were given up on before
+
+
+def test_query_ids_are_random_16_bit_numbers() -> None:
+    ids = [query_id() for _ in range(20000)]  # across several refills of the pool
+    assert all(0 <= i < 65536 for i in ids)
+    assert len(set(ids)) > 15000  # about 17,300 distinct expected from 20,000 draws
