@@ -50,7 +50,7 @@ class Entry:
         self.hits = 0
         self.prefetching = False
         #: Names the answer passes through (CNAME/DNAME), checked against policy on use.
-        self.chain = tuple(dict.fromkeys(scan.chain))
+        self.chain = tuple(dict.fromkeys(scan.chain)) if scan.chain else ()
         #: Addresses in the answer, checked against network rules and rebinding on use.
         self.addresses = tuple(scan.addresses)
         self.flags = scan.flags
@@ -67,9 +67,19 @@ class Entry:
         # No record may claim to live longer than the entry: that cap carries the policy's
         # next transition and the configured maximum to the client.
         life = max(0, int(expires - stored))
-        self.ttls = tuple(t if t < life else life for t in scan.ttls)
-        self._rendered_age = -1
-        self._rendered = b""
+        ttls = scan.ttls
+        if not ttls or max(ttls) <= life:
+            self.ttls = tuple(ttls)
+        else:
+            self.ttls = tuple([t if t < life else life for t in ttls])
+        if scan.ttls_as_sent and self.ttls == tuple(ttls):
+            # Served at age 0, the records are the reply's own bytes: the first answer
+            # (the one to the query that fetched it) needs no rewriting.
+            self._rendered_age = 0
+            self._rendered = self.body
+        else:
+            self._rendered_age = -1
+            self._rendered = b""
 
     def stale_records(self) -> bytes:
         """The records with every TTL at 30 s, as RFC 8767 serves a stale answer."""

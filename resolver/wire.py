@@ -444,6 +444,7 @@ class Scan:
         "source",
         "ttl_offsets",
         "ttls",
+        "ttls_as_sent",
     )
 
     def __init__(self) -> None:
@@ -461,6 +462,8 @@ class Scan:
         self.body = b""
         self.ttl_offsets: list[int] = []
         self.ttls: list[int] = []
+        #: False when a TTL in ``body`` is not the one in ``ttls`` (RFC 2181 8).
+        self.ttls_as_sent = True
         self.min_answer_ttl: int | None = None
         self.negative_ttl: int | None = None
 
@@ -521,6 +524,7 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
             break
         if ttl & 0x80000000:
             ttl = 0  # RFC 2181 8: a TTL with the top bit set is read as zero
+            s.ttls_as_sent = False
         ttl_offsets.append(ttl_at)
         ttls.append(ttl)
         if index < ancount:

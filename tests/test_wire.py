@@ -10,6 +10,7 @@ import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rrset
 import dnslib
 import pytest
 from hypothesis import given, settings
@@ -288,3 +289,25 @@ def test_the_question_type_must_match_exactly() -> None:
     other = question[:-4] + b"\x00\x61" + question[-2:]  # type 97 = 'a'
     with pytest.raises(wire.Mismatch):
         wire.scan_response(data, query.id, other)
+
+
+@pytest.mark.parametrize("raw_ttl", [300, 0x80000005])
+def test_a_fresh_entry_serves_the_replys_ttls_or_zero_for_a_top_bit_ttl(raw_ttl: int) -> None:
+    """At age 0 a cache entry serves the reply's own bytes, unless a TTL had its top bit
+    set: that one is read, and served, as zero (RFC 2181 8)."""
+    from resolver.cache import Entry
+
+    query = dns.message.make_query("www.example.test", "A")
+    reply = dns.message.make_response(query)
+    reply.answer.append(dns.rrset.from_text("www.example.test.", 300, "IN", "A", "192.0.2.1"))
+    data = bytearray(reply.to_wire())
+    question = data[12 : 12 + len("www.example.test") + 2 + 4]
+    ttl_at = len(data) - 4 - 2 - 4  # the answer's TTL: before RDLENGTH and the address
+    struct.pack_into("!I", data, ttl_at, raw_ttl)
+    scan = wire.scan_response(bytes(data), query.id, bytes(question))
+    entry = Entry(scan, 1000.0, 1000.0 + 300)
+    served = entry.records(1000.0)
+    expected = raw_ttl if raw_ttl < 0x80000000 else 0
+    assert struct.unpack_from("!I", served, ttl_at - 12 - len(question))[0] == expected
+    later = entry.records(1010.0)
+    assert struct.unpack_from("!I", later, ttl_at - 12 - len(question))[0] == max(0, expected - 10)
