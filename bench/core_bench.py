@@ -80,7 +80,8 @@ process this script starts is stopped by PID (also on Ctrl-C / SIGTERM).
 Options: ``--duration`` (10; quick 3), ``--latency-duration`` (5; quick 2; 0 = none),
 ``--latency-qps`` (5000), ``--quick``, ``--full``, ``--scale-sizes``, ``--scale-servers``,
 ``--scale-duration`` (5; quick 2), ``--startup-runs`` (3), ``--rounds`` (1; each row the
-round with the median CPU per query, peers taking turns), ``--servers``, ``--workloads``,
+round with the median CPU per query, peers taking turns; scale sizes N runs each on the
+loaded server), ``--servers``, ``--workloads``,
 ``--baselines``, ``--names``, ``--blocked`` (1000), ``--cache-size`` (1,000,000, every
 peer; keep it above the names a peer sees, or ``unique`` measures dnsmasq's cache-full
 eviction path), ``--clients/--outstanding/--timeout`` (dnsperf ``-c/-q/-t``, 4/200/1),
@@ -1315,8 +1316,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="run every peer's workloads this many times, peers taking turns; each row is "
-        "then the round with the median CPU per query (the others in its notes)",
+        help="run every peer's workloads this many times, peers taking turns, and each scale "
+        "size as many times on its loaded server; each row is then the run with the median "
+        "CPU per query (the others in its notes)",
     )
     p.add_argument(
         "--startup-runs",
@@ -1451,8 +1453,11 @@ def run_scale(
     size: int,
     opts: DnsperfOptions,
     report: Report,
+    rounds: int = 1,
 ) -> None:
-    """Policy scale: ``size`` blocked names; load time, memory, blocked-query throughput."""
+    """Policy scale: ``size`` blocked names; load time, memory, blocked-query throughput
+    (with ``rounds`` > 1: that many throughput runs back to back on the one loaded server,
+    the median by CPU per query reported)."""
     sctx = replace(
         ctx, workdir=ctx.workdir / f"scale-{size}", blocked=[blocked_name(i) for i in range(size)]
     )
@@ -1462,7 +1467,8 @@ def run_scale(
         wl = WORKLOADS[0]
         names = [f"q{j}.{blocked_name(j % size)}" for j in range(SCALE_QUERIES)]
         plan = WorkloadPlan(names, warm=[], loop=True)
-        r = measure(peer, nsd, wl, plan, opts, label=_scale_label(size))
+        runs = [measure(peer, nsd, wl, plan, opts, label=_scale_label(size)) for _ in range(rounds)]
+        r = median_rounds([[run] for run in runs])[0]
         r.load_s = load_s
         log(f"  {r.workload} {peer.name}: load {load_s:.2f}s, {r.qps:,.0f} qps")
         report.results.append(r)
@@ -1529,7 +1535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for size in args.scale_sizes:
                 for name in args.scale_servers:
                     try:
-                        run_scale(PEERS[name], ctx, nsd, size, scale_opts, report)
+                        run_scale(PEERS[name], ctx, nsd, size, scale_opts, report, args.rounds)
                     except BenchError as e:
                         report.errors[f"{name}@{size}"] = str(e)
                         log(f"{name} with {size} blocked names FAILED: {e}")
