@@ -65,6 +65,9 @@ One table, one row per (workload, server); scale rows are ``blocked@1k`` etc.
 ``RSS MiB``      VmRSS summed over the server's process tree after the workload
                  (VmHWM, the peak, is in the JSON).
 ``load s``       scale rows: exec to the first correct answer.
+``host %``       the whole machine's CPU busy during the throughput run, in % of all
+                 CPUs (dnsperf, NSD and the server together; steal is in the JSON):
+                 near 100, the machine, not the server, set the qps.
 ``qps x B``      peer qps / B's qps               (>1: peer answers more per second).
 ``cpu x B``      B's CPU/q / peer's CPU/q         (>1: peer is cheaper per query).
 B is each of ``--baselines`` (dnsmasq and unbound).  JSON ``rcode_ok_pct`` is the share
@@ -925,6 +928,10 @@ class RunResult:
     rss_kib: int = 0  # VmRSS of the server's process tree after the workload
     hwm_kib: int = 0  # VmHWM (peak resident), likewise
     load_s: float | None = None  # policy scale rows: exec to first correct answer
+    #: The whole machine's CPU across the run, in % of all its CPUs (busy = not idle, not
+    #: iowait; steal: taken by the hypervisor): how much room the load generator left.
+    host_busy_pct: float = math.nan
+    host_steal_pct: float = math.nan
     latency: Latency | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -1054,6 +1061,23 @@ def _wrong_answers(expected: dict[str, float], ok: float, rcodes: dict[str, int]
     return [] if ok >= 99.0 else [f"WRONG ANSWERS: only {ok:.1f}% as {expected}, got {rcodes}"]
 
 
+def host_jiffies() -> tuple[int, int, int]:
+    """(total, idle + iowait, steal) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return sum(fields[:8]), fields[3] + fields[4], fields[7] if len(fields) > 7 else 0
+
+
+def host_use(before: tuple[int, int, int], after: tuple[int, int, int]) -> tuple[float, float]:
+    """Busy and steal time between two host_jiffies() readings, in % of all CPUs."""
+    total = after[0] - before[0]
+    if total <= 0:
+        return math.nan, math.nan
+    idle = after[1] - before[1]
+    return 100.0 * (total - idle) / total, 100.0 * (after[2] - before[2]) / total
+
+
 def measure(
     peer: Peer,
     nsd: NsdUpstream,
@@ -1066,9 +1090,10 @@ def measure(
     label = label or wl.name
     datafile = _prepare(peer, label, plan)
     time.sleep(0.3)  # let the server go idle before the CPU snapshot
-    cpu0, up0 = peer.cpu_seconds(), nsd.cpu_seconds()
+    cpu0, up0, host0 = peer.cpu_seconds(), nsd.cpu_seconds(), host_jiffies()
     stats = run_dnsperf(peer.port, datafile, opts, plan.loop)
-    cpu1, up1 = peer.cpu_seconds(), nsd.cpu_seconds()
+    cpu1, up1, host1 = peer.cpu_seconds(), nsd.cpu_seconds(), host_jiffies()
+    busy, steal = host_use(host0, host1)
     _check_alive(peer, label)
     completed = stats.completed
 
@@ -1102,6 +1127,8 @@ def measure(
         data_names=len(plan.names),
         rss_kib=rss,
         hwm_kib=hwm,
+        host_busy_pct=busy,
+        host_steal_pct=steal,
         notes=notes + _wrong_answers(wl.expected, ok, stats.rcodes),
     )
 
@@ -1171,6 +1198,7 @@ def render_table(results: list[RunResult], baselines: Sequence[str]) -> str:
         "p99 ms",
         "RSS MiB",
         "load s",
+        "host %",
     ]
     for b in baselines:
         head += [f"qps x {b}", f"cpu x {b}"]
@@ -1187,6 +1215,7 @@ def render_table(results: list[RunResult], baselines: Sequence[str]) -> str:
             _ms(lat.p99_ms if lat else None),
             f"{r.rss_kib / 1024:.0f}",
             "-" if r.load_s is None else f"{r.load_s:.2f}",
+            "-" if math.isnan(r.host_busy_pct) else f"{r.host_busy_pct:.0f}",
         ]
         for b in baselines:
             pair = rx[b].get((r.workload, r.server))
@@ -1209,7 +1238,8 @@ def render_table(results: list[RunResult], baselines: Sequence[str]) -> str:
         "qps x B = server qps / B's (>1: more answers per second); "
         "cpu x B = B's CPU per query / server's (>1: cheaper per query).",
         "p50/p99: latency at a fixed offered rate; RSS: VmRSS of the process tree after the "
-        "run; load s: exec to first correct answer.",
+        "run; load s: exec to first correct answer; host %: the machine's CPU busy during the "
+        "run (all CPUs = 100; dnsperf, NSD and the server together).",
     ]
     return "\n".join(out)
 
@@ -1412,6 +1442,22 @@ def median_rounds(rounds: list[list[RunResult]]) -> list[RunResult]:
     return out
 
 
+def note_worker_headroom(results: list[RunResult]) -> None:
+    """On each resolver-w2 row: how much more the machine had room for, judged by how busy
+    it was with one worker (dnsperf and NSD share the same CPUs), against what two got."""
+    one = {r.workload: r for r in results if r.server == "resolver"}
+    for r in results:
+        base = one.get(r.workload)
+        if r.server != "resolver-w2" or base is None or not base.host_busy_pct > 0:
+            continue
+        room = 100.0 / base.host_busy_pct
+        r.notes.append(
+            f"one worker left the machine {base.host_busy_pct:.0f}% busy, so two can gain at "
+            f"most {room:.2f}x here; they gained {r.qps / base.qps:.2f}x "
+            f"(machine {r.host_busy_pct:.0f}% busy)"
+        )
+
+
 def run_peer(
     cls: type[Peer],
     ctx: BenchContext,
@@ -1529,6 +1575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         report.errors[cls.name] = str(e)
                         log(f"{cls.name} FAILED: {e}")
             report.results += median_rounds([r.results for r in rounds])
+            note_worker_headroom(report.results)
             for r in rounds:
                 report.versions.update(r.versions)
             scale_opts = replace(opts, duration=args.scale_duration)
