@@ -3,11 +3,16 @@
 An entry holds the reply's records exactly as they came (OPT removed) plus the offset of
 every TTL. Serving patches the TTLs once per second of age and reuses that copy until the
 next second, so a hit costs a dictionary lookup and a few byte joins.
+
+Stored entries are packed into one ``bytes`` each, in plain dicts: the garbage collector
+does not track bytes, nor a dict that holds only bytes, so a full collection never walks
+the cache. With :class:`Entry` objects in OrderedDicts it did, and a million entries
+stalled the event loop for about half a second at every full collection.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import struct
 from typing import Final
 
 from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, label_offsets, pack_u32_into
@@ -20,6 +25,21 @@ DEFAULT_MAX_NEGATIVE_TTL: Final = 3_600
 PREFETCH_HITS: Final = 3
 #: RFC 8767 4: the TTL of a stale answer.
 STALE_TTL: Final = 30
+
+
+#: stored, expires, flags, rcode, an, ns, ar, TTL count, chain names, addresses, upstream
+#: label length; then the TTL offsets and TTLs, the names and addresses (a length byte
+#: each), the label, and the records.
+_HEAD: Final = struct.Struct("<ddHHHHHHHHH")
+_TTL_STRUCTS: dict[int, struct.Struct] = {}
+_EXPIRES: Final = struct.Struct("<d")
+
+
+def _ttl_struct(n: int) -> struct.Struct:
+    found = _TTL_STRUCTS.get(n)
+    if found is None:
+        found = _TTL_STRUCTS[n] = struct.Struct(f"<{n}H{n}I")
+    return found
 
 
 class Entry:
@@ -36,6 +56,7 @@ class Entry:
         "expires",
         "flags",
         "hits",
+        "key",
         "ns",
         "prefetching",
         "rcode",
@@ -47,8 +68,11 @@ class Entry:
 
     def __init__(self, scan: Scan, stored: float, expires: float) -> None:
         self.upstream = scan.source
+        #: Uses of the stored entry so far, and whether a prefetch of it was asked for
+        #: (set by Cache.get from what it keeps beside the packed entry).
         self.hits = 0
         self.prefetching = False
+        self.key = b""
         #: Names the answer passes through (CNAME/DNAME), checked against policy on use.
         self.chain = tuple(dict.fromkeys(scan.chain)) if scan.chain else ()
         #: Addresses in the answer, checked against network rules and rebinding on use.
@@ -81,6 +105,72 @@ class Entry:
             self._rendered_age = -1
             self._rendered = b""
 
+    def pack(self) -> bytes:
+        """The entry as one bytes object (see the module docstring); unpack() reverses it."""
+        n = len(self.ttl_offsets)
+        upstream = self.upstream.encode()
+        parts = [
+            _HEAD.pack(
+                self.stored,
+                self.expires,
+                self.flags,
+                self.rcode,
+                self.an,
+                self.ns,
+                self.ar,
+                n,
+                len(self.chain),
+                len(self.addresses),
+                len(upstream),
+            ),
+            _ttl_struct(n).pack(*self.ttl_offsets, *self.ttls),
+        ]
+        for item in (*self.chain, *self.addresses):
+            parts.append(bytes((len(item),)))
+            parts.append(item)
+        parts.append(upstream)
+        parts.append(self.body)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> Entry:
+        """The entry that pack() made ``blob`` of."""
+        entry = cls.__new__(cls)
+        (
+            entry.stored,
+            entry.expires,
+            entry.flags,
+            entry.rcode,
+            entry.an,
+            entry.ns,
+            entry.ar,
+            n,
+            chains,
+            addresses,
+            upstream,
+        ) = _HEAD.unpack_from(blob)
+        off = _HEAD.size
+        ttl = _ttl_struct(n)
+        values = ttl.unpack_from(blob, off)
+        entry.ttl_offsets = values[:n]
+        entry.ttls = values[n:]
+        off += ttl.size
+        items = []
+        for _ in range(chains + addresses):
+            size = blob[off]
+            items.append(blob[off + 1 : off + 1 + size])
+            off += 1 + size
+        entry.chain = tuple(items[:chains])
+        entry.addresses = tuple(items[chains:])
+        entry.upstream = blob[off : off + upstream].decode()
+        entry.body = blob[off + upstream :]
+        entry.hits = 0
+        entry.prefetching = False
+        entry.key = b""
+        entry._rendered_age = -1
+        entry._rendered = b""
+        return entry
+
     def stale_records(self) -> bytes:
         """The records with every TTL at 30 s, as RFC 8767 serves a stale answer."""
         buf = bytearray(self.body)
@@ -106,9 +196,9 @@ class Entry:
 
 
 #: Entries per shard that the cache aims at. A Python dict rebuilds its whole table when
-#: it grows, and, once evictions churn it, every half table of inserts: an OrderedDict of
-#: 100,000 entries stalls the event loop for about 12 ms each time, of 1,400,000 for 200 ms.
-#: Shards of a few thousand entries keep each rebuild well under a millisecond.
+#: it grows, and, once evictions churn it, every half table of inserts: one table of
+#: 100,000 entries stalled the event loop for about 12 ms each time, of 1,400,000 for
+#: 200 ms. Shards of a few thousand entries keep each rebuild well under a millisecond.
 SHARD_TARGET: Final = 4096
 MAX_SHARDS: Final = 256
 
@@ -149,8 +239,13 @@ class Cache:
         self.prefetch = prefetch
         self.prefetches = 0
         count = shard_count(max_entries)
-        self._shards: list[OrderedDict[bytes, Entry]] = [OrderedDict() for _ in range(count)]
+        #: Packed entries (Entry.pack), least recently used first in each shard.
+        self._shards: list[dict[bytes, bytes]] = [{} for _ in range(count)]
         self._mask = count - 1
+        #: Uses of stored entries, and the entries whose prefetch was asked for: kept only
+        #: with prefetch on, and dropped with their entries.
+        self._hits: dict[bytes, int] = {}
+        self._prefetching: set[bytes] = set()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -161,18 +256,24 @@ class Cache:
     def get(self, key: bytes, now: float) -> Entry | None:
         """The live entry for ``key``, or None (an expired one is dropped on the way)."""
         data = self._shards[hash(key) & self._mask]
-        entry = data.get(key)
-        if entry is None:
+        blob = data.get(key)
+        if blob is None:
             self.misses += 1
             return None
-        if entry.expires <= now:
-            if now - entry.expires >= self.serve_stale:
-                del data[key]  # kept while it may still serve stale (RFC 8767)
+        expires = _EXPIRES.unpack_from(blob, 8)[0]
+        if expires <= now:
+            if now - expires >= self.serve_stale:
+                self._drop(data, key)  # kept while it may still serve stale (RFC 8767)
             self.misses += 1
             return None
-        data.move_to_end(key)
+        del data[key]
+        data[key] = blob  # the most recently used, last
         self.hits += 1
-        entry.hits += 1
+        entry = Entry.unpack(blob)
+        entry.key = key
+        if self.prefetch:
+            entry.hits = self._hits[key] = self._hits.get(key, 0) + 1
+            entry.prefetching = key in self._prefetching
         return entry
 
     def wants_prefetch(self, entry: Entry, now: float) -> bool:
@@ -183,15 +284,21 @@ class Cache:
         if entry.expires - now > 0.1 * (entry.expires - entry.stored):
             return False
         entry.prefetching = True
+        self._prefetching.add(entry.key)
         self.prefetches += 1
         return True
 
     def stale(self, key: bytes, now: float) -> Entry | None:
         """An expired entry still within ``serve_stale`` seconds of its expiry, for when
         the upstreams fail or are too slow (RFC 8767)."""
-        entry = self._shards[hash(key) & self._mask].get(key)
-        if entry is None or entry.expires > now or now - entry.expires >= self.serve_stale:
+        blob = self._shards[hash(key) & self._mask].get(key)
+        if blob is None:
             return None
+        expires = _EXPIRES.unpack_from(blob, 8)[0]
+        if expires > now or now - expires >= self.serve_stale:
+            return None
+        entry = Entry.unpack(blob)
+        entry.key = key
         return entry
 
     def flush(self, name: bytes | None = None) -> int:
@@ -202,6 +309,8 @@ class Cache:
             if name is None:
                 count += len(data)
                 data.clear()
+                self._hits.clear()
+                self._prefetching.clear()
                 continue
             doomed = []
             for key in data:
@@ -210,7 +319,7 @@ class Cache:
                 if cut >= 0 and owner.endswith(name) and (cut == 0 or cut in label_offsets(owner)):
                     doomed.append(key)
             for key in doomed:
-                del data[key]
+                self._drop(data, key)
             count += len(doomed)
         return count
 
@@ -233,13 +342,22 @@ class Cache:
         if cap_until < expires:
             expires = cap_until
         entry = Entry(scan, now, expires)
+        entry.key = key
         if expires > now and self.max_entries > 0:
             data = self._shards[hash(key) & self._mask]
-            data[key] = entry
-            data.move_to_end(key)
+            if key in data:
+                self._drop(data, key)  # a new entry: uses and prefetch start afresh
+            data[key] = entry.pack()
             # This shard's share (rounded up); while: the limit may have been lowered.
             limit = -(-self.max_entries // len(self._shards))
             while len(data) > limit:
-                data.popitem(last=False)
+                self._drop(data, next(iter(data)))
                 self.evictions += 1
         return entry
+
+    def _drop(self, data: dict[bytes, bytes], key: bytes) -> None:
+        del data[key]
+        if self._hits:
+            self._hits.pop(key, None)
+        if self._prefetching:
+            self._prefetching.discard(key)

@@ -329,3 +329,47 @@ def test_a_large_cache_is_sharded_and_stays_bounded() -> None:
     assert cache.flush(b"\x04keep\x04test\x00") == 1 and cache.get(keep, now) is None
     before = len(cache)
     assert cache.flush() == before and len(cache) == 0
+
+
+def test_a_stored_entry_comes_back_whole_and_the_cache_is_no_work_for_the_gc() -> None:
+    """Entries are kept packed in bytes (see resolver.cache): what comes back serves the
+    same bytes as the entry that went in, at any age; and no shard is tracked by the
+    garbage collector, so that a full collection never walks the cache."""
+    import gc
+
+    import dns.message
+    import dns.rrset
+
+    from resolver.cache import Cache
+    from resolver.wire import scan_response
+
+    query = dns.message.make_query("www.example.test", "A")
+    reply = dns.message.make_response(query)
+    reply.answer.append(
+        dns.rrset.from_text("www.example.test.", 600, "IN", "CNAME", "edge.cdn.test.")
+    )
+    reply.answer.append(
+        dns.rrset.from_text("edge.cdn.test.", 60, "IN", "A", "192.0.2.1", "192.0.2.2")
+    )
+    reply.authority.append(dns.rrset.from_text("cdn.test.", 300, "IN", "NS", "ns.cdn.test."))
+    wire = reply.to_wire()
+    question = wire[12 : 12 + len(query.question[0].name.to_wire()) + 4]
+    scan = scan_response(wire, query.id, question)
+    scan.source = "upstream.example.gov:853 (tls)"
+    cache = Cache(max_entries=10_000)
+    key = b"\x03www\x07example\x04test\x00\x00\x01\x00\x01\x00\x00"
+    fresh = cache.admit(key, scan, 1000.0, float("inf"))
+    stored = cache.get(key, 1000.5)
+    assert stored is not None and stored is not fresh
+    for name in ("chain", "addresses", "upstream", "flags", "rcode", "an", "ns", "ar", "body"):
+        assert getattr(stored, name) == getattr(fresh, name), name
+    assert stored.ttl_offsets == fresh.ttl_offsets and stored.ttls == fresh.ttls
+    assert (stored.stored, stored.expires) == (1000.0, 1060.0)
+    assert len(stored.addresses) == 2 and len(stored.chain) == 2
+    for age in (0.0, 1.0, 59.0):
+        assert stored.records(1000.0 + age) == fresh.records(1000.0 + age)
+    for i in range(5000):
+        cache.admit(i.to_bytes(4, "big") + key, scan, 1000.0, float("inf"))
+    gc.collect()
+    assert not any(gc.is_tracked(shard) for shard in cache._shards)
+    assert all(type(blob) is bytes for shard in cache._shards for blob in shard.values())
