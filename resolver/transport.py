@@ -128,31 +128,9 @@ class UDPListener(asyncio.DatagramProtocol):
         if not self.accepting:
             return
         fast = self.fast
-        if fast is not None:
-            memo = fast.fast_memo
-            if memo is not None:
-                started = perf_counter()
-                hit = memo.get(data[2:])
-                if hit is not None:
-                    info = hit[2]
-                    if not info.logged and addr[0] in fast.fast_clients and fast.clock() < hit[1]:
-                        answer = data[:2] + hit[0]
-                        elapsed = perf_counter() - started
-                        if elapsed < FAST_BOUND:
-                            info.fast += 1
-                            info.fast_time += elapsed
-                        else:  # (a pause): counted by the full path, in its own bucket
-                            fast.memo_answered(info, addr[0], started)
-                        direct = self._direct
-                        if direct is not None:
-                            try:
-                                direct.sendto(answer, addr)
-                                return
-                            except OSError:
-                                pass  # the buffer is full, or worse: as below
-                        self._sendto(answer, addr)
-                        return
         try:
+            if fast is not None and self._fast(fast, data, addr):
+                return
             result = self.handle(data, addr[0], False)
         except Exception:  # a bug must cost one answer, never the listener
             log.exception("internal error answering a UDP query")
@@ -170,6 +148,35 @@ class UDPListener(asyncio.DatagramProtocol):
             result.add_done_callback(lambda done: self._reply_done(done, addr))
             return
         self.tasks.spawn(self._reply_later(result, addr))
+
+    def _fast(self, fast: FastSource, data: bytes, addr: Any) -> bool:
+        """Answer from the memo if the fast path may (see the class docstring)."""
+        memo = fast.fast_memo
+        if memo is None:
+            return False
+        started = perf_counter()
+        hit = memo.get(data[2:])
+        if hit is None:
+            return False
+        info = hit[2]
+        if info.logged or addr[0] not in fast.fast_clients or fast.clock() >= hit[1]:
+            return False
+        answer = data[:2] + hit[0]
+        elapsed = perf_counter() - started
+        if elapsed < FAST_BOUND:
+            info.fast += 1
+            info.fast_time += elapsed
+        else:  # (a pause): counted by the full path, in its own bucket
+            fast.memo_answered(info, addr[0], started)
+        direct = self._direct
+        if direct is not None:
+            try:
+                direct.sendto(answer, addr)
+                return True
+            except OSError:
+                pass  # the buffer is full, or worse: as below
+        self._sendto(answer, addr)
+        return True
 
     def _reply_done(self, done: asyncio.Future[bytes | None], addr: Any) -> None:
         if done.cancelled():

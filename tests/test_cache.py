@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.rcode
 import pytest
@@ -373,3 +374,28 @@ def test_a_stored_entry_comes_back_whole_and_the_cache_is_no_work_for_the_gc() -
     gc.collect()
     assert not any(gc.is_tracked(shard) for shard in cache._shards)
     assert all(type(blob) is bytes for shard in cache._shards for blob in shard.values())
+
+
+def test_an_error_in_the_udp_fast_path_costs_one_answer_not_the_listener(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    query = dns.message.make_query("deepseek.com", "A")
+    assert server.send(query).rcode() == dns.rcode.NXDOMAIN  # now in the memo
+    resolver = server.resolver
+    clock = resolver.clock
+    calls = []
+
+    def broken() -> float:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return clock()
+
+    resolver.clock = broken
+    try:
+        with pytest.raises(dns.exception.Timeout):
+            server.send(query, timeout=0.5)
+    finally:
+        resolver.clock = clock
+    assert "internal error answering a UDP query" in caplog.text
+    assert server.send(query).rcode() == dns.rcode.NXDOMAIN  # the listener lives on
