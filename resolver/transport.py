@@ -61,11 +61,6 @@ class Tasks:
         task.add_done_callback(self.running.discard)
         return task
 
-    def track(self, future: asyncio.Future[Any]) -> None:
-        """An answer on its way without a task (see Forwarder.begin)."""
-        self.running.add(future)
-        future.add_done_callback(self.running.discard)
-
     async def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for running answers; cancel the rest; return how many."""
         loop = asyncio.get_running_loop()
@@ -143,10 +138,6 @@ class UDPListener(asyncio.DatagramProtocol):
         if type(result) is Pending:
             result.then(self._sendto, addr, self.tasks.held)
             return
-        if isinstance(result, asyncio.Future):
-            self.tasks.track(result)
-            result.add_done_callback(lambda done: self._reply_done(done, addr))
-            return
         self.tasks.spawn(self._reply_later(result, addr))
 
     def _fast(self, fast: FastSource, data: bytes, addr: Any) -> bool:
@@ -177,15 +168,6 @@ class UDPListener(asyncio.DatagramProtocol):
                 pass  # the buffer is full, or worse: as below
         self._sendto(answer, addr)
         return True
-
-    def _reply_done(self, done: asyncio.Future[bytes | None], addr: Any) -> None:
-        if done.cancelled():
-            return
-        exc = done.exception()
-        if exc is not None:
-            log.error("internal error answering a UDP query", exc_info=exc)
-            return
-        self._sendto(done.result(), addr)
 
     async def _reply_later(self, pending: Awaitable[bytes | None], addr: Any) -> None:
         try:
