@@ -92,11 +92,12 @@ class Entry:
         # next transition and the configured maximum to the client.
         life = max(0, int(expires - stored))
         ttls = scan.ttls
-        if not ttls or max(ttls) <= life:
+        unchanged = not ttls or max(ttls) <= life
+        if unchanged:
             self.ttls = tuple(ttls)
         else:
             self.ttls = tuple([t if t < life else life for t in ttls])
-        if scan.ttls_as_sent and self.ttls == tuple(ttls):
+        if unchanged and scan.ttls_as_sent:
             # Served at age 0, the records are the reply's own bytes: the first answer
             # (the one to the query that fetched it) needs no rewriting.
             self._rendered_age = 0

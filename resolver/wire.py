@@ -502,12 +502,19 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
     off = qend
     ttl_offsets = s.ttl_offsets
     ttls = s.ttls
+    addresses = s.addresses
+    min_answer_ttl: int | None = None
+    negative_ttl: int | None = None
     body_end = n
     kept_ar = 0
-    total = ancount + nscount + arcount
-    for index in range(total):
+    answers = ancount
+    both = ancount + nscount
+    for index in range(both + arcount):
         rstart = off
-        off = skip_name(data, off)
+        if off < n and data[off] >= 0xC0:  # the usual owner: a pointer (to the question)
+            off += 2
+        else:
+            off = skip_name(data, off)
         if off + 10 > n:
             raise FormatError("record header runs past the end of the reply")
         rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, off)
@@ -517,7 +524,7 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
         if off > n:
             raise FormatError("record data runs past the end of the reply")
         if rtype == TYPE_OPT:
-            if index < ancount + nscount:
+            if index < both:
                 raise FormatError("OPT record outside the additional section")
             s.rcode |= (ttl >> 24) << 4
             body_end = rstart  # drop OPT and whatever follows it (TSIG, SIG(0))
@@ -527,23 +534,25 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
             s.ttls_as_sent = False
         ttl_offsets.append(ttl_at)
         ttls.append(ttl)
-        if index < ancount:
-            if s.min_answer_ttl is None or ttl < s.min_answer_ttl:
-                s.min_answer_ttl = ttl
+        if index < answers:
+            if min_answer_ttl is None or ttl < min_answer_ttl:
+                min_answer_ttl = ttl
             if (rtype == TYPE_A and rdlen == 4) or (rtype == TYPE_AAAA and rdlen == 16):
-                s.addresses.append(data[rdata:off])
+                addresses.append(data[rdata:off])
             elif rtype in (TYPE_CNAME, TYPE_DNAME):
                 # The names an answer passes through, for policy to see behind the alias.
                 s.chain.append(_read_name_slow(data, rstart)[0].lower())
                 s.chain.append(_read_name_slow(data, rdata)[0].lower())
-        elif index < ancount + nscount:
+        elif index < both:
             if rtype == TYPE_SOA and rdlen >= 22:
                 minimum = _U32.unpack_from(data, off - 4)[0]
                 neg = min(ttl, minimum)
-                if s.negative_ttl is None or neg < s.negative_ttl:
-                    s.negative_ttl = neg
+                if negative_ttl is None or neg < negative_ttl:
+                    negative_ttl = neg
         else:
             kept_ar += 1
+    s.min_answer_ttl = min_answer_ttl
+    s.negative_ttl = negative_ttl
     s.arcount = kept_ar
     s.body = data[qend:body_end]
     return s
