@@ -1444,7 +1444,8 @@ def median_rounds(rounds: list[list[RunResult]]) -> list[RunResult]:
 
 def note_worker_headroom(results: list[RunResult]) -> None:
     """On each resolver-w2 row: how much more the machine had room for, judged by how busy
-    it was with one worker (dnsperf and NSD share the same CPUs), against what two got."""
+    it was with one worker (dnsperf and NSD share the same CPUs), against what two got.
+    A rough bound: CPU per query falls a little as load rises (larger batches per wake)."""
     one = {r.workload: r for r in results if r.server == "resolver"}
     for r in results:
         base = one.get(r.workload)
@@ -1452,8 +1453,8 @@ def note_worker_headroom(results: list[RunResult]) -> None:
             continue
         room = 100.0 / base.host_busy_pct
         r.notes.append(
-            f"one worker left the machine {base.host_busy_pct:.0f}% busy, so two can gain at "
-            f"most {room:.2f}x here; they gained {r.qps / base.qps:.2f}x "
+            f"one worker left the machine {base.host_busy_pct:.0f}% busy: room for about "
+            f"{room:.2f}x at the same CPU per query; two gained {r.qps / base.qps:.2f}x "
             f"(machine {r.host_busy_pct:.0f}% busy)"
         )
 
