@@ -30,8 +30,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Container
-from functools import partial
+from collections.abc import Callable, Container
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
@@ -81,7 +80,7 @@ from .wire import (
 log = logging.getLogger("resolver.chain")
 
 Clock = Callable[[], float]
-Result = bytes | None | Awaitable[bytes | None]
+Result = bytes | Pending | None
 
 # RFC 8482 4.2: a synthesized HINFO saying why ANY got no real answer.
 _ANY_RDATA: Final = b"\x07RFC8482\x00"
@@ -184,11 +183,6 @@ class Info:
             self.fast = 0
             self.fast_time = 0.0
         return fast
-
-
-def _settle(future: asyncio.Future[Entry | None], entry: Entry | None) -> None:
-    if not future.done():
-        future.set_result(entry)
 
 
 class _Everyone:
@@ -430,11 +424,7 @@ class Resolver:
         self.waiting += 1
         forwarded = "forwarded" if decision == "cached" else decision
         stale = self.cache.stale(key, now) if self.cache.serve_stale else None
-        if stale is None:
-            return self._forward(
-                q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask
-            )
-        return self._forward_or_stale(
+        return self._forward(
             q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask, stale
         )
 
@@ -700,59 +690,47 @@ class Resolver:
         client: str,
         started: float,
         mask: int,
+        stale: Entry | None,
     ) -> Pending:
         """The answer from upstream, checked and accounted for, without a task or a
         future: the forwarder calls back with the reply, and the answer goes to the
-        listener at once."""
+        listener at once. With ``stale`` (an expired entry, RFC 8767), that one is served
+        when no answer comes within the client response timer, or none at all; the fetch
+        goes on meanwhile and refreshes the cache when it lands."""
         answer = Pending()
+        timer: asyncio.TimerHandle | None = None
+        settled = False
 
-        def then(entry: Entry | None) -> None:
+        def settle(entry: Entry | None) -> None:
+            nonlocal settled
+            if settled:
+                return  # the stale answer went out already; the fetch refreshed the cache
+            settled = True
+            self.waiting -= 1  # counted in handle(), when the query was handed over
+            if timer is not None:
+                timer.cancel()
+            if answer.done():
+                return  # cancelled when shutdown ran out of time
             try:
-                if not answer.done():  # cancelled when shutdown ran out of time
-                    answer.deliver(
-                        self._answered(
-                            q, entry, limit, decision, monitored, tcp, client, started, mask
+                if entry is None and stale is not None:
+                    # A stale answer gets the same checks as a fresh one.
+                    reply = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
+                    if reply is None:
+                        reply = self._stale(
+                            q, stale, limit, decision, monitored, tcp, client, started
                         )
+                else:
+                    reply = self._answered(
+                        q, entry, limit, decision, monitored, tcp, client, started, mask
                     )
+                answer.deliver(reply)
             except Exception as exc:
                 answer.fail(exc)
-            finally:
-                self.waiting -= 1  # counted in handle(), when the query was handed over
 
-        self._fetch(q, key, valid_until, then)
+        if stale is not None:
+            timer = asyncio.get_running_loop().call_later(self.stale_timer, settle, None)
+        self._fetch(q, key, valid_until, settle)
         return answer
-
-    async def _forward_or_stale(
-        self,
-        q: Query,
-        key: bytes,
-        valid_until: float,
-        limit: int,
-        decision: str,
-        monitored: RuleSet | None,
-        tcp: bool,
-        client: str,
-        started: float,
-        mask: int,
-        stale: Entry,
-    ) -> bytes:
-        """The answer from upstream, or the expired ``stale`` one (RFC 8767) when none
-        comes within the client response timer, or none at all; the fetch goes on
-        meanwhile and refreshes the cache when it lands."""
-        try:
-            fetch: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
-            self._fetch(q, key, valid_until, partial(_settle, fetch))
-            done, _ = await asyncio.wait({fetch}, timeout=self.stale_timer)
-            entry = fetch.result() if done else None
-            if entry is None:
-                # A stale answer gets the same checks as a fresh one.
-                blocked = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
-                if blocked is not None:
-                    return blocked
-                return self._stale(q, stale, limit, decision, monitored, tcp, client, started)
-            return self._answered(q, entry, limit, decision, monitored, tcp, client, started, mask)
-        finally:
-            self.waiting -= 1  # counted in handle(), when the query was handed over
 
     def _answered(
         self,
