@@ -134,8 +134,8 @@ class Entry:
         return b"".join(parts)
 
     @classmethod
-    def unpack(cls, blob: bytes) -> Entry:
-        """The entry that pack() made ``blob`` of."""
+    def unpack(cls, blob: bytes, key: bytes) -> Entry:
+        """The entry that pack() made ``blob`` of, stored under ``key``."""
         entry = cls.__new__(cls)
         (
             entry.stored,
@@ -167,7 +167,7 @@ class Entry:
         entry.body = blob[off + upstream :]
         entry.hits = 0
         entry.prefetching = False
-        entry.key = b""
+        entry.key = key
         entry._rendered_age = -1
         entry._rendered = b""
         return entry
@@ -270,8 +270,7 @@ class Cache:
         del data[key]
         data[key] = blob  # the most recently used, last
         self.hits += 1
-        entry = Entry.unpack(blob)
-        entry.key = key
+        entry = Entry.unpack(blob, key)
         if self.prefetch:
             entry.hits = self._hits[key] = self._hits.get(key, 0) + 1
             entry.prefetching = key in self._prefetching
@@ -298,21 +297,20 @@ class Cache:
         expires = _EXPIRES.unpack_from(blob, 8)[0]
         if expires > now or now - expires >= self.serve_stale:
             return None
-        entry = Entry.unpack(blob)
-        entry.key = key
-        return entry
+        return Entry.unpack(blob, key)
 
     def flush(self, name: bytes | None = None) -> int:
         """Drop every entry (``name`` None) or those for ``name`` (lower-case wire) and the
         names below it; return how many were dropped."""
         count = 0
-        for data in self._shards:
-            if name is None:
+        if name is None:
+            for data in self._shards:
                 count += len(data)
                 data.clear()
-                self._hits.clear()
-                self._prefetching.clear()
-                continue
+            self._hits.clear()
+            self._prefetching.clear()
+            return count
+        for data in self._shards:
             doomed = []
             for key in data:
                 owner = key[:-6]  # the name; then type, class, DO and CD

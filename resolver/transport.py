@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("resolver.transport")
 
-Handler = Callable[[bytes, str, bool], bytes | Awaitable[bytes | None] | None]
+Handler = Callable[[bytes, str, bool], bytes | Pending | None]
 
 #: Fast-path answers slower than this (the first latency bucket) are counted one by one.
 FAST_BOUND: Final = BUCKETS[0]
@@ -135,10 +135,7 @@ class UDPListener(asyncio.DatagramProtocol):
         if isinstance(result, bytes):
             self._sendto(result, addr)
             return
-        if type(result) is Pending:
-            result.then(self._sendto, addr, self.tasks.held)
-            return
-        self.tasks.spawn(self._reply_later(result, addr))
+        result.then(self._sendto, addr, self.tasks.held)  # a Pending answer
 
     def _fast(self, fast: FastSource, data: bytes, addr: Any) -> bool:
         """Answer from the memo if the fast path may (see the class docstring)."""
@@ -159,28 +156,13 @@ class UDPListener(asyncio.DatagramProtocol):
             info.fast_time += elapsed
         else:  # (a pause): counted by the full path, in its own bucket
             fast.memo_answered(info, addr[0], started)
-        direct = self._direct
-        if direct is not None:
-            try:
-                direct.sendto(answer, addr)
-                return True
-            except OSError:
-                pass  # the buffer is full, or worse: as below
         self._sendto(answer, addr)
         return True
 
-    async def _reply_later(self, pending: Awaitable[bytes | None], addr: Any) -> None:
-        try:
-            answer = await pending
-        except Exception:
-            log.exception("internal error answering a UDP query")
-            return
-        self._sendto(answer, addr)
-
     def _sendto(self, answer: bytes | None, addr: Any) -> None:
-        transport = self.transport
-        if answer is None or transport is None or transport.is_closing():
+        if answer is None:
             return
+        # The direct socket is there from connection_made to connection_lost.
         direct = self._direct
         if direct is not None:
             try:
@@ -191,7 +173,9 @@ class UDPListener(asyncio.DatagramProtocol):
             except OSError as exc:
                 self.error_received(exc)
                 return
-        transport.sendto(answer, addr)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.sendto(answer, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (a client went away) are no reason to stop.
