@@ -43,6 +43,7 @@ from .pending import Pending
 from .policy.model import ALL_CLIENTS, Policy, RuleSet
 from .policy.timewindow import NEVER
 from .sinkhole import blocked_answer
+from .transport import EVERYONE
 from .upstream import Forwarder
 
 if TYPE_CHECKING:
@@ -185,16 +186,6 @@ class Info:
         return fast
 
 
-class _Everyone:
-    """Every client: the fast path's access list when there is no guard."""
-
-    def __contains__(self, client: object) -> bool:
-        return True
-
-
-_EVERYONE: Final = _Everyone()
-
-
 # query bytes after the ID -> (answer after the ID, valid until, what it is)
 Memo = dict[bytes, tuple[bytes, float, Info]]
 
@@ -241,7 +232,7 @@ class Resolver:
         #: no rate limit and no client groups; otherwise None. And the clients that the
         #: access list lets in.
         self.fast_memo: Memo | None = None
-        self.fast_clients: Container[str] = _EVERYONE
+        self.fast_clients: Container[str] = EVERYONE
         self._fast_path()
 
     @property
@@ -269,7 +260,7 @@ class Resolver:
         guard = self._guard
         plain = not self._policy.uses_groups and (guard is None or not guard.rate)
         self.fast_memo = self._memo[False] if plain else None
-        self.fast_clients = _EVERYONE if guard is None else guard.allowed
+        self.fast_clients = EVERYONE if guard is None else guard.allowed
 
     @property
     def stats(self) -> Stats:

@@ -100,6 +100,11 @@ class TCPConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UDPConfig:
+    batch: bool = True  # recvmmsg/sendmmsg where the system has them (udpbatch.py)
+
+
+@dataclass(frozen=True, slots=True)
 class AclConfig:
     allow: tuple[str, ...] = DEFAULT_ALLOW  # networks allowed to query
     action: str = "refuse"  # refuse (REFUSED) | drop (silence) for everyone else
@@ -150,6 +155,7 @@ class Config:
     bootstrap: tuple[Upstream, ...] = ()
     cache: CacheConfig = CacheConfig()
     tcp: TCPConfig = TCPConfig()
+    udp: UDPConfig = UDPConfig()
     drain_timeout: float = 5.0
     #: Processes answering on the same addresses (SO_REUSEPORT); see resolver/workers.py.
     workers: int = 1
@@ -182,6 +188,7 @@ TOP_KEYS: Final = frozenset(
         "upstream_deadline",
         "cache",
         "tcp",
+        "udp",
         "drain_timeout",
         "workers",
         "log_level",
@@ -208,6 +215,7 @@ METRICS_KEYS: Final = frozenset({"listen"})
 RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)
 CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
 TCP_KEYS: Final = frozenset(TCPConfig.__dataclass_fields__)
+UDP_KEYS: Final = frozenset(UDPConfig.__dataclass_fields__)
 
 DEFAULT_LISTEN: Final = (Listen("127.0.0.1", DEFAULT_PORT), Listen("::1", DEFAULT_PORT))
 
@@ -335,8 +343,8 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
-def _flag(doc: YMap, key: str, field_name: str) -> bool:
-    value = doc.get(key, False)
+def _flag(doc: YMap, key: str, field_name: str, default: bool = False) -> bool:
+    value = doc.get(key, default)
     if not isinstance(value, bool):
         raise SourceError(value_where(doc, key), field_name, "use true or false")
     return value
@@ -400,6 +408,7 @@ def load_config(path: Path) -> Config:
     check_keys(doc, TOP_KEYS, "the config")
     cache = _section(doc, "cache", CACHE_KEYS)
     tcp = _section(doc, "tcp", TCP_KEYS)
+    udp = _section(doc, "udp", UDP_KEYS)
     level = doc.get("log_level", "info")
     if level not in LOG_LEVELS:
         raise SourceError(value_where(doc, "log_level"), "log_level", f"use one of {LOG_LEVELS}")
@@ -489,6 +498,7 @@ def load_config(path: Path) -> Config:
             ),
             max_pipeline=_number(tcp, "max_pipeline", int, 1, 65_535, DEFAULT_TCP_MAX_PIPELINE),
         ),
+        udp=UDPConfig(batch=_flag(udp, "batch", "udp.batch", True)),
         drain_timeout=_number(doc, "drain_timeout", float, 0, 300, 5.0),
         workers=_number(doc, "workers", int, 1, MAX_WORKERS, 1),
         log_level=level,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from . import udpbatch
 from .admin import admin_routes, metrics_routes
 from .bootstrap import Bootstrap
 from .cache import Cache
@@ -89,7 +90,7 @@ class Server:
         )
         self.bound: list[Bound] = []
         self._udp: list[asyncio.DatagramTransport] = []
-        self._udp_listeners: list[UDPListener] = []
+        self._udp_listeners: list[UDPListener | udpbatch.BatchListener] = []
         self._tcp: list[asyncio.Server] = []
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
@@ -319,6 +320,7 @@ class Server:
         for name, before, after in (
             ("listen", old.listen, new.listen),
             ("tcp", old.tcp, new.tcp),
+            ("udp", old.udp, new.udp),
             ("admin", (old.admin, old.admin_token), (new.admin, new.admin_token)),
             ("metrics", old.metrics, new.metrics),
             ("audit", old.audit, new.audit),
@@ -357,11 +359,15 @@ class Server:
             break
         else:
             raise StartupError(f"cannot find a port free for both UDP and TCP on {listen.host}")
-        transport, listener = await loop.create_datagram_endpoint(
-            lambda: UDPListener(handler, self.tasks, resolver), sock=udp_sock
-        )
-        self._udp_listeners.append(listener)
-        self._udp.append(transport)
+        if self.config.udp.batch and udpbatch.available():
+            batched = udpbatch.BatchListener(udp_sock, handler, self.tasks, resolver)
+            self._udp_listeners.append(batched)
+        else:
+            transport, listener = await loop.create_datagram_endpoint(
+                lambda: UDPListener(handler, self.tasks, resolver), sock=udp_sock
+            )
+            self._udp_listeners.append(listener)
+            self._udp.append(transport)
         server = await loop.create_server(
             lambda: TCPConnection(handler, self.tasks, self.connections),
             sock=tcp_sock,
@@ -381,6 +387,9 @@ class Server:
     def _close_listeners(self) -> None:
         for transport in self._udp:
             transport.close()
+        for listener in self._udp_listeners:
+            if isinstance(listener, udpbatch.BatchListener):
+                listener.close()
         for server in self._tcp:
             server.close()
         self._udp.clear()

@@ -29,6 +29,16 @@ Handler = Callable[[bytes, str, bool], bytes | Pending | None]
 FAST_BOUND: Final = BUCKETS[0]
 
 
+class _Everyone:
+    """Every client: the fast path's access list when there is no guard."""
+
+    def __contains__(self, client: object) -> bool:
+        return True
+
+
+EVERYONE: Final = _Everyone()
+
+
 class FastSource(Protocol):
     """What the UDP fast path reads of the resolver (chain.Resolver)."""
 

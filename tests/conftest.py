@@ -20,7 +20,7 @@ import dns.message
 import dns.query
 import pytest
 
-from resolver.config import Config, Listen, parse_listen
+from resolver.config import Config, Listen, UDPConfig, parse_listen
 from resolver.server import Server
 from resolver.upstream import parse_upstream
 
@@ -198,6 +198,13 @@ def make_server(
 @pytest.fixture
 def server(make_server: Callable[..., RunningServer]) -> RunningServer:
     return make_server()
+
+
+@pytest.fixture(params=[True, False], ids=["udp-batch", "udp-single"])
+def udp(request: pytest.FixtureRequest) -> UDPConfig:
+    """Both UDP listeners: batched (udpbatch.py, where the system has recvmmsg) and one
+    datagram at a time (transport.UDPListener)."""
+    return UDPConfig(batch=request.param)
 
 
 __all__ = ["FROZEN_NOW", "Clock", "Listen", "RunningServer", "has_ipv6"]

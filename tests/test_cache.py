@@ -14,7 +14,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from resolver.config import AclConfig, CacheConfig
+from resolver.config import AclConfig, CacheConfig, UDPConfig
 
 from .conftest import FROZEN_NOW, Clock, RunningServer
 from .fakeupstream import Behaviour, FakeUpstream
@@ -157,10 +157,11 @@ def test_repeated_query_bytes_get_their_own_id_from_the_answer_memo(
 
 
 def test_every_repeat_answered_by_the_udp_fast_path_is_counted(
-    server: RunningServer, frozen: Clock
+    make_server: Callable[..., RunningServer], frozen: Clock, udp: UDPConfig
 ) -> None:
     """Repeats over UDP are answered by the listener from the memo, without a call into
     Resolver.handle; each still counts, in every counter /metrics reads."""
+    server = make_server(udp=udp)
     resolver = server.resolver
     blocked = dns.message.make_query("deepseek.com", "A")
     cached = dns.message.make_query("example.test", "A")
@@ -186,9 +187,9 @@ def test_every_repeat_answered_by_the_udp_fast_path_is_counted(
 
 
 def test_the_udp_fast_path_answers_only_clients_the_access_list_lets_in(
-    make_server: Callable[..., RunningServer],
+    make_server: Callable[..., RunningServer], udp: UDPConfig
 ) -> None:
-    running = make_server(acl=AclConfig(("127.0.0.1/32",), "refuse"))
+    running = make_server(acl=AclConfig(("127.0.0.1/32",), "refuse"), udp=udp)
     query = dns.message.make_query("deepseek.com", "A").to_wire()
     for source, rcode in (
         ("127.0.0.1", "NXDOMAIN"),
@@ -377,8 +378,9 @@ def test_a_stored_entry_comes_back_whole_and_the_cache_is_no_work_for_the_gc() -
 
 
 def test_an_error_in_the_udp_fast_path_costs_one_answer_not_the_listener(
-    server: RunningServer, caplog: pytest.LogCaptureFixture
+    make_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture, udp: UDPConfig
 ) -> None:
+    server = make_server(udp=udp)
     query = dns.message.make_query("deepseek.com", "A")
     assert server.send(query).rcode() == dns.rcode.NXDOMAIN  # now in the memo
     resolver = server.resolver

@@ -14,9 +14,17 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from resolver.config import UDPConfig
+
 from .conftest import RunningServer, has_ipv6
 from .fakeupstream import FakeUpstream
 from .test_wire import MALFORMED
+
+
+@pytest.fixture
+def server(make_server: Callable[..., RunningServer], udp: UDPConfig) -> RunningServer:
+    """Every test here runs on both UDP listeners (see conftest.udp)."""
+    return make_server(udp=udp)
 
 
 def flags_of(message: dns.message.Message) -> set[str]:

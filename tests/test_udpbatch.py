@@ -1,0 +1,281 @@
+"""The batched UDP listener (resolver/udpbatch.py) on real loopback sockets.
+
+Queries are queued in the listener's socket before it starts reading, so that one
+recvmmsg finds them all: the batches are what these tests are about. The handler is a
+plain function that echoes each query as an answer (the resolver behind it is tested
+through the server in test_protocol.py and test_cache.py, which run on both listeners).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from resolver import udpbatch
+from resolver.pending import Pending
+from resolver.transport import Tasks
+
+from .conftest import has_ipv6
+
+pytestmark = pytest.mark.skipif(not udpbatch.available(), reason="no recvmmsg here")
+
+
+def query(qid: int, size: int = 0) -> bytes:
+    """A header with ``qid`` and a body of ``size`` bytes that names the ID again."""
+    body = struct.pack("!H", qid) * max(1, size // 2)
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + body
+
+
+def answer_to(data: bytes) -> bytes:
+    return data[:2] + bytes([data[2] | 0x80, data[3]]) + data[4:]
+
+
+class Echo:
+    """Answers every query with itself as an answer; remembers who asked."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+
+    def __call__(self, data: bytes, client: str, tcp: bool) -> bytes | Pending | None:
+        self.seen.append((struct.unpack("!H", data[:2])[0], client))
+        return answer_to(data)
+
+
+def server_socket(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind((host, 0))
+    return sock
+
+
+def clients(count: int, host: str = "127.0.0.1") -> list[socket.socket]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    made = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        sock.settimeout(2)
+        made.append(sock)
+    return made
+
+
+def collect(sock: socket.socket, count: int) -> list[bytes]:
+    return [sock.recv(65535) for _ in range(count)]
+
+
+class Counted(udpbatch.BatchListener):
+    """Notes how many queries the handler had seen after each readable event."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.after_each: list[int] = []
+        super().__init__(*args, **kwargs)
+
+    def _readable(self) -> None:
+        super()._readable()
+        self.after_each.append(len(self.handle.seen))  # type: ignore[attr-defined]
+
+
+def run(test: Callable[[], Any]) -> Any:
+    return asyncio.run(test())
+
+
+def test_one_readable_event_answers_a_whole_batch_each_to_its_sender() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        where = sock.getsockname()
+        askers = clients(3)
+        for n, client in enumerate(askers):
+            for i in range(20):
+                client.sendto(query(n * 100 + i, 40), where)
+        echo = Echo()
+        listener = Counted(sock, echo, Tasks())
+        await asyncio.sleep(0.05)
+        try:
+            assert listener.after_each[0] == 60  # all 60 in the first event
+            for n, client in enumerate(askers):
+                got = collect(client, 20)
+                assert got == [answer_to(query(n * 100 + i, 40)) for i in range(20)]
+            assert {client for _, client in echo.seen} == {"127.0.0.1"}
+        finally:
+            listener.close()
+            for client in askers:
+                client.close()
+
+    run(main)
+
+
+def test_more_queries_than_slots_take_several_rounds_of_one_event() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        for i in range(50):
+            asker.sendto(query(i), sock.getsockname())
+        echo = Echo()
+        listener = Counted(sock, echo, Tasks(), slots=8)
+        await asyncio.sleep(0.05)
+        try:
+            assert listener.after_each[0] == 50
+            assert collect(asker, 50) == [answer_to(query(i)) for i in range(50)]
+        finally:
+            listener.close()
+            asker.close()
+
+    run(main)
+
+
+def test_the_sender_address_is_what_the_socket_module_reports() -> None:
+    hosts = ["127.0.0.1"] + (["::1"] if has_ipv6() else [])
+    for host in hosts:
+        sock = server_socket(host)
+        (asker,) = clients(1, host)
+        asker.sendto(query(7), sock.getsockname())
+        buffers = udpbatch.Buffers(4)
+        try:
+            count = udpbatch._LIBC.recvmmsg(sock.fileno(), buffers.recv_ptr, 4, 0x40, None)
+            assert count == 1
+            assert buffers.length(0) == len(query(7))
+            assert buffers.address(0) == asker.getsockname()
+        finally:
+            buffers.close()
+            sock.close()
+            asker.close()
+
+
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 on loopback")
+def test_ipv6_clients_get_their_answers_now_and_later() -> None:
+    async def main() -> None:
+        sock = server_socket("::1")
+        (asker,) = clients(1, "::1")
+        loop = asyncio.get_running_loop()
+        tasks = Tasks()
+        seen: list[Any] = []
+
+        def handler(data: bytes, client: str, tcp: bool) -> bytes | Pending | None:
+            seen.append(client)
+            if data[1] % 2:
+                return answer_to(data)
+            later = Pending()
+            loop.call_later(0.02, later.deliver, answer_to(data))
+            return later
+
+        for i in range(10):
+            asker.sendto(query(i), sock.getsockname())
+        listener = udpbatch.BatchListener(sock, handler, tasks)
+        await asyncio.sleep(0.15)
+        try:
+            assert seen == ["::1"] * 10
+            got = sorted(collect(asker, 10))
+            assert got == sorted(answer_to(query(i)) for i in range(10))
+            assert not tasks.held  # every later answer was delivered and let go
+        finally:
+            listener.close()
+            asker.close()
+
+    run(main)
+
+
+def test_an_answer_larger_than_a_send_slot_goes_out_whole() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        sizes = [30, udpbatch.SEND_SIZE + 2000, 30]
+        for i, size in enumerate(sizes):
+            asker.sendto(query(i, size), sock.getsockname())
+        listener = udpbatch.BatchListener(sock, Echo(), Tasks())
+        await asyncio.sleep(0.05)
+        try:
+            got = collect(asker, 3)
+            assert sorted(got) == sorted(answer_to(query(i, s)) for i, s in enumerate(sizes))
+        finally:
+            listener.close()
+            asker.close()
+
+    run(main)
+
+
+def test_a_failing_query_costs_its_own_answer_not_the_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        echo = Echo()
+
+        def handler(data: bytes, client: str, tcp: bool) -> bytes | Pending | None:
+            if data[1] == 3:
+                raise RuntimeError("a bug")
+            return echo(data, client, tcp)
+
+        for i in range(6):
+            asker.sendto(query(i), sock.getsockname())
+        listener = udpbatch.BatchListener(sock, handler, Tasks())
+        await asyncio.sleep(0.05)
+        try:
+            got = collect(asker, 5)
+            assert got == [answer_to(query(i)) for i in (0, 1, 2, 4, 5)]
+            asker.sendto(query(9), sock.getsockname())  # and the listener lives on
+            await asyncio.sleep(0.05)
+            assert collect(asker, 1) == [answer_to(query(9))]
+        finally:
+            listener.close()
+            asker.close()
+
+    with caplog.at_level(logging.ERROR):
+        run(main)
+    assert "internal error answering a UDP query" in caplog.text
+
+
+def test_answers_that_wait_for_room_keep_their_order_and_the_queue_is_bounded() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        where = asker.getsockname()
+        listener = udpbatch.BatchListener(sock, Echo(), Tasks())
+        try:
+            # As when sendmmsg found the send buffer full: answers wait in the queue,
+            # and one sent later (a Pending answer) goes behind them, not before.
+            for i in range(3):
+                listener._enqueue(answer_to(query(i)), where)
+            listener._sendto(answer_to(query(3)), where)
+            assert len(listener._queue) == 4
+            await asyncio.sleep(0.05)  # the writer callback drains the queue
+            assert not listener._queue and not listener._writing
+            assert collect(asker, 4) == [answer_to(query(i)) for i in range(4)]
+            for _ in range(udpbatch.MAX_QUEUED + 10):
+                listener._enqueue(b"x", where)
+            assert len(listener._queue) == udpbatch.MAX_QUEUED
+        finally:
+            listener.close()
+            asker.close()
+
+    run(main)
+
+
+def test_while_shutting_down_queries_are_read_but_not_answered() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        asker.settimeout(0.2)
+        echo = Echo()
+        listener = udpbatch.BatchListener(sock, echo, Tasks())
+        listener.accepting = False
+        asker.sendto(query(1), sock.getsockname())
+        await asyncio.sleep(0.05)
+        try:
+            assert echo.seen == []
+            with pytest.raises(TimeoutError):
+                asker.recv(512)
+        finally:
+            listener.close()
+            listener.close()  # twice is harmless
+            listener._sendto(b"late", asker.getsockname())  # and a late answer is dropped
+            asker.close()
+
+    run(main)
