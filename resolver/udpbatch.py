@@ -109,6 +109,22 @@ def _words(array: Any, code: Literal["B", "H", "I", "Q"]) -> memoryview[int]:
     return memoryview(array).cast("B").cast(code)
 
 
+def sockaddr_tuple(raw: bytes) -> Any:
+    """A raw sockaddr_in or sockaddr_in6 as the socket module gives it."""
+    port = int.from_bytes(raw[2:4], "big")
+    if int.from_bytes(raw[0:2], sys.byteorder) == socket.AF_INET:
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+    flowinfo = int.from_bytes(raw[4:8], "big")
+    host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    scope = int.from_bytes(raw[24:28], sys.byteorder)
+    if scope:
+        try:
+            host = f"{host}%{socket.if_indextoname(scope)}"
+        except OSError:
+            host = f"{host}%{scope}"
+    return (host, port, flowinfo, scope)
+
+
 class Buffers:
     """The slots of one listener: received datagrams and their senders, answers to send.
 
@@ -123,6 +139,8 @@ class Buffers:
         self.received = memoryview(self._recv_map)
         self.outgoing = memoryview(self._send_map)
         self.names = (ctypes.c_char * (slots * _NAME_SIZE))()
+        #: Addresses of answers sent after their batch (from upstream): their own slots.
+        self.later_names = (ctypes.c_char * (slots * _NAME_SIZE))()
         self._recv_iov = (_IOVec * slots)()
         self._send_iov = (_IOVec * slots)()
         self.recv_msgs = (_MMsgHdr * slots)()
@@ -130,6 +148,7 @@ class Buffers:
         recv_base = ctypes.addressof(ctypes.c_char.from_buffer(self._recv_map))
         send_base = ctypes.addressof(ctypes.c_char.from_buffer(self._send_map))
         self.names_base = ctypes.addressof(self.names)
+        self.later_base = ctypes.addressof(self.later_names)
         for i in range(slots):
             self._recv_iov[i].base = recv_base + i * RECV_SIZE
             self._recv_iov[i].len = RECV_SIZE
@@ -158,6 +177,7 @@ class Buffers:
         self.iov_len_at = _IOVec.len.offset // 8
         self.iov_stride = ctypes.sizeof(_IOVec) // 8
         self.name_bytes = _words(self.names, "B")
+        self.later_bytes = _words(self.later_names, "B")
         self.name_halves = _words(self.names, "H")
         self.name_words = _words(self.names, "I")
         #: IPv4 senders by the 32-bit value of their address, as strings.
@@ -184,25 +204,22 @@ class Buffers:
         """The sender of datagram ``i`` as the socket module gives it: (host, port) for
         IPv4, (host, port, flowinfo, scope_id) for IPv6."""
         at = i * (_NAME_SIZE // 2)
-        port = socket.ntohs(self.name_halves[at + 1])
         if self.name_halves[at] == socket.AF_INET:
-            return (self.host(i), port)
+            return (self.host(i), socket.ntohs(self.name_halves[at + 1]))
         start = i * _NAME_SIZE
-        raw = bytes(self.name_bytes[start : start + _NAME_SIZE])
-        flowinfo = int.from_bytes(raw[4:8], "big")
-        host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-        scope = int.from_bytes(raw[24:28], sys.byteorder)
-        if scope:
-            try:
-                host = f"{host}%{socket.if_indextoname(scope)}"
-            except OSError:
-                host = f"{host}%{scope}"
-        return (host, port, flowinfo, scope)
+        return sockaddr_tuple(bytes(self.name_bytes[start : start + _NAME_SIZE]))
+
+    def sockaddr(self, i: int) -> bytes:
+        """The sender of datagram ``i`` as it came: a raw sockaddr."""
+        start = i * _NAME_SIZE
+        return bytes(self.name_bytes[start : start + _NAME_SIZE])
 
     def close(self) -> None:
         for view in (self.received, self.outgoing, self.recv_words, self.send_words):
             view.release()
         for view in (self.iov_words, self.name_bytes, self.name_halves, self.name_words):
+            view.release()
+        for view in (self.later_bytes,):
             view.release()
         self._recv_map.close()
         self._send_map.close()
@@ -232,6 +249,8 @@ class BatchListener:
         self._family = sock.family
         #: Answers waiting for room in the send buffer, with their addresses.
         self._queue: deque[tuple[bytes, Any]] = deque()
+        #: Answers from upstream waiting for the next flush, with their raw addresses.
+        self._waiting: list[tuple[bytes, bytes]] = []
         self._writing = False
         self.closed = False
         sock.setblocking(False)
@@ -240,6 +259,7 @@ class BatchListener:
     def close(self) -> None:
         if self.closed:
             return
+        self._flush()  # answers that came in this turn of the loop still go out
         self.closed = True
         self._loop.remove_reader(self._fd)
         if self._writing:
@@ -307,8 +327,7 @@ class BatchListener:
                                 fast.memo_answered(info, b.host(i), started)
                             continue
                     data = bytes(received[start : start + size])
-                    addr = b.address(i)
-                    result = handle(data, addr[0], False)
+                    result = handle(data, b.host(i), False)
                 except Exception:  # a bug must cost one answer, never the listener
                     log.exception("internal error answering a UDP query")
                     continue
@@ -323,9 +342,9 @@ class BatchListener:
                         send_words[ready * send_stride + name_at] = names_base + i * _NAME_SIZE
                         ready += 1
                     else:
-                        self._sendto(result, addr)
+                        self._sendto(result, b.address(i))
                     continue
-                result.then(self._sendto, addr, self.tasks.held)  # a Pending answer
+                result.then(self._later, b.sockaddr(i), self.tasks.held)  # a Pending answer
             if ready:
                 self._send_batch(sendmmsg, ready)
             if count < slots:
@@ -358,9 +377,48 @@ class BatchListener:
         for k in range(first, ready):
             size = b.iov_words[k * b.iov_stride + b.iov_len_at]
             name = b.send_words[k * b.send_stride + b.name_at]
-            slot = (name - b.names_base) // _NAME_SIZE
             start = k * SEND_SIZE
-            self._enqueue(bytes(b.outgoing[start : start + size]), b.address(slot))
+            address = sockaddr_tuple(ctypes.string_at(name, _NAME_SIZE))
+            self._enqueue(bytes(b.outgoing[start : start + size]), address)
+
+    def _later(self, answer: bytes | None, sockaddr: bytes) -> None:
+        """An answer that came after its batch (from upstream): it goes out with the
+        others that come in the same turn of the loop, in one sendmmsg. Sent together,
+        they also wake the client's reader once, not once each."""
+        if answer is None or self.closed:
+            return
+        self._waiting.append((answer, sockaddr))
+        if len(self._waiting) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the answers that came since the last flush."""
+        waiting, self._waiting = self._waiting, []
+        if self.closed or not waiting:
+            return
+        assert _LIBC is not None
+        b = self._buffers
+        outgoing, later, later_base = b.outgoing, b.later_bytes, b.later_base
+        iov_words, iov_len_at, iov_stride = b.iov_words, b.iov_len_at, b.iov_stride
+        send_words, name_at, send_stride = b.send_words, b.name_at, b.send_stride
+        ready = 0
+        for answer, sockaddr in waiting:
+            end = len(answer)
+            if end > SEND_SIZE:
+                self._sendto(answer, sockaddr_tuple(sockaddr))
+                continue
+            out = ready * SEND_SIZE
+            outgoing[out : out + end] = answer
+            at = ready * _NAME_SIZE
+            later[at : at + _NAME_SIZE] = sockaddr
+            iov_words[ready * iov_stride + iov_len_at] = end
+            send_words[ready * send_stride + name_at] = later_base + at
+            ready += 1
+            if ready == b.slots:
+                self._send_batch(_LIBC.sendmmsg, ready)
+                ready = 0
+        if ready:
+            self._send_batch(_LIBC.sendmmsg, ready)
 
     def _sendto(self, answer: bytes | None, addr: Any) -> None:
         """Send one answer now, or queue it behind those that wait for room."""

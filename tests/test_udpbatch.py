@@ -281,3 +281,45 @@ def test_while_shutting_down_queries_are_read_but_not_answered() -> None:
             asker.close()
 
     run(main)
+
+
+def test_late_answers_of_one_turn_go_out_together_even_beyond_a_batch() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        loop = asyncio.get_running_loop()
+        tasks = Tasks()
+        later: list[tuple[Pending, bytes]] = []
+
+        def handler(data: bytes, client: str, tcp: bool) -> bytes | Pending | None:
+            answer = Pending()
+            later.append((answer, answer_to(data)))
+            return answer
+
+        def deliver_all() -> None:  # as when upstream replies land in one epoll wake-up
+            for answer, wire in later:
+                answer.deliver(wire)
+
+        sent = 40  # more than the 16 slots: the flush sends in chunks
+        for i in range(sent):
+            asker.sendto(query(i), sock.getsockname())
+        listener = udpbatch.BatchListener(sock, handler, tasks, slots=16)
+        await asyncio.sleep(0.05)
+        try:
+            assert len(later) == sent and len(tasks.held) == sent
+            loop.call_soon(deliver_all)
+            await asyncio.sleep(0.05)
+            assert collect(asker, sent) == [answer_to(query(i)) for i in range(sent)]
+            assert not tasks.held
+            # An answer that lands just before the listener closes still goes out.
+            asker.sendto(query(99), sock.getsockname())
+            await asyncio.sleep(0.05)
+            answer, wire = later[-1]
+            answer.deliver(wire)
+            listener.close()
+            assert collect(asker, 1) == [answer_to(query(99))]
+        finally:
+            listener.close()
+            asker.close()
+
+    run(main)
