@@ -98,7 +98,10 @@ def test_one_readable_event_answers_a_whole_batch_each_to_its_sender() -> None:
         listener = Counted(sock, echo, Tasks())
         await asyncio.sleep(0.05)
         try:
-            assert listener.after_each[0] == 60  # all 60 in the first event
+            # A quiet socket is read a few datagrams the plain way; finding more waiting,
+            # the listener reads all the rest in one batch, in the next event.
+            plain = udpbatch._PLAIN_READS
+            assert listener.after_each[:2] == [plain, 60]
             for n, client in enumerate(askers):
                 got = collect(client, 20)
                 assert got == [answer_to(query(n * 100 + i, 40)) for i in range(20)]
@@ -115,16 +118,42 @@ def test_more_queries_than_slots_take_rounds_then_the_next_event() -> None:
     async def main() -> None:
         sock = server_socket()
         (asker,) = clients(1)
-        sent = 16 * udpbatch.ROUNDS + 5
+        sent = udpbatch._PLAIN_READS + 16 * udpbatch.ROUNDS + 5
         for i in range(sent):
             asker.sendto(query(i), sock.getsockname())
         echo = Echo()
         listener = Counted(sock, echo, Tasks(), slots=16)
         await asyncio.sleep(0.05)
         try:
-            # ROUNDS full batches in the first event; the rest in the next one.
-            assert listener.after_each[:2] == [sent - 5, sent]
+            # The plain reads of a quiet socket, then ROUNDS full batches in an event,
+            # then the rest in the next one.
+            plain = udpbatch._PLAIN_READS
+            assert listener.after_each[:3] == [plain, plain + 16 * udpbatch.ROUNDS, sent]
             assert collect(asker, sent) == [answer_to(query(i)) for i in range(sent)]
+        finally:
+            listener.close()
+            asker.close()
+
+    run(main)
+
+
+def test_a_quiet_socket_is_read_plainly_and_a_busy_one_in_batches() -> None:
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        where = sock.getsockname()
+        listener = Counted(sock, Echo(), Tasks())
+        try:
+            modes = []
+            for burst in (1, 3, 30, 5, 3, 1):
+                for i in range(burst):
+                    asker.sendto(query(i), where)
+                await asyncio.sleep(0.03)
+                assert collect(asker, burst) == [answer_to(query(i)) for i in range(burst)]
+                modes.append(listener._busy)
+            # A backlog (as many as the plain reads take, or more) switches to batches;
+            # a batch of fewer switches back.
+            assert modes == [False, False, True, True, False, False]
         finally:
             listener.close()
             asker.close()
