@@ -21,6 +21,8 @@ queue that a writer callback drains, as the loop's own transport would do.
 Where the calls are missing (not Linux, no C library that has them), :func:`available`
 says so and the server uses :class:`transport.UDPListener`, the loop's datagram
 transport, which does the same work one datagram at a time. So does ``udp.batch: false``.
+A system that refuses the calls when they are made (a seccomp filter) gets a warning in
+the log, and the listener goes on the plain way, one datagram at a time.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ MAX_ADDRESSES: Final = 65536
 #: a batch pays for itself from about three datagrams on.
 _PLAIN_READS: Final = 4
 _MSG_DONTWAIT: Final = 0x40
+#: What a system that does not let the process make a call answers.
+_REFUSED: Final = (errno.ENOSYS, errno.EPERM, errno.EACCES)
 _NAME_SIZE: Final = 28  # sizeof(struct sockaddr_in6), which holds a sockaddr_in too
 
 
@@ -252,6 +256,9 @@ class BatchListener(UDPListener):
         #: Whether the last read found more than one datagram: then the next starts with
         #: a batch, otherwise with one plain recvfrom.
         self._busy = False
+        #: False once the system refused a batch call (a seccomp filter, say): from then
+        #: on every datagram is read and answered the plain way.
+        self._batching = True
         self._loop = asyncio.get_running_loop()
         self._buffers = Buffers(slots)
         self._fd = sock.fileno()
@@ -291,7 +298,7 @@ class BatchListener(UDPListener):
                 return
             self.datagram_received(data, addr)
         # As many waiting as were read: a backlog, which batches read more cheaply.
-        self._busy = True
+        self._busy = self._batching
 
     def _batches(self) -> None:
         assert _LIBC is not None
@@ -307,7 +314,7 @@ class BatchListener(UDPListener):
         for _round in range(ROUNDS):
             count = recvmmsg(fd, b.recv_ptr, slots, _MSG_DONTWAIT, None)
             self._busy = count >= _PLAIN_READS
-            if count <= 0:
+            if count <= 0:  # (a refusal ends the batches: see _recv_error)
                 if count < 0:
                     self._recv_error(ctypes.get_errno())
                 return
@@ -392,8 +399,10 @@ class BatchListener(UDPListener):
             code = ctypes.get_errno()
             if code == errno.EINTR:
                 continue
-            if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
-                self._queue_from(sent, ready)
+            if code in _REFUSED:
+                self._give_up("sendmmsg", code)
+            if code in _REFUSED or code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
+                self._queue_from(sent, ready)  # sent one by one as the socket takes them
                 return
             # This answer cannot be sent (its address, say): drop it, send the rest.
             log.debug("UDP send error: %s", errno.errorcode.get(code, code))
@@ -485,7 +494,18 @@ class BatchListener(UDPListener):
         self._writing = False
         self._loop.remove_writer(self._fd)
 
+    def _give_up(self, call: str, code: int) -> None:
+        if self._batching:
+            log.warning(
+                "UDP: the system refused %s (%s); answering one datagram at a time",
+                call,
+                errno.errorcode.get(code, code),
+            )
+        self._batching = self._busy = False
+
     def _recv_error(self, code: int) -> None:
-        if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+        if code in _REFUSED:
+            self._give_up("recvmmsg", code)
+        elif code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
             # ICMP errors for earlier answers (a client went away) are no reason to stop.
             log.debug("UDP receive error: %s", errno.errorcode.get(code, code))

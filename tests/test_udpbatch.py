@@ -9,6 +9,8 @@ through the server in test_protocol.py and test_cache.py, which run on both list
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
 import socket
 import struct
@@ -352,3 +354,50 @@ def test_late_answers_of_one_turn_go_out_together_even_beyond_a_batch() -> None:
             asker.close()
 
     run(main)
+
+
+class Refusing:
+    """The C library as a seccomp filter leaves it: the batch calls fail with ENOSYS
+    (``refuse`` names which); the others go through to the real ones."""
+
+    def __init__(self, *refuse: str) -> None:
+        self.refuse = refuse
+        self.real = udpbatch._LIBC
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.refuse:
+            return getattr(self.real, name)
+
+        def refused(*args: Any) -> int:
+            ctypes.set_errno(errno.ENOSYS)
+            return -1
+
+        return refused
+
+
+@pytest.mark.parametrize("refused", ["recvmmsg", "sendmmsg"])
+def test_a_system_that_refuses_batches_gets_every_answer_one_by_one(
+    refused: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(udpbatch, "_LIBC", Refusing(refused))
+
+    async def main() -> None:
+        sock = server_socket()
+        (asker,) = clients(1)
+        listener = udpbatch.BatchListener(sock, Echo(), Tasks())
+        try:
+            for burst in (30, 30):  # a backlog: batches are tried, then given up
+                for i in range(burst):
+                    asker.sendto(query(i), sock.getsockname())
+                await asyncio.sleep(0.1)
+                got = collect(asker, burst)
+                assert sorted(got) == sorted(answer_to(query(i)) for i in range(burst))
+            assert not listener._batching
+        finally:
+            listener.close()
+            asker.close()
+
+    with caplog.at_level(logging.WARNING):
+        run(main)
+    assert f"the system refused {refused}" in caplog.text
+    assert caplog.text.count("the system refused") == 1
