@@ -222,11 +222,10 @@ class Buffers:
         return bytes(self.name_bytes[start : start + _NAME_SIZE])
 
     def close(self) -> None:
-        for view in (self.received, self.outgoing, self.recv_words, self.send_words):
-            view.release()
-        for view in (self.iov_words, self.name_bytes, self.name_halves, self.name_words):
-            view.release()
-        for view in (self.later_bytes,):
+        for view in (
+            *(self.received, self.outgoing, self.recv_words, self.send_words, self.iov_words),
+            *(self.name_bytes, self.name_halves, self.name_words, self.later_bytes),
+        ):
             view.release()
         self._recv_map.close()
         self._send_map.close()
@@ -253,8 +252,8 @@ class BatchListener(UDPListener):
     ) -> None:
         super().__init__(handler, tasks, fast)
         self.sock = sock
-        #: Whether the last read found more than one datagram: then the next starts with
-        #: a batch, otherwise with one plain recvfrom.
+        #: Whether the last read found a backlog (_PLAIN_READS datagrams or more): then
+        #: the next reads batches, otherwise datagrams one by one.
         self._busy = False
         #: False once the system refused a batch call (a seccomp filter, say): from then
         #: on every datagram is read and answered the plain way.
@@ -262,7 +261,6 @@ class BatchListener(UDPListener):
         self._loop = asyncio.get_running_loop()
         self._buffers = Buffers(slots)
         self._fd = sock.fileno()
-        self._family = sock.family
         #: Answers waiting for room in the send buffer, with their addresses.
         self._queue: deque[tuple[bytes, Any]] = deque()
         #: Answers from upstream waiting for the next flush, with their raw addresses.
