@@ -18,6 +18,8 @@ and blocks the same 1,000 names ``b<i>.blocked.test`` (NXDOMAIN):
   ``forward-zone "."`` to NSD, ``local-zone: "name." always_nxdomain``, no rate limit;
 * ``resolver``     -- ``python -m resolver serve`` from this checkout (repo root on
   PYTHONPATH), the names in an included ``format: domains`` file;
+* ``resolver-plain`` -- the same with ``udp.batch: false`` (one datagram per system
+  call), only when named in ``--servers``;
 * ``resolver-w2``  -- the same with ``--workers 2`` (two processes on the port, with
   SO_REUSEPORT); skipped with a note on a checkout whose ``serve`` has no ``--workers``.
   On a 2-core machine dnsperf takes one core, so two workers cannot show their gain in
@@ -637,6 +639,7 @@ class Resolver(Peer):
 
     name = "resolver"
     workers = 1
+    udp_batch = True
 
     @classmethod
     def missing(cls) -> str | None:
@@ -655,7 +658,8 @@ class Resolver(Peer):
         )
         # Same cache capacity as dnsmasq's --cache-size; flags below override the rest.
         conf = self.dir / "resolver.yaml"
-        conf.write_text(f"cache:\n  max_entries: {self.ctx.cache_size}\n")
+        batch = "" if self.udp_batch else "udp:\n  batch: false\n"
+        conf.write_text(f"cache:\n  max_entries: {self.ctx.cache_size}\n{batch}")
         workers = ["--workers", str(self.workers)] if self.workers > 1 else []
         return resolver_command(
             self.port,
@@ -675,6 +679,14 @@ class Resolver(Peer):
             f"resolver {m.group(1) if m else '?'} on python {platform.python_version()} "
             f"(cache max_entries {self.ctx.cache_size}, workers {self.workers})"
         )
+
+
+class ResolverPlain(Resolver):
+    """The resolver reading and answering UDP one datagram at a time (``udp.batch:
+    false``): the peer that shows what batches (resolver/udpbatch.py) gain."""
+
+    name = "resolver-plain"
+    udp_batch = False
 
 
 class ResolverW2(Resolver):
@@ -786,7 +798,10 @@ PEERS: dict[str, type[Peer]] = {
     "unbound": Unbound,
     "resolver": Resolver,
     "resolver-w2": ResolverW2,
+    "resolver-plain": ResolverPlain,
 }
+#: The peers of a default run (resolver-plain on request: --servers).
+DEFAULT_SERVERS = ("dnsmasq", "unbound", "resolver", "resolver-w2")
 
 
 # --------------------------------------------------------------------------
@@ -1321,7 +1336,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--servers",
-        default=",".join(PEERS),
+        default=",".join(DEFAULT_SERVERS),
         help=f"comma-separated peers, from {','.join(PEERS)}",
     )
     p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
