@@ -491,12 +491,21 @@ class ReadWatch:
         self.queue: dict[Exchange, None] = {}
         self._last = 0.0  # the latest deadline in the queue so far
         self._timer: asyncio.TimerHandle | None = None
+        #: Questions to send at the end of this turn of the loop, with their exchanges.
+        self._sends: list[tuple[Exchange, bytes]] = []
         self.epoll = select.epoll() if hasattr(select, "epoll") else None
         if self.epoll is not None:
             loop.add_reader(self.epoll.fileno(), self._ready)
 
-    def add(self, exchange: Exchange) -> None:
+    def add(self, exchange: Exchange, wire: bytes) -> None:
+        """Watch ``exchange`` and send its question, ``wire``, at the end of this turn of
+        the loop, with the other questions of the same turn: sent together, they wake
+        the upstream's reader once, not once each (which cost the sender a few us of
+        kernel time per query, as answers sent to clients one by one did)."""
+        self._sends.append((exchange, wire))
         loop = self.loop
+        if len(self._sends) == 1:
+            loop.call_soon(self._send_all)
         expires = exchange.expires = loop.time() + exchange.timeout
         exchange.watch = self
         fd = exchange.fd
@@ -547,6 +556,16 @@ class ReadWatch:
                 self._timer = self.loop.call_at(exchange.expires, self._expire)
                 return
             exchange.expire()  # which takes it out of the queue
+
+    def _send_all(self) -> None:
+        sends, self._sends = self._sends, []
+        for exchange, wire in sends:
+            if exchange.watch is None:
+                continue  # ended before it was sent (shutdown)
+            try:
+                exchange.sock.send(wire)
+            except OSError as exc:
+                exchange.end(None, "network", str(exc))
 
     def _ready(self) -> None:
         assert self.epoll is not None
@@ -708,12 +727,11 @@ class Forwarder:
             return
         try:
             sock.connect((up.host, up.port))
-            sock.send(wire)
         except OSError as exc:
             sock.close()
             finish(None, "network", str(exc))
             return
-        self._read_watch(loop).add(Exchange(self, up, sock, qid, question, timeout, finish))
+        self._read_watch(loop).add(Exchange(self, up, sock, qid, question, timeout, finish), wire)
 
     def _read_watch(self, loop: asyncio.AbstractEventLoop) -> ReadWatch:
         watch = self._watch

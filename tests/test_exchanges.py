@@ -1,6 +1,7 @@
 """UDP exchanges with upstreams share one epoll set and one timer (upstream.ReadWatch):
 each still ends on time, with its reply or its own timeout, in whatever order they were
-started, and a shutdown closes the sockets still waiting."""
+started, and a shutdown closes the sockets still waiting. The questions of one turn of
+the loop are sent together at its end."""
 
 from __future__ import annotations
 
@@ -97,6 +98,52 @@ def test_close_closes_the_sockets_still_waiting(silent: socket.socket) -> None:
 
     asyncio.run(scenario())
     assert finished == []  # nobody is told: the answers were given up on before
+
+
+def test_questions_of_one_turn_leave_together_and_a_failed_send_ends_its_exchange(
+    silent: socket.socket,
+) -> None:
+    up = Upstream("127.0.0.1", silent.getsockname()[1])
+    forwarder = Forwarder([up])
+    q = parse_query(dns.message.make_query("example.test", "A").to_wire())
+    question = q.key + q.question[-4:]
+    finished: list[tuple[int, str]] = []
+    silent.setblocking(False)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        qids = [query_id() for _ in range(5)]
+        for qid in qids:
+            forwarder._udp_exchange(
+                loop,
+                up,
+                upstream_query(qid, q, True),
+                qid,
+                question,
+                5.0,
+                lambda scan, failure, detail, qid=qid: finished.append((qid, failure)),
+            )
+        with pytest.raises(BlockingIOError):
+            silent.recv(512)  # nothing sent yet: the questions wait for the turn's end
+        watch = forwarder._watch
+        assert watch is not None
+        # One of them cannot be sent (its socket shut for writing): it ends at once as a
+        # network failure; the others go out.
+        broken = next(e for e in watch.waiting.values() if e.qid == qids[2])
+        broken.sock.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        got = set()
+        while True:
+            try:
+                got.add(int.from_bytes(silent.recv(512)[:2], "big"))
+            except BlockingIOError:
+                break
+        assert got == set(qids) - {qids[2]}
+        assert finished == [(qids[2], "network")]
+        assert len(watch.waiting) == 4
+        await forwarder.close()
+
+    asyncio.run(scenario())
 
 
 def test_query_ids_are_random_16_bit_numbers() -> None:
