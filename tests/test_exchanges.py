@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dns.message
 import pytest
 
 from resolver.upstream import Forwarder, Upstream, query_id, upstream_query
 from resolver.wire import Scan, parse_query
+
+
+def ask(forwarder: Forwarder, up: Upstream, qid: int, finish: Callable[..., None]) -> None:
+    """Start an exchange for example.test A with ID ``qid`` and a 5 s timeout."""
+    q = parse_query(dns.message.make_query("example.test", "A").to_wire())
+    question = q.key + q.question[-4:]
+    loop = asyncio.get_running_loop()
+    forwarder._udp_exchange(loop, up, upstream_query(qid, q, True), qid, question, 5.0, finish)
 
 
 @pytest.fixture
@@ -71,23 +79,11 @@ def test_timeouts_fire_on_time_whatever_the_order(silent: socket.socket) -> None
 def test_close_closes_the_sockets_still_waiting(silent: socket.socket) -> None:
     up = Upstream("127.0.0.1", silent.getsockname()[1])
     forwarder = Forwarder([up])
-    q = parse_query(dns.message.make_query("example.test", "A").to_wire())
-    question = q.key + q.question[-4:]
     finished: list[str] = []
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
         for _ in range(3):
-            qid = query_id()
-            forwarder._udp_exchange(
-                loop,
-                up,
-                upstream_query(qid, q, True),
-                qid,
-                question,
-                5.0,
-                lambda scan, failure, detail: finished.append(failure),
-            )
+            ask(forwarder, up, query_id(), lambda scan, failure, detail: finished.append(failure))
         watch = forwarder._watch
         assert watch is not None and len(watch.waiting) == 3
         socks = [exchange.sock for exchange in watch.waiting.values()]
@@ -105,23 +101,17 @@ def test_questions_of_one_turn_leave_together_and_a_failed_send_ends_its_exchang
 ) -> None:
     up = Upstream("127.0.0.1", silent.getsockname()[1])
     forwarder = Forwarder([up])
-    q = parse_query(dns.message.make_query("example.test", "A").to_wire())
-    question = q.key + q.question[-4:]
     finished: list[tuple[int, str]] = []
     silent.setblocking(False)
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
         qids = [query_id() for _ in range(5)]
         for qid in qids:
-            forwarder._udp_exchange(
-                loop,
+            ask(
+                forwarder,
                 up,
-                upstream_query(qid, q, True),
                 qid,
-                question,
-                5.0,
-                lambda scan, failure, detail, qid=qid: finished.append((qid, failure)),
+                lambda scan, failure, detail, i=qid: finished.append((i, failure)),
             )
         with pytest.raises(BlockingIOError):
             silent.recv(512)  # nothing sent yet: the questions wait for the turn's end
