@@ -90,7 +90,7 @@ class Server:
         )
         self.bound: list[Bound] = []
         self._udp: list[asyncio.DatagramTransport] = []
-        self._udp_listeners: list[UDPListener | udpbatch.BatchListener] = []
+        self._udp_listeners: list[UDPListener] = []  # BatchListener is one too
         self._tcp: list[asyncio.Server] = []
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()

@@ -190,6 +190,18 @@ class Buffers:
         #: IPv4 senders by the 32-bit value of their address, as strings.
         self._hosts: dict[int, str] = {}
 
+    def put(self, k: int, answer: bytes, name: int) -> bool:
+        """Put ``answer`` in send slot ``k``, to the sockaddr at address ``name``; False
+        when it is too large for a slot (it is then sent on its own)."""
+        end = len(answer)
+        if end > SEND_SIZE:
+            return False
+        out = k * SEND_SIZE
+        self.outgoing[out : out + end] = answer
+        self.iov_words[k * self.iov_stride + self.iov_len_at] = end
+        self.send_words[k * self.send_stride + self.name_at] = name
+        return True
+
     def length(self, i: int) -> int:
         return int(self.recv_words[i * self.recv_stride + self.len_at])
 
@@ -300,7 +312,7 @@ class BatchListener(UDPListener):
 
     def _batches(self) -> None:
         assert _LIBC is not None
-        recvmmsg, sendmmsg = _LIBC.recvmmsg, _LIBC.sendmmsg
+        recvmmsg = _LIBC.recvmmsg
         b = self._buffers
         fd, slots = self._fd, b.slots
         received, outgoing = b.received, b.outgoing
@@ -366,24 +378,21 @@ class BatchListener(UDPListener):
                 if result is None:
                     continue
                 if isinstance(result, bytes):
-                    end = len(result)
-                    if end <= SEND_SIZE:
-                        out = ready * SEND_SIZE
-                        outgoing[out : out + end] = result
-                        iov_words[ready * iov_stride + iov_len_at] = end
-                        send_words[ready * send_stride + name_at] = names_base + i * _NAME_SIZE
+                    if b.put(ready, result, names_base + i * _NAME_SIZE):
                         ready += 1
                     else:
                         self._sendto(result, b.address(i))
                     continue
                 result.then(self._later, b.sockaddr(i), self.tasks.held)  # a Pending answer
             if ready:
-                self._send_batch(sendmmsg, ready)
+                self._send_batch(ready)
             if count < slots:
                 return
 
-    def _send_batch(self, sendmmsg: Any, ready: int) -> None:
+    def _send_batch(self, ready: int) -> None:
         """Send the ``ready`` answers in the send slots; queue what finds no room."""
+        assert _LIBC is not None
+        sendmmsg = _LIBC.sendmmsg
         b = self._buffers
         sent = 0
         while sent < ready:
@@ -430,29 +439,20 @@ class BatchListener(UDPListener):
         waiting, self._waiting = self._waiting, []
         if self.closed or not waiting:
             return
-        assert _LIBC is not None
         b = self._buffers
-        outgoing, later, later_base = b.outgoing, b.later_bytes, b.later_base
-        iov_words, iov_len_at, iov_stride = b.iov_words, b.iov_len_at, b.iov_stride
-        send_words, name_at, send_stride = b.send_words, b.name_at, b.send_stride
         ready = 0
         for answer, sockaddr in waiting:
-            end = len(answer)
-            if end > SEND_SIZE:
+            at = ready * _NAME_SIZE
+            if not b.put(ready, answer, b.later_base + at):
                 self._sendto(answer, sockaddr_tuple(sockaddr))
                 continue
-            out = ready * SEND_SIZE
-            outgoing[out : out + end] = answer
-            at = ready * _NAME_SIZE
-            later[at : at + _NAME_SIZE] = sockaddr
-            iov_words[ready * iov_stride + iov_len_at] = end
-            send_words[ready * send_stride + name_at] = later_base + at
+            b.later_bytes[at : at + _NAME_SIZE] = sockaddr
             ready += 1
             if ready == b.slots:
-                self._send_batch(_LIBC.sendmmsg, ready)
+                self._send_batch(ready)
                 ready = 0
         if ready:
-            self._send_batch(_LIBC.sendmmsg, ready)
+            self._send_batch(ready)
 
     def _sendto(self, answer: bytes | None, addr: Any) -> None:
         """Send one answer now, or queue it behind those that wait for room."""
