@@ -9,12 +9,13 @@ through the server in test_protocol.py and test_cache.py, which run on both list
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -88,6 +89,32 @@ def run(test: Callable[[], Any]) -> Any:
     return asyncio.run(test())
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Any,
+    queued: Iterable[bytes] = (),
+    *,
+    host: str = "127.0.0.1",
+    kind: type[udpbatch.BatchListener] = udpbatch.BatchListener,
+    tasks: Tasks | None = None,
+    slots: int = udpbatch.SLOTS,
+) -> AsyncIterator[tuple[Any, socket.socket, Any]]:
+    """A listener on a fresh loopback socket, and one client: (listener, client, the
+    listener's address). The ``queued`` queries are sent before the listener starts
+    reading, so that they wait in its socket together. Both are closed at the end."""
+    sock = server_socket(host)
+    (asker,) = clients(1, host)
+    where = sock.getsockname()
+    for data in queued:
+        asker.sendto(data, where)
+    listener = kind(sock, handler, tasks or Tasks(), slots=slots)
+    try:
+        yield listener, asker, where
+    finally:
+        listener.close()
+        asker.close()
+
+
 def test_one_readable_event_answers_a_whole_batch_each_to_its_sender() -> None:
     async def main() -> None:
         sock = server_socket()
@@ -118,34 +145,22 @@ def test_one_readable_event_answers_a_whole_batch_each_to_its_sender() -> None:
 
 def test_more_queries_than_slots_take_rounds_then_the_next_event() -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
         sent = udpbatch._PLAIN_READS + 16 * udpbatch.ROUNDS + 5
-        for i in range(sent):
-            asker.sendto(query(i), sock.getsockname())
-        echo = Echo()
-        listener = Counted(sock, echo, Tasks(), slots=16)
-        await asyncio.sleep(0.05)
-        try:
+        queued = [query(i) for i in range(sent)]
+        async with serving(Echo(), queued, kind=Counted, slots=16) as (listener, asker, _):
+            await asyncio.sleep(0.05)
             # The plain reads of a quiet socket, then ROUNDS full batches in an event,
             # then the rest in the next one.
             plain = udpbatch._PLAIN_READS
             assert listener.after_each[:3] == [plain, plain + 16 * udpbatch.ROUNDS, sent]
             assert collect(asker, sent) == [answer_to(query(i)) for i in range(sent)]
-        finally:
-            listener.close()
-            asker.close()
 
     run(main)
 
 
 def test_a_quiet_socket_is_read_plainly_and_a_busy_one_in_batches() -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
-        where = sock.getsockname()
-        listener = Counted(sock, Echo(), Tasks())
-        try:
+        async with serving(Echo(), kind=Counted) as (listener, asker, where):
             modes = []
             for burst in (1, 3, 30, 5, 3, 1):
                 for i in range(burst):
@@ -156,9 +171,6 @@ def test_a_quiet_socket_is_read_plainly_and_a_busy_one_in_batches() -> None:
             # A backlog (as many as the plain reads take, or more) switches to batches;
             # a batch of fewer switches back.
             assert modes == [False, False, True, True, False, False]
-        finally:
-            listener.close()
-            asker.close()
 
     run(main)
 
@@ -184,8 +196,6 @@ def test_the_sender_address_is_what_the_socket_module_reports() -> None:
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 on loopback")
 def test_ipv6_clients_get_their_answers_now_and_later() -> None:
     async def main() -> None:
-        sock = server_socket("::1")
-        (asker,) = clients(1, "::1")
         loop = asyncio.get_running_loop()
         tasks = Tasks()
         seen: list[Any] = []
@@ -198,37 +208,25 @@ def test_ipv6_clients_get_their_answers_now_and_later() -> None:
             loop.call_later(0.02, later.deliver, answer_to(data))
             return later
 
-        for i in range(10):
-            asker.sendto(query(i), sock.getsockname())
-        listener = udpbatch.BatchListener(sock, handler, tasks)
-        await asyncio.sleep(0.15)
-        try:
+        queued = [query(i) for i in range(10)]
+        async with serving(handler, queued, host="::1", tasks=tasks) as (_, asker, _):
+            await asyncio.sleep(0.15)
             assert seen == ["::1"] * 10
             got = sorted(collect(asker, 10))
             assert got == sorted(answer_to(query(i)) for i in range(10))
             assert not tasks.held  # every later answer was delivered and let go
-        finally:
-            listener.close()
-            asker.close()
 
     run(main)
 
 
 def test_an_answer_larger_than_a_send_slot_goes_out_whole() -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
         sizes = [30, udpbatch.SEND_SIZE + 2000, 30]
-        for i, size in enumerate(sizes):
-            asker.sendto(query(i, size), sock.getsockname())
-        listener = udpbatch.BatchListener(sock, Echo(), Tasks())
-        await asyncio.sleep(0.05)
-        try:
+        queued = [query(i, size) for i, size in enumerate(sizes)]
+        async with serving(Echo(), queued) as (_, asker, _):
+            await asyncio.sleep(0.05)
             got = collect(asker, 3)
             assert sorted(got) == sorted(answer_to(query(i, s)) for i, s in enumerate(sizes))
-        finally:
-            listener.close()
-            asker.close()
 
     run(main)
 
@@ -237,8 +235,6 @@ def test_a_failing_query_costs_its_own_answer_not_the_batch(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
         echo = Echo()
 
         def handler(data: bytes, client: str, tcp: bool) -> bytes | Pending | None:
@@ -246,19 +242,13 @@ def test_a_failing_query_costs_its_own_answer_not_the_batch(
                 raise RuntimeError("a bug")
             return echo(data, client, tcp)
 
-        for i in range(6):
-            asker.sendto(query(i), sock.getsockname())
-        listener = udpbatch.BatchListener(sock, handler, Tasks())
-        await asyncio.sleep(0.05)
-        try:
+        async with serving(handler, [query(i) for i in range(6)]) as (_, asker, where):
+            await asyncio.sleep(0.05)
             got = collect(asker, 5)
             assert got == [answer_to(query(i)) for i in (0, 1, 2, 4, 5)]
-            asker.sendto(query(9), sock.getsockname())  # and the listener lives on
+            asker.sendto(query(9), where)  # and the listener lives on
             await asyncio.sleep(0.05)
             assert collect(asker, 1) == [answer_to(query(9))]
-        finally:
-            listener.close()
-            asker.close()
 
     with caplog.at_level(logging.ERROR):
         run(main)
@@ -267,11 +257,8 @@ def test_a_failing_query_costs_its_own_answer_not_the_batch(
 
 def test_answers_that_wait_for_room_keep_their_order_and_the_queue_is_bounded() -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
-        where = asker.getsockname()
-        listener = udpbatch.BatchListener(sock, Echo(), Tasks())
-        try:
+        async with serving(Echo()) as (listener, asker, _):
+            where = asker.getsockname()
             # As when sendmmsg found the send buffer full: answers wait in the queue,
             # and one sent later (a Pending answer) goes behind them, not before.
             for i in range(3):
@@ -284,40 +271,30 @@ def test_answers_that_wait_for_room_keep_their_order_and_the_queue_is_bounded() 
             for _ in range(udpbatch.MAX_QUEUED + 10):
                 listener._enqueue(b"x", where)
             assert len(listener._queue) == udpbatch.MAX_QUEUED
-        finally:
-            listener.close()
-            asker.close()
 
     run(main)
 
 
 def test_while_shutting_down_queries_are_read_but_not_answered() -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
-        asker.settimeout(0.2)
         echo = Echo()
-        listener = udpbatch.BatchListener(sock, echo, Tasks())
-        listener.accepting = False
-        asker.sendto(query(1), sock.getsockname())
-        await asyncio.sleep(0.05)
-        try:
+        async with serving(echo) as (listener, asker, where):
+            asker.settimeout(0.2)
+            listener.accepting = False
+            asker.sendto(query(1), where)
+            await asyncio.sleep(0.05)
             assert echo.seen == []
             with pytest.raises(TimeoutError):
                 asker.recv(512)
-        finally:
             listener.close()
-            listener.close()  # twice is harmless
+            listener.close()  # twice is harmless (and a third time on the way out)
             listener._sendto(b"late", asker.getsockname())  # and a late answer is dropped
-            asker.close()
 
     run(main)
 
 
 def test_late_answers_of_one_turn_go_out_together_even_beyond_a_batch() -> None:
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
         loop = asyncio.get_running_loop()
         tasks = Tasks()
         later: list[tuple[Pending, bytes]] = []
@@ -332,26 +309,21 @@ def test_late_answers_of_one_turn_go_out_together_even_beyond_a_batch() -> None:
                 answer.deliver(wire)
 
         sent = 40  # more than the 16 slots: the flush sends in chunks
-        for i in range(sent):
-            asker.sendto(query(i), sock.getsockname())
-        listener = udpbatch.BatchListener(sock, handler, tasks, slots=16)
-        await asyncio.sleep(0.05)
-        try:
+        queued = [query(i) for i in range(sent)]
+        async with serving(handler, queued, tasks=tasks, slots=16) as (listener, asker, where):
+            await asyncio.sleep(0.05)
             assert len(later) == sent and len(tasks.held) == sent
             loop.call_soon(deliver_all)
             await asyncio.sleep(0.05)
             assert collect(asker, sent) == [answer_to(query(i)) for i in range(sent)]
             assert not tasks.held
             # An answer that lands just before the listener closes still goes out.
-            asker.sendto(query(99), sock.getsockname())
+            asker.sendto(query(99), where)
             await asyncio.sleep(0.05)
             answer, wire = later[-1]
             answer.deliver(wire)
             listener.close()
             assert collect(asker, 1) == [answer_to(query(99))]
-        finally:
-            listener.close()
-            asker.close()
 
     run(main)
 
@@ -382,20 +354,14 @@ def test_a_system_that_refuses_batches_gets_every_answer_one_by_one(
     monkeypatch.setattr(udpbatch, "_LIBC", Refusing(refused))
 
     async def main() -> None:
-        sock = server_socket()
-        (asker,) = clients(1)
-        listener = udpbatch.BatchListener(sock, Echo(), Tasks())
-        try:
+        async with serving(Echo()) as (listener, asker, where):
             for burst in (30, 30):  # a backlog: batches are tried, then given up
                 for i in range(burst):
-                    asker.sendto(query(i), sock.getsockname())
+                    asker.sendto(query(i), where)
                 await asyncio.sleep(0.1)
                 got = collect(asker, burst)
                 assert sorted(got) == sorted(answer_to(query(i)) for i in range(burst))
             assert not listener._batching
-        finally:
-            listener.close()
-            asker.close()
 
     with caplog.at_level(logging.WARNING):
         run(main)
