@@ -63,6 +63,8 @@ One table, one row per (workload, server); scale rows are ``blocked@1k`` etc.
                  queries, in microseconds.  This is the number that matters on
                  this 2-core box: dnsperf itself needs a core, so qps is partly
                  bounded by the load generator; CPU per query is not.
+``sys %``        the kernel's share of that CPU (stime): system calls and the
+                 network stack, as against the server's own code.
 ``p50/p99 ms``   latency at the fixed rate ("lost": over 1% of queries unanswered).
 ``RSS MiB``      VmRSS summed over the server's process tree after the workload
                  (VmHWM, the peak, is in the JSON).
@@ -229,6 +231,8 @@ class ProcStat:
     starttime: int
     ticks: int  # utime + stime
     child_ticks: int  # cutime + cstime (reaped children)
+    sys_ticks: int = 0  # stime: in the kernel, on the process's behalf
+    child_sys_ticks: int = 0  # cstime
 
 
 def read_stat(pid: int) -> ProcStat | None:
@@ -245,6 +249,8 @@ def read_stat(pid: int) -> ProcStat | None:
         starttime=int(f[19]),
         ticks=int(f[11]) + int(f[12]),
         child_ticks=int(f[13]) + int(f[14]),
+        sys_ticks=int(f[12]),
+        child_sys_ticks=int(f[14]),
     )
 
 
@@ -294,11 +300,17 @@ def tree_memory_kib(root: int) -> tuple[int, int]:
 
 def tree_cpu_seconds(root: int) -> float:
     """CPU seconds of the tree rooted at ``root`` (incl. reaped children)."""
+    return tree_cpu_split(root)[0]
+
+
+def tree_cpu_split(root: int) -> tuple[float, float]:
+    """(all, kernel) CPU seconds of the tree rooted at ``root`` (incl. reaped children)."""
     tree = process_tree(root)
     if not tree:
-        return 0.0
+        return 0.0, 0.0
     ticks = sum(s.ticks for s in tree) + tree[0].child_ticks
-    return ticks / CLK_TCK
+    sys_ticks = sum(s.sys_ticks for s in tree) + tree[0].child_sys_ticks
+    return ticks / CLK_TCK, sys_ticks / CLK_TCK
 
 
 # --------------------------------------------------------------------------
@@ -462,6 +474,10 @@ class Server(abc.ABC):
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid)
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(all, kernel) CPU seconds so far."""
+        return tree_cpu_split(self.pid)
 
     def memory_kib(self) -> tuple[int, int]:
         return tree_memory_kib(self.pid)
@@ -936,6 +952,8 @@ class RunResult:
     cpu_s: float
     cpu_us_per_query: float
     upstream_cpu_us_per_query: float
+    #: The kernel's share of the server's CPU in the run (system calls, the network stack).
+    sys_pct: float
     rcodes: dict[str, int]
     expected_rcodes: dict[str, float]
     rcode_ok_pct: float
@@ -1105,9 +1123,9 @@ def measure(
     label = label or wl.name
     datafile = _prepare(peer, label, plan)
     time.sleep(0.3)  # let the server go idle before the CPU snapshot
-    cpu0, up0, host0 = peer.cpu_seconds(), nsd.cpu_seconds(), host_jiffies()
+    (cpu0, sys0), up0, host0 = peer.cpu_split(), nsd.cpu_seconds(), host_jiffies()
     stats = run_dnsperf(peer.port, datafile, opts, plan.loop)
-    cpu1, up1, host1 = peer.cpu_seconds(), nsd.cpu_seconds(), host_jiffies()
+    (cpu1, sys1), up1, host1 = peer.cpu_split(), nsd.cpu_seconds(), host_jiffies()
     busy, steal = host_use(host0, host1)
     _check_alive(peer, label)
     completed = stats.completed
@@ -1136,6 +1154,7 @@ def measure(
         cpu_s=cpu1 - cpu0,
         cpu_us_per_query=per_query_us(cpu1 - cpu0),
         upstream_cpu_us_per_query=per_query_us(up1 - up0),
+        sys_pct=100 * (sys1 - sys0) / (cpu1 - cpu0) if cpu1 > cpu0 else math.nan,
         rcodes=stats.rcodes,
         expected_rcodes=wl.expected,
         rcode_ok_pct=ok,
@@ -1209,6 +1228,7 @@ def render_table(results: list[RunResult], baselines: Sequence[str]) -> str:
         "qps",
         "lost%",
         "CPU us/q",
+        "sys %",
         "p50 ms",
         "p99 ms",
         "RSS MiB",
@@ -1226,6 +1246,7 @@ def render_table(results: list[RunResult], baselines: Sequence[str]) -> str:
             f"{r.qps:,.0f}",
             f"{r.lost_pct:.2f}",
             f"{r.cpu_us_per_query:.1f}",
+            "-" if math.isnan(r.sys_pct) else f"{r.sys_pct:.0f}",
             _ms(lat.p50_ms if lat else None),
             _ms(lat.p99_ms if lat else None),
             f"{r.rss_kib / 1024:.0f}",
