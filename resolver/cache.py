@@ -66,7 +66,9 @@ class Entry:
         "upstream",
     )
 
-    def __init__(self, scan: Scan, stored: float, expires: float) -> None:
+    def __init__(self, scan: Scan | None, stored: float, expires: float) -> None:
+        if scan is None:
+            return  # unpack() sets every field
         self.upstream = scan.source
         #: Uses of the stored entry so far, and whether a prefetch of it was asked for
         #: (set by Cache.get from what it keeps beside the packed entry).
@@ -136,7 +138,8 @@ class Entry:
     @classmethod
     def unpack(cls, blob: bytes, key: bytes) -> Entry:
         """The entry that pack() made ``blob`` of, stored under ``key``."""
-        entry = cls.__new__(cls)
+        # (Not cls.__new__(cls): the compiled build cannot make a native object that way.)
+        entry = cls(None, 0.0, 0.0)
         (
             entry.stored,
             entry.expires,

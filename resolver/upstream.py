@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from .metrics import Histogram, rcode_label
 from .policy.model import dotted
@@ -310,8 +310,14 @@ class TLSConnection(EncryptedConnection):
     writer: asyncio.StreamWriter | None = None
     reader_task: asyncio.Task[None] | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        up: Upstream,
+        context: ssl.SSLContext,
+        idle: float = 30.0,
+        bootstrap: Bootstrap | None = None,
+    ) -> None:
+        super().__init__(up, context, idle, bootstrap)
         #: Queries in flight: ID -> (their future, their question).
         self.pending: dict[int, tuple[asyncio.Future[Scan], bytes]] = {}
 

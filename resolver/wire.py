@@ -58,8 +58,6 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 _TWO_U16 = struct.Struct("!HH")
-#: Makes an object without running its __init__, for the parsers that set every field.
-_new = object.__new__
 
 # Response flags copied from the query: opcode, RD and CD (RFC 1035 4.1.1, RFC 4035 3.2.2).
 _COPIED_FLAGS: Final = OPCODE_MASK | FLAG_RD | FLAG_CD
@@ -494,23 +492,16 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
         or data[qend - 4 : qend] != question[-4:]
     ):
         raise Mismatch("question does not match")
-    if flags & FLAG_TC:
-        s = Scan()
-        s.flags = flags
-        s.rcode = flags & 0xF
-        return s  # cut short (RFC 1035 allows mid-record): only its TC bit is used
-    # Every field set here once (Scan() would set most of them twice).
-    s = _new(Scan)
+    s = Scan()
     s.flags = flags
     s.rcode = flags & 0xF
+    if flags & FLAG_TC:
+        return s  # cut short (RFC 1035 allows mid-record): only its TC bit is used
     s.ancount = ancount
     s.nscount = nscount
-    s.source = ""
-    s.ttls_as_sent = True
-    s.chain = []
-    s.ttl_offsets = ttl_offsets = []
-    s.ttls = ttls = []
-    s.addresses = addresses = []
+    ttl_offsets = s.ttl_offsets
+    ttls = s.ttls
+    addresses = s.addresses
     off = qend
     min_answer_ttl: int | None = None
     negative_ttl: int | None = None

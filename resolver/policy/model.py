@@ -227,7 +227,9 @@ def dotted(key: bytes, labels: tuple[int, ...]) -> bytes:
     in both forms. A dot inside a label (legal on the wire) becomes 0xFF so that the
     single label ``deepseek.com`` never reads as two.
     """
-    text = key[1:-1]
+    # (The root's key is one byte: its slice is empty. Spelled out, because mypyc's compiled
+    # slice of a one-byte bytes from 1 to -1 raises SystemError instead.)
+    text = key[1:-1] if len(key) > 1 else b""
     if len(labels) <= 1 and 46 not in text:
         return text
     buf = bytearray(text.replace(b".", b"\xff"))
