@@ -20,6 +20,9 @@ and blocks the same 1,000 names ``b<i>.blocked.test`` (NXDOMAIN):
   PYTHONPATH), the names in an included ``format: domains`` file;
 * ``resolver-plain`` -- the same with ``udp.batch: false`` (one datagram per system
   call), only when named in ``--servers``;
+* ``resolver-compiled`` -- the same with the per-query modules compiled by mypyc
+  (setup.py, ``RESOLVER_COMPILE=1``) in a copy of the package; only when named in
+  ``--servers`` (needs mypy and a C compiler; the build takes about 40 s);
 * ``resolver-w2``  -- the same with ``--workers 2`` (two processes on the port, with
   SO_REUSEPORT); skipped with a note on a checkout whose ``serve`` has no ``--workers``.
   On a 2-core machine dnsperf takes one core, so two workers cannot show their gain in
@@ -104,6 +107,7 @@ from __future__ import annotations
 import abc
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -705,6 +709,59 @@ class ResolverPlain(Resolver):
     udp_batch = False
 
 
+class ResolverCompiled(Resolver):
+    """The resolver with its per-query modules compiled by mypyc (setup.py,
+    ``RESOLVER_COMPILE=1``): the same source, built into a copy of the package in the
+    peer's directory, so that the checkout itself never holds compiled modules."""
+
+    name = "resolver-compiled"
+    ready_timeout = 600.0  # the build comes first: about 40 s
+
+    @classmethod
+    def missing(cls) -> str | None:
+        why = super().missing()
+        if why:
+            return why
+        if importlib.util.find_spec("mypyc") is None:
+            return "mypyc not installed (python3 -m pip install mypy)"
+        if not (shutil.which("cc") or shutil.which("gcc")):
+            return "no C compiler (apt-get install -y gcc)"
+        return None
+
+    def command(self) -> tuple[list[str], Path, dict[str, str] | None]:
+        argv, _, env = super().command()
+        log(f"{self.name}: compiling the per-query modules (setup.py build_ext --inplace)")
+        tree = compiled_tree(self.dir / "tree")
+        assert env is not None
+        return argv, tree, dict(env, PYTHONPATH=str(tree))
+
+
+def compiled_tree(tree: Path) -> Path:
+    """A copy of the package at ``tree`` with setup.py's modules compiled by mypyc in
+    place (``RESOLVER_COMPILE=1``), so that the checkout itself never holds compiled
+    modules; ``tree`` goes first on PYTHONPATH."""
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, tree / name)
+    shutil.copytree(
+        REPO_ROOT / "resolver", tree / "resolver", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    build = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tree,
+        env=dict(os.environ, RESOLVER_COMPILE="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    built = sorted(p.name for p in (tree / "resolver").rglob("*.so"))
+    if build.returncode != 0 or not built:
+        raise BenchError(f"the compiled build failed:\n{build.stderr[-3000:]}")
+    log(f"compiled {len(built)} modules in {tree}")
+    return tree
+
+
 class ResolverW2(Resolver):
     """The resolver with two SO_REUSEPORT worker processes (``serve --workers 2``)."""
 
@@ -815,6 +872,7 @@ PEERS: dict[str, type[Peer]] = {
     "resolver": Resolver,
     "resolver-w2": ResolverW2,
     "resolver-plain": ResolverPlain,
+    "resolver-compiled": ResolverCompiled,
 }
 #: The peers of a default run (resolver-plain on request: --servers).
 DEFAULT_SERVERS = ("dnsmasq", "unbound", "resolver", "resolver-w2")

@@ -22,6 +22,7 @@ Usage::
     python3 bench/instructions.py                      # 3,000 queries a workload, ~3 min
     python3 bench/instructions.py --queries 1000 --workloads misses
     python3 bench/instructions.py --json /tmp/ir.json
+    python3 bench/instructions.py --compiled           # the mypyc build (setup.py)
 
 Needs ``valgrind``, ``nsd`` and ``dnsperf`` (Debian packages of the same names); prints
 what to install and exits 2 when one is missing.
@@ -61,8 +62,14 @@ class CountedResolver(cb.Resolver):
     name = "resolver-callgrind"
     ready_timeout = 300.0  # the interpreter runs some 50 times slower under Valgrind
 
+    compiled = False
+
     def command(self) -> tuple[list[str], Path, dict[str, str] | None]:
         argv, cwd, env = super().command()
+        if self.compiled:
+            cwd = cb.compiled_tree(self.dir / "tree")
+            assert env is not None
+            env = dict(env, PYTHONPATH=str(cwd))
         self.out = self.dir / "callgrind.out"
         valgrind = [
             "valgrind",
@@ -118,6 +125,11 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=3000, help="queries per workload")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--resolver-args", default="", help="extra `resolver serve` flags")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="the build with setup.py's modules compiled by mypyc (needs mypy and a C compiler)",
+    )
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     missing = sorted({pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)})
@@ -140,6 +152,7 @@ def main() -> int:
         nsd = cb.NsdUpstream(ctx, HIT_SET + 2 * n + 10)
         ctx.upstream_port = nsd.port
         server = CountedResolver(ctx)
+        server.compiled = args.compiled
         results: dict[str, dict[str, float]] = {}
         try:
             nsd.start()

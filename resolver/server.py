@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from . import udpbatch
+from . import udpbatch, wire
 from .admin import admin_routes, metrics_routes
 from .bootstrap import Bootstrap
 from .cache import Cache
@@ -673,6 +673,12 @@ def install_loop() -> str:
     return "uvloop"
 
 
+def build() -> str:
+    """Which build runs: the per-query modules compiled by mypyc (setup.py,
+    RESOLVER_COMPILE=1) load as C extensions; otherwise they are the Python source."""
+    return "interpreted" if wire.__file__.endswith(".py") else "compiled modules"
+
+
 def run(
     config: Config,
     reread: Callable[[], Config] | None = None,
@@ -699,7 +705,7 @@ def run(
             await server.stop()
             return 0
         settle_memory()
-        log.info("ready (%s event loop, config: %s)", loop_name, config.source)
+        log.info("ready (%s event loop, %s, config: %s)", loop_name, build(), config.source)
         await server.serve()
         return 0
 
