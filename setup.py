@@ -4,12 +4,13 @@ The package is plain Python and runs as such. Built with ``RESOLVER_COMPILE=1`` 
 C compiler at hand), the modules every query goes through are also compiled, from the same
 source, to C extensions that Python imports in their place:
 
-    python3 -m pip install mypy
+    python3 -m pip install mypy wheel
     RESOLVER_COMPILE=1 python3 -m pip install --no-build-isolation '.[fast]'
 
-A forwarded miss then costs a third fewer instructions (bench/instructions.py), which is
-what brings its CPU to Unbound's (bench/README.md). Everything else is configured in
-pyproject.toml; without the variable this file adds nothing.
+A forwarded miss then costs a third fewer instructions (bench/instructions.py) and about
+16% less CPU: 0.94x Unbound's in one run, 0.79x interpreted (bench/README.md).
+Everything else is configured in pyproject.toml; without the variable this file adds
+nothing.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Workloads (each query answered once; the set is sent with ``dnsperf -n 1``):
 
 Usage::
 
-    python3 bench/instructions.py                      # 3,000 queries a workload, ~3 min
+    python3 bench/instructions.py                      # 3,000 queries a workload, ~20 s
     python3 bench/instructions.py --queries 1000 --workloads misses
     python3 bench/instructions.py --json /tmp/ir.json
     python3 bench/instructions.py --compiled           # the mypyc build (setup.py)

@@ -499,10 +499,10 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
         return s  # cut short (RFC 1035 allows mid-record): only its TC bit is used
     s.ancount = ancount
     s.nscount = nscount
+    off = qend
     ttl_offsets = s.ttl_offsets
     ttls = s.ttls
     addresses = s.addresses
-    off = qend
     min_answer_ttl: int | None = None
     negative_ttl: int | None = None
     body_end = n
