@@ -32,7 +32,8 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from .upstream import EncryptedConnection, Upstream, UpstreamError, connect_tls
+from .dot import EncryptedConnection, connect_tls
+from .upstream import Upstream, UpstreamError
 from .wire import FormatError, Mismatch, Scan, scan_response
 
 if TYPE_CHECKING:
