@@ -104,8 +104,11 @@ def dnsperf(port: int, names: list[str], path: Path) -> int:
     return int(cb._grab(r"Queries completed:\s+(\d+)", out) or 0)
 
 
-def counted(server: CountedResolver, names: list[str], work: Path) -> tuple[float, int]:
-    """Instructions per answered query while ``names`` are asked; and how many were."""
+def counted(
+    server: CountedResolver, names: list[str], work: Path, keep: Path | None = None
+) -> tuple[float, int]:
+    """Instructions per answered query while ``names`` are asked; and how many were. The
+    profile is copied to ``keep`` when given."""
     server.control("--instr=on")
     answered = dnsperf(server.port, names, work)
     server.control("--instr=off")
@@ -114,7 +117,10 @@ def counted(server: CountedResolver, names: list[str], work: Path) -> tuple[floa
     deadline = time.monotonic() + 60
     while len(server.dumps()) == before and time.monotonic() < deadline:
         time.sleep(0.2)
-    text = server.dumps()[-1].read_text()
+    dump = server.dumps()[-1]
+    if keep is not None:
+        shutil.copy2(dump, keep)
+    text = dump.read_text()
     m = re.search(r"(?m)^totals:\s+(\d+)", text)
     total = int(m.group(1)) if m else 0
     return total / max(answered, 1), answered
@@ -131,6 +137,12 @@ def main() -> int:
         help="the build with setup.py's modules compiled by mypyc (needs mypy and a C compiler)",
     )
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep each workload's callgrind profile here (DIR/WORKLOAD.callgrind), "
+        "for callgrind_annotate",
+    )
     args = ap.parse_args()
     missing = sorted({pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)})
     if missing:
@@ -173,7 +185,11 @@ def main() -> int:
                 "misses": [cb.zone_name(HIT_SET + i) for i in range(n)],
             }
             for name in workloads:
-                per_query, answered = counted(server, plans[name], work / f"{name}.txt")
+                keep = None
+                if args.keep:
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    keep = Path(args.keep) / f"{name}.callgrind"
+                per_query, answered = counted(server, plans[name], work / f"{name}.txt", keep)
                 results[name] = {"instructions_per_query": round(per_query), "answered": answered}
                 cb.log(f"{name}: {per_query:,.0f} instructions a query ({answered}/{n} answered)")
         finally:

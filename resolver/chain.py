@@ -144,8 +144,12 @@ class Info:
         self.from_cache = from_cache
         qlabel = qtype_label(qtype)
         self.rcode = rcode_label(rcode)
-        #: The answers-counter keys for UDP and for TCP.
-        self.keys = (("udp", qlabel, self.rcode, decision), ("tcp", qlabel, self.rcode, decision))
+        #: The answers-counter keys for UDP and for TCP. (A tuple of any length: the compiled
+        #: build keeps its items as Python tuples, not as fields that each use boxes anew.)
+        self.keys: tuple[tuple[str, str, str, str], ...] = (
+            ("udp", qlabel, self.rcode, decision),
+            ("tcp", qlabel, self.rcode, decision),
+        )
         self.hist = stats.durations[decision]
         self.per_list = (
             (

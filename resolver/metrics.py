@@ -58,8 +58,10 @@ RCODE_LABELS: Final = {
     16: "BADVERS",
 }
 DECISIONS: Final = ("blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error")
-#: Seconds: from 100 us (a memo hit) to 5 s (past the upstream deadline).
-BUCKETS: Final = (
+#: Seconds: from 100 us (a memo hit) to 5 s (past the upstream deadline). Typed as a
+#: tuple of any length: the compiled build keeps it as one Python object, where a
+#: fixed-length tuple of floats would be boxed into a new tuple for each bisect.
+BUCKETS: Final[tuple[float, ...]] = (
     0.0001,
     0.00025,
     0.0005,
