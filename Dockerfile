@@ -18,21 +18,29 @@
 # Mount directories there, not single files: the resolver watches them and reloads on change.
 
 # ---------------------------------------------------------------------------------------
-# Build: a virtual environment in /opt/resolver with the package and its fast extra (uvloop).
-FROM python:3.11-slim AS builder
+# Build: a virtual environment in /opt/resolver with the package and its fast extra (uvloop),
+# its per-query modules compiled by mypyc (setup.py, RESOLVER_COMPILE=1: a forwarded miss
+# then takes about a quarter less CPU). The full python image has the C compiler; mypy, the
+# package's dependencies it type-checks against, and the compiler stay in this stage.
+FROM python:3.11 AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY resolver/ ./resolver/
+
+RUN python -m venv .build \
+    && .build/bin/pip install --no-cache-dir ".[fast,compile]" \
+    && RESOLVER_COMPILE=1 .build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps \
+        --wheel-dir dist .
 
 # The venv keeps its absolute path in the final stage (its scripts' #! lines name it).
 # pip and setuptools are removed once the package is in: the image never installs anything.
 RUN python -m venv /opt/resolver \
-    && /opt/resolver/bin/pip install --no-cache-dir ".[fast]" \
+    && /opt/resolver/bin/pip install --no-cache-dir "$(ls dist/*.whl)[fast]" \
     && /opt/resolver/bin/pip uninstall --yes pip setuptools \
     && /opt/resolver/bin/resolver --help > /dev/null
 
