@@ -399,6 +399,8 @@ class BenchContext:
     ports: set[int] = field(default_factory=set)
     resolver_args: list[str] = field(default_factory=list)
     zone_names: int = 0
+    #: CPUs each process of a peer may use (a cgroup of its own; None: no limit).
+    cpu_quota: float | None = None
     # Zone names below REPEATED_SET are the cache-hit set; fresh ones are handed out once.
     next_fresh: int = REPEATED_SET
 
@@ -410,12 +412,54 @@ class BenchContext:
         return [zone_name(i) for i in range(lo, hi)]
 
 
+#: The cgroup v1 cpu controller, where --cpu-quota makes a cgroup per server process.
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
+#: The quota's period. Short, so that a process that used its quota pauses for a few ms:
+#: with the default 100 ms a paused worker held its queries for up to 60 ms, dnsperf's
+#: window of outstanding queries filled with them, and the other worker went short.
+CFS_PERIOD_US = 10_000
+
+
+def cpu_quota_problem() -> str | None:
+    """Why --cpu-quota cannot work here, or None."""
+    if not (CPU_CGROUPS / "cpu.cfs_quota_us").exists():
+        return f"no cgroup v1 cpu controller at {CPU_CGROUPS} (cgroup v2 is not supported)"
+    if not os.access(CPU_CGROUPS, os.W_OK):
+        return f"{CPU_CGROUPS} is not writable (run as root)"
+    return None
+
+
+def confine(pids: Sequence[int], quota: float, label: str) -> list[Path]:
+    """Put each process in a cgroup of its own that may use ``quota`` CPUs: as if each
+    had a CPU of that speed to itself. The cgroups, to remove once the processes exit."""
+    made = []
+    for pid in pids:
+        group = CPU_CGROUPS / f"core_bench.{label}.{pid}"
+        group.mkdir(exist_ok=True)
+        made.append(group)
+        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(round(quota * CFS_PERIOD_US)))
+        (group / "cgroup.procs").write_text(str(pid))
+    return made
+
+
+def release(groups: Sequence[Path]) -> None:
+    """Remove cgroups made by :func:`confine` (their processes have exited)."""
+    for group in groups:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 class Server(abc.ABC):
     """A DNS server process bound to 127.0.0.1:<port>."""
 
     name: str = "?"
     ready_timeout: float = 20.0
     binary: str | None = None  # an executable this server needs on PATH
+    #: Processes that answer queries (--cpu-quota waits for them all, then confines each).
+    processes: int = 1
+    #: Subject to --cpu-quota (the upstream is not: it stands for the network).
+    quota_applies: bool = True
 
     def __init__(self, ctx: BenchContext) -> None:
         self.ctx = ctx
@@ -423,6 +467,7 @@ class Server(abc.ABC):
         self.dir = ctx.workdir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: ManagedProcess | None = None
+        self.cgroups: list[Path] = []
 
     @classmethod
     def missing(cls) -> str | None:
@@ -468,6 +513,13 @@ class Server(abc.ABC):
             )
         load_s = time.monotonic() - started
         log(f"{self.name} ready on {LOOPBACK}:{self.port} (pid {self.pid}) in {load_s:.2f}s")
+        quota = self.ctx.cpu_quota
+        if quota is not None and self.quota_applies:
+            if not wait_until(lambda: len(process_tree(self.pid)) >= self.processes, 30):
+                raise BenchError(f"{self.name}: fewer than {self.processes} processes")
+            pids = [p.pid for p in process_tree(self.pid)]
+            self.cgroups = confine(pids, quota, self.name)
+            log(f"{self.name}: {len(pids)} processes, each limited to {quota:g} CPU")
         return load_s
 
     def stop(self) -> None:
@@ -475,6 +527,8 @@ class Server(abc.ABC):
             self.proc.stop()
             log(f"stopped {self.name} (pid {self.proc.pid})")
             self.proc = None
+        release(self.cgroups)
+        self.cgroups = []
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid)
@@ -489,6 +543,8 @@ class Server(abc.ABC):
 
 class NsdUpstream(Server):
     """Authoritative NSD serving the generated zone; the upstream of every peer."""
+
+    quota_applies = False
 
     name = "nsd"
     ready_timeout = 120.0
@@ -767,6 +823,7 @@ class ResolverW2(Resolver):
 
     name = "resolver-w2"
     workers = 2
+    processes = 2
 
     @classmethod
     def missing(cls) -> str | None:
@@ -1454,6 +1511,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--outstanding", type=int, default=200, help="dnsperf -q")
     p.add_argument("--timeout", type=int, default=1, help="dnsperf -t (loss timeout, s)")
     p.add_argument("--resolver-args", default="", help="extra args for 'resolver serve'")
+    p.add_argument(
+        "--cpu-quota",
+        type=float,
+        help="limit each process of each peer (each worker of resolver-w2) to this many "
+        "CPUs, in a cgroup of its own: on a machine with too few cores for the workers and "
+        "the load generator, this measures how workers scale (root, cgroup v1)",
+    )
     p.add_argument("--apt-wait", type=float, default=300, help="max wait for apt install, s")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--json", type=Path, help="write results as JSON here")
@@ -1485,6 +1549,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--names too small or above 16M")
     if not all(1 <= n <= 10_000_000 for n in [a.blocked, *a.scale_sizes]):
         p.error("--blocked and --scale-sizes must be 1..10M")
+    if a.cpu_quota is not None:
+        if not (0.05 <= a.cpu_quota <= 64):
+            p.error("--cpu-quota must be 0.05..64")
+        why = cpu_quota_problem()
+        if why:
+            p.error(f"--cpu-quota: {why}")
     return a
 
 
@@ -1649,6 +1719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_size=args.cache_size,
         resolver_args=shlex.split(args.resolver_args),
         zone_names=names,
+        cpu_quota=args.cpu_quota,
     )
     started = time.monotonic()
     try:
@@ -1702,6 +1773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.latency_duration}s, dnsperf -c {args.clients} -q {args.outstanding}, "
         f"{names} zone names, {args.blocked} blocked, cache {args.cache_size}, "
         f"{os.cpu_count()} CPUs, {elapsed:.0f}s in all"
+        + (f", each server process limited to {args.cpu_quota:g} CPU" if args.cpu_quota else "")
     )
     for name, ver in report.versions.items():
         print(f"  {name}: {ver}")
