@@ -22,9 +22,10 @@ import os
 from setuptools import setup
 
 #: The per-query path: wire format, policy lookup, cache, the query chain, pending answers,
-#: metrics and UDP forwarding. Left interpreted: the batched UDP listener (mostly ctypes
-#: calls, which compiling does not speed up), and DNS over TLS and HTTPS (dot.py, doh.py),
-#: whose cost is the handshake, not per-query CPU.
+#: metrics and forwarding over UDP and TCP. Left interpreted: the batched UDP listener
+#: (mostly ctypes calls, which compiling does not speed up), and DNS over TLS and HTTPS
+#: (dot.py, doh.py): the DoH connection subclasses the encrypted connection's base, which
+#: an interpreted class cannot do to a compiled one (and doh.py stands on h2, pure Python).
 COMPILED = [
     "resolver/wire.py",
     "resolver/policy/table.py",

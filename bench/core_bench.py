@@ -22,7 +22,8 @@ and blocks the same 1,000 names ``b<i>.blocked.test`` (NXDOMAIN):
   call), only when named in ``--servers``;
 * ``resolver-compiled`` -- the same with the per-query modules compiled by mypyc
   (setup.py, ``RESOLVER_COMPILE=1``) in a copy of the package; only when named in
-  ``--servers`` (needs mypy and a C compiler; the build takes about 40 s);
+  ``--servers`` (needs ``pip install '.[fast,compile]'`` and a C compiler; the build
+  takes about 40 s);
 * ``resolver-w2``  -- the same with ``--workers 2`` (two processes on the port, with
   SO_REUSEPORT); skipped with a note on a checkout whose ``serve`` has no ``--workers``.
   On a 2-core machine dnsperf takes one core, so two workers cannot show their gain in
@@ -95,7 +96,9 @@ loaded server), ``--servers``, ``--workloads``,
 ``--baselines``, ``--names``, ``--blocked`` (1000), ``--cache-size`` (1,000,000, every
 peer; keep it above the names a peer sees, or ``unique`` measures dnsmasq's cache-full
 eviction path), ``--clients/--outstanding/--timeout`` (dnsperf ``-c/-q/-t``, 4/200/1),
-``--resolver-args``, ``--keep``, ``--json FILE``.
+``--resolver-args``, ``--cpu-quota Q`` (each server process limited to Q CPUs in a
+cgroup v1 group of its own, as root: how workers scale where there is no core for each),
+``--keep``, ``--json FILE``.
 
 Adding a peer means subclassing ``Peer`` (``command()``, optionally ``version()``) and
 registering it in ``PEERS``; adding a workload means appending to ``WORKLOADS`` (a plan
@@ -429,25 +432,54 @@ def cpu_quota_problem() -> str | None:
     return None
 
 
-def confine(pids: Sequence[int], quota: float, label: str) -> list[Path]:
+#: The least quota the kernel takes is 1 ms a period.
+MIN_CPU_QUOTA = 1000 / CFS_PERIOD_US
+
+
+def confine(pids: Sequence[int], quota: float, label: str, made: list[Path]) -> None:
     """Put each process in a cgroup of its own that may use ``quota`` CPUs: as if each
-    had a CPU of that speed to itself. The cgroups, to remove once the processes exit."""
-    made = []
+    had a CPU of that speed to itself. Each cgroup is added to ``made`` as soon as it
+    exists (to :func:`release` even when a later step fails)."""
     for pid in pids:
         group = CPU_CGROUPS / f"core_bench.{label}.{pid}"
-        group.mkdir(exist_ok=True)
-        made.append(group)
-        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(round(quota * CFS_PERIOD_US)))
-        (group / "cgroup.procs").write_text(str(pid))
-    return made
+        try:
+            group.mkdir(exist_ok=True)
+            made.append(group)
+            (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(round(quota * CFS_PERIOD_US)))
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as e:
+            raise BenchError(f"cannot limit pid {pid} to {quota:g} CPU in {group}: {e}") from e
+
+
+def unconfined(pids: Sequence[int]) -> list[int]:
+    """Those of ``pids`` not in a cgroup of their own made by :func:`confine` (a worker
+    that was restarted inherits its parent's cgroup, and so would share its quota)."""
+    out = []
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            continue  # gone
+        cpu = [line.split(":", 2)[2] for line in lines if "cpu" in line.split(":")[1].split(",")]
+        if not any(g.startswith("/core_bench.") and g.endswith(f".{pid}") for g in cpu):
+            out.append(pid)
+    return out
 
 
 def release(groups: Sequence[Path]) -> None:
-    """Remove cgroups made by :func:`confine` (their processes have exited)."""
+    """Remove cgroups made by :func:`confine` once their processes have exited (a killed
+    process may take a moment to leave; a cgroup still busy after 2 s is reported)."""
     for group in groups:
-        with contextlib.suppress(OSError):
-            group.rmdir()
+        deadline = time.monotonic() + 2.0
+        while group.exists():
+            try:
+                group.rmdir()
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    log(f"could not remove {group}: {e}")
+                    break
+                time.sleep(0.05)
 
 
 class Server(abc.ABC):
@@ -518,9 +550,16 @@ class Server(abc.ABC):
             if not wait_until(lambda: len(process_tree(self.pid)) >= self.processes, 30):
                 raise BenchError(f"{self.name}: fewer than {self.processes} processes")
             pids = [p.pid for p in process_tree(self.pid)]
-            self.cgroups = confine(pids, quota, self.name)
+            confine(pids, quota, self.name, self.cgroups)
             log(f"{self.name}: {len(pids)} processes, each limited to {quota:g} CPU")
         return load_s
+
+    def check_confined(self) -> None:
+        """With --cpu-quota: fail if a process (a restarted worker) escaped its quota."""
+        if self.cgroups:
+            loose = unconfined([p.pid for p in process_tree(self.pid)])
+            if loose:
+                raise BenchError(f"{self.name}: pids {loose} have no cpu quota of their own")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -779,7 +818,7 @@ class ResolverCompiled(Resolver):
         if why:
             return why
         if importlib.util.find_spec("mypyc") is None:
-            return "mypyc not installed (python3 -m pip install mypy)"
+            return "mypyc not installed (python3 -m pip install '.[fast,compile]')"
         if not (shutil.which("cc") or shutil.which("gcc")):
             return "no C compiler (apt-get install -y gcc)"
         return None
@@ -1550,8 +1589,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not all(1 <= n <= 10_000_000 for n in [a.blocked, *a.scale_sizes]):
         p.error("--blocked and --scale-sizes must be 1..10M")
     if a.cpu_quota is not None:
-        if not (0.05 <= a.cpu_quota <= 64):
-            p.error("--cpu-quota must be 0.05..64")
+        if not (MIN_CPU_QUOTA <= a.cpu_quota <= 64):
+            p.error(f"--cpu-quota must be {MIN_CPU_QUOTA:g}..64")
         why = cpu_quota_problem()
         if why:
             p.error(f"--cpu-quota: {why}")
@@ -1638,6 +1677,7 @@ def run_peer(
         peer.verify()
         report.versions[peer.name] = peer.version()
         for wl in workloads:
+            peer.check_confined()
             log(f"{peer.name}: {wl.name} ({wl.description}), {opts.duration}s")
             r = measure(peer, nsd, wl, wl.plan(ctx, opts.duration * wl.qps_budget), opts)
             if lat.duration:

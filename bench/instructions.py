@@ -134,7 +134,8 @@ def main() -> int:
     ap.add_argument(
         "--compiled",
         action="store_true",
-        help="the build with setup.py's modules compiled by mypyc (needs mypy and a C compiler)",
+        help="the build with setup.py's modules compiled by mypyc (needs "
+        "pip install '.[fast,compile]' and a C compiler)",
     )
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument(

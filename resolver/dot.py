@@ -2,9 +2,9 @@
 shares with it: verification against the trust store or a CA file, SPKI pins, host names
 resolved through the bootstrap servers.
 
-Kept apart from :mod:`resolver.upstream`, which the compiled build compiles: an encrypted
-connection costs a handshake, not per-query CPU, and interpreted classes (the DoH
-connection) cannot subclass compiled ones.
+Kept apart from :mod:`resolver.upstream`, which the compiled build compiles: this module
+stays interpreted, because the DoH connection (interpreted, on h2) subclasses
+:class:`EncryptedConnection`, and an interpreted class cannot subclass a compiled one.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class TLSConnection(EncryptedConnection):
     writer: asyncio.StreamWriter | None = None
     reader_task: asyncio.Task[None] | None = None
 
+    # (Forwarded arguments: fine interpreted. Compiled, mypyc passed *args as one tuple.)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Queries in flight: ID -> (their future, their question).
