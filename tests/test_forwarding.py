@@ -126,8 +126,11 @@ def test_each_upstream_query_uses_a_fresh_source_port_and_id(
     for index in range(8):
         server.query(f"n{index}.test", "A")
     assert len(upstream.sources) == 8
-    assert len({port for port, _ in upstream.sources}) == 8
-    assert len({qid for _, qid in upstream.sources}) == 8
+    # Random, not merely different: the kernel picks each port from about 28,000 and the
+    # ID is one of 65,536, so one repeat among 8 comes by chance (CI saw it once in
+    # about a thousand runs); a reused socket or a fixed ID would repeat every time.
+    assert len({port for port, _ in upstream.sources}) >= 7
+    assert len({qid for _, qid in upstream.sources}) >= 7
 
 
 def test_conditional_forwarding_by_longest_zone(
