@@ -22,7 +22,8 @@ import os
 from setuptools import setup
 
 #: The per-query path: wire format, policy lookup, cache, the query chain, pending answers,
-#: metrics and forwarding over UDP and TCP. Left interpreted: the batched UDP listener
+#: metrics, forwarding over UDP and TCP, blocked answers, and the access list and rate
+#: limit every query passes. Left interpreted: the batched UDP listener
 #: (mostly ctypes calls, which compiling does not speed up), and DNS over TLS and HTTPS
 #: (dot.py, doh.py): the DoH connection subclasses the encrypted connection's base, which
 #: an interpreted class cannot do to a compiled one (and doh.py stands on h2, pure Python).
@@ -35,6 +36,8 @@ COMPILED = [
     "resolver/pending.py",
     "resolver/metrics.py",
     "resolver/upstream.py",
+    "resolver/sinkhole.py",
+    "resolver/guard.py",
 ]
 
 ext_modules = []
