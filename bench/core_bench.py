@@ -489,7 +489,7 @@ class Server(abc.ABC):
     ready_timeout: float = 20.0
     binary: str | None = None  # an executable this server needs on PATH
     #: Processes that answer queries (--cpu-quota waits for them all, then confines each).
-    processes: int = 1
+    workers: int = 1
     #: Subject to --cpu-quota (the upstream is not: it stands for the network).
     quota_applies: bool = True
 
@@ -547,8 +547,8 @@ class Server(abc.ABC):
         log(f"{self.name} ready on {LOOPBACK}:{self.port} (pid {self.pid}) in {load_s:.2f}s")
         quota = self.ctx.cpu_quota
         if quota is not None and self.quota_applies:
-            if not wait_until(lambda: len(process_tree(self.pid)) >= self.processes, 30):
-                raise BenchError(f"{self.name}: fewer than {self.processes} processes")
+            if not wait_until(lambda: len(process_tree(self.pid)) >= self.workers, 30):
+                raise BenchError(f"{self.name}: fewer than {self.workers} processes")
             pids = [p.pid for p in process_tree(self.pid)]
             confine(pids, quota, self.name, self.cgroups)
             log(f"{self.name}: {len(pids)} processes, each limited to {quota:g} CPU")
@@ -753,7 +753,6 @@ class Resolver(Peer):
     """This project: ``python3 -m resolver serve`` from the repo root."""
 
     name = "resolver"
-    workers = 1
     udp_batch = True
 
     @classmethod
@@ -862,7 +861,6 @@ class ResolverW2(Resolver):
 
     name = "resolver-w2"
     workers = 2
-    processes = 2
 
     @classmethod
     def missing(cls) -> str | None:
