@@ -183,10 +183,9 @@ class Entry:
         return bytes(buf)
 
     def records(self, now: float) -> bytes:
-        """The records after the question, TTLs reduced by the entry's age in whole seconds."""
-        age = int(now - self.stored)
-        if age < 0:
-            age = 0
+        """The records after the question, TTLs reduced by the entry's age in whole seconds
+        rounded up: a TTL is the floor of the time its record has left, never more."""
+        age = age_of(now, self.stored)
         if age != self._rendered_age:
             if self.ttl_offsets:
                 buf = bytearray(self.body)
@@ -197,6 +196,17 @@ class Entry:
                 self._rendered = self.body
             self._rendered_age = age
         return self._rendered
+
+
+def age_of(now: float, stored: float) -> int:
+    """The age that served TTLs are reduced by: the seconds since ``stored`` rounded up,
+    so that a TTL served at ``now`` never reaches past its record's end (flooring the age
+    handed out TTLs up to a second too long, past a ban's start too)."""
+    elapsed = now - stored
+    if elapsed <= 0:
+        return 0
+    age = int(elapsed)
+    return age + 1 if age < elapsed else age
 
 
 #: Entries per shard that the cache aims at. A Python dict rebuilds its whole table when

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable, Container
 from time import perf_counter
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 
 import dns.rdatatype
 
-from .cache import Cache, Entry
+from .cache import STALE_TTL, Cache, Entry, age_of
 from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
 from .metrics import Stats, qtype_label, rcode_label
 from .pending import Pending
@@ -71,6 +72,7 @@ from .wire import (
     header,
     label_offsets,
     opt_record,
+    pack_u32_into,
     parse_query,
     pointer,
     response_flags,
@@ -100,6 +102,12 @@ _OPTS: Final = {
     (True, True): _STALE_DO,
 }
 _MEMO_MAX: Final = 50_000
+# SERVFAIL for a client over its share of the in-flight budget, saying why (RFC 8914
+# Extended DNS Error 0, Other: none of the registered codes says "busy").
+_BUSY_OPTION: Final = ede_option(
+    0, "too many queries from this client already waiting for upstreams"
+)
+_BUSY_OPTS: Final = (opt_record(False, 0, _BUSY_OPTION), opt_record(True, 0, _BUSY_OPTION))
 
 
 class Info:
@@ -151,17 +159,9 @@ class Info:
             ("tcp", qlabel, self.rcode, decision),
         )
         self.hist = stats.durations[decision]
-        self.per_list = (
-            (
-                stats.blocked
-                if decision == "blocked"
-                else stats.would_block
-                if decision == "monitored"
-                else None
-            )
-            if list_id is not None
-            else None
-        )
+        # (Would-block matches are counted when decided, before any answer: see
+        # Resolver._would_block.)
+        self.per_list = stats.blocked if decision == "blocked" and list_id is not None else None
         self.list_id = list_id or ""
         self.rule = rule
         self.reference = reference
@@ -223,6 +223,10 @@ class Resolver:
         #: Queries waiting for upstreams at once; beyond, SERVFAIL at once.
         self.max_inflight = 4096
         self.waiting = 0
+        #: Of those, per client address: one client flooding distinct slow names must not
+        #: take the whole budget from the others (SERVFAIL with an EDE beyond it).
+        self.max_inflight_per_client = 1024
+        self._held: dict[str, int] = {}
         #: Seconds to wait for upstreams before serving a stale answer (RFC 8767's client
         #: response timer), when the cache keeps stale entries.
         self.stale_timer = 1.8
@@ -369,6 +373,7 @@ class Resolver:
                 monitored.blocklist.id,
                 "monitor mode" if monitored.blocklist.mode == "monitor" else "monitor phase",
             )
+            self._would_block(monitored)
         elif apex < 0:
             decision = "allowed"
 
@@ -392,7 +397,13 @@ class Resolver:
                     return answer
             if self.cache.wants_prefetch(entry, now):
                 self._fetch(q, key, valid_until)  # lands in the cache by itself
-            answer = _fit(render(entry, q, now), q, limit)
+            if valid_until < entry.expires:
+                # A transition (of this name or one its answer passes through) comes
+                # before the entry's end, one that the entry's TTLs do not know of (a
+                # reload since): no TTL may reach past it.
+                answer = _fit(render(entry, q, now, cap=valid_until), q, limit)
+            else:
+                answer = _fit(render(entry, q, now), q, limit)
             apex = policy.named(q.key, q.labels, monitored) if monitored is not None else 0
             info = self._info(
                 q,
@@ -405,9 +416,13 @@ class Resolver:
             )
             self._account(info, tcp, client, started)
             if monitored is None:
-                # Served TTLs change with each whole second of the entry's age.
-                next_second = entry.stored + int(now - entry.stored) + 1
-                until = min(valid_until, entry.expires, next_second)
+                # Served TTLs change when the entry's age passes a whole second (and, when
+                # capped, when the time left to the cap does).
+                until = min(
+                    valid_until, entry.expires, _tick(entry.stored + age_of(now, entry.stored), now)
+                )
+                if valid_until < entry.expires:
+                    until = min(until, _tick(valid_until - int(valid_until - now), now))
                 self._remember(memo, body, answer, until, now, info)
             return answer
         if self.waiting >= self.max_inflight:
@@ -416,6 +431,13 @@ class Resolver:
             # arrives in one read is bounded too).
             self._stats.stopped["overload"] += 1
             return self._error(q, RCODE_SERVFAIL, tcp, client, started)
+        held = self._held.get(client, 0)
+        if held >= self.max_inflight_per_client:
+            self._stats.stopped["client_inflight"] += 1
+            answer = _busy(q)
+            self._account(self._info(q, "error", RCODE_SERVFAIL), tcp, client, started)
+            return answer
+        self._held[client] = held + 1
         self.waiting += 1
         forwarded = "forwarded" if decision == "cached" else decision
         stale = self.cache.stale(key, now) if self.cache.serve_stale else None
@@ -463,6 +485,13 @@ class Resolver:
                 self._infos.clear()
             self._infos[shared] = info
         return info
+
+    def _would_block(self, rs: RuleSet) -> None:
+        """Count a would-block match when it is decided, before the cache or the upstream:
+        whatever the upstream then does (a timeout, SERVFAIL), the monitor phase's count
+        is complete. Its audit entry is written with the answer, which keeps the decision
+        "monitored" whatever the upstream did (see _answered)."""
+        self._stats.would_block[rs.blocklist.id] += 1
 
     def _remember(
         self, memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info
@@ -536,6 +565,25 @@ class Resolver:
             if self.rebinding is not None and _private(packed) and not self._internal(q):
                 return self.rebinding, "a private address", until
         return None, "", until
+
+    def _answer_changes(self, scan: Scan, now: float) -> float:
+        """The next policy transition, for any client group, of any name the answer
+        passes through (CNAME and DNAME owners and targets) or address it holds: the
+        cache entry, and so every TTL in it, must not outlive it (the question's own
+        transition is the caller's)."""
+        policy = self._policy
+        mask = ALL_GROUPS if policy.uses_groups else ALL_CLIENTS
+        until = NEVER
+        for name in scan.chain:
+            changes = policy.decide(name, label_offsets(name), mask, now)[3]
+            if changes < until:
+                until = changes
+        if policy.networks:
+            for packed in scan.addresses:
+                changes = policy.match_address(packed, mask, now)[2]
+                if changes < until:
+                    until = changes
+        return until
 
     def _internal(self, q: Query) -> bool:
         text = decode_name(q.key).rstrip(".")
@@ -628,7 +676,11 @@ class Resolver:
             entry = None
             try:
                 if scan is not None:
-                    entry = self.cache.admit(key, scan, self.clock(), valid_until)
+                    now = self.clock()
+                    until = valid_until
+                    if scan.chain or (scan.addresses and self._policy.networks):
+                        until = min(until, self._answer_changes(scan, now))
+                    entry = self.cache.admit(key, scan, now, until)
             finally:
                 for waiter in waiters:
                     waiter(entry)
@@ -645,9 +697,11 @@ class Resolver:
         tcp: bool,
         client: str,
         started: float,
+        cap: float,
     ) -> bytes:
-        """An expired answer, TTL 30, with Extended DNS Error 3 (Stale Answer)."""
-        answer = render(entry, q, self.clock(), stale=True)
+        """An expired answer, TTL 30, with Extended DNS Error 3 (Stale Answer); no TTL
+        reaches past ``cap`` (the next policy transition of a name in it)."""
+        answer = render(entry, q, self.clock(), stale=True, cap=cap)
         self._stats.stale += 1
         decision = "cached" if decision == "forwarded" else decision
         info = self._info(q, decision, entry.rcode, monitored, 0, entry.upstream)
@@ -702,17 +756,25 @@ class Resolver:
                 return  # the stale answer went out already; the fetch refreshed the cache
             settled = True
             self.waiting -= 1  # counted in handle(), when the query was handed over
+            held = self._held.get(client, 0) - 1
+            if held > 0:
+                self._held[client] = held
+            else:
+                self._held.pop(client, None)
             if timer is not None:
                 timer.cancel()
             if answer.done():
                 return  # cancelled when shutdown ran out of time
             try:
                 if entry is None and stale is not None:
-                    # A stale answer gets the same checks as a fresh one.
+                    # A stale answer gets the same checks as a fresh one, and its TTLs the
+                    # same cap at the next transition of the names in it.
                     reply = self._blocked_if_behind(q, stale, mask, limit, tcp, client, started)
                     if reply is None:
+                        now = self.clock()
+                        cap = min(valid_until, self._behind(q, stale, mask, now)[2])
                         reply = self._stale(
-                            q, stale, limit, decision, monitored, tcp, client, started
+                            q, stale, limit, decision, monitored, tcp, client, started, cap
                         )
                 else:
                     reply = self._answered(
@@ -748,9 +810,15 @@ class Resolver:
                 return blocked
         if entry is None:
             answer = error_response(q, RCODE_SERVFAIL)
-            decision, rcode = "error", RCODE_SERVFAIL
+            rcode = RCODE_SERVFAIL
+            if monitored is None:
+                decision = "error"
+            # else still "monitored", so that the audit log has the would-block match
+            # (with rcode SERVFAIL) however the upstream failed
         else:
-            answer = _fit(render(entry, q, self.clock()), q, limit)
+            # At the instant it was admitted (this same turn of the loop): its TTLs are
+            # the ones the reply brought, capped as the cache capped them.
+            answer = _fit(render(entry, q, entry.stored), q, limit)
             rcode, upstream = entry.rcode, entry.upstream
         apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
         info = self._info(q, decision, rcode, monitored, apex, upstream)
@@ -796,18 +864,53 @@ def _cache_key(q: Query) -> bytes:
     return q.key + q.question[-4:] + bytes((q.do, (q.flags >> 4) & 1))
 
 
-def render(entry: Entry, q: Query, now: float, stale: bool = False) -> bytes:
+def render(entry: Entry, q: Query, now: float, stale: bool = False, cap: float = NEVER) -> bytes:
     """A cached reply as the answer to ``q``: its ID, its question's case, its flags; or,
-    ``stale``, as RFC 8767 serves an expired one (TTL 30, Extended DNS Error 3)."""
+    ``stale``, as RFC 8767 serves an expired one (TTL 30, Extended DNS Error 3). With
+    ``cap`` (an instant before the entry's end), no TTL reaches past it."""
     flags = response_flags(q, entry.rcode)
     if q.do or q.flags & FLAG_AD:
         flags |= entry.flags & FLAG_AD  # RFC 6840 5.8: AD only for clients that ask
-    records = entry.stale_records() if stale else entry.records(now)
+    if cap < NEVER:
+        records = _capped_records(entry, now, stale, cap)
+    elif stale:
+        records = entry.stale_records()
+    else:
+        records = entry.records(now)
     if q.edns:
         opt = _OPTS[stale, q.do]
         head = header(q.id, flags, 1, entry.an, entry.ns, entry.ar + 1)
         return head + q.question + records + opt
     return header(q.id, flags, 1, entry.an, entry.ns, entry.ar) + q.question + records
+
+
+def _capped_records(entry: Entry, now: float, stale: bool, cap: float) -> bytes:
+    """The entry's records with their TTLs as served at ``now`` (stale: 30 s), none of
+    them beyond the floor of the seconds left until ``cap``."""
+    left = cap - now
+    most = int(left) if left > 0 else 0
+    age = age_of(now, entry.stored)
+    buf = bytearray(entry.body)
+    for off, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):
+        served = STALE_TTL if stale else ttl - age if ttl > age else 0
+        pack_u32_into(buf, off, served if served < most else most)
+    return bytes(buf)
+
+
+def _tick(change: float, now: float) -> float:
+    """Until when an answer whose TTLs next change at ``change`` stays right: at ``now``
+    only, when they change right after it (a TTL that is whole seconds from its end is
+    one less an instant later)."""
+    return change if change > now else math.nextafter(now, math.inf)
+
+
+def _busy(q: Query) -> bytes:
+    """SERVFAIL, Extended DNS Error 0 saying why: the client's share of the queries
+    waiting for upstreams is used up."""
+    flags = response_flags(q, RCODE_SERVFAIL)
+    if q.edns:
+        return header(q.id, flags, 1, 0, 0, 1) + q.question + _BUSY_OPTS[q.do]
+    return header(q.id, flags, 1, 0, 0, 0) + q.question
 
 
 def _fit(answer: bytes, q: Query, limit: int) -> bytes:

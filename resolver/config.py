@@ -22,11 +22,16 @@ from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TC
 from .upstream import (
     DEFAULT_DEADLINE,
     DEFAULT_TIMEOUT,
+    DOWN_AFTER,
+    MAX_BACKOFF,
+    PROBE_INTERVAL,
+    PROBE_NAME,
     STRATEGIES,
     Upstream,
     parse_upstream,
     split_host_port,
 )
+from .wire import encode_name
 from .yamlload import (
     SourceError,
     Where,
@@ -132,6 +137,20 @@ class ReloadConfig:
     checksum_interval: float = 60.0  # seconds between content checksums (the backstop)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamHealthConfig:
+    max_fails: int = DOWN_AFTER  # transport failures in a row that mark an upstream down
+    probe_interval: float = PROBE_INTERVAL  # first wait before probing a down upstream
+    probe_max_interval: float = MAX_BACKOFF  # the wait doubles per failed probe up to this
+    probe_name: str = PROBE_NAME  # probes ask this name's NS records
+
+
+@dataclass(frozen=True, slots=True)
+class InflightConfig:
+    max: int = 4096  # queries waiting for upstreams at once; beyond, SERVFAIL
+    per_client: int = 0  # of those, per client address; 0: a quarter of max, at least 16
+
+
 #: More workers than this would only contend for the same cores.
 MAX_WORKERS: Final = 256
 
@@ -173,6 +192,8 @@ class Config:
     acl: AclConfig = AclConfig()
     ratelimit: RateLimitConfig = RateLimitConfig()
     rebinding: RebindingConfig = RebindingConfig()
+    upstream_health: UpstreamHealthConfig = UpstreamHealthConfig()
+    inflight: InflightConfig = InflightConfig()
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "embedded default"
     #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
@@ -205,6 +226,8 @@ TOP_KEYS: Final = frozenset(
         "forward",
         "tls_ca_file",
         "bootstrap",
+        "upstream_health",
+        "inflight",
     }
 )
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
@@ -216,6 +239,8 @@ RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)
 CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
 TCP_KEYS: Final = frozenset(TCPConfig.__dataclass_fields__)
 UDP_KEYS: Final = frozenset(UDPConfig.__dataclass_fields__)
+UPSTREAM_HEALTH_KEYS: Final = frozenset(UpstreamHealthConfig.__dataclass_fields__)
+INFLIGHT_KEYS: Final = frozenset(InflightConfig.__dataclass_fields__)
 
 DEFAULT_LISTEN: Final = (Listen("127.0.0.1", DEFAULT_PORT), Listen("::1", DEFAULT_PORT))
 
@@ -468,6 +493,19 @@ def load_config(path: Path) -> Config:
             "upstream_strategy",
             f"use one of {', '.join(STRATEGIES)}",
         )
+    health = _section(doc, "upstream_health", UPSTREAM_HEALTH_KEYS)
+    probe_name = health.get("probe_name", PROBE_NAME)
+    try:
+        encode_name(probe_name if isinstance(probe_name, str) else "")
+    except (ValueError, UnicodeError):
+        probe_name = None
+    if not isinstance(probe_name, str) or not probe_name.isascii():
+        raise SourceError(
+            value_where(health, "probe_name"),
+            "upstream_health.probe_name",
+            "expected a domain name such as '.' or 'example.com'",
+        )
+    inflight = _section(doc, "inflight", INFLIGHT_KEYS)
     ca_file = doc.get("tls_ca_file")
     if ca_file is not None and not isinstance(ca_file, str):
         raise SourceError(value_where(doc, "tls_ca_file"), "tls_ca_file", "expected a path")
@@ -516,6 +554,18 @@ def load_config(path: Path) -> Config:
         tls_ca_file=(path.parent / ca_file) if ca_file else None,
         forward=_forward(doc),
         bootstrap=_address_list(doc, "bootstrap", parse_bootstrap),
+        upstream_health=UpstreamHealthConfig(
+            max_fails=_number(health, "max_fails", int, 1, 100, DOWN_AFTER),
+            probe_interval=_number(health, "probe_interval", float, 0.05, 3600, PROBE_INTERVAL),
+            probe_max_interval=_number(
+                health, "probe_max_interval", float, 0.05, 3600, MAX_BACKOFF
+            ),
+            probe_name=probe_name,
+        ),
+        inflight=InflightConfig(
+            max=_number(inflight, "max", int, 1, 10_000_000, 4096),
+            per_client=_number(inflight, "per_client", int, 0, 10_000_000, 0),
+        ),
         acl=AclConfig(allow, acl_action),
         rebinding=RebindingConfig(enabled, tuple(z.strip(".").lower() for z in zones)),
         ratelimit=RateLimitConfig(

@@ -379,14 +379,23 @@ class ResolverCollector(Collector):
         for target in forwarder.upstreams:
             up.add_metric([target.label], 1.0 if forwarder.healthy(target) else 0.0)
         yield up
+        probes = CounterMetricFamily(
+            "resolver_upstream_probes",
+            "Health probes of upstreams marked down, by result (success brings one back).",
+            labels=["upstream", "result"],
+        )
+        for (upstream, result), count in sorted(forwarder.probes.items()):
+            probes.add_metric([upstream, result], count)
+        yield probes
 
         stopped = CounterMetricFamily(
             "resolver_queries_stopped",
             "Queries stopped before any work: access list (acl), rate limit (dropped, "
-            "truncated), too many questions already upstream (overload).",
+            "truncated), too many questions already upstream (overload), or from this "
+            "client (client_inflight).",
             labels=["reason"],
         )
-        for reason in ("acl", "dropped", "truncated", "overload"):
+        for reason in ("acl", "dropped", "truncated", "overload", "client_inflight"):
             stopped.add_metric([reason], counts.stopped[reason])
         yield stopped
         yield GaugeMetricFamily(

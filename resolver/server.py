@@ -142,6 +142,7 @@ class Server:
         self.resolver.guard = make_guard(config)
         self.resolver.stale_timer = config.cache.stale_timer
         apply_rebinding(self.resolver, config)
+        apply_limits(self.resolver, config)
         self._loaded(policy)
         # Now that included files are known, they join the baseline, unless something
         # changed during the load (then the first check reloads). The baseline is taken
@@ -306,6 +307,7 @@ class Server:
             for conn in forwarder.connections.values():
                 conn.bootstrap = forwarder.bootstrap
         apply_rebinding(resolver, new)
+        apply_limits(resolver, new)
         if (old.acl, old.ratelimit) != (new.acl, new.ratelimit):
             resolver.guard = make_guard(new)
             log.info("access list and rate limit updated")
@@ -586,6 +588,19 @@ def apply_rebinding(resolver: Resolver, config: Config) -> None:
         if config.rebinding.enabled
         else None
     )
+
+
+def apply_limits(resolver: Resolver, config: Config) -> None:
+    """Upstream health (failures that mark one down, probes) and the in-flight budget."""
+    forwarder = resolver.forwarder
+    health = config.upstream_health
+    forwarder.max_fails = health.max_fails
+    forwarder.probe_interval = health.probe_interval
+    forwarder.probe_max_interval = max(health.probe_max_interval, health.probe_interval)
+    forwarder.probe_name = health.probe_name
+    inflight = config.inflight
+    resolver.max_inflight = inflight.max
+    resolver.max_inflight_per_client = inflight.per_client or max(16, inflight.max // 4)
 
 
 def make_guard(config: Config) -> Guard:

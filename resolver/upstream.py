@@ -44,7 +44,9 @@ from .wire import (
     Mismatch,
     Query,
     Scan,
+    encode_name,
     header,
+    parse_query,
     scan_response,
 )
 
@@ -56,8 +58,16 @@ log = logging.getLogger("resolver.upstream")
 
 DEFAULT_TIMEOUT: Final = 1.0
 DEFAULT_DEADLINE: Final = 2.5
+#: Transport failures in a row (timeouts, refused connections, TLS or HTTP failures) that
+#: mark an upstream down; the config's ``upstream_max_fails``.
 DOWN_AFTER: Final = 3
-MAX_BACKOFF: Final = 60.0
+#: While an upstream is down, it is probed after this many seconds, the wait doubling after
+#: each failed probe up to MAX_BACKOFF (``upstream_probe_interval``, ``..._max_interval``).
+PROBE_INTERVAL: Final = 0.5
+MAX_BACKOFF: Final = 30.0
+#: What a probe asks (``upstream_probe_name``): the root's NS records, which every
+#: recursive resolver answers from its priming data.
+PROBE_NAME: Final = "."
 STRATEGIES: Final = ("failover", "random", "fastest", "parallel")
 DEFAULT_PORTS: Final = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
 DOH_PATH: Final = "/dns-query"
@@ -441,8 +451,22 @@ class Forwarder:
         self.errors: Counter[tuple[str, str]] = Counter()
         #: Exchange durations by (upstream, rcode).
         self.durations: dict[tuple[str, str], Histogram] = {}
-        #: Consecutive failures by upstream: at DOWN_AFTER it is reported down.
+        #: Consecutive transport failures by upstream: at ``max_fails`` it is marked down.
+        #: An answer of any rcode is a working transport and resets it: the rcode of one
+        #: client's question says nothing about the upstream's health.
         self.failures: Counter[str] = Counter()
+        #: Health, as CoreDNS's forward and Unbound's infra cache keep it: the labels of the
+        #: upstreams marked down. A down upstream is asked only when no other can answer,
+        #: and active probes (``_probe``) find out when it is back.
+        self.down: set[str] = set()
+        self.max_fails = DOWN_AFTER
+        self.probe_interval = PROBE_INTERVAL
+        self.probe_max_interval = MAX_BACKOFF
+        self.probe_name = PROBE_NAME
+        #: Probes sent, by (upstream, result): success or failure.
+        self.probes: Counter[tuple[str, str]] = Counter()
+        #: The probe loop of each upstream that is down.
+        self._probing: dict[str, asyncio.Task[None]] = {}
         #: Datagrams ignored because ID, question or format did not match (RFC 5452).
         self.ignored = 0
         #: failover (in order), random, fastest (by measured latency), parallel (two at once).
@@ -461,8 +485,6 @@ class Forwarder:
         self.https_context = tls_context(tls_ca_file, alpn="h2")
         #: Resolves the host names of tls and https upstreams.
         self.bootstrap = bootstrap
-        self.backoff: dict[str, float] = {}
-        self.retry_at: dict[str, float] = {}
         self._watch: ReadWatch | None = None
         #: The loop begin() last ran on (see there).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -471,10 +493,13 @@ class Forwarder:
 
     async def close(self) -> None:
         """Stop what is still running in the background (at shutdown, after the drain)."""
-        pending = list(self._background)
+        pending: list[asyncio.Task[Scan | None]] = list(self._background)
+        probes = list(self._probing.values())
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*pending, *probes, return_exceptions=True)
         if self._watch is not None:
             self._watch.close()
 
@@ -491,17 +516,13 @@ class Forwarder:
         return self.upstreams
 
     def _order(self, ups: list[Upstream]) -> tuple[list[Upstream], list[Upstream]]:
-        """The upstreams to try, by strategy, and those resting (down, their backoff not
-        yet run out), which are tried only when the others fail."""
+        """The upstreams to try, by strategy, and those resting (marked down, waiting for a
+        probe to succeed), which are tried only when the others fail."""
         if not self.troubled and self.strategy in ("failover", "parallel"):
             return ups, []  # the common case: every upstream answering, order as given
-        now = time.monotonic()
-        usable = [
-            u
-            for u in ups
-            if self.failures[u.label] < DOWN_AFTER or now >= self.retry_at.get(u.label, 0.0)
-        ]
-        resting = [u for u in ups if u not in usable]
+        down = self.down
+        usable = [u for u in ups if u.label not in down]
+        resting = [u for u in ups if u.label in down]
         if self.strategy == "random":
             usable = random.sample(usable, len(usable))
         elif self.strategy == "fastest":
@@ -665,22 +686,29 @@ class Forwarder:
         if hist is None:
             hist = self.durations[key] = Histogram()
         hist.observe(took)
+        if label in self.troubled:
+            self._alive(up)  # a reply, whatever its rcode: the transport works
         if scan.rcode in _FAILED_RCODES:
             # Not an answer about the name: another upstream may do better, and the
             # client is told SERVFAIL rather than an error about a query it never sent.
-            self._failed(up, "rcode")
+            # Counted, but no mark against the upstream's health: one broken domain must
+            # not take a working upstream out of service (nor /readyz with it).
+            self.errors[(label, "rcode")] += 1
             log.debug("upstream %s answered rcode %d", up, scan.rcode)
             return None
-        if label in self.troubled:
-            if self.failures[label] >= DOWN_AFTER:
-                log.info("upstream %s is up again", up)
-            self.failures[label] = 0
-            self.backoff.pop(label, None)
-            self.troubled.discard(label)
         previous = self.latency.get(label)
         self.latency[label] = took if previous is None else 0.8 * previous + 0.2 * took
         scan.source = label
         return scan
+
+    def _alive(self, up: Upstream) -> None:
+        """``up`` answered (a query or a probe): its transport works."""
+        label = up.label
+        self.failures[label] = 0
+        self.troubled.discard(label)
+        if label in self.down:
+            self.down.discard(label)
+            log.warning("upstream %s is up again", up)
 
     def _ignored(self, up: Upstream, exc: Exception) -> None:
         # Not the answer to our question (RFC 5452): ignored, and counted by kind.
@@ -690,22 +718,79 @@ class Forwarder:
         log.debug("ignored a reply from %s: %s", up, exc)
 
     def _failed(self, up: Upstream, kind: str) -> None:
-        self.errors[(up.label, kind)] += 1
-        self.failures[up.label] += 1
-        self.troubled.add(up.label)
-        now = time.monotonic()
-        if self.failures[up.label] >= DOWN_AFTER and now >= self.retry_at.get(up.label, 0.0):
-            # Down: skipped while resting, then probed; each failed probe doubles the rest
-            # (failures of queries already in flight when it went down do not).
-            rest = min(self.backoff.get(up.label, 0.5) * 2, MAX_BACKOFF)
-            self.backoff[up.label] = rest
-            self.retry_at[up.label] = now + rest
-            if self.failures[up.label] == DOWN_AFTER:
-                log.warning("upstream %s is down after %d failures in a row", up, DOWN_AFTER)
+        """A transport failure of one exchange with ``up`` (timeout, network, TLS, HTTP,
+        truncated over TCP too): ``max_fails`` in a row mark it down, and probes start."""
+        label = up.label
+        self.errors[(label, kind)] += 1
+        self.failures[label] += 1
+        self.troubled.add(label)
+        if self.failures[label] >= self.max_fails and label not in self.down:
+            self.down.add(label)
+            log.warning(
+                "upstream %s is down after %d failures in a row (last: %s); probing it",
+                up,
+                self.failures[label],
+                kind,
+            )
+            self._start_probing(up)
+
+    def _start_probing(self, up: Upstream) -> None:
+        if up.label in self._probing:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._probe(up))
+        except RuntimeError:  # no loop (a synchronous caller): the next query tries it
+            return
+        self._probing[up.label] = task
+
+    async def _probe(self, up: Upstream) -> None:
+        """While ``up`` is down: ask it ``probe_name`` NS after ``probe_interval`` seconds,
+        doubling the wait after each failure up to ``probe_max_interval`` (as CoreDNS's
+        forward does its health checks); any reply brings it back."""
+        label = up.label
+        wait = self.probe_interval
+        try:
+            while label in self.down:
+                await asyncio.sleep(wait)
+                if label not in self.down:
+                    break  # a client's query got an answer meanwhile
+                if not self._configured(up):
+                    self.down.discard(label)  # gone from the config: forget it
+                    self.troubled.discard(label)
+                    break
+                try:
+                    q = self._probe_query()
+                    timeout = self.timeout
+                    deadline = asyncio.get_running_loop().time() + max(timeout, self.deadline)
+                    await self._exchange(up, q, timeout, deadline)
+                except UpstreamError as exc:
+                    self.probes[(label, "failure")] += 1
+                    log.debug("probe of upstream %s failed: %s", up, exc)
+                    wait = min(wait * 2, self.probe_max_interval)
+                    continue
+                except (ValueError, FormatError) as exc:  # a bad probe name in the config
+                    self.probes[(label, "failure")] += 1
+                    log.error("cannot probe upstream %s: %s", up, exc)
+                    wait = self.probe_max_interval
+                    continue
+                self.probes[(label, "success")] += 1
+                self._alive(up)
+        finally:
+            if self._probing.get(label) is asyncio.current_task():
+                del self._probing[label]
+
+    def _probe_query(self) -> Query:
+        """The probe's question, as a parsed query (``probe_name`` may change on reload)."""
+        name = encode_name(self.probe_name)
+        return parse_query(header(0, FLAG_RD, 1, 0, 0, 0) + name + b"\x00\x02\x00\x01")
+
+    def _configured(self, up: Upstream) -> bool:
+        return up in self.upstreams or any(up in ups for ups in self.routes.values())
 
     def healthy(self, up: Upstream) -> bool:
-        """False after DOWN_AFTER failures in a row, until the next good answer."""
-        return self.failures[up.label] < DOWN_AFTER
+        """False from ``max_fails`` transport failures in a row until it answers again (a
+        probe, or a query it was asked because no other upstream could answer)."""
+        return up.label not in self.down
 
     def error_count(self, kind: str) -> int:
         """Failed exchanges of one kind, over all upstreams."""
