@@ -8,20 +8,22 @@ most of the traffic (blocked names and cache hits) and what keeps the hot path c
 The order, and why each step sits where it does:
 
 1. parse      - reads header, question and OPT from the bytes; garbage stops here, so no
-                later step ever sees a malformed query. Non-QUERY opcodes get NOTIMP and
-                EDNS versions above 0 get BADVERS (RFC 6891) before any policy work.
+                later step ever sees a malformed query. Non-QUERY opcodes get NOTIMP,
+                EDNS versions above 0 get BADVERS (RFC 6891) and classes other than IN
+                (and ANY) get REFUSED before any policy work.
 2. policy     - before the cache and the upstream: a blocked name is never forwarded (that
                 would leak the lookup) and never answered from a cache filled before its
                 ban took force. The policy also says until when its verdict holds, which
                 caps cache lifetimes below.
-3. ANY/UDP    - after policy (a blocked name stays blocked for ANY too), before the cache:
-                RFC 8482 minimal answer, no amplification over UDP.
-4. cache      - after policy, before upstream: a hit costs no I/O.
-5. upstream   - last: in-flight deduplication, then the forwarder; the reply is admitted to
-                the cache with its lifetime capped at the policy's next transition.
+3. cache      - after policy, before upstream: a hit costs no I/O.
+4. upstream   - last: in-flight deduplication, then the forwarder; the reply is admitted to
+                the cache with its lifetime capped at the policy's next transition, and,
+                for a client without DO, without the DNSSEC records an upstream may send
+                anyway (RFC 3225 3; cache entries are kept per DO bit).
 
-Each step's answer passes through ``_fit`` which truncates (TC=1) what does not fit the
-client's UDP size.
+Each step's answer passes through ``_fit``, which cuts an answer to ANY over UDP down to
+one RRset of the real answer (RFC 8482 4.1: no amplification, and the rcode, the aliases
+and the signatures stay true) and truncates (TC=1) what does not fit the client's UDP size.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
     from .querylog import AuditSink
 
 from .wire import (
+    CLASS_ANY,
+    CLASS_IN,
     EDE_STALE,
     FLAG_AD,
     OPT_DO,
@@ -60,7 +64,6 @@ from .wire import (
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     TYPE_ANY,
-    TYPE_HINFO,
     FormatError,
     Query,
     Scan,
@@ -68,16 +71,17 @@ from .wire import (
     decode_name,
     ede_option,
     error_response,
+    for_client,
     formerr_from_header,
     header,
     label_offsets,
+    minimal_any,
     opt_record,
     pack_u32_into,
     parse_query,
-    pointer,
     response_flags,
-    rr,
     truncate,
+    without_extras,
 )
 
 log = logging.getLogger("resolver.chain")
@@ -85,9 +89,8 @@ log = logging.getLogger("resolver.chain")
 Clock = Callable[[], float]
 Result = bytes | Pending | None
 
-# RFC 8482 4.2: a synthesized HINFO saying why ANY got no real answer.
-_ANY_RDATA: Final = b"\x07RFC8482\x00"
-_ANY_TTL: Final = 3600
+#: Lists whose "would block" log lines are spaced out (a backstop; lists are few).
+_MONITOR_LINES_MAX: Final = 10_000
 _TCP_MAX: Final = 65535
 _STOPPED: Final = {REFUSE: "acl", DENY_DROP: "acl", DROP: "dropped", TRUNCATE: "truncated"}
 ALL_GROUPS: Final = (1 << 64) - 1
@@ -160,7 +163,7 @@ class Info:
         )
         self.hist = stats.durations[decision]
         # (Would-block matches are counted when decided, before any answer: see
-        # Resolver._would_block.)
+        # Resolver._count_would_block.)
         self.per_list = stats.blocked if decision == "blocked" and list_id is not None else None
         self.list_id = list_id or ""
         self.rule = rule
@@ -230,6 +233,11 @@ class Resolver:
         #: Seconds to wait for upstreams before serving a stale answer (RFC 8767's client
         #: response timer), when the cache keeps stale entries.
         self.stale_timer = 1.8
+        #: Seconds between two "would block" log lines for one list (the matches in
+        #: between are counted in the next line; the audit log has every one).
+        self.monitor_log_interval = 10.0
+        # list id -> (time of its last "would block" line, matches not logged since)
+        self._monitor_lines: dict[str, tuple[float, int]] = {}
         #: DNS rebinding protection: when set, a private address in the answer for a name
         #: outside ``internal_zones`` is blocked with this rule set.
         self.rebinding: RuleSet | None = None
@@ -345,6 +353,12 @@ class Resolver:
             return self._error(q, RCODE_NOTIMP, tcp, client, started)
         if q.edns_version:
             return self._error(q, RCODE_BADVERS, tcp, client, started)
+        if q.qclass != CLASS_IN and q.qclass != CLASS_ANY:
+            # CHAOS, Hesiod and unassigned classes: the upstreams and the lists are about
+            # the Internet class only. REFUSED says so (RFC 1035 4.1.1: refused for policy
+            # reasons) where SERVFAIL would read as a failure; Unbound does the same. QCLASS
+            # ANY (RFC 1035 3.2.5) is forwarded, as Unbound forwards it.
+            return self._error(q, RCODE_REFUSED, tcp, client, started)
         limit = _TCP_MAX if tcp else q.udp_size
 
         now = self.clock()
@@ -366,21 +380,10 @@ class Resolver:
             # Would block, once enforced: counted and logged, answered as usual, and never
             # memoised, so that every such query is seen.
             decision = "monitored"
-            log.info(
-                "would block %s for %s: list %s (%s)",
-                decode_name(q.qname),
-                client,
-                monitored.blocklist.id,
-                "monitor mode" if monitored.blocklist.mode == "monitor" else "monitor phase",
-            )
-            self._would_block(monitored)
+            self._count_would_block(monitored)
+            self._log_would_block(q, client, monitored)
         elif apex < 0:
             decision = "allowed"
-
-        if q.qtype == TYPE_ANY and not tcp:
-            answer = _minimal_any(q)
-            self._account(self._info(q, decision, 0, monitored), tcp, client, started)
-            return answer
 
         key = _cache_key(q)
         entry = self.cache.get(key, now)
@@ -445,6 +448,32 @@ class Resolver:
             q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask, stale
         )
 
+    def _log_would_block(self, q: Query, client: str, rule: RuleSet) -> None:
+        """Log a would-block match: at most one line per list per ``monitor_log_interval``
+        seconds, saying how many matches went unlogged since the last one. A flood of
+        monitored names must not flood the log; each match is counted in
+        resolver_would_block_total and recorded in the audit log."""
+        list_id = rule.blocklist.id
+        now = time.monotonic()
+        last = self._monitor_lines.get(list_id)
+        if last is not None and now - last[0] < self.monitor_log_interval:
+            self._monitor_lines[list_id] = (last[0], last[1] + 1)
+            return
+        if last is None and len(self._monitor_lines) >= _MONITOR_LINES_MAX:
+            self._monitor_lines.clear()  # bounded by the lists loaded; this is a backstop
+        self._monitor_lines[list_id] = (now, 0)
+        unlogged = last[1] if last is not None else 0
+        log.info(
+            "would block %s for %s: list %s (%s)%s",
+            decode_name(q.qname),
+            client,
+            list_id,
+            "monitor mode" if rule.blocklist.mode == "monitor" else "monitor phase",
+            f"; {unlogged} more matches of this list since the last such line (see the audit log)"
+            if unlogged
+            else "",
+        )
+
     def _info(
         self,
         q: Query,
@@ -486,7 +515,7 @@ class Resolver:
             self._infos[shared] = info
         return info
 
-    def _would_block(self, rs: RuleSet) -> None:
+    def _count_would_block(self, rs: RuleSet) -> None:
         """Count a would-block match when it is decided, before the cache or the upstream:
         whatever the upstream then does (a timeout, SERVFAIL), the monitor phase's count
         is complete. Its audit entry is written with the answer, which keeps the decision
@@ -676,6 +705,7 @@ class Resolver:
             entry = None
             try:
                 if scan is not None:
+                    scan = for_client(scan, q.question, q.qtype, q.do)
                     now = self.clock()
                     until = valid_until
                     if scan.chain or (scan.addresses and self._policy.networks):
@@ -914,15 +944,15 @@ def _busy(q: Query) -> bytes:
 
 
 def _fit(answer: bytes, q: Query, limit: int) -> bytes:
+    if q.qtype == TYPE_ANY and limit < _TCP_MAX:
+        answer = minimal_any(answer)  # over UDP (TCP answers get the largest limit)
+    if len(answer) <= limit:
+        return answer
+    # Leave out what may be left out (additional records, the NS RRset beside an answer)
+    # before setting TC (RFC 2181 9); only oversized answers pay for this.
+    answer = without_extras(answer)
     if len(answer) <= limit:
         return answer
     rcode = answer[3] & 0xF
     opt = opt_record(q.do) if q.edns else b""
     return truncate(q, rcode, answer[3] & FLAG_AD, opt)
-
-
-def _minimal_any(q: Query) -> bytes:
-    record = rr(pointer(12), TYPE_HINFO, _ANY_TTL, _ANY_RDATA)
-    opt = (OPT_DO if q.do else OPT_PLAIN) if q.edns else b""
-    flags = response_flags(q, 0)
-    return header(q.id, flags, 1, 1, 0, 1 if opt else 0) + q.question + record + opt

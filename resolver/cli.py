@@ -240,8 +240,9 @@ def _healthcheck(args: argparse.Namespace) -> int:
     """A real DNS query to the resolver (the container's HEALTHCHECK): exit 0 on any
     well-formed answer, 1 on silence, a malformed answer or SERVFAIL, 2 on bad arguments.
 
-    Over UDP it asks ANY, which the resolver answers itself (RFC 8482), so the check says
-    whether this resolver is up, not whether its upstreams are (that is /readyz)."""
+    Over UDP it asks in the CHAOS class, which the resolver answers itself (REFUSED: it
+    serves the Internet class only), so the check says whether this resolver is up, not
+    whether its upstreams are (that is /readyz)."""
     import dns.message
     import dns.query
     import dns.rcode
@@ -253,7 +254,10 @@ def _healthcheck(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"resolver healthcheck: {exc}", file=sys.stderr)
         return 2
-    query = dns.message.make_query(args.name, "A" if args.tcp else "ANY")
+    if args.tcp:
+        query = dns.message.make_query(args.name, "A")
+    else:
+        query = dns.message.make_query(args.name, "TXT", "CH")
     ask = dns.query.tcp if args.tcp else dns.query.udp
     try:
         reply = ask(query, host, port=port, timeout=args.timeout)

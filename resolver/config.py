@@ -121,7 +121,7 @@ class RateLimitConfig:
     burst: float = 0.0  # bucket size (at least qps)
     over_limit: str = "drop"  # drop | truncate (TC=1: real clients retry over TCP)
     ipv6_prefix: int = 56  # IPv6 clients share a bucket per prefix
-    max_clients: int = 100_000  # buckets kept; beyond, all are cleared
+    max_clients: int = 100_000  # buckets kept; beyond, least recently used go first
 
 
 @dataclass(frozen=True, slots=True)

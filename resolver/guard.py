@@ -1,9 +1,11 @@
 """Who may query, and how fast: the access list and per-client rate limiting.
 
 Both run first on every query, before the answer memo, so they cost a dictionary lookup
-for a known client. State is bounded: the per-address cache and the token buckets are
-cleared when they reach their cap (a scan of many addresses then costs a rebuild, never
-unbounded memory).
+for a known client. State is bounded: the per-address cache is cleared when it reaches
+its cap (it only remembers what the access list says, so a scan of many addresses costs a
+rebuild, never unbounded memory). The token buckets are evicted least recently used first
+(two generations, see Guard.check): clearing them all at once would let a flood of spoofed
+source addresses reset an abuser's bucket to a full burst.
 """
 
 from __future__ import annotations
@@ -61,10 +63,16 @@ class Guard:
         #: The clients of ``_clients`` that the access list lets in (the UDP fast path
         #: asks only this; see Resolver.fast_memo).
         self.allowed: set[str] = set()
-        # rate-limit key -> [tokens, last refill]
+        # rate-limit key -> [tokens, last refill], in two generations: the buckets used
+        # since the last rotation, and those used only before it (see check()).
         self._buckets: dict[str, list[float]] = {}
+        self._old: dict[str, list[float]] = {}
+        self._generation = max(1, max_clients // 2)
         self.refused = 0
         self.limited = 0
+        #: Buckets dropped because the table was full (their clients sent nothing for a
+        #: whole generation of new clients).
+        self.evictions = 0
 
     def _classify(self, client: str) -> tuple[bool, str]:
         try:
@@ -100,10 +108,20 @@ class Guard:
         now = self.clock()
         bucket = self._buckets.get(known[1])
         if bucket is None:
-            if len(self._buckets) >= self.max_clients:
-                self._buckets.clear()
-            self._buckets[known[1]] = [self.burst - 1.0, now]
-            return PASS
+            # Least recently used goes first, cheaply: a bucket used since the last rotation
+            # lives in the young generation; one found only in the old generation moves back
+            # with its state; when the young one is full it becomes the old one, and what
+            # the old one held (used by nobody for a whole generation) is dropped. A busy
+            # client's bucket therefore survives any number of new (spoofed) sources.
+            bucket = self._old.pop(known[1], None)
+            if len(self._buckets) >= self._generation:
+                self.evictions += len(self._old)
+                self._old = self._buckets
+                self._buckets = {}
+            if bucket is None:
+                self._buckets[known[1]] = [self.burst - 1.0, now]
+                return PASS
+            self._buckets[known[1]] = bucket
         tokens = bucket[0] + (now - bucket[1]) * self.rate
         if tokens > self.burst:
             tokens = self.burst
@@ -117,5 +135,5 @@ class Guard:
 
     @property
     def tracked(self) -> int:
-        """Rate-limit buckets held (bounded by max_clients)."""
-        return len(self._buckets)
+        """Rate-limit buckets held (bounded by max_clients, at least 2)."""
+        return len(self._buckets) + len(self._old)

@@ -171,6 +171,7 @@ class Counts:
     cache_evictions: int = 0
     ratelimit_clients: int = 0
     audit_dropped: int = 0
+    ratelimit_evictions: int = 0
 
     @property
     def answered(self) -> int:
@@ -216,6 +217,7 @@ def counts_of(resolver: Resolver) -> Counts:
         cache_evictions=cache.evictions,
         ratelimit_clients=resolver.guard.tracked if resolver.guard is not None else 0,
         audit_dropped=resolver.audit.dropped if resolver.audit is not None else 0,
+        ratelimit_evictions=resolver.guard.evictions if resolver.guard is not None else 0,
     )
 
 
@@ -402,6 +404,12 @@ class ResolverCollector(Collector):
             "resolver_ratelimit_clients",
             "Clients (or IPv6 prefixes) with a rate-limit bucket; bounded.",
             value=counts.ratelimit_clients,
+        )
+        yield CounterMetricFamily(
+            "resolver_ratelimit_evictions",
+            "Rate-limit buckets dropped, least recently used first, because the table was "
+            "full (ratelimit.max_clients).",
+            value=counts.ratelimit_evictions,
         )
         yield CounterMetricFamily(
             "resolver_audit_dropped",
