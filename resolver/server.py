@@ -250,7 +250,7 @@ class Server:
         self._policy_loader.start()
         try:
             policy = await loop.run_in_executor(
-                None, self._policy_loader.load, path, self.load_options()
+                None, self._policy_loader.load, path, self.load_options(), self.resolver is not None
             )
             for warning in policy.warnings:
                 log.warning("%s", warning)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..yamlload import SourceError, Where
-from .loader import LoadOptions, load_policy
+from .loader import LoadOptions, load_policy, release_memory
 from .model import Action, BlockList, ClientGroups, Pattern, Phases, Policy, RemoteSpec, RuleSet
 from .table import NameTable
 
@@ -52,7 +52,7 @@ _PIECE: Final = 1 << 20
 _HEADER: Final = struct.Struct("!QQQ")  # pickle length, keys length, values length (bytes)
 _STATUS: Final = struct.Struct("!i")
 _PR_SET_PDEATHSIG: Final = 1
-_NICE: Final = 10
+_NICE: Final = 5
 
 Reducer = Callable[[Any], tuple[Any, ...]]
 
@@ -164,14 +164,17 @@ class PolicyLoader:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
-    def load(self, path: Path, options: LoadOptions) -> Policy:
+    def load(self, path: Path, options: LoadOptions, background: bool = True) -> Policy:
         """Load ``path`` in a child process; raise :class:`SourceError` as
-        :func:`load_policy` would. Falls back to loading here when there is no builder."""
+        :func:`load_policy` would. Falls back to loading here when there is no builder.
+
+        ``background``: the server answers meanwhile, so the child yields the CPU to it
+        (a lower priority); False for the first load, which nothing waits beside."""
         with self._lock:
             sock = self._sock
             if sock is None:
                 return load_policy(path, options)
-            request = _dumps((path, options))
+            request = _dumps((path, options, background))
             read_end, write_end = os.pipe()
             try:
                 try:
@@ -190,7 +193,10 @@ class PolicyLoader:
                     None, "", f"the process loading the policy died ({_describe(status)})"
                 )
             self.isolated += 1
-            return _policy(result, options)
+            policy = _policy(result, options)
+        # The pieces read went through the heap: give it back (ctypes lets go of the GIL).
+        release_memory()
+        return policy
 
     def _status(self, sock: socket.socket) -> int:
         """The child's wait status, which the builder sends when it has ended."""
@@ -353,14 +359,16 @@ def _builder(sock: socket.socket, parent: int) -> None:
 def _child(request: bytes, fd: int, parent: int) -> None:
     """Load, and write the result to ``fd``: header, pickle, then the table's arrays."""
     _detach(parent)
-    with contextlib.suppress(OSError):
-        # A load is background work: where CPU is short, the server's answers go first.
-        os.nice(_NICE)
     keys: Any = b""
     values: Any = b""
     payload: Any
     try:
-        path, options = pickle.loads(request)
+        path, options, background = pickle.loads(request)
+        if background:
+            with contextlib.suppress(OSError):
+                # Where CPU is short, the server's answers go first (5, not more: on a
+                # busy machine a load must still finish within seconds).
+                os.nice(_NICE)
         policy = load_policy(path, options)
         keys, values = policy.table.arrays()
         parts = (
