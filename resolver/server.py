@@ -31,7 +31,8 @@ from .config import Config, Listen, bootstrap_servers, is_self, name_upstreams
 from .guard import Guard
 from .httpserver import HTTPServer
 from .metrics import Counts, counts_of
-from .policy import ClientGroups, LoadOptions, Policy, load_policy, remote
+from .policy import ClientGroups, LoadOptions, Policy, remote
+from .policy.isolated import PolicyLoader
 from .policy.loader import list_files
 from .policy.model import synthetic_ruleset
 from .querylog import AuditLog, AuditSink
@@ -98,6 +99,8 @@ class Server:
         self.fetched: dict[str, float] = {}
         self.fetch_status: dict[str, remote.FetchResult] = {}
         self._reload_lock = asyncio.Lock()
+        #: Loads run in a child process, so that a large one never stalls answering.
+        self._policy_loader = PolicyLoader()
         self._baseline = self._baseline_sum = ""
         #: With --workers N: in a child, its channel to the primary; in the primary, the
         #: supervisor of the children (started after the primary has bound), and the
@@ -244,8 +247,12 @@ class Server:
         # being answered while a large policy loads.
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, 0.0005))
+        # Forked at the first load, while this process is small (see policy/isolated.py).
+        self._policy_loader.start()
         try:
-            policy = await loop.run_in_executor(None, load_policy, path, self.load_options())
+            policy = await loop.run_in_executor(
+                None, self._policy_loader.load, path, self.load_options(), self.resolver is not None
+            )
             for warning in policy.warnings:
                 log.warning("%s", warning)
             return policy
@@ -418,6 +425,7 @@ class Server:
         self.connections.close_all()
         self._close_listeners()
         await self._close_http()
+        self._policy_loader.close()
         if self.resolver is not None:
             await self.resolver.close()
         audit = self.resolver.audit if self.resolver is not None else None

@@ -140,6 +140,7 @@ class _Builder:
         self._by_key: dict[tuple[Any, ...], RuleSet] = {}
         self.table = NameTable()
         self.multi: list[tuple[RuleSet, ...]] = []
+        self._multi_index: dict[tuple[RuleSet, ...], int] = {}
         self.patterns: list[Pattern] = []
         self.warnings: list[str] = []
         self.digest = hashlib.sha256()
@@ -179,8 +180,14 @@ class _Builder:
         sets = self._sets(old)
         if rs in sets:
             return False
-        self.multi.append((*sets, rs))
-        self.table.replace(name, 0x80000000 | (len(self.multi) - 1))
+        # One tuple per combination, not per name: a million names in two lists would
+        # otherwise hold a million tuples (memory, and a long free when the policy goes).
+        merged = (*sets, rs)
+        index = self._multi_index.get(merged)
+        if index is None:
+            index = self._multi_index[merged] = len(self.multi)
+            self.multi.append(merged)
+        self.table.replace(name, 0x80000000 | index)
         return True
 
     def add(self, name: str, rs: RuleSet, where: Where | None) -> None:

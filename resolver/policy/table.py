@@ -7,7 +7,8 @@ size. Names are not stored: two names whose 64-bit hashes collide would share an
 million names the chance that any query hits such a collision is about 1e-13 per query.
 
 Keys are lower-case dotted names as bytes (``b"chat.deepseek.com"``); the hash is Python's
-own (SipHash, salted per process), so a table lives and dies with its process.
+own (SipHash, salted per process), so a table lives and dies with its process, or with
+processes forked from it (which share the salt: see ``isolated.py``).
 """
 
 from __future__ import annotations
@@ -136,6 +137,28 @@ class NameTable:
 
     def __len__(self) -> int:
         return self.count
+
+    def arrays(self) -> tuple[array[int], array[int]]:
+        """The two arrays (hashes, values), to send a built table to another process."""
+        return self._keys, self._values
+
+    @staticmethod
+    def from_arrays(keys: array[int], values: array[int], count: int, depths: int) -> NameTable:
+        """A table from the arrays of :meth:`arrays`, taken as they are (no copy).
+
+        Only valid in a process with the same hash secret as the one that built them: the
+        builder process is forked from the server for that reason (see ``isolated.py``).
+        """
+        size = len(keys)
+        if size < 8 or size & (size - 1) or len(values) != size or not 0 <= count <= size // 2:
+            raise ValueError("not the arrays of a name table")
+        table = NameTable()
+        table._keys = keys
+        table._values = values
+        table._mask = size - 1
+        table.count = count
+        table.depths = depths
+        return table
 
     @property
     def nbytes(self) -> int:
