@@ -19,12 +19,19 @@ from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, label_offsets, pack_u32_i
 
 #: Default bounds; the config can change them.
 DEFAULT_MAX_ENTRIES: Final = 100_000
+DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_TTL: Final = 86_400
 DEFAULT_MAX_NEGATIVE_TTL: Final = 3_600
 #: Uses of an entry that make it popular enough to prefetch.
 PREFETCH_HITS: Final = 3
 #: RFC 8767 4: the TTL of a stale answer.
 STALE_TTL: Final = 30
+#: What an entry takes beyond the bytes of its key and packed entry: its dict slot and
+#: the two bytes objects' headers (measured: about 110 bytes).
+ENTRY_OVERHEAD: Final = 120
+#: No entry may take more than this share of ``max_bytes`` (1/16): one answer must not
+#: empty the cache of the others.
+_LARGEST_SHARE: Final = 16
 
 
 #: stored, expires, flags, rcode, an, ns, ar, TTL count, chain names, addresses, upstream
@@ -227,11 +234,16 @@ def shard_count(max_entries: int) -> int:
 
 
 class Cache:
-    """A map from (name, type, class, DO, CD) to :class:`Entry`, bounded in entries.
+    """A map from (name, type, class, DO, CD) to :class:`Entry`, bounded in entries and
+    in bytes.
 
     Kept in shards by key hash, each an LRU bounded to its share of ``max_entries`` (see
     SHARD_TARGET): least recently used within a shard is evicted first, which is as good
-    as a global LRU for a cache, without the long rebuilds of one big table.
+    as a global LRU for a cache, without the long rebuilds of one big table. The bytes
+    (keys, packed entries and ENTRY_OVERHEAD each) are counted for the whole cache:
+    beyond ``max_bytes``, the shard that just grew gives up its least recently used
+    entries (the next shards, when it holds only the new one). Keys spread evenly over
+    the shards, so each holds about its share of the bytes too.
     """
 
     def __init__(
@@ -242,8 +254,12 @@ class Cache:
         max_negative_ttl: int = DEFAULT_MAX_NEGATIVE_TTL,
         serve_stale: float = 0.0,
         prefetch: bool = False,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        #: Bytes the stored entries take, as max_bytes counts them.
+        self.bytes = 0
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.max_negative_ttl = max_negative_ttl
@@ -262,7 +278,11 @@ class Cache:
         self._prefetching: set[bytes] = set()
         self.hits = 0
         self.misses = 0
+        #: Entries evicted to bound the cache (for entries or for bytes), and those of
+        #: them evicted for bytes; answers too large to keep at all.
         self.evictions = 0
+        self.byte_evictions = 0
+        self.rejections = 0
 
     def __len__(self) -> int:
         return sum(len(shard) for shard in self._shards)
@@ -320,6 +340,7 @@ class Cache:
             for data in self._shards:
                 count += len(data)
                 data.clear()
+            self.bytes = 0
             self._hits.clear()
             self._prefetching.clear()
             return count
@@ -356,19 +377,46 @@ class Cache:
         entry = Entry(scan, now, expires)
         entry.key = key
         if expires > now and self.max_entries > 0:
-            data = self._shards[hash(key) & self._mask]
+            blob = entry.pack()
+            size = len(key) + len(blob) + ENTRY_OVERHEAD
+            if size * _LARGEST_SHARE > self.max_bytes:
+                self.rejections += 1
+                return entry
+            index = hash(key) & self._mask
+            data = self._shards[index]
             if key in data:
                 self._drop(data, key)  # a new entry: uses and prefetch start afresh
-            data[key] = entry.pack()
+            data[key] = blob
+            self.bytes += size
             # This shard's share (rounded up); while: the limit may have been lowered.
             limit = -(-self.max_entries // len(self._shards))
             while len(data) > limit:
                 self._drop(data, next(iter(data)))
                 self.evictions += 1
+            if self.bytes > self.max_bytes:
+                self._shed(index, key)
         return entry
 
+    def _shed(self, index: int, key: bytes) -> None:
+        """Evict least recently used entries until the cache is within max_bytes again:
+        from shard ``index`` first, then from the next ones (``key`` is the entry just
+        stored, which stays)."""
+        shards = self._shards
+        idle = 0  # shards passed over in a row: all of them, and there is nothing to evict
+        while self.bytes > self.max_bytes and idle <= len(shards):
+            data = shards[index]
+            oldest = next(iter(data), None)
+            if oldest is None or oldest == key:
+                index = (index + 1) & self._mask
+                idle += 1
+                continue
+            idle = 0
+            self._drop(data, oldest)
+            self.evictions += 1
+            self.byte_evictions += 1
+
     def _drop(self, data: dict[bytes, bytes], key: bytes) -> None:
-        del data[key]
+        self.bytes -= len(key) + len(data.pop(key)) + ENTRY_OVERHEAD
         if self._hits:
             self._hits.pop(key, None)
         if self._prefetching:

@@ -32,6 +32,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import struct
 import time
 from collections.abc import Callable, Container
 from time import perf_counter
@@ -111,6 +112,19 @@ _BUSY_OPTION: Final = ede_option(
     0, "too many queries from this client already waiting for upstreams"
 )
 _BUSY_OPTS: Final = (opt_record(False, 0, _BUSY_OPTION), opt_record(True, 0, _BUSY_OPTION))
+#: Default bounds of the answer memo: entries per transport, and bytes of both together.
+DEFAULT_MEMO_MAX_ENTRIES: Final = _MEMO_MAX
+DEFAULT_MEMO_MAX_BYTES: Final = 16 * 1024 * 1024
+#: What a memo entry takes beyond the bytes of its key and answer: the dict's slot, the
+#: value's tuple, its float and the two bytes objects' headers (measured: about 190).
+_MEMO_OVERHEAD: Final = 200
+#: Memo entries evicted at once, as a share of the memo (1/16): the oldest in insertion
+#: order, in one pass over the start of the dict, which stays cheap and keeps the
+#: dict's table from filling with holes at its front.
+_EVICT_SHARE: Final = 16
+#: Info objects that memo entries may refer to (see Resolver._slot) before the memo
+#: starts afresh (or four per entry the memo may hold, if more).
+_SLOTS_MAX: Final = 4 * _MEMO_MAX
 
 
 class Info:
@@ -132,6 +146,7 @@ class Info:
         "rcode",
         "reference",
         "rule",
+        "slot",
         "upstream",
     )
 
@@ -171,6 +186,8 @@ class Info:
         self.qname = qname
         self.qtype = qtype
         self.logged = logged
+        #: Its index in Resolver._slots while memo entries refer to it; -1 otherwise.
+        self.slot = -1
         #: UDP answers sent by the listener's fast path (see UDPListener) and their summed
         #: durations, not yet added to the counters: Resolver.fold() adds them.
         self.fast = 0
@@ -193,8 +210,12 @@ class Info:
         return fast
 
 
-# query bytes after the ID -> (answer after the ID, valid until, what it is)
-Memo = dict[bytes, tuple[bytes, float, Info]]
+# query key (see Resolver.handle) -> (answer after the ID, valid until, the slot of what
+# it is). The slot is an index into Resolver._slots, not the Info itself: a tuple of bytes,
+# float and int is not tracked by the garbage collector, nor is a dict of such tuples,
+# so that a full memo costs a full collection nothing (with Info objects in the tuples,
+# 100,000 entries cost every full collection about 15 ms).
+Memo = dict[bytes, tuple[bytes, float, int]]
 
 
 class Resolver:
@@ -214,6 +235,16 @@ class Resolver:
         self._inflight: dict[bytes, list[Callable[[Entry | None], None]]] = {}
         # Answers by query bytes (all but the ID), per transport: see handle().
         self._memo: tuple[Memo, Memo] = ({}, {})
+        #: Bytes the UDP and the TCP memo take (keys, answers and _MEMO_OVERHEAD each).
+        self._memo_size = [0, 0]
+        #: The memo's bounds: entries per transport, bytes of both together.
+        self.memo_max_entries = DEFAULT_MEMO_MAX_ENTRIES
+        self.memo_max_bytes = DEFAULT_MEMO_MAX_BYTES
+        #: Entries evicted to keep within those bounds; answers too large to memoise.
+        self.memo_evictions = 0
+        self.memo_rejections = 0
+        #: The Info objects that memo entries refer to, by slot (see Memo).
+        self._slots: list[Info] = []
         #: Info objects shared by answers alike when the audit log does not want them.
         self._infos: dict[tuple[object, ...], Info] = {}
         self._memo_hits = 0
@@ -248,6 +279,8 @@ class Resolver:
         #: no rate limit and no client groups; otherwise None. And the clients that the
         #: access list lets in.
         self.fast_memo: Memo | None = None
+        #: What the fast path's memo entries are, by slot (the same list throughout).
+        self.fast_infos: list[Info] = self._slots
         self.fast_clients: Container[str] = EVERYONE
         self._fast_path()
 
@@ -305,11 +338,28 @@ class Resolver:
 
     def forget_answers(self) -> None:
         """Empty the answer memo (after a policy swap or a cache flush)."""
+        self._clear_memo()
+        self._infos.clear()  # they hold the old policy's rule sets
+
+    @property
+    def memo_entries(self) -> int:
+        """Answers in the memo, both transports."""
+        return len(self._memo[0]) + len(self._memo[1])
+
+    @property
+    def memo_bytes(self) -> int:
+        """Bytes the memo takes, as its bound counts them."""
+        return self._memo_size[0] + self._memo_size[1]
+
+    def _clear_memo(self) -> None:
         self.fold()
         for memo in self._memo:
             memo.clear()
+        self._memo_size[0] = self._memo_size[1] = 0
         self._fast_infos.clear()
-        self._infos.clear()  # they hold the old policy's rule sets
+        for info in self._slots:
+            info.slot = -1
+        self._slots.clear()  # in place: the fast path holds this list
 
     def handle(self, data: bytes, client: str, tcp: bool) -> Result:
         """Answer one query; see the module docstring for the order of the steps.
@@ -318,6 +368,12 @@ class Resolver:
         the same answer with its own ID, for as long as that answer stays exactly right (the
         policy's verdict, the cache entry, and the second of its TTLs). Clients repeat the
         same bytes for the same question, so blocked names and cache hits skip parsing.
+
+        Those bytes are the key only for a plain query: header, question, and at most an
+        OPT record without options. Any other query is keyed, once parsed, on
+        what its answer is made of (_memo_key): flags, question as sent, and whether it has
+        EDNS, its DO bit and its UDP size. So EDNS options (padding, cookies) and bytes
+        beyond the records never reach a key, and a client varying them adds nothing.
         """
         started = perf_counter()
         guard = self._guard
@@ -338,9 +394,9 @@ class Resolver:
         if hit is not None:
             if self.clock() < hit[1]:
                 self._memo_hits += 1
-                self._account(hit[2], tcp, client, started)
+                self._account(self._slots[hit[2]], tcp, client, started)
                 return data[:2] + hit[0]
-            del memo[body]
+            self._forget(memo, body, tcp)
         try:
             q = parse_query(data)
         except Unanswerable:
@@ -359,6 +415,26 @@ class Resolver:
             # reasons) where SERVFAIL would read as a failure; Unbound does the same. QCLASS
             # ANY (RFC 1035 3.2.5) is forwarded, as Unbound forwards it.
             return self._error(q, RCODE_REFUSED, tcp, client, started)
+        # A plain query is a header, its question uncompressed, and at most an OPT record
+        # without options: nothing in its bytes is free for a client to vary without
+        # changing the answer. Every record takes 11 bytes or more and parsing found the
+        # question and the OPT, so the length says there is nothing else; the question
+        # compares equal only uncompressed (a pointer's first byte is no label length).
+        if len(data) != 12 + len(q.question) + (11 if q.edns else 0) or not data.startswith(
+            q.question, 12
+        ):
+            # Not plain: keyed on what its answer is made of, never on bytes a client may
+            # vary.
+            body = _memo_key(data, q)
+            if policy.uses_groups:
+                body = mask.to_bytes(8, "little") + body
+            hit = memo.get(body)
+            if hit is not None:
+                if self.clock() < hit[1]:
+                    self._memo_hits += 1
+                    self._account(self._slots[hit[2]], tcp, client, started)
+                    return data[:2] + hit[0]
+                self._forget(memo, body, tcp)
         limit = _TCP_MAX if tcp else q.udp_size
 
         now = self.clock()
@@ -373,7 +449,7 @@ class Resolver:
             self._account(info, tcp, client, started)
             # The TTL is the list's until the window's end comes closer than that TTL.
             until = min(valid_until, rule.t2 - rule.blocklist.ttl)
-            self._remember(memo, body, answer, until, now, info)
+            self._remember(memo, tcp, body, answer, until, now, info)
             return answer
         decision = "cached"
         if monitored is not None:
@@ -396,7 +472,7 @@ class Resolver:
                         q, rule, rname, now, limit, tcp, client, started
                     )
                     until = min(valid_until, rule.t2 - rule.blocklist.ttl, entry.expires)
-                    self._remember(memo, body, answer, until, now, info)
+                    self._remember(memo, tcp, body, answer, until, now, info)
                     return answer
             if self.cache.wants_prefetch(entry, now):
                 self._fetch(q, key, valid_until)  # lands in the cache by itself
@@ -426,7 +502,7 @@ class Resolver:
                 )
                 if valid_until < entry.expires:
                     until = min(until, _tick(valid_until - int(valid_until - now), now))
-                self._remember(memo, body, answer, until, now, info)
+                self._remember(memo, tcp, body, answer, until, now, info)
             return answer
         if self.waiting >= self.max_inflight:
             # Too many queries already waiting for upstreams: refuse more work rather
@@ -523,18 +599,87 @@ class Resolver:
         self._stats.would_block[rs.blocklist.id] += 1
 
     def _remember(
-        self, memo: Memo, body: bytes, answer: bytes, until: float, now: float, info: Info
+        self,
+        memo: Memo,
+        tcp: bool,
+        body: bytes,
+        answer: bytes,
+        until: float,
+        now: float,
+        info: Info,
     ) -> None:
-        if until > now:
-            fast = memo is self._memo[False] and not info.logged
-            if len(memo) >= _MEMO_MAX:
-                if fast:
-                    self.fold()
-                    self._fast_infos.clear()
-                memo.clear()  # bounded; refilling costs one parse per distinct query
-            memo[body] = (answer[2:], until, info)
-            if fast:
-                self._fast_infos[info] = None
+        if until <= now:
+            return
+        size = len(body) + len(answer) + _MEMO_OVERHEAD  # (two bytes more than it takes)
+        sizes = self._memo_size
+        limit = self.memo_max_bytes
+        if (
+            len(memo) >= self.memo_max_entries
+            or sizes[0] + sizes[1] + size > limit
+            or size * _EVICT_SHARE > limit
+        ) and not self._make_room(tcp, size):
+            return
+        slot = info.slot
+        if slot < 0:
+            slot = self._slot(info)
+        memo[body] = (answer[2:], until, slot)
+        sizes[tcp] += size
+        if not tcp and not info.logged:
+            self._fast_infos[info] = None
+
+    def _slot(self, info: Info) -> int:
+        """A slot for ``info``, which memo entries then refer to. Slots are not reused:
+        when they run out, the memo starts afresh (slots run out only with the audit log
+        on, whose Info objects are one per answer)."""
+        slots = self._slots
+        if len(slots) >= max(_SLOTS_MAX, 4 * self.memo_max_entries):
+            self._clear_memo()
+        info.slot = len(slots)
+        slots.append(info)
+        return info.slot
+
+    def _forget(self, memo: Memo, body: bytes, tcp: bool) -> None:
+        """Drop an expired memo entry."""
+        value = memo.pop(body)
+        self._memo_size[tcp] -= len(body) + len(value[0]) + 2 + _MEMO_OVERHEAD
+
+    def _make_room(self, tcp: bool, size: int) -> bool:
+        """Whether an entry of ``size`` bytes may join the ``tcp`` memo, after evicting
+        what it must (see _evict). Not when the memo is off, nor when the entry would
+        take more than a share of the memo's bytes (counted)."""
+        if self.memo_max_entries <= 0 or self.memo_max_bytes <= 0:
+            return False
+        if size * _EVICT_SHARE > self.memo_max_bytes:
+            self.memo_rejections += 1  # it would crowd out too many others
+            return False
+        self._evict(tcp, size)
+        return True
+
+    def _evict(self, tcp: bool, size: int) -> None:
+        """Make room for an entry of ``size`` bytes in the ``tcp`` memo: evict the oldest
+        entries, a share at a time, of that memo when it is at its entry cap, otherwise of
+        whichever memo takes more bytes."""
+        sizes = self._memo_size
+        while True:
+            memo = self._memo[tcp]
+            over_entries = len(memo) >= self.memo_max_entries
+            if not over_entries and sizes[0] + sizes[1] + size <= self.memo_max_bytes:
+                return
+            which = tcp if over_entries else sizes[1] > sizes[0]
+            victim = self._memo[which]
+            if not victim:
+                return
+            count = max(1, len(victim) // _EVICT_SHARE)
+            doomed: list[bytes] = []
+            for key in victim:
+                doomed.append(key)
+                if len(doomed) >= count:
+                    break
+            freed = 0
+            for key in doomed:
+                freed += len(key) + len(victim.pop(key)[0]) + 2 + _MEMO_OVERHEAD
+            sizes[which] -= freed
+            self.memo_evictions += len(doomed)
 
     def memo_answered(self, info: Info, client: str, started: float) -> None:
         """Count a UDP memo answer that the fast path took too long over to count itself."""
@@ -886,6 +1031,29 @@ def _private(packed: bytes) -> bool:
 def qtype_text(qtype: int) -> str:
     """A query type as dig writes it (A, AAAA, TYPE666)."""
     return str(dns.rdatatype.to_text(dns.rdatatype.RdataType.make(qtype)))
+
+
+#: Header counts of a plain query (QD, AN, NS, AR), without and with OPT.
+_PLAIN_COUNTS: Final = (b"\x00\x01\x00\x00\x00\x00\x00\x00", b"\x00\x01\x00\x00\x00\x00\x00\x01")
+_U16: Final = struct.Struct("!H")
+
+
+def _memo_key(data: bytes, q: Query) -> bytes:
+    """The memo key of a query that is not plain: the bytes of the plain query that gets
+    the same answer. Answers echo the flags (RD, CD, AD) and the question as sent, and
+    depend on EDNS being there, on DO and on the UDP size (as clamped); they echo no
+    option, nor anything else of the query."""
+    if not q.edns:
+        return data[2:4] + _PLAIN_COUNTS[0] + q.question
+    return (
+        data[2:4]
+        + _PLAIN_COUNTS[1]
+        + q.question
+        + b"\x00\x00\x29"
+        + _U16.pack(q.udp_size)
+        + (b"\x00\x00\x80\x00" if q.do else b"\x00\x00\x00\x00")
+        + b"\x00\x00"
+    )
 
 
 def _cache_key(q: Query) -> bytes:

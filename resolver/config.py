@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
 from .guard import DEFAULT_ALLOW
 from .querylog import AuditConfig
 from .querylog import parse_config as parse_audit
@@ -95,6 +95,9 @@ class CacheConfig:
     serve_stale: float = 0.0  # seconds past expiry an answer may still serve (0: off)
     stale_timer: float = 1.8  # seconds to wait for upstreams before serving stale
     prefetch: bool = False  # refresh popular entries in the last tenth of their life
+    max_bytes: int = DEFAULT_MAX_BYTES  # bytes the entries take; LRU evicted beyond
+    memo_max_bytes: int = 16 * 1024 * 1024  # the answer memo's bytes (UDP and TCP)
+    memo_max_entries: int = 50_000  # the answer memo's entries per transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +531,9 @@ def load_config(path: Path) -> Config:
             serve_stale=_number(cache, "serve_stale", float, 0, 30 * 86_400, 0.0),
             stale_timer=_number(cache, "stale_timer", float, 0.05, 30, 1.8),
             prefetch=_flag(cache, "prefetch", "cache.prefetch"),
+            max_bytes=_number(cache, "max_bytes", int, 1 << 20, 1 << 40, DEFAULT_MAX_BYTES),
+            memo_max_bytes=_number(cache, "memo_max_bytes", int, 0, 1 << 34, 16 * 1024 * 1024),
+            memo_max_entries=_number(cache, "memo_max_entries", int, 0, 10_000_000, 50_000),
         ),
         tcp=TCPConfig(
             idle_timeout=_number(tcp, "idle_timeout", float, 0.1, 3600, DEFAULT_TCP_IDLE),

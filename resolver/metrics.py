@@ -169,6 +169,11 @@ class Counts:
     cache_misses: int = 0
     cache_prefetches: int = 0
     cache_evictions: int = 0
+    cache_bytes: int = 0
+    memo_entries: int = 0
+    memo_bytes: int = 0
+    memo_evictions: int = 0
+    memo_rejections: int = 0
     ratelimit_clients: int = 0
     audit_dropped: int = 0
     ratelimit_evictions: int = 0
@@ -215,6 +220,11 @@ def counts_of(resolver: Resolver) -> Counts:
         cache_misses=cache.misses,
         cache_prefetches=cache.prefetches,
         cache_evictions=cache.evictions,
+        cache_bytes=cache.bytes,
+        memo_entries=resolver.memo_entries,
+        memo_bytes=resolver.memo_bytes,
+        memo_evictions=resolver.memo_evictions,
+        memo_rejections=resolver.memo_rejections,
         ratelimit_clients=resolver.guard.tracked if resolver.guard is not None else 0,
         audit_dropped=resolver.audit.dropped if resolver.audit is not None else 0,
         ratelimit_evictions=resolver.guard.evictions if resolver.guard is not None else 0,
@@ -354,6 +364,31 @@ class ResolverCollector(Collector):
             "resolver_cache_evictions",
             "Entries evicted to bound the cache.",
             value=counts.cache_evictions,
+        )
+        yield GaugeMetricFamily(
+            "resolver_cache_bytes",
+            "Bytes the cache's entries take (bounded by cache.max_bytes).",
+            value=counts.cache_bytes,
+        )
+        yield GaugeMetricFamily(
+            "resolver_memo_entries",
+            "Answers in the answer memo (repeated queries answered without parsing).",
+            value=counts.memo_entries,
+        )
+        yield GaugeMetricFamily(
+            "resolver_memo_bytes",
+            "Bytes the answer memo takes (bounded by cache.memo_max_bytes).",
+            value=counts.memo_bytes,
+        )
+        yield CounterMetricFamily(
+            "resolver_memo_evictions",
+            "Answers evicted from the memo to keep it within its bounds.",
+            value=counts.memo_evictions,
+        )
+        yield CounterMetricFamily(
+            "resolver_memo_rejections",
+            "Answers not memoised because one would take over a sixteenth of its bytes.",
+            value=counts.memo_rejections,
         )
 
         forwarder = resolver.forwarder

@@ -131,6 +131,7 @@ class Server:
             config.cache.max_negative_ttl,
             config.cache.serve_stale,
             config.cache.prefetch,
+            config.cache.max_bytes,
         )
         forwarder = Forwarder(
             list(config.upstreams),
@@ -144,6 +145,8 @@ class Server:
         self.resolver = Resolver(policy, cache, forwarder, self.clock)
         self.resolver.guard = make_guard(config)
         self.resolver.stale_timer = config.cache.stale_timer
+        self.resolver.memo_max_bytes = config.cache.memo_max_bytes
+        self.resolver.memo_max_entries = config.cache.memo_max_entries
         apply_rebinding(self.resolver, config)
         apply_limits(self.resolver, config)
         self._loaded(policy)
@@ -326,6 +329,9 @@ class Server:
         cache.serve_stale = new.cache.serve_stale
         cache.prefetch = new.cache.prefetch
         resolver.stale_timer = new.cache.stale_timer
+        cache.max_bytes = new.cache.max_bytes
+        resolver.memo_max_bytes = new.cache.memo_max_bytes
+        resolver.memo_max_entries = new.cache.memo_max_entries
         for name, before, after in (
             ("listen", old.listen, new.listen),
             ("tcp", old.tcp, new.tcp),

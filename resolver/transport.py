@@ -42,7 +42,9 @@ EVERYONE: Final = _Everyone()
 class FastSource(Protocol):
     """What the UDP fast path reads of the resolver (chain.Resolver)."""
 
-    fast_memo: dict[bytes, tuple[bytes, float, Info]] | None
+    fast_memo: dict[bytes, tuple[bytes, float, int]] | None
+    #: The memo entries' Info objects, by the slot that an entry holds.
+    fast_infos: list[Info]
     fast_clients: Container[str]
 
     def clock(self) -> float: ...
@@ -156,7 +158,7 @@ class UDPListener(asyncio.DatagramProtocol):
         hit = memo.get(data[2:])
         if hit is None:
             return False
-        info = hit[2]
+        info = fast.fast_infos[hit[2]]
         if info.logged or addr[0] not in fast.fast_clients or fast.clock() >= hit[1]:
             return False
         answer = data[:2] + hit[0]

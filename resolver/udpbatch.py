@@ -332,6 +332,7 @@ class BatchListener(UDPListener):
                 continue  # shutting down: read and drop, as UDPListener does
             fast = self.fast
             memo = fast.fast_memo if fast is not None else None
+            infos = fast.fast_infos if fast is not None else []
             clients = fast.fast_clients if fast is not None else None
             everyone = clients is EVERYONE
             ready = 0  # answers in send slots
@@ -344,7 +345,7 @@ class BatchListener(UDPListener):
                         hit = memo.get(bytes(received[start + 2 : start + size]))
                         if (
                             hit is not None
-                            and not hit[2].logged
+                            and not (info := infos[hit[2]]).logged
                             and fast.clock() < hit[1]
                             and (everyone or b.host(i) in clients)  # type: ignore[operator]
                         ):
@@ -363,7 +364,6 @@ class BatchListener(UDPListener):
                                 first = bytes(received[start : start + 2])
                                 self._sendto(first + body, b.address(i))
                             elapsed = perf_counter() - started
-                            info = hit[2]
                             if elapsed < FAST_BOUND:
                                 info.fast += 1
                                 info.fast_time += elapsed
