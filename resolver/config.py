@@ -18,7 +18,13 @@ from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_
 from .guard import DEFAULT_ALLOW
 from .querylog import AuditConfig
 from .querylog import parse_config as parse_audit
-from .transport import DEFAULT_TCP_IDLE, DEFAULT_TCP_MAX_CONNECTIONS, DEFAULT_TCP_MAX_PIPELINE
+from .transport import (
+    DEFAULT_TCP_IDLE,
+    DEFAULT_TCP_MAX_CONNECTIONS,
+    DEFAULT_TCP_MAX_OUTPUT,
+    DEFAULT_TCP_MAX_PER_CLIENT,
+    DEFAULT_TCP_MAX_PIPELINE,
+)
 from .upstream import (
     DEFAULT_DEADLINE,
     DEFAULT_TIMEOUT,
@@ -105,6 +111,8 @@ class TCPConfig:
     idle_timeout: float = DEFAULT_TCP_IDLE
     max_connections: int = DEFAULT_TCP_MAX_CONNECTIONS
     max_pipeline: int = DEFAULT_TCP_MAX_PIPELINE
+    max_output: int = DEFAULT_TCP_MAX_OUTPUT  # bytes of answers not yet read; then pause
+    max_connections_per_client: int = DEFAULT_TCP_MAX_PER_CLIENT  # 0: no per-client limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +549,12 @@ def load_config(path: Path) -> Config:
                 tcp, "max_connections", int, 1, 1_000_000, DEFAULT_TCP_MAX_CONNECTIONS
             ),
             max_pipeline=_number(tcp, "max_pipeline", int, 1, 65_535, DEFAULT_TCP_MAX_PIPELINE),
+            max_output=_number(
+                tcp, "max_output", int, 4096, 64 * 1024 * 1024, DEFAULT_TCP_MAX_OUTPUT
+            ),
+            max_connections_per_client=_number(
+                tcp, "max_connections_per_client", int, 0, 1_000_000, DEFAULT_TCP_MAX_PER_CLIENT
+            ),
         ),
         udp=UDPConfig(batch=_flag(udp, "batch", "udp.batch", True)),
         drain_timeout=_number(doc, "drain_timeout", float, 0, 300, 5.0),

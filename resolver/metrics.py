@@ -177,6 +177,15 @@ class Counts:
     ratelimit_clients: int = 0
     audit_dropped: int = 0
     ratelimit_evictions: int = 0
+    # TCP listeners (transport.TCPConnections.count_into).
+    tcp_connections: int = 0
+    tcp_evicted_idle: int = 0
+    tcp_evicted_busy: int = 0
+    tcp_evicted_client: int = 0
+    tcp_aborted_stalled: int = 0
+    tcp_aborted_output: int = 0
+    tcp_paused_output: int = 0
+    tcp_paused_pipeline: int = 0
 
     @property
     def answered(self) -> int:
@@ -451,6 +460,38 @@ class ResolverCollector(Collector):
             "Audit log entries dropped because the log could not keep up.",
             value=counts.audit_dropped,
         )
+        yield GaugeMetricFamily(
+            "resolver_tcp_connections", "Open TCP client connections.", value=counts.tcp_connections
+        )
+        evicted = CounterMetricFamily(
+            "resolver_tcp_connections_evicted",
+            "TCP connections closed to make room for a new one: the oldest idle (idle), the "
+            "oldest busy when none was idle (busy), the client's own oldest over "
+            "tcp.max_connections_per_client (client_limit).",
+            labels=["reason"],
+        )
+        evicted.add_metric(["idle"], counts.tcp_evicted_idle)
+        evicted.add_metric(["busy"], counts.tcp_evicted_busy)
+        evicted.add_metric(["client_limit"], counts.tcp_evicted_client)
+        yield evicted
+        aborted = CounterMetricFamily(
+            "resolver_tcp_connections_aborted",
+            "TCP connections aborted because the client did not read its answers: not "
+            "drained within tcp.idle_timeout (stalled), or past 4 x tcp.max_output (output).",
+            labels=["reason"],
+        )
+        aborted.add_metric(["stalled"], counts.tcp_aborted_stalled)
+        aborted.add_metric(["output"], counts.tcp_aborted_output)
+        yield aborted
+        paused = CounterMetricFamily(
+            "resolver_tcp_read_pauses",
+            "Times a TCP connection stopped reading: pending output over tcp.max_output "
+            "(output), or tcp.max_pipeline queries in flight (pipeline).",
+            labels=["reason"],
+        )
+        paused.add_metric(["output"], counts.tcp_paused_output)
+        paused.add_metric(["pipeline"], counts.tcp_paused_pipeline)
+        yield paused
         build = GaugeMetricFamily(
             "resolver_build_info",
             "Version of the resolver and of Python.",

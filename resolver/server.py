@@ -87,7 +87,11 @@ class Server:
         self.metrics_port = 0
         self.tasks = Tasks()
         self.connections = TCPConnections(
-            config.tcp.max_connections, config.tcp.idle_timeout, config.tcp.max_pipeline
+            config.tcp.max_connections,
+            config.tcp.idle_timeout,
+            config.tcp.max_pipeline,
+            config.tcp.max_output,
+            config.tcp.max_connections_per_client,
         )
         self.bound: list[Bound] = []
         self._udp: list[asyncio.DatagramTransport] = []
@@ -198,7 +202,7 @@ class Server:
     def counts(self) -> Counts:
         """What this server has counted, all workers included (as of their last report)."""
         assert self.resolver is not None
-        mine = counts_of(self.resolver)
+        mine = self.connections.count_into(counts_of(self.resolver))
         return mine + self.supervisor.total() if self.supervisor is not None else mine
 
     async def _start_http(self) -> None:

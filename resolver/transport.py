@@ -1,8 +1,19 @@
 """UDP and TCP listeners: thin protocol classes around :meth:`Resolver.handle`.
 
 TCP follows RFC 7766: two-byte length framing, several queries in flight per connection and
-answered as each is ready (a slow upstream answer does not hold back the others), an idle
-timeout, and a cap on connections that closes the oldest idle one first.
+answered as each is ready (a slow upstream answer does not hold back the others), and an idle
+timeout. Each connection is bounded, whatever the client does (see TCPConnection):
+- queries in flight (``tcp.max_pipeline``): answers awaited from upstream and answers given
+  at once in the same turn of the loop both count; at the limit reading pauses;
+- pending output (``tcp.max_output``): above it reading pauses until the client has read
+  most of it; output that does not drain within the idle timeout, or that grows past four
+  times the mark, gets the connection aborted (not closed gracefully: that would wait for a
+  flush that never comes, holding the memory);
+- bytes received but not answered: one incomplete frame (under 64 KiB by construction), and
+  while reading is paused, the rest of one read.
+The connection cap (``tcp.max_connections``, ``tcp.max_connections_per_client``) always makes
+room for a new client, evicting the oldest idle connection first and, when all are busy, the
+oldest busy one (see TCPConnections). Every eviction, abort and pause is counted.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Container
+from math import inf
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
@@ -20,6 +32,7 @@ from .pending import Pending
 
 if TYPE_CHECKING:
     from .chain import Info
+    from .metrics import Counts
 
 log = logging.getLogger("resolver.transport")
 
@@ -55,8 +68,17 @@ class FastSource(Protocol):
 DEFAULT_TCP_IDLE: Final = 10.0
 DEFAULT_TCP_MAX_CONNECTIONS: Final = 1000
 DEFAULT_TCP_MAX_PIPELINE: Final = 100
-#: Bytes a connection may have received but not yet framed: one largest message and more.
-MAX_BUFFERED: Final = 2 * (2 + 65535)
+#: Pending output per connection above which it stops reading (the high-water mark).
+DEFAULT_TCP_MAX_OUTPUT: Final = 64 * 1024
+#: Connections one client address may hold; beyond, its own oldest one is closed (0: any).
+DEFAULT_TCP_MAX_PER_CLIENT: Final = 100
+#: Pending output over this many times max_output aborts the connection: answers from
+#: upstream still arrive while reading is paused, and a client that does not read them must
+#: not make them pile up.
+OUTPUT_ABORT: Final = 4
+#: Bytes held while reading is paused: frames waiting for their turn are at most one read
+#: (asyncio and uvloop read 256 KiB at a time); more means the transport kept reading.
+MAX_HELD: Final = 1024 * 1024
 
 
 class Tasks:
@@ -195,32 +217,108 @@ class UDPListener(asyncio.DatagramProtocol):
 
 
 class TCPConnections:
-    """The open TCP connections of all listeners, oldest first, with their limits."""
+    """The open TCP connections of all listeners, oldest first, with their limits.
+
+    Room for a new client is always made: over ``max_connections_per_client`` the client's
+    own oldest connection goes (idle first); over ``max_connections`` the oldest idle
+    connection of anyone, and when every one is busy, the oldest busy one (its queries in
+    progress are lost; the client asks again). Connections holding queries to a slow upstream
+    therefore never lock new clients out. Every eviction, every stalled connection aborted
+    and every pause of reading is counted here (see :meth:`count_into`).
+    """
 
     def __init__(
         self,
         max_connections: int = DEFAULT_TCP_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_TCP_IDLE,
         max_pipeline: int = DEFAULT_TCP_MAX_PIPELINE,
+        max_output: int = DEFAULT_TCP_MAX_OUTPUT,
+        max_per_client: int = DEFAULT_TCP_MAX_PER_CLIENT,
     ) -> None:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.max_pipeline = max_pipeline
+        #: Pending output (bytes) above which a connection stops reading; below a quarter
+        #: of it, reading resumes; above OUTPUT_ABORT times it, the connection is aborted.
+        self.max_output = max_output
+        self.abort_at = OUTPUT_ABORT * max_output
+        self.max_per_client = max_per_client  # 0: no per-client limit
         self.open: dict[TCPConnection, None] = {}  # insertion order = age
+        self.by_client: dict[str, dict[TCPConnection, None]] = {}
+        #: Connections closed to make room: oldest idle, oldest busy, client over its limit.
+        self.evicted_idle = 0
+        self.evicted_busy = 0
+        self.evicted_client = 0
+        #: Connections aborted: output not drained within the idle timeout (stalled), or
+        #: over OUTPUT_ABORT x max_output (output).
+        self.aborted_stalled = 0
+        self.aborted_output = 0
+        #: Times reading stopped: pending output over max_output, or max_pipeline reached.
+        self.paused_output = 0
+        self.paused_pipeline = 0
+        self._noted = -inf  # when an abort was last logged (at most one line a minute)
+        self._unnoted = 0
 
     def admit(self, conn: TCPConnection) -> bool:
-        """Register ``conn``; when over the cap, close the oldest idle connection first."""
-        if len(self.open) >= self.max_connections:
+        """Register ``conn``, first making room for it (see the class docstring)."""
+        mine = self.by_client.get(conn.peer)
+        if mine is None:
+            mine = self.by_client[conn.peer] = {}
+        if self.max_per_client and len(mine) >= self.max_per_client:
+            idle = next((c for c in mine if c.pending == 0), None)
+            self.evicted_client += 1
+            self._evict(idle if idle is not None else next(iter(mine)))
+        elif len(self.open) >= self.max_connections:
             victim = next((c for c in self.open if c.pending == 0), None)
             if victim is None:
-                return False
-            victim.close()
-            self.open.pop(victim, None)  # gone now, not when connection_lost runs
+                victim = next(iter(self.open))
+                self.evicted_busy += 1
+            else:
+                self.evicted_idle += 1
+            self._evict(victim)
         self.open[conn] = None
+        mine[conn] = None
         return True
 
+    def _evict(self, victim: TCPConnection) -> None:
+        self.forget(victim)  # gone now, not when connection_lost runs
+        victim.shut()
+
+    def forget(self, conn: TCPConnection) -> None:
+        """``conn`` is closed (or about to be): it no longer counts."""
+        if conn in self.open:
+            del self.open[conn]
+            mine = self.by_client.get(conn.peer)
+            if mine is not None:
+                mine.pop(conn, None)
+                if not mine:
+                    del self.by_client[conn.peer]
+
+    def note_abort(self, peer: str, why: str) -> None:
+        """Log an aborted connection: one line a minute at most, with how many were not."""
+        now = perf_counter()
+        if now - self._noted < 60.0:
+            self._unnoted += 1
+            return
+        more = f" (and {self._unnoted} more since the last such line)" if self._unnoted else ""
+        log.warning("aborted a TCP connection from %s: %s%s", peer, why, more)
+        self._noted = now
+        self._unnoted = 0
+
+    def count_into(self, counts: Counts) -> Counts:
+        """Add what the TCP listeners counted to ``counts`` (for /metrics); return it."""
+        counts.tcp_connections += len(self.open)
+        counts.tcp_evicted_idle += self.evicted_idle
+        counts.tcp_evicted_busy += self.evicted_busy
+        counts.tcp_evicted_client += self.evicted_client
+        counts.tcp_aborted_stalled += self.aborted_stalled
+        counts.tcp_aborted_output += self.aborted_output
+        counts.tcp_paused_output += self.paused_output
+        counts.tcp_paused_pipeline += self.paused_pipeline
+        return counts
+
     def stop_reading(self) -> None:
-        for conn in self.open:
+        for conn in list(self.open):
             conn.stop_reading()
 
     def close_all(self) -> None:
@@ -229,7 +327,22 @@ class TCPConnections:
 
 
 class TCPConnection(asyncio.Protocol):
-    """One client connection: frames in, answers out in whatever order they are ready."""
+    """One client connection: frames in, answers out in whatever order they are ready.
+
+    Reading stops while any of these holds, and resumes when none does:
+    - the queries in flight reach ``max_pipeline``: the answers awaited from upstream plus
+      the answers given at once (blocked names, memo and cache hits) since the loop last
+      had a turn to send them (so that one segment of 20,000 frames is answered a pipeline
+      at a time, in turns, instead of all in one callback);
+    - the pending output is over ``max_output`` (the transport's high-water mark; asyncio
+      calls :meth:`pause_writing`) until it falls under a quarter of it (:meth:`resume_writing`):
+      a client that sends queries and never reads its answers makes the server stop reading
+      them, not queue answers without end;
+    - the server is shutting down.
+    Output that does not drain within the idle timeout, or that grows past OUTPUT_ABORT
+    times ``max_output`` (answers from upstream still arrive while reading is stopped),
+    gets the connection aborted: a graceful close would wait for a flush that never comes.
+    """
 
     def __init__(self, handler: Handler, tasks: Tasks, registry: TCPConnections) -> None:
         self.handle = handler
@@ -237,10 +350,16 @@ class TCPConnection(asyncio.Protocol):
         self.registry = registry
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        #: Answers awaited from upstream.
         self.pending = 0
-        self.paused = False
+        #: Answers given at once since the loop last had a turn (see the class docstring).
+        self.burst = 0
+        self.paused = False  # reading is paused (for whichever reason)
+        #: When pending output went over max_output (asyncio's pause_writing); 0: it is not.
+        self.blocked_since = 0.0
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.turn: asyncio.Handle | None = None  # the next turn's framing, when scheduled
         self.draining = False
         self.peer = ""
         self.partial_since = 0.0
@@ -249,6 +368,8 @@ class TCPConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
+        limit = self.registry.max_output
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
         if not self.registry.admit(self):
             self.transport.abort()
             return
@@ -257,38 +378,93 @@ class TCPConnection(asyncio.Protocol):
         self.timer = loop.call_later(self.registry.idle_timeout, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.registry.open.pop(self, None)
+        self.registry.forget(self)
         if self.timer is not None:
             self.timer.cancel()
+        if self.turn is not None:
+            self.turn.cancel()
         self.transport = None
+        self.buffer.clear()
 
     def close(self) -> None:
+        """Close gracefully: what is pending is sent first."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def shut(self) -> None:
+        """Close; abort when output is still pending (a client that is not reading would
+        hold it, and the connection, for ever)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
+    def _abort(self, why: str) -> None:
+        self.registry.forget(self)
+        self.registry.note_abort(self.peer, why)
+        if self.transport is not None:
+            self.transport.abort()
+
     def stop_reading(self) -> None:
         """Shutting down: take no new queries; close now if none is in progress."""
+        self.draining = True
         if self.pending == 0:
             self.close()
-        elif self.transport is not None and not self.paused:
-            self.transport.pause_reading()
+        else:
+            self._steer()
+
+    def pause_writing(self) -> None:
+        # Pending output is over max_output: the client is not reading as fast as it asks.
+        self.blocked_since = asyncio.get_running_loop().time()
+        self.registry.paused_output += 1
+        transport = self.transport
+        if transport is not None and not self.paused and not transport.is_closing():
+            transport.pause_reading()
             self.paused = True
-        self.draining = True
+
+    def resume_writing(self) -> None:
+        self.blocked_since = 0.0
+        now = asyncio.get_running_loop().time()
+        self.last_active = now
+        if self.paused:
+            self._frame(now)
 
     def _check_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        self.timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        now = asyncio.get_running_loop().time()
+        timeout = self.registry.idle_timeout
         idle_for = now - self.last_active
-        if self.pending == 0 and idle_for >= self.registry.idle_timeout:
+        if self.blocked_since and now - self.blocked_since >= timeout:
+            self._stalled(timeout)  # over max_output for a whole idle timeout
+            return
+        if self.pending == 0 and idle_for >= timeout:
+            if transport.get_write_buffer_size():
+                self._stalled(timeout)  # not reading what little was sent
+                return
             self.close()
             return
-        if self.buffer and now - self.partial_since >= self.registry.idle_timeout:
+        if self.buffer and not self.paused and now - self.partial_since >= timeout:
             # A message trickling in a byte at a time keeps a connection "active" but
             # never finishes: it gets the idle timeout to arrive whole.
-            self.close()
+            self.shut()
             return
-        wait = max(0.05, self.registry.idle_timeout - idle_for)
-        self.timer = loop.call_later(wait, self._check_idle)
+        due = self.last_active + timeout
+        if self.blocked_since:
+            due = min(due, self.blocked_since + timeout)
+        if self.buffer and not self.paused:
+            due = min(due, self.partial_since + timeout)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(max(0.05, due - now), self._check_idle)
+
+    def _stalled(self, timeout: float) -> None:
+        self.registry.aborted_stalled += 1
+        self._abort(f"its answers were not read for {timeout:g} s")
 
     def data_received(self, data: bytes) -> None:
         now = asyncio.get_running_loop().time()
@@ -297,23 +473,65 @@ class TCPConnection(asyncio.Protocol):
         if not buf:
             self.partial_since = now
         buf += data
-        if len(buf) > MAX_BUFFERED:
-            # More than a full message and then some, unread: not a DNS client.
-            log.debug("closing a TCP connection from %s: %d bytes buffered", self.peer, len(buf))
-            self.close()
+        self.burst = 0  # the loop had a turn since the last read: what was given went out
+        if self.paused and len(buf) > MAX_HELD:
+            # Bytes keep coming although reading is paused (a transport that does not
+            # honour pause_reading): do not hold them without end.
+            log.debug("closing a TCP connection from %s: %d bytes held", self.peer, len(buf))
+            self.shut()
             return
+        self._frame(now)
+
+    def _frame(self, now: float) -> None:
+        """Answer the complete frames in the buffer while nothing holds reading; then pause
+        or resume reading. What is left is one incomplete frame (under 2 + 65535 bytes by
+        construction) or, while reading is paused, frames that wait for their turn."""
+        buf = self.buffer
+        cap = self.registry.max_pipeline
         while len(buf) >= 2:
-            size = (buf[0] << 8) | buf[1]
-            if len(buf) < 2 + size:
+            if self.draining or self.blocked_since or self.pending + self.burst >= cap:
                 break
-            message = bytes(buf[2 : 2 + size])
-            del buf[: 2 + size]
+            end = 2 + ((buf[0] << 8) | buf[1])
+            if len(buf) < end:
+                break
+            message = bytes(buf[2:end])
+            del buf[:end]
             self.partial_since = now
             self._answer(message)
-            if self.transport is None or self.transport.is_closing():
+            transport = self.transport
+            if transport is None or transport.is_closing():
                 return
-            if self.paused:
-                break  # at the pipeline limit: the rest waits until answers go out
+        self._steer()
+
+    def _steer(self) -> None:
+        """Pause or resume reading as the class docstring says."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        cap = self.registry.max_pipeline
+        if self.draining or self.blocked_since or self.pending + self.burst >= cap:
+            if not self.paused:
+                transport.pause_reading()
+                self.paused = True
+                if not self.draining and not self.blocked_since:
+                    self.registry.paused_pipeline += 1
+            if (
+                self.pending < cap
+                and self.turn is None
+                and not self.draining
+                and not self.blocked_since
+            ):
+                # Full of answers given at once: go on after the loop has had a turn.
+                self.turn = asyncio.get_running_loop().call_soon(self._next_turn)
+        elif self.paused:
+            transport.resume_reading()
+            self.paused = False
+
+    def _next_turn(self) -> None:
+        self.turn = None
+        self.burst = 0
+        if self.transport is not None:
+            self._frame(asyncio.get_running_loop().time())
 
     def _answer(self, message: bytes) -> None:
         try:
@@ -321,42 +539,41 @@ class TCPConnection(asyncio.Protocol):
         except Exception:
             log.exception("internal error answering a TCP query")
             return
-        if result is None:
-            return
-        if isinstance(result, bytes):
-            self._send(result)
+        if result is None or isinstance(result, bytes):
+            self.burst += 1
+            if result is not None:
+                self._send(result)
             return
         self.pending += 1
-        if self.pending >= self.registry.max_pipeline and not self.paused and self.transport:
-            self.transport.pause_reading()  # bound the work one client can queue
-            self.paused = True
         self.tasks.spawn(self._reply_later(result))
 
     async def _reply_later(self, pending: Awaitable[bytes | None]) -> None:
+        answer: bytes | None = None
         try:
             answer = await pending
         except Exception:
             log.exception("internal error answering a TCP query")
-            answer = None
         finally:
             self.pending -= 1
-            self.last_active = asyncio.get_running_loop().time()
-            if (
-                self.paused
-                and not self.draining
-                and self.transport is not None
-                and not self.transport.is_closing()
-            ):
-                self.transport.resume_reading()
-                self.paused = False
-                if len(self.buffer) >= 2:
-                    self.data_received(b"")  # frame what arrived while paused
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = asyncio.get_running_loop().time()
+        self.last_active = now
         if answer is not None:
             self._send(answer)
+        if self.paused and self.transport is not None:
+            self._frame(now)  # take the frames that waited, and read again if nothing holds
 
     def _send(self, answer: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(len(answer).to_bytes(2, "big") + answer)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(len(answer).to_bytes(2, "big") + answer)
+        # Answers from upstream still arrive while reading is paused: bound them too.
+        if self.blocked_since and transport.get_write_buffer_size() > self.registry.abort_at:
+            self.registry.aborted_output += 1
+            self._abort(f"over {self.registry.abort_at} bytes of answers unread")
 
 
 def make_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:

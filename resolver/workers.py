@@ -421,7 +421,7 @@ class WorkerLink:
                 ok = await server.reload()
                 answer = (ok, resolver.policy.digest, resolver.stats.last_reload_error)
             elif what == "counts":
-                answer = counts_of(resolver)
+                answer = server.connections.count_into(counts_of(resolver))
             elif what == "flush":
                 answer = resolver.cache.flush(args[0])
                 resolver.forget_answers()
