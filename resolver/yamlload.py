@@ -129,6 +129,11 @@ def load_text(text: str, file: str) -> Any:
         raise SourceError(where, "", f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
         raise SourceError(Where(file, 1, 1), "", f"YAML error: {exc}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively: 20,000 '[' exhaust the stack.
+        raise SourceError(
+            Where(file, 1, 1), "", "the YAML nests too deeply (brackets or indentation)"
+        ) from None
     finally:
         loader.dispose()
 
