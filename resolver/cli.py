@@ -16,6 +16,7 @@ from . import __version__
 from .config import Config, finish, load_config
 from .explain import explain, parse_at, render_text
 from .policy import ClientGroups, LoadOptions, Policy, load_policy
+from .policy.loader import fault
 from .policy.model import DOMAIN, SUBDOMAINS
 from .yamlload import SourceError
 
@@ -106,7 +107,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _options(config: Config, keep_sources: bool, now: float | None = None) -> LoadOptions:
-    return LoadOptions(ClientGroups(dict(config.groups)), config.state_dir, keep_sources, now)
+    return LoadOptions(
+        ClientGroups(dict(config.groups)),
+        config.state_dir,
+        keep_sources,
+        now,
+        config.include_roots,
+        config.remote.allow_private,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
         config = reread()
     except (SourceError, ValueError) as exc:
         print(f"resolver: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a sentence, never a traceback
+        print(f"resolver: cannot load the config: {fault(exc)}", file=sys.stderr)
         return 2
     level = (args.log_level or config.log_level).upper()
     who = f"worker {args.worker_index}: " if child else ""
@@ -215,6 +226,9 @@ def _check(args: argparse.Namespace) -> int:
             print(f"{path}: ok: {policy.summary(now)}")
     except SourceError as exc:
         print(f"{exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # load_policy reports its own faults; this is the config's
+        print(f"resolver check: {fault(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -146,6 +146,15 @@ class ReloadConfig:
     interval: float = 1.0  # seconds between checks of the files' metadata
     debounce: float = 0.5  # quiet time after a change before reloading (bursts of edits)
     checksum_interval: float = 60.0  # seconds between content checksums (the backstop)
+    #: Whether a reload may leave no lists where the last good policy had some (a folder
+    #: emptied by mistake, a volume not mounted): off, so that it fails loudly instead.
+    allow_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    #: Whether include.url may fetch from loopback, link-local or unspecified addresses.
+    allow_private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +209,9 @@ class Config:
     #: The /metrics address (off when None).
     metrics: Listen | None = None
     reload: ReloadConfig = ReloadConfig()
+    remote: RemoteConfig = RemoteConfig()
+    #: Folders besides the lists' own tree that ``include: {file: ...}`` may read.
+    include_roots: tuple[Path, ...] = ()
     acl: AclConfig = AclConfig()
     ratelimit: RateLimitConfig = RateLimitConfig()
     rebinding: RebindingConfig = RebindingConfig()
@@ -239,6 +251,8 @@ TOP_KEYS: Final = frozenset(
         "bootstrap",
         "upstream_health",
         "inflight",
+        "remote",
+        "include_roots",
     }
 )
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
@@ -247,6 +261,7 @@ RATELIMIT_KEYS: Final = frozenset(RateLimitConfig.__dataclass_fields__)
 ADMIN_KEYS: Final = frozenset({"listen", "token"})
 METRICS_KEYS: Final = frozenset({"listen"})
 RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)
+REMOTE_KEYS: Final = frozenset(RemoteConfig.__dataclass_fields__)
 CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
 TCP_KEYS: Final = frozenset(TCPConfig.__dataclass_fields__)
 UDP_KEYS: Final = frozenset(UDPConfig.__dataclass_fields__)
@@ -412,16 +427,33 @@ def _networks(doc: YMap, key: str, field_name: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, list):
         raise SourceError(value_where(doc, key), field_name, "expected a list of networks (CIDR)")
+    out = []
     for index, net in enumerate(value):
         try:
-            ipaddress.ip_network(str(net), strict=False)
+            parsed = ipaddress.ip_network(str(net), strict=False)
         except ValueError:
             raise SourceError(
                 item_where(value, index) or value_where(doc, key),
                 f"{field_name}[{index}]",
                 f"{net!r} is not a network (e.g. 10.0.0.0/8 or 2001:db8::/32)",
             ) from None
-    return tuple(str(n) for n in value)
+        # An IPv4-mapped network (::ffff:127.0.0.3/128) is kept in its IPv4 form: clients
+        # are matched by their IPv4 address, so the mapped form would never match.
+        unmapped = unmap_network(parsed)
+        out.append(str(unmapped) if unmapped is not parsed else str(net))
+    return tuple(out)
+
+
+def unmap_network(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``net`` with an IPv4-mapped IPv6 network (``::ffff:0:0/96`` or inside it) given as
+    the IPv4 network it stands for; any other network unchanged."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 def _one_address(doc: YMap, key: str, field_name: str) -> Listen | None:
@@ -456,6 +488,14 @@ def load_config(path: Path) -> Config:
     admin = _section(doc, "admin", ADMIN_KEYS)
     metrics = _section(doc, "metrics", METRICS_KEYS)
     reload = _section(doc, "reload", RELOAD_KEYS)
+    remote = _section(doc, "remote", REMOTE_KEYS)
+    roots = doc.get("include_roots", [])
+    if isinstance(roots, str):
+        roots = [roots]
+    if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+        raise SourceError(
+            value_where(doc, "include_roots"), "include_roots", "expected a list of folders"
+        )
     token = admin.get("token")
     if token is not None and (not isinstance(token, str) or len(token) < 16):
         raise SourceError(
@@ -568,7 +608,10 @@ def load_config(path: Path) -> Config:
             interval=_number(reload, "interval", float, 0.1, 3600, 1.0),
             debounce=_number(reload, "debounce", float, 0, 60, 0.5),
             checksum_interval=_number(reload, "checksum_interval", float, 1, 86400, 60.0),
+            allow_empty=_flag(reload, "allow_empty", "reload.allow_empty"),
         ),
+        remote=RemoteConfig(_flag(remote, "allow_private", "remote.allow_private")),
+        include_roots=tuple(path.parent / r for r in roots),
         audit=audit,
         upstream_strategy=strategy,
         tls_ca_file=(path.parent / ca_file) if ca_file else None,

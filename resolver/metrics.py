@@ -133,6 +133,8 @@ class Stats:
         self.last_reload_success = 0.0
         self.last_reload_failed = False
         self.last_reload_error: str | None = None
+        #: Lists a successful reload dropped (their files deleted or emptied).
+        self.lists_removed = 0
         self.policy_loaded_at = 0.0
         #: Answers from the cache, the answer memo's included.
         self.cache_hits = 0
@@ -333,6 +335,11 @@ class ResolverCollector(Collector):
         for result in ("success", "failure"):
             reloads.add_metric([result], stats.reloads[result])
         yield reloads
+        yield CounterMetricFamily(
+            "resolver_policy_lists_removed",
+            "Lists that reloads dropped because their files were deleted or emptied.",
+            value=stats.lists_removed,
+        )
         yield GaugeMetricFamily(
             "resolver_policy_last_reload_success_timestamp_seconds",
             "When the policy in force was loaded.",

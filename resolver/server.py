@@ -33,7 +33,7 @@ from .httpserver import HTTPServer
 from .metrics import Counts, counts_of
 from .policy import ClientGroups, LoadOptions, Policy, remote
 from .policy.isolated import PolicyLoader
-from .policy.loader import list_files
+from .policy.loader import fault, list_files
 from .policy.model import synthetic_ruleset
 from .querylog import AuditLog, AuditSink
 from .transport import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
@@ -46,6 +46,16 @@ log = logging.getLogger("resolver")
 
 class StartupError(Exception):
     """The server cannot start; the message says why and what to do."""
+
+
+@dataclass(slots=True)
+class _WatchState:
+    """What the file watcher has seen: metadata and content digests, and when it last
+    hashed the contents."""
+
+    seen: str
+    digest: str
+    last_sum: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +138,8 @@ class Server:
         before = await loop.run_in_executor(None, self._fingerprint, False, ())
         policy = await self._load_policy()
         log.info("%s", policy.summary(self.clock()))
+        if not policy.lists:
+            log.warning("no lists in %s: nothing is blocked", config.blocklists)
         cache = Cache(
             config.cache.max_entries,
             config.cache.min_ttl,
@@ -243,8 +255,24 @@ class Server:
         stats.last_reload_error = None
 
     def load_options(self) -> LoadOptions:
-        """How this server loads its policy: its client groups and remote-copy folder."""
-        return LoadOptions(ClientGroups(dict(self.config.groups)), self.config.state_dir)
+        """How this server loads its policy: its client groups, remote-copy folder, the
+        folders includes may read and whether remote lists may be on private addresses."""
+        config = self.config
+        return LoadOptions(
+            ClientGroups(dict(config.groups)),
+            config.state_dir,
+            include_roots=config.include_roots,
+            allow_private=config.remote.allow_private,
+        )
+
+    def own_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """The admin API's and /metrics' addresses as bound: never a list's source."""
+        own = []
+        if self.config.admin is not None and self.admin_port:
+            own.append((self.config.admin.host, self.admin_port))
+        if self.config.metrics is not None and self.metrics_port:
+            own.append((self.config.metrics.host, self.metrics_port))
+        return tuple(own)
 
     async def _load_policy(self) -> Policy:
         path = self.config.blocklists
@@ -265,12 +293,18 @@ class Server:
             return policy
         except SourceError as exc:
             raise StartupError(f"cannot load the policy: {exc}") from None
+        except Exception as exc:  # load_policy turns faults into SourceError; belt and braces
+            raise StartupError(f"cannot load the policy: {fault(exc)}") from None
         finally:
             sys.setswitchinterval(interval)
 
     async def reload(self) -> bool:
         """Read the config and the policy again and swap them in; on any error keep serving
-        the last good ones. SIGHUP, the file watcher and POST /v1/reload all come here."""
+        the last good ones. SIGHUP, the file watcher and POST /v1/reload all come here.
+
+        Never raises (but for cancellation): every fault is a failed reload, counted, logged
+        once with its cause and kept in ``last_reload_error``, so that no caller (a signal
+        handler's task, the watcher's loop, an HTTP handler) can die of it."""
         resolver = self.resolver
         assert resolver is not None
         async with self._reload_lock:
@@ -282,24 +316,55 @@ class Server:
                         self.config = self.reread()
                     except (SourceError, ValueError) as exc:
                         raise StartupError(f"cannot load the config: {exc}") from None
+                    except Exception as exc:
+                        raise StartupError(f"cannot load the config: {fault(exc)}") from None
                 began = time.perf_counter()
                 policy = await self._load_policy()
                 took = time.perf_counter() - began
-            except StartupError as exc:
+                removed = self._lost_lists(resolver.policy, policy)
+            except Exception as exc:
                 self.config = previous
                 stats.reloads["failure"] += 1
                 stats.last_reload_failed = True
-                stats.last_reload_error = str(exc)
-                log.error("reload failed, keeping policy %s: %s", resolver.policy.digest, exc)
+                why = str(exc) if isinstance(exc, StartupError) else fault(exc)
+                stats.last_reload_error = why
+                log.error("reload failed, keeping policy %s: %s", resolver.policy.digest, why)
                 return False
             self._apply_config(previous, self.config)
             resolver.policy = policy  # one assignment: each query sees one policy or the other
             stats.reloads["success"] += 1
+            stats.lists_removed += removed
             self._loaded(policy)
             log.info("reloaded in %.3f s: %s", took, policy.summary(self.clock()))
             if self.supervisor is not None:
                 return await self.supervisor.reload(policy.digest)
             return True
+
+    def _lost_lists(self, old: Policy, new: Policy) -> int:
+        """How many lists ``new`` drops; raise :class:`StartupError` if it drops them all.
+
+        A list file deleted is how an operator removes a list: the reload goes ahead, with a
+        warning naming the lists and a count (resolver_policy_lists_removed_total). A lists
+        folder that became empty is far more often a mistake (a volume not mounted, a
+        ConfigMap emptied, a bad sync) and would silently unblock everything, so it fails
+        unless reload.allow_empty is set. A list file that became a dangling link or
+        unreadable already fails the load itself."""
+        gone = sorted({b.id for b in old.lists} - {b.id for b in new.lists})
+        if not gone:
+            return 0
+        if not new.lists and not self.config.reload.allow_empty:
+            raise StartupError(
+                f"cannot load the policy: {self.config.blocklists} now holds no lists where "
+                f"policy {old.digest} had {len(old.lists)} ({', '.join(gone[:10])}); nothing "
+                "would be blocked. Restore the lists, or set reload.allow_empty: true in the "
+                "config to allow an empty policy"
+            )
+        log.warning(
+            "reload removes %d list(s) whose files are gone or empty: %s",
+            len(gone),
+            ", ".join(gone),
+        )
+        return len(gone)
 
     def _apply_config(self, old: Config, new: Config) -> None:
         """Take what can change without a restart; say what cannot."""
@@ -462,7 +527,14 @@ class Server:
                     last = copy.fetched_at or 0.0
                 if now - last >= spec.refresh:
                     result = await loop.run_in_executor(
-                        None, remote.fetch, spec.url, state_dir, spec.timeout, spec.max_size
+                        None,
+                        remote.fetch,
+                        spec.url,
+                        state_dir,
+                        spec.timeout,
+                        spec.max_size,
+                        self.config.remote.allow_private,
+                        self.own_endpoints(),
                     )
                     last = time.time()
                     self.fetch_status[spec.url] = result
@@ -492,44 +564,61 @@ class Server:
         hashes their contents, a backstop for edits that keep size and mtime. A change
         waits ``debounce`` of quiet (an editor's burst of writes), then reloads once.
         """
-        loop = asyncio.get_running_loop()
-        settings = self.config.reload
-        seen, digest = self._baseline, self._baseline_sum
-        last_sum = time.monotonic()
+        state = _WatchState(self._baseline, self._baseline_sum, time.monotonic())
+        failed: str | None = None
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), settings.interval)
+                await asyncio.wait_for(self.stopping.wait(), self.config.reload.interval)
             if self.stopping.is_set():
                 return
-            now = await loop.run_in_executor(None, self._fingerprint, False)
-            changed = now != seen
-            if not changed and time.monotonic() - last_sum >= settings.checksum_interval:
-                last_sum = time.monotonic()
-                changed = await loop.run_in_executor(None, self._fingerprint, True) != digest
-            if not changed:
-                continue
-            while True:  # debounce: wait until the files stop changing
-                await asyncio.sleep(settings.debounce)
-                again = await loop.run_in_executor(None, self._fingerprint, False)
-                if again == now:
-                    break
-                now = again
-            # Remember what is about to be loaded, not what is there after: an edit made
-            # during the reload must still count as a change.
-            seen = now
-            digest = await loop.run_in_executor(None, self._fingerprint, True)
+            # Nothing may end the watcher: a fault in one round is logged (once while it
+            # lasts) and the next round tries again, so a later good edit still loads.
+            try:
+                await self._watch_once(state)
+                failed = None
+            except Exception as exc:
+                why = fault(exc)
+                if why != failed:
+                    log.error("file watcher: %s; still watching", why)
+                failed = why
+
+    async def _watch_once(self, state: _WatchState) -> None:
+        """One round of :meth:`watch_files`: look, and reload if something changed."""
+        loop = asyncio.get_running_loop()
+        settings = self.config.reload
+        seen, digest, last_sum = state.seen, state.digest, state.last_sum
+        now = await loop.run_in_executor(None, self._fingerprint, False)
+        changed = now != seen
+        if not changed and time.monotonic() - last_sum >= settings.checksum_interval:
             last_sum = time.monotonic()
-            lists = await loop.run_in_executor(None, self._fingerprint, False, ())
-            log.info("files changed on disk: reloading")
-            await self.reload()
-            # The reload may have added or dropped included files: they join the baseline,
-            # unless the config or the lists changed meanwhile (then the next check
-            # reloads). The new baseline is taken before that check, so an edit made
-            # between the two is never absorbed into it.
-            with_includes = await loop.run_in_executor(None, self._fingerprint, False)
-            contents = await loop.run_in_executor(None, self._fingerprint, True)
-            if await loop.run_in_executor(None, self._fingerprint, False, ()) == lists:
-                seen, digest = with_includes, contents
+            changed = await loop.run_in_executor(None, self._fingerprint, True) != digest
+        if not changed:
+            state.last_sum = last_sum
+            return
+        while True:  # debounce: wait until the files stop changing
+            await asyncio.sleep(settings.debounce)
+            again = await loop.run_in_executor(None, self._fingerprint, False)
+            if again == now:
+                break
+            now = again
+        # Remember what is about to be loaded, not what is there after: an edit made
+        # during the reload must still count as a change.
+        seen = now
+        digest = await loop.run_in_executor(None, self._fingerprint, True)
+        last_sum = time.monotonic()
+        lists = await loop.run_in_executor(None, self._fingerprint, False, ())
+        state.seen, state.digest, state.last_sum = seen, digest, last_sum
+        log.info("files changed on disk: reloading")
+        await self.reload()
+        # The reload may have added or dropped included files: they join the baseline,
+        # unless the config or the lists changed meanwhile (then the next check
+        # reloads). The new baseline is taken before that check, so an edit made
+        # between the two is never absorbed into it.
+        with_includes = await loop.run_in_executor(None, self._fingerprint, False)
+        contents = await loop.run_in_executor(None, self._fingerprint, True)
+        if await loop.run_in_executor(None, self._fingerprint, False, ()) == lists:
+            seen, digest = with_includes, contents
+        state.seen, state.digest, state.last_sum = seen, digest, last_sum
 
     def _watched(self, included: Sequence[str] | None) -> list[Path]:
         paths: list[Path] = []
@@ -554,7 +643,7 @@ class Server:
                 else:
                     st = path.stat()  # follows symlinks: a swapped target is a change
                     digest.update(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a NUL byte in a path
                 digest.update(b"missing")
         return str(digest.hexdigest())
 

@@ -68,8 +68,23 @@ def _where(node: Node, file: str) -> Where:
     return Where(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+#: Brackets deeper than this are refused as soon as they are read: PyYAML's scanner takes
+#: about 10 s over 20,000 '[' before its composer would run out of stack.
+MAX_NESTING = 100
+
+
 class _Loader(yaml.SafeLoader):
     file = "<string>"
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_NESTING:
+            raise yaml.scanner.ScannerError(
+                None,
+                None,
+                f"the YAML nests too deeply (more than {MAX_NESTING} levels of brackets)",
+                self.get_mark(),
+            )
+        super().fetch_flow_collection_start(TokenClass)
 
 
 # Dates stay strings: they are read later, in the time zone of the list they belong to.
@@ -129,6 +144,11 @@ def load_text(text: str, file: str) -> Any:
         raise SourceError(where, "", f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
         raise SourceError(Where(file, 1, 1), "", f"YAML error: {exc}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively: 20,000 '[' exhaust the stack.
+        raise SourceError(
+            Where(file, 1, 1), "", "the YAML nests too deeply (brackets or indentation)"
+        ) from None
     finally:
         loader.dispose()
 

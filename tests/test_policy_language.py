@@ -276,7 +276,9 @@ def test_remote_include_without_a_copy_is_a_warning(tmp_path: Path) -> None:
         "l.yaml",
         "list: l\ninclude: [{url: 'http://127.0.0.1:9/x.txt', format: domains}]\n",
     )
-    policy = load_policy(tmp_path, LoadOptions(state_dir=tmp_path / "state"))
+    # A list server on loopback is refused unless allowed (tests/test_loading_faults.py).
+    options = LoadOptions(state_dir=tmp_path / "state", allow_private=True)
+    policy = load_policy(tmp_path, options)
     assert any("no copy of http://127.0.0.1:9/x.txt yet" in w for w in policy.warnings)
     assert [r.url for r in policy.remotes] == ["http://127.0.0.1:9/x.txt"]
 
@@ -434,7 +436,11 @@ def test_remote_list_is_fetched_refreshed_kept_on_failure_and_used_offline(
     lists = write(tmp_path, "lists/r.yaml", "")
     web = ListServer()
     lists.write_text(f"list: r\ninclude: [{{url: '{web.url}', format: domains, refresh: 1s}}]\n")
-    config = write(tmp_path, "c.yaml", f"blocklists: lists\nstate_dir: {tmp_path / 'state'}\n")
+    config = write(
+        tmp_path,
+        "c.yaml",
+        f"blocklists: lists\nstate_dir: {tmp_path / 'state'}\nremote: {{allow_private: true}}\n",
+    )
     args = ("--config", str(config), "--listen", "127.0.0.1:0", "--upstream", upstream.address)
 
     def wait_rcode(proc: ResolverProcess, name: str, rcode: int) -> None:

@@ -63,6 +63,18 @@ _NUMERIC_LAST: Final = re.compile(r"(?:^|\.)[0-9]+$")
 _MAX_TEXT: Final = 253
 
 
+#: How much of a line a message quotes: enough to find it, never a whole file's secret.
+SHOWN: Final = 80
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a message, cut to :data:`SHOWN` characters: an imported file can
+    be anything (a mistaken include of a key file), and a message must not copy it out."""
+    if len(text) > SHOWN:
+        text = text[: SHOWN - 3] + "..."
+    return repr(text)
+
+
 def normalize(text: str) -> str:
     """Return ``text`` as a lower-case ASCII domain name without a trailing dot.
 
@@ -76,13 +88,17 @@ def normalize(text: str) -> str:
         try:
             name = name.encode("idna").decode("ascii")
         except UnicodeError as exc:
-            raise ValueError(f"{text!r} is not a valid internationalised name ({exc})") from None
+            raise ValueError(
+                f"{_shown(text)} is not a valid internationalised name ({exc})"
+            ) from None
     if name.endswith("."):
         name = name[:-1]
     if not name:
         raise ValueError("the root name cannot be listed: it would match every name")
     if len(name) > _MAX_TEXT:
-        raise ValueError(f"{text!r} is {len(name) + 2} octets long on the wire; the limit is 255")
+        raise ValueError(
+            f"{_shown(text)} is {len(name) + 2} octets long on the wire; the limit is 255"
+        )
     if _NAME_RE.fullmatch(name) is None:
         raise ValueError(_name_error(text, name))
     return name
@@ -92,15 +108,17 @@ def _name_error(text: str, name: str) -> str:
     """Say which label of an invalid ``name`` is wrong; only called on the error path."""
     for label in name.split("."):
         if not label:
-            return f"{text!r} has an empty label (a leading dot or two dots in a row)"
+            return f"{_shown(text)} has an empty label (a leading dot or two dots in a row)"
         if len(label) > 63:
-            return f"{text!r} has a label longer than 63 characters"
+            return f"{_shown(text)} has a label longer than 63 characters"
         if _LABEL_RE.fullmatch(label) is None:
             bad = next((c for c in label if not (c.isalnum() or c in "-_")), None)
             if bad is not None:
-                return f"{text!r} contains {bad!r}; names hold only letters, digits, '-' and '_'"
-            return f"{text!r} has a label {label!r} that starts or ends with '-'"
-    return f"{text!r} is not a valid domain name"
+                return (
+                    f"{_shown(text)} contains {bad!r}; names hold only letters, digits, '-' and '_'"
+                )
+            return f"{_shown(text)} has a label {_shown(label)} that starts or ends with '-'"
+    return f"{_shown(text)} is not a valid domain name"
 
 
 def parse(text: str, fmt: str, problems: list[Problem]) -> Iterator[Entry]:
@@ -140,7 +158,7 @@ def _check_name(token: str) -> str:
     name = normalize(token)
     if _NUMERIC_LAST.search(name) is not None:
         raise ValueError(
-            f"{token!r} is an IP address (or ends in an all-numeric label), not a domain name"
+            f"{_shown(token)} is an IP address (or ends in an all-numeric label), not a domain name"
         )
     return name
 
@@ -351,7 +369,7 @@ def _domains_line(line: str, number: int, problems: list[Problem]) -> Iterator[E
             Problem(
                 number,
                 _column(line, fields[1]),
-                f"the line has more than one field ({body!r}); a domains list holds one name "
+                f"the line has more than one field ({_shown(body)}); a domains list holds one name "
                 "per line (for a hosts file, import it with format hosts).",
             )
         )
@@ -374,19 +392,19 @@ def _domains_line(line: str, number: int, problems: list[Problem]) -> Iterator[E
 def _domains_token(token: str) -> str | None:
     """Explain a token that is not a (possibly ``*.``-prefixed) name, or return ``None``."""
     if "://" in token:
-        return f"{token!r} is a URL; write only the host name (for example example.com)."
+        return f"{_shown(token)} is a URL; write only the host name (for example example.com)."
     if token.startswith(("||", "@@")) or token.endswith("^"):
-        return f"{token!r} is an adblock rule; import adblock lists with format adblock."
+        return f"{_shown(token)} is an adblock rule; import adblock lists with format adblock."
     if "*" in (token[2:] if token.startswith("*.") else token):
         return (
-            f"{token!r} has a wildcard that is not supported; only a leading '*.' "
+            f"{_shown(token)} has a wildcard that is not supported; only a leading '*.' "
             "(every name below) is, and a plain name already covers its subdomains."
         )
     if "/" in token:
-        return f"{token!r} is a path or an address range, not a domain name; remove the line."
+        return f"{_shown(token)} is a path or an address range, not a domain name; remove the line."
     if ":" in token:
         return (
-            f"{token!r} is an IPv6 address or has a port, not a domain name; "
+            f"{_shown(token)} is an IPv6 address or has a port, not a domain name; "
             "only names can be blocked."
         )
     return None
@@ -458,9 +476,9 @@ def _hosts_line(line: str, number: int, problems: list[Problem]) -> Iterator[Ent
             Problem(
                 number,
                 _column(line, fields[0]),
-                f"the line has one field ({fields[0]!r}); a hosts line is an address followed "
-                "by names, such as '0.0.0.0 ads.example' (for a plain list of names, import it "
-                "with format domains).",
+                f"the line has one field ({_shown(fields[0])}); a hosts line is an address "
+                "followed by names, such as '0.0.0.0 ads.example' (for a plain list of names, "
+                "import it with format domains).",
             )
         )
         return
@@ -474,7 +492,7 @@ def _hosts_line(line: str, number: int, problems: list[Problem]) -> Iterator[Ent
             Problem(
                 number,
                 _column(line, address),
-                f"{address!r} is not an IP address; a hosts line starts with the address "
+                f"{_shown(address)} is not an IP address; a hosts line starts with the address "
                 "0.0.0.0 (or 127.0.0.1, ::, ::1) followed by the names to block.",
             )
         )
@@ -501,7 +519,7 @@ def _hosts_line(line: str, number: int, problems: list[Problem]) -> Iterator[Ent
                 Problem(
                     number,
                     column,
-                    f"{token!r} has a wildcard, which hosts files do not support; "
+                    f"{_shown(token)} has a wildcard, which hosts files do not support; "
                     "import wildcard lists with format domains.",
                 )
             )
@@ -570,7 +588,7 @@ def _adblock_rule(rule: str) -> tuple[str, int] | str:
         return _adblock_domain(pattern, allow)
     if pattern.startswith("|"):
         return (
-            f"{pattern!r} anchors a URL, which DNS filtering never sees; write ||name^ to "
+            f"{_shown(pattern)} anchors a URL, which DNS filtering never sees; write ||name^ to "
             "match a domain and its subdomains."
         )
     fields = pattern.split()
@@ -578,14 +596,14 @@ def _adblock_rule(rule: str) -> tuple[str, int] | str:
         return "the line is in hosts syntax; import hosts files with format hosts."
     if "/" in pattern or "^" in pattern or "*" in pattern or len(fields) != 1:
         return (
-            f"{pattern!r} is not a supported adblock rule; only ||name^, @@||name^ and the "
+            f"{_shown(pattern)} is not a supported adblock rule; only ||name^, @@||name^ and the "
             "$important modifier are supported."
         )
     try:
         name = _check_name(pattern)
     except ValueError:
         return (
-            f"{pattern!r} is not a supported adblock rule; only ||name^, @@||name^ and the "
+            f"{_shown(pattern)} is not a supported adblock rule; only ||name^, @@||name^ and the "
             "$important modifier are supported."
         )
     # In adblock syntax a bare word is a substring pattern: 'ads.example' would also match
@@ -601,26 +619,26 @@ def _adblock_domain(pattern: str, allow: bool) -> tuple[str, int] | str:
     inner = pattern[2:]
     if not inner.endswith("^"):
         if "/" in inner:
-            return f"{pattern!r} has a URL path; DNS filtering sees only names, so remove it."
+            return f"{_shown(pattern)} has a URL path; DNS filtering sees only names, so remove it."
         if "^" in inner:
             return (
-                f"{pattern!r} has text after the closing '^', which is not supported; "
+                f"{_shown(pattern)} has text after the closing '^', which is not supported; "
                 "write ||name^ to match a domain and its subdomains."
             )
         return (
-            f"{pattern!r} has no closing '^', so it matches every name that merely starts "
+            f"{_shown(pattern)} has no closing '^', so it matches every name that merely starts "
             f"with it; write {pattern}^ to match the domain and its subdomains."
         )
     inner = inner[:-1]
     if "/" in inner or "^" in inner:
-        return f"{pattern!r} has a URL path; DNS filtering sees only names, so remove it."
+        return f"{_shown(pattern)} has a URL path; DNS filtering sees only names, so remove it."
     flags = DOMAIN
     if inner.startswith("*."):
         # ||*.example^ matches the names below example but not example itself.
         flags, inner = SUBDOMAINS, inner[2:]
     if "*" in inner:
         return (
-            f"{pattern!r} has a wildcard inside the name, which is not supported; only "
+            f"{_shown(pattern)} has a wildcard inside the name, which is not supported; only "
             "||name^ and ||*.name^ are."
         )
     try:

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import hashlib
 import ipaddress
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..yamlload import (
     load_text,
     value_where,
 )
-from . import formats, remote
+from . import formats, regexcheck, remote
 from .model import (
     ACTIONS,
     ALLOW,
@@ -83,6 +84,9 @@ _SIZE = re.compile(r"^(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?$", re.IGNORECASE)
 DEFAULT_TTL: Final = 60
 MAX_TTL: Final = 86400
 MAX_WARNINGS_PER_FILE: Final = 20
+#: The longest warning or error reason taken from a file's content or an exception: an
+#: imported file may be anything, and its bytes must not be copied out into logs.
+MAX_MESSAGE: Final = 300
 _CHUNK: Final = 4096
 
 
@@ -96,26 +100,64 @@ class LoadOptions:
     state_dir: Path | None = None
     keep_sources: bool = False
     now: float | None = None
+    #: Folders besides the lists' own tree that ``include: {file: ...}`` may read from.
+    include_roots: tuple[Path, ...] = ()
+    #: Whether ``include: {url: ...}`` may name a loopback, link-local or unspecified
+    #: address (remote.allow_private in the config).
+    allow_private: bool = False
 
 
 def list_files(path: Path) -> list[Path]:
     """The list files under ``path`` (a file or a directory, searched recursively), sorted.
 
     Hidden entries are skipped: a Kubernetes ConfigMap volume holds each file twice, once
-    behind a ``..data`` symlink, and editors leave dot-files behind.
+    behind a ``..data`` symlink, and editors leave dot-files behind. Symbolic links to
+    directories are followed (each real directory once, so a link loop ends); a link named
+    like a list file whose target is gone is listed, so that loading it fails loudly.
     """
+    return scan_lists(path)[0]
+
+
+def scan_lists(path: Path) -> tuple[list[Path], list[Path]]:
+    """The list files under ``path`` (see :func:`list_files`) and the real paths of the
+    folders they were found in through links: together with the lists' own folder, the
+    roots that included files must lie under."""
     if path.is_file():
-        return [path]
+        return [path], [Path(os.path.realpath(path.parent))]
     if not path.is_dir():
+        if path.is_symlink():
+            raise SourceError(
+                Where(str(path), 1, 1),
+                "blocklists",
+                f"a symbolic link to {os.readlink(path)}, which does not exist",
+            )
         raise SourceError(Where(str(path), 1, 1), "blocklists", "no such file or directory")
-    found = []
-    for candidate in sorted(path.rglob("*")):
-        rel = candidate.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
-            found.append(candidate)
-    return found
+    top = os.path.realpath(path)
+    roots = [Path(top)]
+    visited = {top}
+    found: list[Path] = []
+    # os.walk, not Path.rglob: rglob follows no directory links before Python 3.13.
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in visited:
+                continue  # a link loop, or a folder linked twice: each is read once
+            visited.add(real)
+            keep.append(name)
+            if os.path.islink(os.path.join(folder, name)):
+                roots.append(Path(real))
+        dirs[:] = keep
+        for name in files:
+            candidate = Path(folder) / name
+            if name.startswith(".") or candidate.suffix not in (".yaml", ".yml"):
+                continue
+            # A dangling link is listed too: a list that vanished behind a link is a fault.
+            if candidate.is_file() or candidate.is_symlink():
+                found.append(candidate)
+    return sorted(found), roots
 
 
 def normalize_name(text: Any, where: Where | None, field_name: str) -> str:
@@ -146,6 +188,8 @@ class _Builder:
         self.digest = hashlib.sha256()
         self.remotes: list[RemoteSpec] = []
         self.files: list[str] = []
+        #: Real paths that included files must lie under (the lists' tree, include_roots).
+        self.roots: list[Path] = []
         self.networks: list[tuple[Any, RuleSet]] = []
         self.sources: dict[bytes, list[tuple[int, Where | None]]] | None = (
             {} if options.keep_sources else None
@@ -207,27 +251,54 @@ class _Builder:
             self._merge(name, old, rs)
 
 
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters (a message that may quote a file's content)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fault(exc: BaseException) -> str:
+    """A sentence for an unexpected exception while loading: what happened, never a
+    traceback, and never more than :data:`MAX_MESSAGE` characters of its text."""
+    if isinstance(exc, RecursionError):
+        return "the file nests too deeply to be read (brackets or indentation)"
+    if isinstance(exc, MemoryError):
+        return "out of memory while reading the file"
+    detail = str(exc)
+    return clip(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
+
+
 def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
     """Read and compile every list under ``path``; raise :class:`SourceError` on the first
     error. Warnings (duplicates, unsupported import lines, closed windows) are kept in
-    ``Policy.warnings``."""
-    options = options or LoadOptions()
+    ``Policy.warnings``.
+
+    Nothing else escapes: any other exception (a NUL byte in a path, YAML nested past the
+    recursion limit, a file that vanishes mid-read) becomes a :class:`SourceError` naming
+    the file being read, so that every caller can keep its last good policy."""
+    try:
+        return _load_policy(path, options or LoadOptions())
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(Where(str(path), 1, 1), "", f"cannot load: {fault(exc)}") from None
+
+
+def _load_policy(path: Path, options: LoadOptions) -> Policy:
     builder = _Builder(options)
     lists: list[BlockList] = []
     seen: dict[str, Where] = {}
     builder.digest.update(repr(sorted(options.groups.bits)).encode())
-    for file in list_files(path):
+    files, roots = scan_lists(path)
+    builder.roots = [*roots, *(Path(os.path.realpath(r)) for r in options.include_roots)]
+    for file in files:
         try:
-            raw = file.read_bytes()
-            text = raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SourceError(Where(str(file), 1, 1), "", f"cannot read the file: {exc}") from None
-        builder.digest.update(str(file).encode() + b"\0" + raw)
-        builder.files.append(str(file))
-        doc = load_text(text, str(file))
-        if doc is None:
-            continue  # an empty file is no list (an editor's new file, a commented-out list)
-        blocklist = _parse_list(doc, file, builder)
+            blocklist = _load_file(file, builder)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(Where(str(file), 1, 1), "", fault(exc)) from None
+        if blocklist is None:
+            continue
         if blocklist.id in seen:
             raise SourceError(
                 blocklist.where,
@@ -260,6 +331,30 @@ def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
     )
     release_memory()
     return policy
+
+
+def _load_file(file: Path, builder: _Builder) -> BlockList | None:
+    """Read one list file into ``builder``; ``None`` for an empty file."""
+    try:
+        raw = file.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        if file.is_symlink():
+            raise SourceError(
+                Where(str(file), 1, 1),
+                "",
+                f"the file is a symbolic link to {os.readlink(file)}, which does not exist; "
+                "restore the target, or delete the link to remove the list",
+            ) from None
+        raise SourceError(Where(str(file), 1, 1), "", "the file vanished while loading") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(Where(str(file), 1, 1), "", f"cannot read the file: {exc}") from None
+    builder.digest.update(str(file).encode() + b"\0" + raw)
+    builder.files.append(str(file))
+    doc = load_text(text, str(file))
+    if doc is None:
+        return None  # an empty file is no list (an editor's new file, a commented-out list)
+    return _parse_list(doc, file, builder)
 
 
 def release_memory() -> None:
@@ -521,6 +616,10 @@ def pattern_regex(text: str) -> re.Pattern[bytes]:
     labels where ``*`` stands for any run of characters within one label (``deepseek.*``,
     ``*-ai.example``, ``api.*.deepseek.com``), which match the whole name."""
     if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
+        # Python's re backtracks: a pattern that can take exponential (or high polynomial)
+        # time on a crafted name would freeze every answer. Such patterns are refused here,
+        # by their structure, the same way whatever engine is installed (regexcheck.py).
+        regexcheck.check(text[1:-1])
         return re.compile(text[1:-1].encode(), re.IGNORECASE)
     name = text.strip().rstrip(".").lower()
     labels = name.split(".")
@@ -529,7 +628,8 @@ def pattern_regex(text: str) -> re.Pattern[bytes]:
             "a pattern is /regex/ or a name whose labels may hold '*' (one label each), "
             "e.g. deepseek.* or api.*.example.com"
         )
-    parts = [re.escape(label).replace(r"\*", "[^.]*") for label in labels]
+    # A '*' stays within one label, which is at most 63 characters long.
+    parts = [re.escape(label).replace(r"\*", "[^.]{0,63}") for label in labels]
     return re.compile(("^" + r"\.".join(parts) + "$").encode())
 
 
@@ -544,8 +644,8 @@ def _add_patterns(doc: YMap, blocklist: BlockList, builder: _Builder, tz: Any) -
             raise SourceError(where, field_name, f"expected a pattern, got {text!r}")
         try:
             regex = pattern_regex(text)
-        except (ValueError, re.error) as exc:
-            raise SourceError(where, field_name, f"{text!r}: {exc}") from None
+        except (ValueError, re.error, regexcheck.UnsafePattern) as exc:
+            raise SourceError(where, field_name, f"{clip(repr(text), 120)}: {exc}") from None
         rs = builder.ruleset(
             blocklist, EXACT, phases, reference, blocklist.action, "patterns", where
         )
@@ -616,7 +716,7 @@ def _add_include(
             f"unknown format {fmt!r}: use one of {', '.join(formats.FORMATS)}",
         )
     if "file" in item:
-        target = file.parent / str(item["file"])
+        target = _include_path(item, field_name, file, builder)
         source = str(target)
         try:
             raw = target.read_bytes()
@@ -633,6 +733,9 @@ def _add_include(
             raise SourceError(
                 value_where(item, "url"), f"{field_name}.url", "expected an http(s) URL"
             )
+        why = remote.refused_target(url, builder.options.allow_private)
+        if why is not None:
+            raise SourceError(value_where(item, "url"), f"{field_name}.url", why)
         refresh = parse_duration(
             item.get("refresh", "6h"), value_where(item, "refresh"), f"{field_name}.refresh"
         )
@@ -656,6 +759,30 @@ def _add_include(
         text = copy.text
         builder.digest.update(source.encode() + b"\0" + text.encode())
     return _add_imported(text, fmt, source, blocklist, builder)
+
+
+def _include_path(item: YMap, field_name: str, file: Path, builder: _Builder) -> Path:
+    """The file an ``include: {file: ...}`` names, if it lies inside the allowed roots.
+
+    An include reads whatever the process can read, and its unsupported lines are quoted in
+    warnings: without this, a list could copy the admin token or /etc/shadow into ``check``
+    output and the log. The real path (links resolved) must lie under the lists' folder, a
+    folder linked into it, or one of ``include_roots``."""
+    name = item["file"]
+    where = value_where(item, "file")
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise SourceError(where, f"{field_name}.file", "expected a file path (text, no NUL byte)")
+    target = file.parent / name
+    real = Path(os.path.realpath(target))
+    if not any(real.is_relative_to(root) for root in builder.roots):
+        allowed = ", ".join(str(root) for root in builder.roots)
+        raise SourceError(
+            where,
+            f"{field_name}.file",
+            f"{target} lies outside the folders lists may include from ({allowed}); move it "
+            "under the lists' folder or add its folder to include_roots in the config",
+        )
+    return target
 
 
 def _add_imported(text: str, fmt: str, source: str, blocklist: BlockList, builder: _Builder) -> int:
@@ -697,7 +824,7 @@ def _add_imported(text: str, fmt: str, source: str, blocklist: BlockList, builde
         flush(flags)
     for problem in problems[:MAX_WARNINGS_PER_FILE]:
         builder.warnings.append(
-            f"{source}:{problem.line}:{problem.column}: warning: {problem.message}"
+            f"{source}:{problem.line}:{problem.column}: warning: {clip(problem.message)}"
         )
     if len(problems) > MAX_WARNINGS_PER_FILE:
         builder.warnings.append(

@@ -190,7 +190,7 @@ class ClientGroups:
             bit = 1 << (index + 1)
             self.bits[name] = bit
             for net in nets:
-                self.networks.append((ipaddress.ip_network(net, strict=False), bit))
+                self.networks.append((_unmapped(ipaddress.ip_network(net, strict=False)), bit))
         self._cache: dict[str, int] = {}
 
     def mask_of(self, host: str) -> int:
@@ -212,6 +212,19 @@ class ClientGroups:
                 self._cache.clear()  # bounded: a scan of many addresses must not grow it
             self._cache[host] = mask
         return mask
+
+
+def _unmapped(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:127.0.0.3/128``) as the IPv4 network it stands
+    for: :meth:`ClientGroups.mask_of` matches mapped clients by their IPv4 address, so the
+    mapped form would never match anyone."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 def ede_text(blocklist: BlockList, reference: str) -> str:

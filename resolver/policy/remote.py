@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
+import socket
 import ssl
 import tempfile
 import time
@@ -32,6 +34,113 @@ from .. import __version__
 USER_AGENT: Final = f"dns-filtering-resolver/{__version__} (list fetch)"
 _SCHEMES: Final = ("http", "https")
 _CHUNK: Final = 64 * 1024
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def forbidden(addr: Address) -> str | None:
+    """Why a list must not be fetched from ``addr`` unless the operator allows private
+    targets, or ``None``: the resolver's own host (loopback: its admin API, a sidecar),
+    link-local (cloud metadata services at 169.254.169.254), unspecified, multicast."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for kind, test in (
+        ("loopback", addr.is_loopback),
+        ("link-local", addr.is_link_local),
+        ("unspecified", addr.is_unspecified),
+        ("multicast", addr.is_multicast),
+    ):
+        if test:
+            return kind
+    return None
+
+
+_ADVICE: Final = "set remote.allow_private: true in the config if this is intended"
+
+
+def refused_target(url: str, allow_private: bool) -> str | None:
+    """Why ``url`` is refused by its text alone (a loopback or link-local IP address, or
+    ``localhost``), or ``None``. Names are checked again, resolved, when fetched."""
+    if allow_private:
+        return None
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError as exc:
+        return f"{url!r} is not a valid URL: {exc}"
+    if host == "localhost" or host.endswith(".localhost"):
+        return f"{host} is this machine (loopback); {_ADVICE}"
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    kind = forbidden(addr)
+    return f"{host} is a {kind} address; {_ADVICE}" if kind else None
+
+
+class RefusedTarget(OSError):
+    """A fetch would connect to an address the policy on targets refuses."""
+
+
+def _guarded(allow_private: bool, own: tuple[tuple[str, int], ...]) -> Any:
+    """A ``socket.create_connection`` that resolves the host itself and connects only to
+    addresses allowed: checked after resolution (a public name may resolve to 127.0.0.1)
+    and pinned (the address checked is the address connected to)."""
+
+    def create_connection(
+        address: tuple[str, int], timeout: Any = None, source_address: Any = None, **_: Any
+    ) -> socket.socket:
+        host, port = address
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        refused = ""
+        last: OSError | None = None
+        for family, kind, proto, _name, sockaddr in infos:
+            addr = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            why = forbidden(addr) if not allow_private else None
+            if why is None and _is_own(addr, port, own):
+                why = "this resolver's own admin or metrics endpoint"
+            if why is not None:
+                refused = refused or f"{host} resolves to {addr}, {why}"
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                if timeout is not None:
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+        if last is not None:
+            raise last
+        advice = "" if "own" in refused else f"; {_ADVICE}"
+        raise RefusedTarget(f"refused: {refused}{advice}")
+
+    return create_connection
+
+
+def _is_own(addr: Address, port: int, own: tuple[tuple[str, int], ...]) -> bool:
+    """Whether ``addr``:``port`` reaches one of ``own`` (the admin API, /metrics): the
+    same address, or any address of this machine when ``own`` listens on all of them."""
+    for host, own_port in own:
+        if port != own_port:
+            continue
+        mine = ipaddress.ip_address(host)
+        if addr == mine:
+            return True
+        if mine.is_unspecified:
+            if addr.is_loopback:
+                return True
+            family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+            # Binding succeeds only to an address this machine holds.
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind((str(addr), 0))
+                    return True
+                except OSError:
+                    pass
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +211,10 @@ def load_copy(url: str, cache_dir: Path) -> FetchResult:
     return FetchResult("offline-copy", text, None, _fetched_at(meta))
 
 
+class _BadRedirect(urllib.error.HTTPError):
+    """A redirect refused here (its reason is our sentence, not the server's text)."""
+
+
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     """Follow redirects to http(s) only: urllib would also follow one to ftp://."""
 
@@ -115,23 +228,60 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         newurl: str,
     ) -> urllib.request.Request | None:
         if urllib.parse.urlsplit(newurl).scheme.lower() not in _SCHEMES:
-            raise urllib.error.HTTPError(
+            raise _BadRedirect(
                 req.full_url, code, f"redirect to a non-HTTP URL {newurl}", headers, fp
             )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _opener() -> urllib.request.OpenerDirector:
+class _GuardedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, connect: Any) -> None:
+        super().__init__()
+        self._connect = connect
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)
+
+    def _connection(self, host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(host, **kwargs)
+        conn._create_connection = self._connect  # type: ignore[attr-defined]
+        return conn
+
+
+class _GuardedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext, connect: Any) -> None:
+        super().__init__(context=context)
+        self._connect = connect
+        self._context = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req, context=self._context)
+
+    def _connection(self, host: str, **kwargs: Any) -> http.client.HTTPSConnection:
+        conn = http.client.HTTPSConnection(host, **kwargs)
+        conn._create_connection = self._connect  # type: ignore[attr-defined]
+        return conn
+
+
+def _opener(
+    allow_private: bool = False, own: tuple[tuple[str, int], ...] = ()
+) -> urllib.request.OpenerDirector:
     # A fresh default context per fetch: it reads SSL_CERT_FILE / SSL_CERT_DIR as they are
     # now, and verifies certificates and host names.
     context = ssl.create_default_context()
+    connect = _guarded(allow_private, own)
     return urllib.request.build_opener(
-        urllib.request.HTTPSHandler(context=context), _RedirectHandler()
+        _GuardedHTTP(connect), _GuardedHTTPS(context, connect), _RedirectHandler()
     )
 
 
 def fetch(
-    url: str, cache_dir: Path, timeout: float = 10.0, max_bytes: int = 64 * 1024 * 1024
+    url: str,
+    cache_dir: Path,
+    timeout: float = 10.0,
+    max_bytes: int = 64 * 1024 * 1024,
+    allow_private: bool = False,
+    own: tuple[tuple[str, int], ...] = (),
 ) -> FetchResult:
     """Fetch ``url`` and, if it changed, replace its copy in ``cache_dir``.
 
@@ -141,6 +291,11 @@ def fetch(
     seconds without progress or in total (the total can overrun by up to one ``timeout`` while
     a read waits), a body over ``max_bytes``, or text that is not UTF-8. A failed fetch never
     touches the copy. Raise :class:`ValueError` at once for a URL that is not http(s).
+
+    Unless ``allow_private``, no connection is made to a loopback, link-local, unspecified
+    or multicast address, whatever the name resolves to (redirects included); never to
+    ``own`` (host, port) pairs, the resolver's admin API and /metrics. Errors say the status
+    and size of what came back, never its content.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in _SCHEMES or not parts.hostname:
@@ -164,7 +319,7 @@ def fetch(
     deadline = time.monotonic() + timeout
     answered = False  # whether the status line and headers came: which timeout it was
     try:
-        with _opener().open(request, timeout=timeout) as response:
+        with _opener(allow_private, own).open(request, timeout=timeout) as response:
             answered = True
             if response.status != 200:
                 return failed(f"the server answered HTTP {response.status}, expected 200")
@@ -175,8 +330,15 @@ def fetch(
         with contextlib.closing(exc):
             if exc.code == 304:
                 return _not_modified(url, cache_dir, old, meta, exc.headers, failed)
-            return failed(f"the server answered HTTP {exc.code} {exc.reason}")
+            if isinstance(exc, _BadRedirect):
+                return failed(f"the server answered HTTP {exc.code} {exc.reason}")
+            # The status code only: the reason phrase and the body are the server's text.
+            return failed(f"the server answered HTTP {exc.code}{_size(exc.headers)}")
+    except RefusedTarget as exc:
+        return failed(str(exc))
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, RefusedTarget):
+            return failed(str(exc.reason))
         if isinstance(exc.reason, TimeoutError):
             return failed(f"no answer within {timeout:g} s")
         return failed(f"cannot connect: {exc.reason}")
@@ -187,7 +349,10 @@ def fetch(
             return failed(f"no answer within {timeout:g} s")
         return failed(f"the transfer took longer than {timeout:g} s")
     except (OSError, http.client.HTTPException) as exc:
-        why = str(exc) or type(exc).__name__
+        # An HTTPException's text can be the server's own bytes (BadStatusLine quotes the
+        # line it got): name the exception only.
+        why = type(exc).__name__ if isinstance(exc, http.client.HTTPException) else str(exc)
+        why = why or type(exc).__name__
         if not answered:
             return failed(f"the connection broke off before an answer: {why}")
         return failed(f"the transfer broke off: {why}")
@@ -212,6 +377,11 @@ def fetch(
             "updated", text, f"fetched {url} but could not save the copy: {exc}", now
         )
     return FetchResult("updated", text, None, now)
+
+
+def _size(headers: Message | None) -> str:
+    length = headers.get("Content-Length") if headers is not None else None
+    return f" ({length} bytes)" if length is not None and length.isdigit() else ""
 
 
 class _TooBig(Exception):
