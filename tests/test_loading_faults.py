@@ -101,17 +101,24 @@ def test_every_fault_is_a_failed_reload_and_the_watcher_keeps_going(
 
     reload_fails_with(NUL_INCLUDE, "NUL")
     reload_fails_with(NESTED, "nests too deeply")
-    # An exception nobody foresaw, raised by an import parser: still a failed reload.
+    # An exception nobody foresaw, raised by an import parser: still a failed load, with
+    # the file named. (Loads run in a builder process forked when the server started, out
+    # of reach of a monkeypatch, so this one is driven in this process.)
     from resolver.policy import formats
 
     def explode(*_: Any) -> Any:
         raise RuntimeError("parser bug")
 
     monkeypatch.setattr(formats, "parse", explode)
-    (lists_dir / "names.txt").write_text("x.test\n")
-    reload_fails_with(
-        "list: boom\ninclude: [{file: names.txt, format: domains}]\n", "RuntimeError: parser bug"
+    elsewhere = lists_dir.parent / "boom"
+    elsewhere.mkdir()
+    (elsewhere / "names.txt").write_text("x.test\n")
+    (elsewhere / "boom.yaml").write_text(
+        "list: boom\ninclude: [{file: names.txt, format: domains}]\n"
     )
+    with pytest.raises(SourceError) as raised:
+        load_policy(elsewhere, LoadOptions())
+    assert "boom.yaml" in str(raised.value) and "RuntimeError: parser bug" in str(raised.value)
     monkeypatch.undo()
     # The watcher is alive: a later good edit loads, and its ban takes effect.
     successes = stats.reloads["success"]
@@ -121,7 +128,7 @@ def test_every_fault_is_a_failed_reload_and_the_watcher_keeps_going(
     assert not stats.last_reload_failed
     families = {f.name: f for f in ResolverCollector(watched.server).collect()}
     failures = families["resolver_policy_reloads"].samples
-    assert any(s.labels == {"result": "failure"} and s.value >= 3 for s in failures)
+    assert any(s.labels == {"result": "failure"} and s.value >= 2 for s in failures)
 
 
 def test_the_reload_api_answers_a_failure_document(
