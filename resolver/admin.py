@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from . import __version__
 from .explain import explain, parse_at
 from .httpserver import Handler, Request, Response, error, json_response
-from .metrics import ResolverCollector
+from .metrics import ResolverCollector, register_service_metrics
 from .policy.formats import normalize
 from .policy.timewindow import ALWAYS, NEVER, format_instant
 from .wire import encode_name
@@ -188,6 +188,7 @@ def metrics_routes(server: Server) -> dict[tuple[str, str], Handler]:
     """``GET /metrics`` in the Prometheus text format, from a registry of our own."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ResolverCollector(server))
+    register_service_metrics(registry, server)
 
     async def metrics(_: Request) -> Response:
         if server.supervisor is not None:

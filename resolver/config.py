@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
 from .guard import DEFAULT_ALLOW
+from .httpserver import DEFAULT_MAX_CONNECTIONS as DEFAULT_HTTP_MAX_CONNECTIONS
 from .querylog import AuditConfig
 from .querylog import parse_config as parse_audit
 from .transport import (
@@ -208,6 +209,11 @@ class Config:
     admin_token: str | None = None
     #: The /metrics address (off when None).
     metrics: Listen | None = None
+    #: HTTP connections open at once on each listener, and the names (beyond loopback and
+    #: its own addresses) the admin API answers to (DNS rebinding): resolver/httpserver.py.
+    admin_max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS
+    admin_allowed_hosts: tuple[str, ...] = ()
+    metrics_max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS
     reload: ReloadConfig = ReloadConfig()
     remote: RemoteConfig = RemoteConfig()
     #: Folders besides the lists' own tree that ``include: {file: ...}`` may read.
@@ -258,8 +264,8 @@ TOP_KEYS: Final = frozenset(
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
 ACL_KEYS: Final = frozenset(AclConfig.__dataclass_fields__)
 RATELIMIT_KEYS: Final = frozenset(RateLimitConfig.__dataclass_fields__)
-ADMIN_KEYS: Final = frozenset({"listen", "token"})
-METRICS_KEYS: Final = frozenset({"listen"})
+ADMIN_KEYS: Final = frozenset({"listen", "token", "max_connections", "allowed_hosts"})
+METRICS_KEYS: Final = frozenset({"listen", "max_connections"})
 RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)
 REMOTE_KEYS: Final = frozenset(RemoteConfig.__dataclass_fields__)
 CACHE_KEYS: Final = frozenset(CacheConfig.__dataclass_fields__)
@@ -466,6 +472,22 @@ def _one_address(doc: YMap, key: str, field_name: str) -> Listen | None:
         raise SourceError(value_where(doc, key), field_name, str(exc)) from None
 
 
+def _host_names(admin: YMap) -> tuple[str, ...]:
+    """``admin.allowed_hosts``: host names or addresses, without port."""
+    value = admin.get("allowed_hosts", [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.strip() and not any(c in v for c in " /@") for v in value
+    ):
+        raise SourceError(
+            value_where(admin, "allowed_hosts"),
+            "admin.allowed_hosts",
+            "expected a list of host names or addresses (like resolver.example.org)",
+        )
+    return tuple(v.strip().lower().rstrip(".") for v in value)
+
+
 def load_config(path: Path) -> Config:
     """Read a YAML config file; relative paths in it are relative to the file."""
     doc = load_file(path)
@@ -604,6 +626,13 @@ def load_config(path: Path) -> Config:
         admin=_one_address(admin, "listen", "admin.listen"),
         admin_token=token,
         metrics=_one_address(metrics, "listen", "metrics.listen"),
+        admin_max_connections=_number(
+            admin, "max_connections", int, 1, 100_000, DEFAULT_HTTP_MAX_CONNECTIONS
+        ),
+        admin_allowed_hosts=_host_names(admin),
+        metrics_max_connections=_number(
+            metrics, "max_connections", int, 1, 100_000, DEFAULT_HTTP_MAX_CONNECTIONS
+        ),
         reload=ReloadConfig(
             interval=_number(reload, "interval", float, 0.1, 3600, 1.0),
             debounce=_number(reload, "debounce", float, 0, 60, 0.5),

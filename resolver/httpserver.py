@@ -1,37 +1,111 @@
 """A small HTTP/1.1 server on the resolver's event loop, for the admin API and /metrics.
 
-Deliberately minimal: one request per connection (``Connection: close``), bounded request
-line, headers and body, a read timeout, and an optional bearer token for the paths that
-change or reveal state. It runs on the same loop as DNS, so a handler must never block.
+Deliberately minimal: one request per connection (``Connection: close``), and an optional
+bearer token for the paths that change or reveal state. It runs on the same loop as DNS, so
+a handler must never block.
+
+What a hostile client can make it hold is bounded (design: "Bounds"):
+
+- at most ``max_connections`` connections at once; when full, the oldest connection still
+  sending its request is closed to make room (a slow sender cannot lock the probes out),
+  and only when every connection is being answered is the new one refused (503);
+- the request line (``MAX_LINE``) and the headers (``MAX_HEADER_BYTES`` in all,
+  ``MAX_HEADERS`` lines) within ``READ_TIMEOUT`` seconds: 414, 431, 408;
+- the request is routed, its Host and Origin checked, and its token checked, all before a
+  byte of body is read; a body is read only for methods that take one, and only up to
+  ``MAX_BODY`` bytes (413), within ``READ_TIMEOUT``;
+- the answer must be taken within ``WRITE_TIMEOUT``, or the connection is dropped.
+
+Every refusal is counted in :attr:`HTTPServer.rejected` by a reason from ``REASONS_COUNTED``
+(exported as ``resolver_http_rejected_total``).
+
+DNS rebinding and cross-site requests (admin API): with ``allowed_hosts`` given, a request
+whose Host is not a loopback name or address, the address the client connected to, the
+listen address or one of ``allowed_hosts`` is refused (421): a page that rebinds its own name
+to this address still sends its own name as Host. A state-changing request (any method but
+GET, HEAD, OPTIONS) that carries an ``Origin`` header is refused (403), whatever the origin:
+the API serves no web page, so no browser has a reason to call it, and under DNS rebinding the
+attacker's page *is* same-origin, so a same-origin test alone would let it through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger("resolver.http")
 
+#: The request line: method, target (with its query) and version.
 MAX_LINE: Final = 8192
+#: All header lines together, and how many of them.
+MAX_HEADER_BYTES: Final = 8192
 MAX_HEADERS: Final = 100
-MAX_BODY: Final = 1 << 20
+#: A request body, for the methods that may have one (POST); GET and HEAD take none.
+MAX_BODY: Final = 64 * 1024
+#: Bytes received from the socket at once, into a buffer each connection keeps.
+RECV_SIZE: Final = 16 * 1024
+#: Seconds to receive the request line and headers (and, separately, the body).
 READ_TIMEOUT: Final = 10.0
+#: Seconds for the client to take the whole answer.
+WRITE_TIMEOUT: Final = 10.0
+#: Connections open at once, per listener (``admin.max_connections``,
+#: ``metrics.max_connections``).
+DEFAULT_MAX_CONNECTIONS: Final = 64
+#: Seconds between two log lines about refused connections.
+WARN_INTERVAL: Final = 60.0
+#: Methods that change nothing: allowed with an Origin header.
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Headers that must not appear twice (RFC 9110/9112: a request with two is malformed).
+SINGLE_HEADERS: Final = frozenset({"host", "content-length", "authorization", "origin"})
+#: Host names that always mean this machine (RFC 6761 §6.3: ``.localhost`` is loopback).
+LOCAL_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+#: Why a connection or request was refused: the values of the ``reason`` label.
+REASONS_COUNTED: Final = (
+    "connection_limit",  # every slot busy answering: refused with 503
+    "evicted",  # the oldest connection still sending its request, closed to make room
+    "timeout",  # request not received in time (408), or answer not taken in time
+    "too_large",  # request line (414), headers (431) or body (413) over its limit
+    "malformed",  # not HTTP/1.x as this server reads it (400, 501)
+    "host",  # Host header not one of this listener's names (421)
+    "origin",  # a state-changing request from a browser page (403)
+    "unauthorized",  # missing or wrong bearer token (401)
+)
 REASONS: Final = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
-    413: "Payload Too Large",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
+}
+#: The counted reason of each status this server refuses with by itself.
+_STATUS_REASON: Final = {
+    400: "malformed",
+    401: "unauthorized",
+    403: "origin",
+    408: "timeout",
+    413: "too_large",
+    414: "too_large",
+    421: "host",
+    431: "too_large",
+    501: "malformed",
 }
 
 
@@ -64,116 +138,409 @@ def error(status: int, message: str) -> Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class _Refused(Exception):
+    """The request is answered with an error status without going further."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Gone(Exception):
+    """The client closed the connection before sending a whole request: nothing to answer."""
+
+
+@dataclass
+class _Head:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+
+
 class HTTPServer:
-    """Routes ``(method, path)`` to handlers; paths under ``protected`` need the token."""
+    """Routes ``(method, path)`` to handlers; paths under ``protected`` need the token.
+
+    ``allowed_hosts`` turns the Host check on (give ``()`` for loopback names and this
+    listener's addresses only); ``None`` leaves it off (/metrics, which Prometheus may
+    scrape through any Service name).
+    """
 
     def __init__(
         self,
         routes: dict[tuple[str, str], Handler],
         token: str | None = None,
         protected: str = "/v1/",
+        *,
+        name: str = "admin",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        allowed_hosts: Iterable[str] | None = None,
     ) -> None:
         self.routes = routes
         self.token = token
         self.protected = protected
+        self.name = name
+        self.max_connections = max(1, max_connections)
+        self.allowed_hosts = (
+            None
+            if allowed_hosts is None
+            else frozenset(_normal_host(h) for h in allowed_hosts if h.strip())
+        )
+        #: Seconds to receive a request's head (and its body), and to send the answer.
+        self.read_timeout = READ_TIMEOUT
+        self.write_timeout = WRITE_TIMEOUT
         self.server: asyncio.Server | None = None
+        self.listen_host = ""
+        #: Requests and connections refused, by reason (see ``REASONS_COUNTED``).
+        self.rejected: Counter[str] = Counter()
+        #: Connections open now; those still sending their request, oldest first (a dict
+        #: for its order).
+        self._open: set[_Connection] = set()
+        self._reading: dict[_Connection, None] = {}
+        self._last_warning = 0.0
+        self._unwarned = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._open)
 
     async def start(self, host: str, port: int) -> int:
         """Listen; return the port bound (port 0 picks one)."""
-        self.server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Connection(self), host, port)
+        self.listen_host = host
         sock = self.server.sockets[0]
         return int(sock.getsockname()[1])
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            for conn in list(self._open):
+                conn.abort()
             await self.server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admit(self, conn: _Connection) -> bool:
+        """Take the new connection, making room if needed; False when it is refused."""
+        if len(self._open) >= self.max_connections:
+            if not self._reading:
+                self._count("connection_limit")
+                return False
+            oldest = next(iter(self._reading))
+            oldest.abort()
+            self._count("evicted")
+        self._open.add(conn)
+        self._reading[conn] = None
+        return True
+
+    def _forget(self, conn: _Connection) -> None:
+        self._open.discard(conn)
+        self._reading.pop(conn, None)
+
+    def _count(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        if reason not in ("connection_limit", "evicted"):
+            return
+        # One line a minute at most: a flood must not become a flood of log lines.
+        self._unwarned += 1
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_INTERVAL:
+            log.warning(
+                "%s HTTP: %d connection(s) refused or closed early at the limit of %d open "
+                "connections (max_connections) since the last report",
+                self.name,
+                self._unwarned,
+                self.max_connections,
+            )
+            self._last_warning = now
+            self._unwarned = 0
+
+    async def _serve(self, conn: _Connection) -> None:
+        try:
+            response = await self._respond(conn)
+            if response is not None:
+                self._reading.pop(conn, None)
+                if not await conn.send(_render(response), self.write_timeout):
+                    self._count("timeout")
+        except Exception:
+            log.exception("%s HTTP connection failed", self.name)
+            conn.abort()
+        finally:
+            self._forget(conn)
+            conn.close()
+
+    async def _respond(self, conn: _Connection) -> Response | None:
+        """The answer to the one request on ``conn`` (None: nothing to answer)."""
+        reader = conn.reader
         try:
             try:
-                request = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
+                async with asyncio.timeout(self.read_timeout):
+                    head = await _read_head(reader)
             except TimeoutError:
-                response = error(408, "request not received in time")
-            except _BadRequest as exc:
-                response = error(exc.status, str(exc))
-            else:
-                response = await self._dispatch(request)
-            head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}"]
-            headers = {
-                "Content-Type": response.content_type,
-                "Content-Length": str(len(response.body)),
-                "Connection": "close",
-                "Cache-Control": "no-store",
-                **response.headers,
-            }
-            head += [f"{k}: {v}" for k, v in headers.items()]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def _dispatch(self, request: Request) -> Response:
-        if request.path.startswith(self.protected) and self.token:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {self.token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                response = error(401, "missing or wrong bearer token")
+                raise _Refused(408, "request not received in time") from None
+            request = self._check(head, conn)
+            self._reading.pop(conn, None)  # a request in hand: no longer evictable
+            handler = self._route(request)
+            if isinstance(handler, Response):
+                return handler
+            request.body = await self._read_body(reader, request)
+        except _Gone:
+            return None
+        except _Refused as exc:
+            self._count(_STATUS_REASON.get(exc.status, "malformed"))
+            response = error(exc.status, str(exc))
+            if exc.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="resolver"'
-                return response
-        handler = self.routes.get((request.method, request.path))
-        if handler is None:
-            if any(path == request.path for _, path in self.routes):
-                allowed = ", ".join(m for m, p in self.routes if p == request.path)
-                response = error(405, f"use {allowed} for {request.path}")
-                response.headers["Allow"] = allowed
-                return response
-            return error(404, f"no such endpoint: {request.path}")
+            return response
         try:
             return await handler(request)
         except Exception:
-            log.exception("admin API handler failed for %s %s", request.method, request.path)
+            log.exception(
+                "%s HTTP handler failed for %s %s", self.name, request.method, request.path
+            )
             return error(500, "internal error; see the resolver's log")
 
+    def _check(self, head: _Head, conn: _Connection) -> Request:
+        """Host, Origin and token, in that order; the request without its body."""
+        headers = head.headers
+        split = urlsplit(head.target)
+        if head.target.startswith("/"):
+            host = headers.get("host")
+        elif split.scheme.lower() in ("http", "https") and split.netloc:
+            host = split.netloc  # absolute-form: its authority is the Host (RFC 9112 §3.2.2)
+        else:
+            raise _Refused(400, "malformed request target")
+        if host is None and head.version != "HTTP/1.0":
+            raise _Refused(400, "no Host header")  # RFC 9112 §3.2
+        if self.allowed_hosts is not None and host is not None and not self._host_ok(host, conn):
+            raise _Refused(
+                421,
+                f"this server does not answer for the host {host[:100]!r}; "
+                "add it to admin.allowed_hosts if it is one of its names",
+            )
+        method = head.method
+        if method not in SAFE_METHODS and "origin" in headers:
+            raise _Refused(
+                403, "requests from web pages are refused (Origin header): use curl or the CLI"
+            )
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        request = Request(method, split.path or "/", query, headers)
+        if request.path.startswith(self.protected) and self.token:
+            given = headers.get("authorization", "")
+            expected = f"Bearer {self.token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                raise _Refused(401, "missing or wrong bearer token")
+        return request
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    def _host_ok(self, host: str, conn: _Connection) -> bool:
+        name = _normal_host(host)
+        assert self.allowed_hosts is not None
+        if name in self.allowed_hosts or name in LOCAL_NAMES or name.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False  # a name not configured: what DNS rebinding sends
+        if address.is_loopback:
+            return True
+        local = conn.sockname
+        mine = {_normal_host(self.listen_host), _normal_host(str(local[0]) if local else "")}
+        return _normal_host(str(address)) in mine
+
+    def _route(self, request: Request) -> Handler | Response:
+        handler = self.routes.get((request.method, request.path))
+        if handler is not None:
+            return handler
+        allowed = [m for m, p in self.routes if p == request.path]
+        if allowed:
+            response = error(405, f"use {', '.join(allowed)} for {request.path}")
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        return error(404, f"no such endpoint: {request.path}")
+
+    async def _read_body(self, reader: asyncio.StreamReader, request: Request) -> bytes:
+        headers = request.headers
+        if "transfer-encoding" in headers:
+            raise _Refused(501, "Transfer-Encoding is not supported; send Content-Length")
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or len(length) > 12:
+            raise _Refused(400, "bad Content-Length")
+        size = int(length)
+        limit = 0 if request.method in ("GET", "HEAD") else MAX_BODY
+        if size > limit:
+            raise _Refused(413, f"body too large: {request.method} takes at most {limit} bytes")
+        if not size:
+            return b""
+        try:
+            return await asyncio.wait_for(reader.readexactly(size), self.read_timeout)
+        except TimeoutError:
+            raise _Refused(408, "body not received in time") from None
+        except asyncio.IncompleteReadError:
+            raise _Gone from None
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Request:
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP connection: bytes go from the socket into one small buffer of its own.
+
+    A buffered protocol, so that the loop receives into ``RECV_SIZE`` bytes per connection
+    instead of allocating up to 256 KiB per read; the StreamReader behind it stops reading
+    from the socket once it holds twice ``MAX_LINE``. Admission (the connection cap) is
+    decided as the connection is made, before anything is read.
+    """
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.reader = asyncio.StreamReader(limit=MAX_LINE)
+        self.transport: asyncio.Transport | None = None
+        self.sockname: Any = None
+        self._scratch = memoryview(bytearray(0))
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are no subclasses of asyncio's, hence a cast, not a check.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.sockname = transport.get_extra_info("sockname")
+        if not self.server._admit(self):
+            # Every slot is busy answering: say so in a few bytes, read nothing.
+            transport.pause_reading()
+            transport.write(_render(error(503, "too many connections; try again")))
+            transport.close()
+            return
+        self._scratch = memoryview(bytearray(RECV_SIZE))
+        self.reader.set_transport(transport)
+        asyncio.get_running_loop().create_task(self.server._serve(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reader.feed_data(self._scratch[:nbytes])
+
+    def eof_received(self) -> bool:
+        self.reader.feed_eof()
+        return True  # a client may half-close after its request and still read the answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._scratch = memoryview(bytearray(0))
+        if exc is None:
+            self.reader.feed_eof()
+        else:
+            self.reader.set_exception(exc)
+        self._writable.set()
+        self.server._forget(self)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def send(self, data: bytes, timeout: float) -> bool:
+        """Write ``data``; False (and the connection dropped) when it is not taken in time."""
+        if self._lost or self.transport is None:
+            return True
+        self.transport.write(data)
+        try:
+            await asyncio.wait_for(self._writable.wait(), timeout)
+        except TimeoutError:
+            self.abort()
+            return False
+        return True
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # close() waits for the answer to be flushed: a client that never reads it
+            # must not keep the transport and its buffer for ever.
+            asyncio.get_running_loop().call_later(self.server.write_timeout, transport.abort)
+
+    def abort(self) -> None:
+        self.server._forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _normal_host(host: str) -> str:
+    """``host`` (a Host header or a configured name) without port, brackets, final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _render(response: Response) -> bytes:
+    head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}"]
+    headers = {
+        "Content-Type": response.content_type,
+        "Content-Length": str(len(response.body)),
+        "Connection": "close",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        **response.headers,
+    }
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+
+
+#: Why a request line or the headers were refused as too long (status, message).
+_LINE_TOO_LONG: Final = (414, f"request line over {MAX_LINE} bytes")
+_HEAD_TOO_LARGE: Final = (
+    431,
+    f"request headers over {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} lines",
+)
+
+
+async def _read_line(reader: asyncio.StreamReader, too_long: tuple[int, str]) -> bytes:
+    # Exceptions are made where they are raised, never kept in a variable: one held by a
+    # frame its traceback refers to is a reference cycle, which would keep the reader and
+    # its buffer until the next (rare: see server.GC_YOUNG) garbage collection.
     try:
-        line = await reader.readline()
-    except ValueError:
-        raise _BadRequest(400, "request line too long") from None
+        return await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _Refused(*too_long) from None
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial.strip():
+            raise _Refused(400, "the request ended early") from None
+        raise _Gone from None
+
+
+async def _read_head(reader: asyncio.StreamReader) -> _Head:
+    """The request line and headers, within ``MAX_LINE``, ``MAX_HEADER_BYTES`` and
+    ``MAX_HEADERS``; no byte of body."""
+    line = await _read_line(reader, _LINE_TOO_LONG)
     parts = line.decode("latin-1").split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(400, "malformed request line")
-    method, target, _ = parts
+        raise _Refused(400, "malformed request line")
+    method, target, version = parts
     headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        try:
-            raw = await reader.readline()
-        except ValueError:
-            raise _BadRequest(400, "header line too long") from None
+    total = 0
+    count = 0
+    while True:
+        raw = await _read_line(reader, _HEAD_TOO_LARGE)
+        total += len(raw)
+        if total > MAX_HEADER_BYTES:
+            raise _Refused(*_HEAD_TOO_LARGE)
         text = raw.decode("latin-1").rstrip("\r\n")
         if not text:
             break
+        count += 1
+        if count > MAX_HEADERS:
+            raise _Refused(*_HEAD_TOO_LARGE)
         name, sep, value = text.partition(":")
-        if not sep:
-            raise _BadRequest(400, "malformed header")
-        headers[name.strip().lower()] = value.strip()
-    else:
-        raise _BadRequest(400, "too many headers")
-    length = headers.get("content-length", "0")
-    if not length.isdigit():
-        raise _BadRequest(400, "bad Content-Length")
-    if int(length) > MAX_BODY:
-        raise _BadRequest(413, "body too large")
-    body = await reader.readexactly(int(length)) if int(length) else b""
-    split = urlsplit(target)
-    query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-    return Request(method.upper(), split.path or "/", query, headers, body)
+        # No space before the colon, no line folding (RFC 9112 §5.1, §5.2).
+        if not sep or not name or name != name.strip() or " " in name or "\t" in name:
+            raise _Refused(400, "malformed header")
+        key = name.lower()
+        if key in headers and key in SINGLE_HEADERS:
+            raise _Refused(400, f"more than one {name} header")
+        headers[key] = value.strip()
+    return _Head(method.upper(), target, version, headers)

@@ -10,21 +10,24 @@ scrapes.
 from __future__ import annotations
 
 import platform
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
+from .httpserver import REASONS_COUNTED
 from .policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
 from .policy.timewindow import ALWAYS, NEVER
 
@@ -506,3 +509,87 @@ class ResolverCollector(Collector):
         )
         build.add_metric([__version__, platform.python_version()], 1.0)
         yield build
+
+
+def register_service_metrics(registry: CollectorRegistry, server: Server) -> None:
+    """Add to ``registry`` what is not about queries: the process (``resolver_process_*``:
+    resident memory, CPU seconds, open file descriptors, start time; of the first worker
+    only), the freshness of remote lists and the HTTP listeners' limits."""
+    ProcessCollector(namespace="resolver", registry=registry)
+    registry.register(ServiceCollector(server))
+
+
+class ServiceCollector(Collector):
+    """Remote-list freshness and the HTTP listeners' counters, at scrape time."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        if server.resolver is not None:
+            yield from self._remote_lists(server)
+        connections = GaugeMetricFamily(
+            "resolver_http_connections",
+            "HTTP connections open now, by listener (admin, metrics).",
+            labels=["server"],
+        )
+        limit = GaugeMetricFamily(
+            "resolver_http_max_connections",
+            "The most HTTP connections a listener keeps open (max_connections).",
+            labels=["server"],
+        )
+        rejected = CounterMetricFamily(
+            "resolver_http_rejected",
+            "HTTP connections and requests refused, by listener and reason: connection_limit "
+            "(every slot busy), evicted (a slow request closed to make room), timeout, "
+            "too_large, malformed, host (DNS rebinding), origin (a web page), unauthorized.",
+            labels=["server", "reason"],
+        )
+        for http in server.http_servers:
+            connections.add_metric([http.name], http.connections)
+            limit.add_metric([http.name], http.max_connections)
+            for reason in REASONS_COUNTED:
+                rejected.add_metric([http.name, reason], http.rejected[reason])
+        yield connections
+        yield limit
+        yield rejected
+
+    def _remote_lists(self, server: Server) -> Iterator[Metric]:
+        assert server.resolver is not None
+        # Per list, its stalest subscription (the largest age in refresh intervals): one
+        # series per list, however many URLs it includes (URLs are no labels: they can
+        # hold credentials).
+        now = time.time()  # fetched_at is wall-clock time, whatever the policy clock says
+        stalest: dict[str, tuple[float, float, float]] = {}
+        for spec in server.resolver.policy.remotes:
+            result = server.fetch_status.get(spec.url)
+            last = (result.fetched_at or 0.0) if result is not None else 0.0
+            lateness = (now - last) / spec.refresh if last else float("inf")
+            seen = stalest.get(spec.list_id)
+            if seen is None or lateness > seen[0]:
+                stalest[spec.list_id] = (lateness, last, spec.refresh)
+        success = GaugeMetricFamily(
+            "resolver_remote_list_last_success_timestamp_seconds",
+            "When the list's remote source was last fetched successfully (a 304 counts; the "
+            "stalest source of the list; 0: never).",
+            labels=["list"],
+        )
+        age = GaugeMetricFamily(
+            "resolver_remote_list_age_seconds",
+            "Seconds since that successful fetch (absent while there was none).",
+            labels=["list"],
+        )
+        refresh = GaugeMetricFamily(
+            "resolver_remote_list_refresh_interval_seconds",
+            "How often the list's remote source is fetched (its refresh).",
+            labels=["list"],
+        )
+        for list_id, (_, last, every) in sorted(stalest.items()):
+            success.add_metric([list_id], last)
+            if last:
+                age.add_metric([list_id], max(0.0, now - last))
+            refresh.add_metric([list_id], every)
+        yield success
+        yield age
+        yield refresh

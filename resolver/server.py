@@ -211,6 +211,11 @@ class Server:
             raise StartupError(str(exc)) from None
         log.info("%d workers answering on the same addresses", count)
 
+    @property
+    def http_servers(self) -> list[HTTPServer]:
+        """The admin API and /metrics listeners that are up (for their metrics)."""
+        return self._http
+
     def counts(self) -> Counts:
         """What this server has counted, all workers included (as of their last report)."""
         assert self.resolver is not None
@@ -226,10 +231,20 @@ class Server:
                     "set admin.token in the config (a secret of 16+ characters), or listen on "
                     "127.0.0.1"
                 )
-            server = HTTPServer(admin_routes(self), config.admin_token)
+            server = HTTPServer(
+                admin_routes(self),
+                config.admin_token,
+                name="admin",
+                max_connections=config.admin_max_connections,
+                allowed_hosts=config.admin_allowed_hosts,
+            )
             self.admin_port = await self._listen_http(server, config.admin, "admin API")
         if config.metrics is not None:
-            server = HTTPServer(metrics_routes(self))
+            # No Host check: Prometheus may scrape through any Service or DNS name, and
+            # /metrics only reads. Its only route is /metrics: /v1/* is never served here.
+            server = HTTPServer(
+                metrics_routes(self), name="metrics", max_connections=config.metrics_max_connections
+            )
             self.metrics_port = await self._listen_http(server, config.metrics, "metrics")
 
     async def _listen_http(self, server: HTTPServer, where: Listen, what: str) -> int:
@@ -405,8 +420,16 @@ class Server:
             ("listen", old.listen, new.listen),
             ("tcp", old.tcp, new.tcp),
             ("udp", old.udp, new.udp),
-            ("admin", (old.admin, old.admin_token), (new.admin, new.admin_token)),
-            ("metrics", old.metrics, new.metrics),
+            (
+                "admin",
+                (old.admin, old.admin_token, old.admin_max_connections, old.admin_allowed_hosts),
+                (new.admin, new.admin_token, new.admin_max_connections, new.admin_allowed_hosts),
+            ),
+            (
+                "metrics",
+                (old.metrics, old.metrics_max_connections),
+                (new.metrics, new.metrics_max_connections),
+            ),
             ("audit", old.audit, new.audit),
             ("workers", old.workers, new.workers),
         ):
@@ -525,6 +548,8 @@ class Server:
                 if last is None:
                     copy = await loop.run_in_executor(None, remote.load_copy, spec.url, state_dir)
                     last = copy.fetched_at or 0.0
+                    # The copy's last successful fetch, until a fetch of ours says more.
+                    self.fetch_status.setdefault(spec.url, copy)
                 if now - last >= spec.refresh:
                     result = await loop.run_in_executor(
                         None,

@@ -144,7 +144,7 @@ def test_kubernetes_validate_strict(version: str | None) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed for resource") == 7, result.stdout
+    assert result.stdout.count("passed for resource") == 8, result.stdout
 
 
 @needs_validate
@@ -307,6 +307,20 @@ def test_ports_agree_with_the_config() -> None:
     assert all(
         p["containerPort"] != port_of(POD_CONFIG["admin"]["listen"]) for p in CONTAINER["ports"]
     )
+
+
+def test_network_policy_opens_dns_to_all_and_metrics_to_the_cluster_only() -> None:
+    policy = resource("NetworkPolicy", "resolver")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], POD_LABELS)
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {
+        tuple(sorted(p["port"] for p in rule["ports"])): rule.get("from")
+        for rule in policy["ingress"]
+    }
+    # Every container port is covered by name; the admin port by none (it is loopback).
+    assert rules == {("dns-tcp", "dns-udp"): None, ("metrics",): [{"namespaceSelector": {}}]}
+    named = {p["name"] for p in CONTAINER["ports"]}
+    assert named == {"dns-udp", "dns-tcp", "metrics"}
 
 
 def probe_commands() -> dict[str, list[str]]:

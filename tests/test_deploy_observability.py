@@ -77,6 +77,9 @@ CONTRACT: dict[str, tuple[str, Labels]] = {
     "resolver_upstream_up": ("gauge", {"upstream": None}),
     "resolver_audit_dropped_total": ("counter", {}),
     "resolver_build_info": ("gauge", {"version": None, "python": None}),
+    "resolver_remote_list_last_success_timestamp_seconds": ("gauge", {"list": None}),
+    "resolver_remote_list_age_seconds": ("gauge", {"list": None}),
+    "resolver_remote_list_refresh_interval_seconds": ("gauge", {"list": None}),
 }
 
 # Labels that Prometheus adds to every scraped series.
@@ -170,6 +173,15 @@ resolver_audit_dropped_total 0
 # HELP resolver_build_info The resolver's build; the value is always 1.
 # TYPE resolver_build_info gauge
 resolver_build_info{version="0.1.0",python="3.11.7"} 1
+# HELP resolver_remote_list_last_success_timestamp_seconds When the list's remote source was last fetched.
+# TYPE resolver_remote_list_last_success_timestamp_seconds gauge
+resolver_remote_list_last_success_timestamp_seconds{list="ads"} 1.7803152e+09
+# HELP resolver_remote_list_age_seconds Seconds since that successful fetch.
+# TYPE resolver_remote_list_age_seconds gauge
+resolver_remote_list_age_seconds{list="ads"} 412.5
+# HELP resolver_remote_list_refresh_interval_seconds How often the list's remote source is fetched.
+# TYPE resolver_remote_list_refresh_interval_seconds gauge
+resolver_remote_list_refresh_interval_seconds{list="ads"} 3600
 """
 
 # Alert -> (for, severity) as the deployment asks for them.
@@ -182,6 +194,8 @@ EXPECTED_ALERTS = {
     "ResolverHighLatency": ("10m", None),
     "ResolverAuditDropping": (None, None),
     "ResolverDown": ("2m", "page"),
+    "ResolverRemoteListStale": ("5m", "ticket"),
+    "ResolverRemoteListNeverFetched": ("30m", "ticket"),
 }
 
 # --- PromQL helpers ----------------------------------------------------------------------
