@@ -380,7 +380,13 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def image_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RESOLVER_")}
+    # Nothing of the host's Python set-up reaches a container: a PYTHONPATH pointing at a
+    # checkout would run its interpreted modules instead of the image's compiled build.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RESOLVER_") and k not in ("PYTHONPATH", "PYTHONHOME")
+    }
     for key, value in ENV.items():
         if key == "PATH":
             value = value.replace("${PATH}", env.get("PATH", ""))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import Config, Listen
+from resolver.config import Config, Listen, RemoteConfig
 from resolver.httpserver import HTTPServer, Request, Response
 from resolver.policy import remote
 from resolver.server import Server, StartupError
@@ -534,7 +534,10 @@ def test_remote_list_freshness_and_the_stale_alert(
     _copy(state, "http://127.0.0.1:9/stale-b.txt", now - 5 * 3600)
     for name, body in REMOTE_LISTS.items():
         (lists_dir / f"{name}.yaml").write_text(f"list: {name}\n{body}\n")
-    running = make_server(metrics=LOOPBACK, state_dir=state)
+    # The sources are on loopback, which remote lists may use only when allowed.
+    running = make_server(
+        metrics=LOOPBACK, state_dir=state, remote=RemoteConfig(allow_private=True)
+    )
     server = running.server
 
     async def one_round() -> None:
