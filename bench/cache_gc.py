@@ -240,9 +240,11 @@ def main() -> int:
             ],
             capture_output=True,
             text=True,
-            check=True,
             timeout=3600,
         )
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
         r = json.loads(out.stdout)
         print(
             f"\nunder load: {r['cache_entries']:,} cached entries, {r['memo_entries']:,} memo "

@@ -106,7 +106,8 @@ _MEMO_MAX: Final = 50_000
 DEFAULT_MEMO_MAX_ENTRIES: Final = _MEMO_MAX
 DEFAULT_MEMO_MAX_BYTES: Final = 16 * 1024 * 1024
 #: What a memo entry takes beyond the bytes of its key and answer: the dict's slot, the
-#: value's tuple, its float and the two bytes objects' headers (measured: about 190).
+#: value's tuple, its float and the two bytes objects' headers (measured: about 190),
+#: and the 8 bytes of a client group mask a key may hold beyond its answer's length.
 _MEMO_OVERHEAD: Final = 200
 #: Memo entries evicted at once, as a share of the memo (1/16): the oldest in insertion
 #: order, in one pass over the start of the dict, which stays cheap and keeps the
@@ -556,7 +557,9 @@ class Resolver:
         slot = info.slot
         if slot < 0:
             slot = self._slot(info)  # (before the sizes: it may empty the memo)
-        size = len(body) + len(answer) + _MEMO_OVERHEAD  # (two bytes more than it takes)
+        # A key is never longer than its answer (which repeats its question and OPT), so
+        # twice the answer's bytes count for both (and save a len() per entry).
+        size = 2 * len(answer) + _MEMO_OVERHEAD
         sizes = self._memo_size
         used = sizes[tcp] + size
         # Each transport's memo takes half the bytes at most: TCP's large answers never
@@ -584,7 +587,7 @@ class Resolver:
     def _forget(self, memo: Memo, body: bytes, tcp: bool) -> None:
         """Drop an expired memo entry."""
         value = memo.pop(body)
-        self._memo_size[tcp] -= len(body) + len(value[0]) + 2 + _MEMO_OVERHEAD
+        self._memo_size[tcp] -= 2 * len(value[0]) + 4 + _MEMO_OVERHEAD
 
     def _make_room(self, memo: Memo, tcp: bool, size: int) -> bool:
         """Whether an entry of ``size`` bytes may join ``memo`` (the ``tcp`` one), after
@@ -607,7 +610,7 @@ class Resolver:
                     break
             freed = 0
             for key in doomed:
-                freed += len(key) + len(memo.pop(key)[0]) + 2 + _MEMO_OVERHEAD
+                freed += 2 * len(memo.pop(key)[0]) + 4 + _MEMO_OVERHEAD
             sizes[tcp] -= freed
             self.memo_evictions += len(doomed)
         return True
