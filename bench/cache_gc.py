@@ -109,7 +109,7 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
     query = dns.message.make_query(tag.decode() + ".example.test", "A")
     query.id = 7
     reply = dns.message.make_response(query)
-    reply.answer.append(dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "192.0.2.1"))
+    reply.answer.append(dns.rrset.from_text(query.question[0].name, 86400, "IN", "A", "192.0.2.1"))
     query_wire, reply_wire = query.to_wire(), reply.to_wire()
     blocked_wire = dns.message.make_query("n0000000.deepseek.com", "A").to_wire()
     now = time.time()
@@ -120,7 +120,7 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
         parsed = parse_query(query_wire.replace(tag, name))
         scan = scan_response(wire, 7, wire[12 : 12 + len(parsed.question)])
         scan.source = "127.0.0.1:53"
-        resolver.cache.admit(_cache_key(parsed), scan, now, now + 3600)
+        resolver.cache.admit(_cache_key(parsed), scan, now, now + 86400)  # (a slow fill)
     fill = time.perf_counter() - started
 
     def ask(i: int, tcp: bool) -> None:
