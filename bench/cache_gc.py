@@ -104,7 +104,7 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
         Cache(max_entries=entries + entries // 4),  # room: shards fill unevenly
         Forwarder([Upstream("127.0.0.1", 9)]),
     )
-    settle_memory()  # as the server does once started: its start-up objects frozen
+    settle_memory(resolver)  # as the server does once started: start-up objects frozen
     tag = b"n0000000"
     query = dns.message.make_query(tag.decode() + ".example.test", "A")
     query.id = 7

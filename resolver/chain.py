@@ -341,6 +341,17 @@ class Resolver:
         """Bytes the memo takes, as its bound counts them."""
         return self._memo_size[0] + self._memo_size[1]
 
+    def pin_memo(self) -> None:
+        """Track the memo's dicts by the garbage collector, for a gc.freeze() right after
+        to move them into the permanent generation, which collections never walk (see
+        server.settle_memory). Untracked, as an empty dict is, a dict is tracked again by
+        each insert of a fresh tuple (the collector untracks tuples of bytes, float and
+        int only later), and every full collection would walk its entries: about 3 ms
+        per 50,000. Emptying the memo leaves the dicts tracked."""
+        for memo in self._memo:
+            memo[b""] = (b"", 0.0, len(memo))  # (built at run time: a constant is untracked)
+            del memo[b""]
+
     def _clear_memo(self) -> None:
         self.fold()
         for memo in self._memo:
