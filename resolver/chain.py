@@ -112,11 +112,13 @@ _BUSY_OPTION: Final = ede_option(
     0, "too many queries from this client already waiting for upstreams"
 )
 _BUSY_OPTS: Final = (opt_record(False, 0, _BUSY_OPTION), opt_record(True, 0, _BUSY_OPTION))
-#: Default bounds of the answer memo: entries per transport, and bytes of both together.
+#: Default bounds of the answer memo: entries per transport, and bytes of both together
+#: (each transport's memo takes half at most).
 DEFAULT_MEMO_MAX_ENTRIES: Final = _MEMO_MAX
 DEFAULT_MEMO_MAX_BYTES: Final = 16 * 1024 * 1024
 #: What a memo entry takes beyond the bytes of its key and answer: the dict's slot, the
-#: value's tuple, its float and the two bytes objects' headers (measured: about 190).
+#: value's tuple, its float and the two bytes objects' headers (measured: about 190),
+#: and the 8 bytes of a client group mask a key may hold beyond its answer's length.
 _MEMO_OVERHEAD: Final = 200
 #: Memo entries evicted at once, as a share of the memo (1/16): the oldest in insertion
 #: order, in one pass over the start of the dict, which stays cheap and keeps the
@@ -237,7 +239,7 @@ class Resolver:
         self._memo: tuple[Memo, Memo] = ({}, {})
         #: Bytes the UDP and the TCP memo take (keys, answers and _MEMO_OVERHEAD each).
         self._memo_size = [0, 0]
-        #: The memo's bounds: entries per transport, bytes of both together.
+        #: The memo's bounds: entries per transport, bytes of both together (half each).
         self.memo_max_entries = DEFAULT_MEMO_MAX_ENTRIES
         self.memo_max_bytes = DEFAULT_MEMO_MAX_BYTES
         #: Entries evicted to keep within those bounds; answers too large to memoise.
@@ -350,6 +352,17 @@ class Resolver:
     def memo_bytes(self) -> int:
         """Bytes the memo takes, as its bound counts them."""
         return self._memo_size[0] + self._memo_size[1]
+
+    def pin_memo(self) -> None:
+        """Track the memo's dicts by the garbage collector, for a gc.freeze() right after
+        to move them into the permanent generation, which collections never walk (see
+        server.settle_memory). Untracked, as an empty dict is, a dict is tracked again by
+        each insert of a fresh tuple (the collector untracks tuples of bytes, float and
+        int only later), and every full collection would walk its entries: about 3 ms
+        per 50,000. Emptying the memo leaves the dicts tracked."""
+        for memo in self._memo:
+            memo[b""] = (b"", 0.0, len(memo))  # (built at run time: a constant is untracked)
+            del memo[b""]
 
     def _clear_memo(self) -> None:
         self.fold()
@@ -610,20 +623,22 @@ class Resolver:
     ) -> None:
         if until <= now:
             return
-        size = len(body) + len(answer) + _MEMO_OVERHEAD  # (two bytes more than it takes)
-        sizes = self._memo_size
-        limit = self.memo_max_bytes
-        if (
-            len(memo) >= self.memo_max_entries
-            or sizes[0] + sizes[1] + size > limit
-            or size * _EVICT_SHARE > limit
-        ) and not self._make_room(tcp, size):
-            return
         slot = info.slot
         if slot < 0:
-            slot = self._slot(info)
+            slot = self._slot(info)  # (before the sizes: it may empty the memo)
+        # A key is never longer than its answer (which repeats its question and OPT), so
+        # twice the answer's bytes count for both (and save a len() per entry).
+        size = 2 * len(answer) + _MEMO_OVERHEAD
+        sizes = self._memo_size
+        used = sizes[tcp] + size
+        # Each transport's memo takes half the bytes at most: TCP's large answers never
+        # crowd out the UDP fast path's entries.
+        if used * 2 > self.memo_max_bytes or len(memo) >= self.memo_max_entries:
+            if not self._make_room(memo, tcp, size):
+                return
+            used = sizes[tcp] + size
         memo[body] = (answer[2:], until, slot)
-        sizes[tcp] += size
+        sizes[tcp] = used
         if not tcp and not info.logged:
             self._fast_infos[info] = None
 
@@ -641,45 +656,33 @@ class Resolver:
     def _forget(self, memo: Memo, body: bytes, tcp: bool) -> None:
         """Drop an expired memo entry."""
         value = memo.pop(body)
-        self._memo_size[tcp] -= len(body) + len(value[0]) + 2 + _MEMO_OVERHEAD
+        self._memo_size[tcp] -= 2 * len(value[0]) + 4 + _MEMO_OVERHEAD
 
-    def _make_room(self, tcp: bool, size: int) -> bool:
-        """Whether an entry of ``size`` bytes may join the ``tcp`` memo, after evicting
-        what it must (see _evict). Not when the memo is off, nor when the entry would
-        take more than a share of the memo's bytes (counted)."""
-        if self.memo_max_entries <= 0 or self.memo_max_bytes <= 0:
+    def _make_room(self, memo: Memo, tcp: bool, size: int) -> bool:
+        """Whether an entry of ``size`` bytes may join ``memo`` (the ``tcp`` one), after
+        evicting its oldest entries, a share at a time, until it is within its entry cap
+        and its half of the bytes. Not when the memo is off, nor when making room would
+        take more than that share (counted as a rejection)."""
+        half = self.memo_max_bytes // 2
+        if self.memo_max_entries <= 0 or half <= 0:
             return False
-        if size * _EVICT_SHARE > self.memo_max_bytes:
+        if size * _EVICT_SHARE > half:
             self.memo_rejections += 1  # it would crowd out too many others
             return False
-        self._evict(tcp, size)
-        return True
-
-    def _evict(self, tcp: bool, size: int) -> None:
-        """Make room for an entry of ``size`` bytes in the ``tcp`` memo: evict the oldest
-        entries, a share at a time, of that memo when it is at its entry cap, otherwise of
-        whichever memo takes more bytes."""
         sizes = self._memo_size
-        while True:
-            memo = self._memo[tcp]
-            over_entries = len(memo) >= self.memo_max_entries
-            if not over_entries and sizes[0] + sizes[1] + size <= self.memo_max_bytes:
-                return
-            which = tcp if over_entries else sizes[1] > sizes[0]
-            victim = self._memo[which]
-            if not victim:
-                return
-            count = max(1, len(victim) // _EVICT_SHARE)
+        while memo and (len(memo) >= self.memo_max_entries or sizes[tcp] + size > half):
+            count = max(1, len(memo) // _EVICT_SHARE)
             doomed: list[bytes] = []
-            for key in victim:
+            for key in memo:
                 doomed.append(key)
                 if len(doomed) >= count:
                     break
             freed = 0
             for key in doomed:
-                freed += len(key) + len(victim.pop(key)[0]) + 2 + _MEMO_OVERHEAD
-            sizes[which] -= freed
+                freed += 2 * len(memo.pop(key)[0]) + 4 + _MEMO_OVERHEAD
+            sizes[tcp] -= freed
             self.memo_evictions += len(doomed)
+        return True
 
     def memo_answered(self, info: Info, client: str, started: float) -> None:
         """Count a UDP memo answer that the fast path took too long over to count itself."""

@@ -801,10 +801,13 @@ def make_bootstrap(config: Config) -> Bootstrap | None:
 GC_YOUNG: Final = 20_000
 
 
-def settle_memory() -> None:
-    """Once started: move what start-up built (policy, modules, config) out of the
-    collector's sight, and collect the young generation less often."""
+def settle_memory(resolver: Resolver | None = None) -> None:
+    """Once started: move what start-up built (policy, modules, config) and the
+    resolver's answer memo (Resolver.pin_memo) out of the collector's sight, and collect
+    the young generation less often."""
     gc.collect()
+    if resolver is not None:
+        resolver.pin_memo()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG, older, oldest)
@@ -851,7 +854,7 @@ def run(
         if server.stopping.is_set():
             await server.stop()
             return 0
-        settle_memory()
+        settle_memory(server.resolver)
         log.info("ready (%s event loop, %s, config: %s)", loop_name, build(), config.source)
         await server.serve()
         return 0
