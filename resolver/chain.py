@@ -489,13 +489,11 @@ class Resolver:
                     return answer
             if self.cache.wants_prefetch(entry, now):
                 self._fetch(q, key, valid_until)  # lands in the cache by itself
-            if valid_until < entry.expires:
-                # A transition (of this name or one its answer passes through) comes
-                # before the entry's end, one that the entry's TTLs do not know of (a
-                # reload since): no TTL may reach past it.
-                answer = _fit(render(entry, q, now, cap=valid_until), q, limit)
-            else:
-                answer = _fit(render(entry, q, now), q, limit)
+            # A transition (of this name or one its answer passes through) before the
+            # entry's end is one its TTLs do not know of (a reload since): no TTL may
+            # reach past it.
+            capped = valid_until < entry.expires
+            answer = _fit(render(entry, q, now, False, valid_until if capped else 0.0), q, limit)
             apex = policy.named(q.key, q.labels, monitored) if monitored is not None else 0
             info = self._info(
                 q,
@@ -508,12 +506,14 @@ class Resolver:
             )
             self._account(info, tcp, client, started)
             if monitored is None:
-                # Served TTLs change when the entry's age passes a whole second (and, when
-                # capped, when the time left to the cap does).
-                until = min(
-                    valid_until, entry.expires, _tick(entry.stored + age_of(now, entry.stored), now)
-                )
-                if valid_until < entry.expires:
+                # Served TTLs change when the entry's age, rounded up, changes: at the next
+                # whole second of it (and, capped, when the time left to the cap does).
+                stored = entry.stored
+                tick = stored + int(now - stored)
+                if tick <= now:
+                    tick = tick + 1.0 if tick < now else _tick(tick, now)
+                until = min(valid_until, entry.expires, tick)
+                if capped:
                     until = min(until, _tick(valid_until - int(valid_until - now), now))
                 self._remember(memo, tcp, body, answer, until, now, info)
             return answer
@@ -879,7 +879,7 @@ class Resolver:
     ) -> bytes:
         """An expired answer, TTL 30, with Extended DNS Error 3 (Stale Answer); no TTL
         reaches past ``cap`` (the next policy transition of a name in it)."""
-        answer = render(entry, q, self.clock(), stale=True, cap=cap)
+        answer = render(entry, q, self.clock(), True, cap if cap < NEVER else 0.0)
         self._stats.stale += 1
         decision = "cached" if decision == "forwarded" else decision
         info = self._info(q, decision, entry.rcode, monitored, 0, entry.upstream)
@@ -1065,14 +1065,14 @@ def _cache_key(q: Query) -> bytes:
     return q.key + q.question[-4:] + bytes((q.do, (q.flags >> 4) & 1))
 
 
-def render(entry: Entry, q: Query, now: float, stale: bool = False, cap: float = NEVER) -> bytes:
+def render(entry: Entry, q: Query, now: float, stale: bool = False, cap: float = 0.0) -> bytes:
     """A cached reply as the answer to ``q``: its ID, its question's case, its flags; or,
     ``stale``, as RFC 8767 serves an expired one (TTL 30, Extended DNS Error 3). With
-    ``cap`` (an instant before the entry's end), no TTL reaches past it."""
+    ``cap`` (an instant before the entry's end; 0: none), no TTL reaches past it."""
     flags = response_flags(q, entry.rcode)
     if q.do or q.flags & FLAG_AD:
         flags |= entry.flags & FLAG_AD  # RFC 6840 5.8: AD only for clients that ask
-    if cap < NEVER:
+    if cap:
         records = _capped_records(entry, now, stale, cap)
     elif stale:
         records = entry.stale_records()

@@ -97,6 +97,24 @@ def test_a_ban_loaded_later_caps_what_the_cache_already_holds(
     assert aliased.count("alias.test") == 1
 
 
+def test_a_stale_answer_stops_at_the_ban_too(
+    make_server: Callable[..., RunningServer], aliased: FakeUpstream, lists_dir: Path
+) -> None:
+    from resolver.config import CacheConfig
+
+    running = make_server(cache=CacheConfig(serve_stale=7200, stale_timer=0.2))
+    running.clock.now = FROZEN_NOW - 3610  # its hour ends 40 s before the ban
+    assert running.query("alias.test").rcode() == dns.rcode.NOERROR
+    (lists_dir / "soon.yaml").write_text(BAN_LIST)
+    assert running.call(running.server.reload())
+    aliased.default = Behaviour("drop")  # the upstream fails: only the stale copy is left
+    running.clock.now = BAN_AT - 9.5
+    reply = running.query("alias.test", timeout=5)
+    assert reply.rcode() == dns.rcode.NOERROR and len(reply.answer) == 3
+    assert max(ttls(reply)) == 9  # not RFC 8767's 30 s: the ban comes first
+    assert running.resolver.stats.stale == 1
+
+
 def test_plain_ttls_are_the_floor_of_the_time_left(
     make_server: Callable[..., RunningServer], upstream: FakeUpstream
 ) -> None:
