@@ -414,7 +414,8 @@ def test_image_config_passes_check(image_root: Path) -> None:
 def _wait_for_listening(proc: subprocess.Popen[str], lines: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any("listening on tcp" in line for line in lines):
+        # "ready (...)" comes after the listeners, once start-up is done, and names the build.
+        if any("ready (" in line for line in lines):
             return
         if proc.poll() is not None:
             break
