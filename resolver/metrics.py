@@ -473,35 +473,29 @@ class ResolverCollector(Collector):
         yield GaugeMetricFamily(
             "resolver_tcp_connections", "Open TCP client connections.", value=counts.tcp_connections
         )
-        evicted = CounterMetricFamily(
+        yield _by_reason(
             "resolver_tcp_connections_evicted",
             "TCP connections closed to make room for a new one: the oldest idle (idle), the "
             "oldest busy when none was idle (busy), the client's own oldest over "
             "tcp.max_connections_per_client (client_limit).",
-            labels=["reason"],
+            (
+                ("idle", counts.tcp_evicted_idle),
+                ("busy", counts.tcp_evicted_busy),
+                ("client_limit", counts.tcp_evicted_client),
+            ),
         )
-        evicted.add_metric(["idle"], counts.tcp_evicted_idle)
-        evicted.add_metric(["busy"], counts.tcp_evicted_busy)
-        evicted.add_metric(["client_limit"], counts.tcp_evicted_client)
-        yield evicted
-        aborted = CounterMetricFamily(
+        yield _by_reason(
             "resolver_tcp_connections_aborted",
             "TCP connections aborted because the client did not read its answers: not "
             "drained within tcp.idle_timeout (stalled), or past 4 x tcp.max_output (output).",
-            labels=["reason"],
+            (("stalled", counts.tcp_aborted_stalled), ("output", counts.tcp_aborted_output)),
         )
-        aborted.add_metric(["stalled"], counts.tcp_aborted_stalled)
-        aborted.add_metric(["output"], counts.tcp_aborted_output)
-        yield aborted
-        paused = CounterMetricFamily(
+        yield _by_reason(
             "resolver_tcp_read_pauses",
             "Times a TCP connection stopped reading: pending output over tcp.max_output "
             "(output), or tcp.max_pipeline queries in flight (pipeline).",
-            labels=["reason"],
+            (("output", counts.tcp_paused_output), ("pipeline", counts.tcp_paused_pipeline)),
         )
-        paused.add_metric(["output"], counts.tcp_paused_output)
-        paused.add_metric(["pipeline"], counts.tcp_paused_pipeline)
-        yield paused
         build = GaugeMetricFamily(
             "resolver_build_info",
             "Version of the resolver and of Python.",
@@ -509,6 +503,14 @@ class ResolverCollector(Collector):
         )
         build.add_metric([__version__, platform.python_version()], 1.0)
         yield build
+
+
+def _by_reason(name: str, doc: str, values: tuple[tuple[str, int], ...]) -> CounterMetricFamily:
+    """A counter family with one sample per ``reason``."""
+    family = CounterMetricFamily(name, doc, labels=["reason"])
+    for reason, value in values:
+        family.add_metric([reason], value)
+    return family
 
 
 def register_service_metrics(registry: CollectorRegistry, server: Server) -> None:
