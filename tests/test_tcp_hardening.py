@@ -23,7 +23,7 @@ from collections.abc import Callable
 import dns.message
 import dns.rcode
 
-from resolver.config import Listen, TCPConfig
+from resolver.config import Listen, TCPConfig, parse_upstream
 
 from .conftest import RunningServer
 from .fakeupstream import Behaviour, FakeUpstream
@@ -226,3 +226,112 @@ def test_twenty_thousand_frames_in_one_send_are_all_answered(
     assert len(seen) == total
     # Answered a pipeline at a time, with reading paused in between.
     assert metric(running, "resolver_tcp_read_pauses_total", 'reason="pipeline"') >= 1
+
+
+class BigAnswers:
+    """An upstream that answers every question with the same ~60 KB TXT set, fast: over
+    UDP it says TC, over TCP it sends a wire answer built once (dnspython building 60 KB
+    per query in this process would starve the server of the GIL)."""
+
+    def __init__(self) -> None:
+        template = dns.message.make_query("large000.test", "TXT")
+        response = dns.message.make_response(template)
+        texts = [f'"{i:03d}{"z" * 240}"' for i in range(250)]
+        response.answer.append(dns.rrset.from_text_list("large000.test.", 300, "IN", "TXT", texts))
+        self.wire = response.to_wire(max_size=65535)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(256)
+        self.stop = threading.Event()
+        for target in (self._udp, self._accept):
+            threading.Thread(target=target, daemon=True).start()
+
+    def answer(self, query: bytes) -> bytes:
+        # Same-length names: the question's name is patched in, the ID copied over.
+        name = query[13:21]
+        return query[:2] + self.wire[2:13] + name + self.wire[21:]
+
+    def _udp(self) -> None:
+        self.udp.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                query, addr = self.udp.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            header = bytearray(query[:12])
+            header[2] |= 0x82  # QR, TC
+            struct.pack_into("!HHH", header, 6, 0, 0, 0)
+            header[11] = 0  # no OPT echoed: the question only
+            end = 12 + query[12:].index(b"\0") + 5
+            self.udp.sendto(bytes(header) + query[12:end], addr)
+
+    def _accept(self) -> None:
+        self.tcp.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                while True:
+                    head = conn.recv(2, socket.MSG_WAITALL)
+                    if len(head) < 2:
+                        return
+                    query = conn.recv(struct.unpack("!H", head)[0], socket.MSG_WAITALL)
+                    wire = self.answer(query)
+                    conn.sendall(struct.pack("!H", len(wire)) + wire)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.udp.close()
+        self.tcp.close()
+
+
+def test_answers_arriving_while_reading_is_paused_get_the_connection_aborted(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    # Reading pauses at tcp.max_output, but answers already asked of the upstream still
+    # arrive: a client that asks a pipeline of large uncached answers and never reads
+    # would have them queue in full. Past 4 x max_output the connection is aborted.
+    # The kernel's send buffer on loopback takes a few MB before asyncio holds anything,
+    # so the answers total 12 MB: 200 of ~60 KB.
+    big = BigAnswers()
+    names = [f"large{i:03d}.test" for i in range(200)]
+    try:
+        running = make_server(
+            upstreams=(parse_upstream(f"127.0.0.1:{big.port}"),),
+            tcp=TCPConfig(max_output=8192, max_pipeline=250, idle_timeout=10.0),
+            metrics=Listen("127.0.0.1", 0),
+            upstream_timeout=3.0,
+        )
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((running.host, running.port))
+        client.sendall(b"".join(frame(name, "TXT", i) for i, name in enumerate(names)))
+        aborted = 'reason="output"'
+        assert wait_for(
+            lambda: metric(running, "resolver_tcp_connections_aborted_total", aborted) == 1,
+            10.0,
+        )
+        assert metric(running, "resolver_tcp_read_pauses_total", 'reason="output"') >= 1
+        assert wait_for(lambda: not running.server.connections.open, 3.0)
+        client.close()
+        answer = running.query(names[0], "TXT", tcp=True)
+        assert answer.rcode() == dns.rcode.NOERROR and len(answer.answer[0]) == 250
+    finally:
+        big.close()
