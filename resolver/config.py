@@ -150,6 +150,9 @@ class ReloadConfig:
     #: Whether a reload may leave no lists where the last good policy had some (a folder
     #: emptied by mistake, a volume not mounted): off, so that it fails loudly instead.
     allow_empty: bool = False
+    #: Seconds a policy load may take before it is given up (a list on a stalled network
+    #: mount, a FIFO nobody writes): the load fails, the last good policy keeps serving.
+    timeout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,6 +641,7 @@ def load_config(path: Path) -> Config:
             debounce=_number(reload, "debounce", float, 0, 60, 0.5),
             checksum_interval=_number(reload, "checksum_interval", float, 1, 86400, 60.0),
             allow_empty=_flag(reload, "allow_empty", "reload.allow_empty"),
+            timeout=_number(reload, "timeout", float, 1, 86400, 300.0),
         ),
         remote=RemoteConfig(_flag(remote, "allow_private", "remote.allow_private")),
         include_roots=tuple(path.parent / r for r in roots),

@@ -114,7 +114,7 @@ class Server:
         self.fetch_status: dict[str, remote.FetchResult] = {}
         self._reload_lock = asyncio.Lock()
         #: Loads run in a child process, so that a large one never stalls answering.
-        self._policy_loader = PolicyLoader()
+        self._policy_loader = PolicyLoader(config.reload.timeout)
         self._baseline = self._baseline_sum = ""
         #: With --workers N: in a child, its channel to the primary; in the primary, the
         #: supervisor of the children (started after the primary has bound), and the
@@ -663,8 +663,10 @@ class Server:
         for path in sorted(set(self._watched(included))):
             digest.update(str(path).encode() + b"\0")
             try:
-                if contents:
+                if contents and path.is_file():  # not a FIFO: reading one would block
                     digest.update(path.read_bytes())
+                elif contents:
+                    digest.update(b"not a regular file")
                 else:
                     st = path.stat()  # follows symlinks: a swapped target is a change
                     digest.update(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -448,3 +448,34 @@ def test_a_name_resolving_to_loopback_and_the_admin_api_are_refused_at_fetch(
     assert "HTTP 500 (120 bytes)" in (broken.error or "")
     assert "SECRET" not in (broken.error or "")
     assert os.listdir(tmp_path / "c") == []
+
+
+# --- a load that never ends -------------------------------------------------------------------
+
+
+def test_a_load_that_hangs_is_given_up_after_reload_timeout(
+    make_server: Callable[..., RunningServer], lists_dir: Path
+) -> None:
+    # A list including a FIFO that nobody writes: opening it blocks for ever, as a list on
+    # a stalled network mount would. The load is given up after reload.timeout, the reload
+    # fails naming the cause, and the next reload is not held behind it.
+    running = make_server(reload=ReloadConfig(timeout=1.5))
+    stats = running.resolver.stats
+    good_digest = running.resolver.policy.digest
+    os.mkfifo(lists_dir / "stuck.txt")
+    (lists_dir / "stuck.yaml").write_text(
+        "list: stuck\ninclude: [{file: stuck.txt, format: domains}]\n"
+    )
+    started = time.monotonic()
+    assert running.call(running.server.reload()) is False
+    assert time.monotonic() - started < 10
+    assert stats.reloads["failure"] == 1
+    assert "reload.timeout" in stats.last_reload_error, stats.last_reload_error
+    assert running.resolver.policy.digest == good_digest
+    assert rcode(running, "deepseek.com") == "NXDOMAIN"
+    # Fixed, the next reload loads.
+    (lists_dir / "stuck.txt").unlink()
+    (lists_dir / "stuck.txt").write_text("stuck.test\n")
+    running.call(running.server.reload())
+    assert stats.reloads["success"] >= 1 and not stats.last_reload_failed
+    assert rcode(running, "stuck.test") == "NXDOMAIN"

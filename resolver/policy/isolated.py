@@ -17,8 +17,11 @@ one copy of about 0.1 ms) and puts the arrays into a :class:`NameTable` as they 
 
 Errors keep their form: a :class:`SourceError` in the child is raised again in the server
 with its file, line and field; any other exception, or a child that dies (out of memory,
-killed), is a :class:`SourceError` that says what happened. Where ``fork`` is missing, or the
-builder cannot be started, the load runs in a thread as before.
+killed), is a :class:`SourceError` that says what happened. A child that takes longer than
+``reload.timeout`` (a list on a stalled network mount, a FIFO nobody writes) is killed by
+its own alarm, and that load fails the same way: a hung load never holds later reloads.
+Where ``fork`` is missing, or the builder cannot be started, the load runs in a thread as
+before (without the time limit).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class PolicyLoader:
     it in a thread. :meth:`close` ends the builder.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 300.0) -> None:
+        #: Seconds a load may take; then its child is killed and the load fails.
+        self.timeout = timeout
         self._sock: socket.socket | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -174,7 +179,7 @@ class PolicyLoader:
             sock = self._sock
             if sock is None:
                 return load_policy(path, options)
-            request = _dumps((path, options, background))
+            request = _dumps((path, options, background, self.timeout))
             read_end, write_end = os.pipe()
             try:
                 try:
@@ -189,6 +194,14 @@ class PolicyLoader:
                 os.close(read_end)
             status = self._status(sock)
             if result is None:
+                if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+                    raise SourceError(
+                        None,
+                        "",
+                        f"loading the policy took longer than reload.timeout "
+                        f"({self.timeout:g} s): a list file that cannot be read to its end "
+                        "(a stalled mount, a FIFO)?",
+                    )
                 raise SourceError(
                     None, "", f"the process loading the policy died ({_describe(status)})"
                 )
@@ -363,7 +376,11 @@ def _child(request: bytes, fd: int, parent: int) -> None:
     values: Any = b""
     payload: Any
     try:
-        path, options, background = pickle.loads(request)
+        path, options, background, timeout = pickle.loads(request)
+        # The default action of SIGALRM ends this process: the server reads the end of
+        # the pipe and the builder's wait status says why (see PolicyLoader.load).
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
         if background:
             with contextlib.suppress(OSError):
                 # Where CPU is short, the server's answers go first (5, not more: on a
