@@ -28,16 +28,16 @@ from setuptools import setup
 #: (dot.py, doh.py): the DoH connection subclasses the encrypted connection's base, which
 #: an interpreted class cannot do to a compiled one (and doh.py stands on h2, pure Python).
 COMPILED = [
-    "resolver/wire.py",
+    "resolver/core/wire.py",
     "resolver/policy/table.py",
     "resolver/policy/model.py",
-    "resolver/cache.py",
-    "resolver/chain.py",
-    "resolver/pending.py",
-    "resolver/metrics.py",
-    "resolver/upstream.py",
-    "resolver/sinkhole.py",
-    "resolver/guard.py",
+    "resolver/core/cache.py",
+    "resolver/core/pipeline.py",
+    "resolver/core/pending.py",
+    "resolver/observe/metrics.py",
+    "resolver/upstream/forwarder.py",
+    "resolver/core/sinkhole.py",
+    "resolver/core/guard.py",
 ]
 
 ext_modules = []

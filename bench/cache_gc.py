@@ -2,7 +2,7 @@
 """The cache and the garbage collector: how long a full collection stalls the event loop
 with N cached entries, and the memory each entry takes.
 
-The cache keeps entries packed in bytes in plain dicts (resolver/cache.py), which the
+The cache keeps entries packed in bytes in plain dicts (resolver/core/cache.py), which the
 collector does not track. The peer, in the same run, is the layout it replaced: the same
 entries as Entry objects in OrderedDict shards. Run:
 ``python3 bench/cache_gc.py [--entries 100000,1000000]``. Each size runs in a fresh process.
@@ -44,8 +44,8 @@ def _one(layout: str, entries: int) -> dict[str, float]:
     import dns.message
     import dns.rrset
 
-    from resolver.cache import Cache, Entry, shard_count
-    from resolver.wire import scan_response
+    from resolver.core.cache import Cache, Entry, shard_count
+    from resolver.core.wire import scan_response
 
     query = dns.message.make_query("www.example.test", "A")
     reply = dns.message.make_response(query)
@@ -91,12 +91,12 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
     import dns.message
     import dns.rrset
 
-    from resolver.cache import Cache
-    from resolver.chain import Resolver, _cache_key
+    from resolver.core.cache import Cache
+    from resolver.core.pipeline import Resolver, _cache_key
+    from resolver.core.wire import parse_query, scan_response
     from resolver.policy import load_policy
-    from resolver.server import settle_memory
-    from resolver.upstream import Forwarder, Upstream
-    from resolver.wire import parse_query, scan_response
+    from resolver.service.server import settle_memory
+    from resolver.upstream.forwarder import Forwarder, Upstream
 
     root = Path(__file__).resolve().parent.parent
     resolver = Resolver(

@@ -797,7 +797,7 @@ class Resolver(Peer):
 
 class ResolverPlain(Resolver):
     """The resolver reading and answering UDP one datagram at a time (``udp.batch:
-    false``): the peer that shows what batches (resolver/udpbatch.py) gain."""
+    false``): the peer that shows what batches (resolver/service/udpbatch.py) gain."""
 
     name = "resolver-plain"
     udp_batch = False

@@ -39,8 +39,8 @@ import dns.query
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fakeupstream import FakeUpstream  # noqa: E402
-from tests.realservers import free_port  # noqa: E402
+from tests.helpers.fakeupstream import FakeUpstream  # noqa: E402
+from tests.helpers.realservers import free_port  # noqa: E402
 
 LIST = """\
 list: hostile

@@ -25,13 +25,13 @@ import dns.rrset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver import udpbatch
-from resolver.cache import Cache
-from resolver.chain import Resolver, _cache_key
+from resolver.service import udpbatch
+from resolver.core.cache import Cache
+from resolver.core.pipeline import Resolver, _cache_key
+from resolver.core.wire import parse_query, scan_response
 from resolver.policy import load_policy
-from resolver.transport import Tasks, UDPListener
-from resolver.upstream import Forwarder, Upstream
-from resolver.wire import parse_query, scan_response
+from resolver.service.listeners import Tasks, UDPListener
+from resolver.upstream.forwarder import Forwarder, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

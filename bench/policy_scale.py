@@ -63,7 +63,7 @@ MEASURE = textwrap.dedent(
     started = time.perf_counter()
     if kind == "resolver":
         from resolver.policy import load_policy
-        from resolver.wire import encode_name, label_offsets
+        from resolver.core.wire import encode_name, label_offsets
         before = rss()  # the import is not the policy
         started = time.perf_counter()
         policy = load_policy(folder)

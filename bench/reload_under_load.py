@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import realservers  # noqa: E402
-from tests.fakeupstream import FakeUpstream  # noqa: E402
-from tests.realservers import NSD, ResolverProcess, free_port  # noqa: E402
+from tests.helpers.fakeupstream import FakeUpstream  # noqa: E402
+from tests.helpers.realservers import NSD, ResolverProcess, free_port  # noqa: E402
 
 FLIP = "flip.example.test"
 

@@ -33,7 +33,7 @@ import dns.query
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.realservers import ResolverProcess  # noqa: E402
+from tests.helpers.realservers import ResolverProcess  # noqa: E402
 from tests.test_tls_upstream import TLSServer  # noqa: E402
 
 

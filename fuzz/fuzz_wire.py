@@ -22,12 +22,12 @@ import atheris
 
 with atheris.instrument_imports():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from resolver import wire
-    from resolver.cache import Cache
-    from resolver.chain import Resolver
-    from resolver.pending import Pending
+    from resolver.core import wire
+    from resolver.core.cache import Cache
+    from resolver.core.pending import Pending
+    from resolver.core.pipeline import Resolver
     from resolver.policy import load_policy
-    from resolver.upstream import Forwarder, Upstream
+    from resolver.upstream.forwarder import Forwarder, Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = b"\x07example\x04test\x00\x00\x01\x00\x01"

@@ -1,5 +1,5 @@
 """``python -m resolver``: the same as the ``resolver`` command."""
 
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

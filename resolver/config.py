@@ -14,19 +14,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NEGATIVE_TTL, DEFAULT_MAX_TTL
-from .guard import DEFAULT_ALLOW
-from .httpserver import DEFAULT_MAX_CONNECTIONS as DEFAULT_HTTP_MAX_CONNECTIONS
-from .querylog import AuditConfig
-from .querylog import parse_config as parse_audit
-from .transport import (
+from .core.cache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_NEGATIVE_TTL,
+    DEFAULT_MAX_TTL,
+)
+from .core.guard import DEFAULT_ALLOW
+from .core.wire import encode_name
+from .observe.querylog import AuditConfig
+from .observe.querylog import parse_config as parse_audit
+from .service.http import DEFAULT_MAX_CONNECTIONS as DEFAULT_HTTP_MAX_CONNECTIONS
+from .service.listeners import (
     DEFAULT_TCP_IDLE,
     DEFAULT_TCP_MAX_CONNECTIONS,
     DEFAULT_TCP_MAX_OUTPUT,
     DEFAULT_TCP_MAX_PER_CLIENT,
     DEFAULT_TCP_MAX_PIPELINE,
 )
-from .upstream import (
+from .upstream.forwarder import (
     DEFAULT_DEADLINE,
     DEFAULT_TIMEOUT,
     DOWN_AFTER,
@@ -38,7 +44,6 @@ from .upstream import (
     parse_upstream,
     split_host_port,
 )
-from .wire import encode_name
 from .yamlload import (
     SourceError,
     Where,
@@ -200,7 +205,7 @@ class Config:
     tcp: TCPConfig = TCPConfig()
     udp: UDPConfig = UDPConfig()
     drain_timeout: float = 5.0
-    #: Processes answering on the same addresses (SO_REUSEPORT); see resolver/workers.py.
+    #: Processes answering on the same addresses (SO_REUSEPORT); see resolver/service/workers.py.
     workers: int = 1
     log_level: str = "info"
     #: Client groups by name -> networks (CIDR); lists name the groups they apply to.
@@ -213,7 +218,7 @@ class Config:
     #: The /metrics address (off when None).
     metrics: Listen | None = None
     #: HTTP connections open at once on each listener, and the names (beyond loopback and
-    #: its own addresses) the admin API answers to (DNS rebinding): resolver/httpserver.py.
+    #: its own addresses) the admin API answers to (DNS rebinding): resolver/service/http.py.
     admin_max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS
     admin_allowed_hosts: tuple[str, ...] = ()
     metrics_max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS

@@ -21,10 +21,10 @@ import dns.query
 import pytest
 
 from resolver.config import Config, Listen, UDPConfig, parse_listen
-from resolver.server import Server
-from resolver.upstream import parse_upstream
+from resolver.service.server import Server
+from resolver.upstream.forwarder import parse_upstream
 
-from .fakeupstream import FakeUpstream
+from .helpers.fakeupstream import FakeUpstream
 
 # 2026-06-01T12:00:00Z: a fixed "now" for tests that freeze time.
 FROZEN_NOW = 1780315200.0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from resolver.audit import Row, main, report
-from resolver.querylog import AuditConfig, AuditLog
+from resolver.cli.audit import Row, main, report
+from resolver.observe.querylog import AuditConfig, AuditLog
 
 # 2026-06-01T12:00:00Z
 T0 = 1780315200.0

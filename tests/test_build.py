@@ -11,9 +11,9 @@ import ast
 import importlib
 import os
 
-from resolver.server import build
+from resolver.service.server import build
 
-from .realservers import ROOT, ResolverProcess
+from .helpers.realservers import ROOT, ResolverProcess
 
 EXPECT_COMPILED = os.environ.get("RESOLVER_EXPECT_COMPILED") == "1"
 
@@ -30,7 +30,7 @@ def compiled_modules() -> list[str]:
 
 def test_every_listed_module_is_of_the_build_this_run_expects() -> None:
     modules = compiled_modules()
-    assert "resolver.wire" in modules
+    assert "resolver.core.wire" in modules
     for name in modules:
         path = importlib.import_module(name).__file__ or ""
         if EXPECT_COMPILED:

@@ -17,7 +17,7 @@ import pytest
 from resolver.config import AclConfig, CacheConfig, UDPConfig
 
 from .conftest import FROZEN_NOW, Clock, RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 
 @pytest.fixture
@@ -266,7 +266,7 @@ def test_without_serve_stale_an_expired_entry_is_gone(
 def test_flush_one_name_and_its_subdomains_or_everything(
     server: RunningServer, upstream: FakeUpstream
 ) -> None:
-    from resolver.wire import encode_name
+    from resolver.core.wire import encode_name
 
     for name in ("example.test", "www.example.test", "notdeepseek.com"):
         server.query(name, "A")
@@ -307,8 +307,8 @@ def test_a_large_cache_is_sharded_and_stays_bounded() -> None:
     import dns.message
     import dns.rrset
 
-    from resolver.cache import Cache, shard_count
-    from resolver.wire import scan_response
+    from resolver.core.cache import Cache, shard_count
+    from resolver.core.wire import scan_response
 
     assert shard_count(2) == 1 and shard_count(4096) == 1  # small caches: exact LRU
     assert shard_count(100_000) == 32 and shard_count(10**8) == 256
@@ -343,8 +343,8 @@ def test_a_stored_entry_comes_back_whole_and_the_cache_is_no_work_for_the_gc() -
     import dns.message
     import dns.rrset
 
-    from resolver.cache import Cache
-    from resolver.wire import scan_response
+    from resolver.core.cache import Cache
+    from resolver.core.wire import scan_response
 
     query = dns.message.make_query("www.example.test", "A")
     reply = dns.message.make_response(query)

@@ -19,8 +19,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from .fakeupstream import Behaviour, FakeUpstream
-from .realservers import NSD, ROOT, ResolverProcess, free_port, nsd_available
+from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.realservers import NSD, ROOT, ResolverProcess, free_port, nsd_available
 
 
 @pytest.fixture

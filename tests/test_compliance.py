@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from resolver.upstream import parse_upstream
+from resolver.upstream.forwarder import parse_upstream
 
 from .conftest import RunningServer
-from .realservers import NSD, nsd_available
+from .helpers.realservers import NSD, nsd_available
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("dig") and nsd_available()),

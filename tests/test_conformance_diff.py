@@ -1,7 +1,7 @@
 """Differential conformance test: this resolver and Unbound, side by side, forwarding to the
 same NSD, must give the same answers, except where both behaviours are allowed.
 
-NSD serves the zones of tests/richzones.py (CNAME chains, a cross-zone CNAME, a DNAME, a
+NSD serves the zones of tests/helpers/richzones.py (CNAME chains, a cross-zone CNAME, a DNAME, a
 wildcard, an empty non-terminal, a delegation with glue, NODATA, NXDOMAIN, large RRsets
 and, when dnspython can sign, a signed zone). Unbound runs as a plain forwarder (iterator
 only, no validation, cache on); this resolver runs as an operator starts it. A matrix of
@@ -32,8 +32,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from .realservers import ResolverProcess, free_port
-from .richzones import UnboundForwarder, ZoneServer, available, unbound_available
+from .helpers.realservers import ResolverProcess, free_port
+from .helpers.richzones import UnboundForwarder, ZoneServer, available, unbound_available
 
 pytestmark = pytest.mark.skipif(
     not (available() and unbound_available()), reason="needs nsd and unbound"

@@ -25,12 +25,12 @@ import pytest
 import yaml
 
 import resolver.config as config_module
-from resolver import querylog
-from resolver.audit import _parser as audit_parser
-from resolver.cli import _parser as cli_parser
+from resolver.observe import querylog
+from resolver.cli.audit import _parser as audit_parser
+from resolver.cli.main import _parser as cli_parser
 from resolver.config import load_config
 
-from .realservers import ROOT
+from .helpers.realservers import ROOT
 
 DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"

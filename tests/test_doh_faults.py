@@ -1,4 +1,4 @@
-"""DNS over HTTPS when the server misbehaves (tests/dohserver.py, real HTTP/2 over TLS on
+"""DNS over HTTPS when the server misbehaves (tests/helpers/dohserver.py, real HTTP/2 over TLS on
 loopback): every fault is a failed upstream of the right kind, the next upstream answers
 at once, and the next query reconnects. Also: config errors name the field and value."""
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from resolver.config import load_config
-from resolver.upstream import parse_upstream
+from resolver.upstream.forwarder import parse_upstream
 from resolver.yamlload import SourceError
 
 from .conftest import RunningServer
-from .dohserver import DoHServer
-from .fakeupstream import FakeUpstream
+from .helpers.dohserver import DoHServer
+from .helpers.fakeupstream import FakeUpstream
 from .test_tls_upstream import make_certificate
 
 needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")

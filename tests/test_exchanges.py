@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import dns.message
 import pytest
 
-from resolver.upstream import Forwarder, Upstream, query_id, upstream_query
-from resolver.wire import Scan, parse_query
+from resolver.core.wire import Scan, parse_query
+from resolver.upstream.forwarder import Forwarder, Upstream, query_id, upstream_query
 
 
 def ask(forwarder: Forwarder, up: Upstream, qid: int, finish: Callable[..., None]) -> None:

@@ -12,10 +12,10 @@ import dns.flags
 import dns.rcode
 import pytest
 
-from resolver.upstream import parse_upstream
+from resolver.upstream.forwarder import parse_upstream
 
 from .conftest import RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 
 def dead_port() -> str:
@@ -70,7 +70,7 @@ def test_all_upstreams_failing_gives_servfail_in_bounded_time(
 def test_default_deadline_is_under_three_seconds(
     make_server: Callable[..., RunningServer], upstream: FakeUpstream
 ) -> None:
-    from resolver.upstream import DEFAULT_DEADLINE, DEFAULT_TIMEOUT
+    from resolver.upstream.forwarder import DEFAULT_DEADLINE, DEFAULT_TIMEOUT
 
     running = make_server(upstream_timeout=DEFAULT_TIMEOUT, upstream_deadline=DEFAULT_DEADLINE)
     upstream.default = Behaviour("drop")

@@ -28,13 +28,13 @@ from pathlib import Path
 import pytest
 
 from resolver.config import Config, Listen, RemoteConfig
-from resolver.httpserver import HTTPServer, Request, Response
 from resolver.policy import remote
-from resolver.server import Server, StartupError
+from resolver.service.http import HTTPServer, Request, Response
+from resolver.service.server import Server, StartupError
 
 from .conftest import RunningServer
-from .fakeupstream import FakeUpstream
-from .realservers import ROOT, ResolverProcess, free_port
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.realservers import ROOT, ResolverProcess, free_port
 
 TOKEN = "a-test-token-of-32-characters-xx"
 LOOPBACK = Listen("127.0.0.1", 0)
@@ -355,7 +355,7 @@ def test_when_every_slot_is_answering_new_connections_get_503(
 
 
 def test_off_loopback_the_admin_api_needs_a_token(upstream: FakeUpstream, lists_dir: Path) -> None:
-    from resolver.upstream import parse_upstream
+    from resolver.upstream.forwarder import parse_upstream
 
     config = Config(
         listen=(LOOPBACK,),

@@ -15,11 +15,11 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from resolver.upstream import Upstream, parse_upstream
+from resolver.upstream.forwarder import Upstream, parse_upstream
 
 from .conftest import RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
-from .realservers import free_port
+from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.realservers import free_port
 from .test_tls_upstream import TLSServer
 
 pytestmark = pytest.mark.skipif(

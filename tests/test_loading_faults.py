@@ -31,15 +31,15 @@ import dns.rcode
 import pytest
 
 from resolver.config import Listen, ReloadConfig, RemoteConfig, load_config
-from resolver.metrics import ResolverCollector
+from resolver.observe.metrics import ResolverCollector
 from resolver.policy import LoadOptions, load_policy, remote
 from resolver.policy.loader import list_files
 from resolver.policy.regexcheck import UnsafePattern, check
 from resolver.yamlload import SourceError
 
 from .conftest import RunningServer
-from .fakeupstream import FakeUpstream
-from .realservers import ROOT, ResolverProcess
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.realservers import ROOT, ResolverProcess
 
 FAST_RELOAD = ReloadConfig(interval=0.1, debounce=0.05, checksum_interval=1.0)
 NESTED = "list: deep\ndomains: " + "[" * 20_000 + "\n"

@@ -17,11 +17,11 @@ import dns.rdatatype
 import pytest
 
 from resolver.config import CacheConfig
-from resolver.metrics import counts_of
-from resolver.server import settle_memory
+from resolver.observe.metrics import counts_of
+from resolver.service.server import settle_memory
 
 from .conftest import RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 MIB = 1024 * 1024
 DEFAULT_GC_THRESHOLD = gc.get_threshold()

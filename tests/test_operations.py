@@ -21,8 +21,8 @@ import dns.rcode
 import jsonschema
 import pytest
 
-from .fakeupstream import FakeUpstream
-from .realservers import ROOT, ResolverProcess, free_port
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.realservers import ROOT, ResolverProcess, free_port
 from .test_cli import ask
 
 SPEC = json.loads((ROOT / "resolver" / "schema" / "admin.openapi.json").read_text())
@@ -195,7 +195,7 @@ def test_admin_api_matches_its_openapi_description(
     proc, _, _ = served
     admin, _ = urls(proc)
     routes = {(m.upper(), p) for p, ops in SPEC["paths"].items() for m in ops}
-    from resolver.admin import admin_routes
+    from resolver.service.admin import admin_routes
 
     assert set(admin_routes(None).keys()) == routes  # type: ignore[arg-type]
     seen = {}

@@ -15,11 +15,11 @@ import dns.message
 import dns.rcode
 import pytest
 
-from resolver.pending import Pending
-from resolver.transport import Tasks
+from resolver.core.pending import Pending
+from resolver.service.listeners import Tasks
 
 from .conftest import RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 
 def test_the_waiter_gets_the_answer_once_and_leaves_the_held_set() -> None:

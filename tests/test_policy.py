@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from resolver.core.wire import encode_name, label_offsets
 from resolver.policy import Policy, load_policy
 from resolver.policy.timewindow import TimeValueError, parse_instant, zone
-from resolver.wire import encode_name, label_offsets
 from resolver.yamlload import SourceError
 
 

@@ -13,11 +13,11 @@ import dns.message
 import dns.rcode
 import pytest
 
+from resolver.core.wire import encode_name, label_offsets
 from resolver.policy import ClientGroups, LoadOptions, Policy, load_policy
-from resolver.wire import encode_name, label_offsets
 
 from .conftest import RunningServer
-from .fakeupstream import FakeUpstream
+from .helpers.fakeupstream import FakeUpstream
 from .test_policy import utc, write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -430,7 +430,7 @@ def test_remote_list_is_fetched_refreshed_kept_on_failure_and_used_offline(
 ) -> None:
     import time
 
-    from .realservers import ResolverProcess
+    from .helpers.realservers import ResolverProcess
     from .test_cli import ask
 
     lists = write(tmp_path, "lists/r.yaml", "")

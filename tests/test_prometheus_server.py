@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from .fakeupstream import FakeUpstream
-from .realservers import ROOT, ResolverProcess, free_port
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.realservers import ROOT, ResolverProcess, free_port
 from .test_cli import ask
 
 pytestmark = pytest.mark.skipif(

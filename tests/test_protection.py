@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from resolver.config import AclConfig, RateLimitConfig
 
 from .conftest import RunningServer
-from .fakeupstream import FakeUpstream
+from .helpers.fakeupstream import FakeUpstream
 
 
 def from_address(
@@ -51,7 +51,7 @@ def test_acl_refuses_or_drops_strangers(
 
 
 def test_default_acl_allows_loopback_and_private_networks() -> None:
-    from resolver.guard import PASS, REFUSE, Guard
+    from resolver.core.guard import PASS, REFUSE, Guard
 
     guard = Guard()
     for client in (
@@ -237,7 +237,7 @@ def test_a_stale_answer_gets_the_cname_check_too(
     from resolver.config import CacheConfig
 
     from .conftest import FROZEN_NOW
-    from .fakeupstream import Behaviour
+    from .helpers.fakeupstream import Behaviour
 
     running = make_server(cache=CacheConfig(serve_stale=3600, stale_timer=0.2))
     running.clock.now = FROZEN_NOW

@@ -17,7 +17,7 @@ import pytest
 from resolver.config import UDPConfig
 
 from .conftest import RunningServer, has_ipv6
-from .fakeupstream import FakeUpstream
+from .helpers.fakeupstream import FakeUpstream
 from .test_wire import MALFORMED
 
 

@@ -7,7 +7,7 @@
 - ANY over UDP is cut from the real answer, never invented; other classes are REFUSED
   (issue 22, item 1).
 
-The ANY and DNSSEC tests run against NSD serving the zones of tests/richzones.py (a signed
+The ANY and DNSSEC tests run against NSD serving the zones of tests/helpers/richzones.py (a signed
 one when dnspython can sign), through a proxy that plays the upstream that misbehaves.
 """
 
@@ -31,10 +31,10 @@ import dns.rdatatype
 import pytest
 
 from resolver.config import RateLimitConfig
-from resolver.upstream import parse_upstream
+from resolver.upstream.forwarder import parse_upstream
 
 from .conftest import RunningServer
-from .richzones import Proxy, ZoneServer, available
+from .helpers.richzones import Proxy, ZoneServer, available
 
 needs_nsd = pytest.mark.skipif(not available(), reason="needs nsd")
 

@@ -13,7 +13,7 @@ import dns.rcode
 from resolver.config import TCPConfig
 
 from .conftest import RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 
 def send_frame(sock: socket.socket, message: dns.message.Message) -> None:

@@ -26,7 +26,7 @@ import dns.rcode
 from resolver.config import Listen, TCPConfig, parse_upstream
 
 from .conftest import RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 MiB = 1024 * 1024
 

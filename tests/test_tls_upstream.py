@@ -14,7 +14,7 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from .realservers import ResolverProcess, free_port, wait_for_dns
+from .helpers.realservers import ResolverProcess, free_port, wait_for_dns
 from .test_cli import ask
 
 pytestmark = pytest.mark.skipif(

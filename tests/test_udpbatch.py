@@ -1,4 +1,4 @@
-"""The batched UDP listener (resolver/udpbatch.py) on real loopback sockets.
+"""The batched UDP listener (resolver/service/udpbatch.py) on real loopback sockets.
 
 Queries are queued in the listener's socket before it starts reading, so that one
 recvmmsg finds them all: the batches are what these tests are about. The handler is a
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from resolver import udpbatch
-from resolver.pending import Pending
-from resolver.transport import Tasks
+from resolver.service import udpbatch
+from resolver.core.pending import Pending
+from resolver.service.listeners import Tasks
 
 from .conftest import has_ipv6
 

@@ -28,11 +28,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from resolver.config import InflightConfig, Listen, UpstreamHealthConfig
-from resolver.metrics import ResolverCollector
-from resolver.querylog import AuditConfig
+from resolver.observe.metrics import ResolverCollector
+from resolver.observe.querylog import AuditConfig
 
 from .conftest import FROZEN_NOW, RunningServer
-from .fakeupstream import Behaviour, FakeUpstream
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 
 BAN_AT = FROZEN_NOW + 30  # 2026-06-01T12:00:30Z
 BAN_LIST = """\

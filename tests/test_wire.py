@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import wire
+from resolver.core import wire
+from resolver.core.sinkhole import blocked_answer
 from resolver.policy.model import ALL_CLIENTS, DOMAIN, Action, BlockList, Phases, Policy, RuleSet
 from resolver.policy.table import NameTable
-from resolver.sinkhole import blocked_answer
 from resolver.yamlload import Where
 
 
@@ -295,7 +295,7 @@ def test_the_question_type_must_match_exactly() -> None:
 def test_a_fresh_entry_serves_the_replys_ttls_or_zero_for_a_top_bit_ttl(raw_ttl: int) -> None:
     """At age 0 a cache entry serves the reply's own bytes, unless a TTL had its top bit
     set: that one is read, and served, as zero (RFC 2181 8)."""
-    from resolver.cache import Entry
+    from resolver.core.cache import Entry
 
     query = dns.message.make_query("www.example.test", "A")
     reply = dns.message.make_response(query)

@@ -15,8 +15,8 @@ from typing import Any
 import dns.rcode
 import pytest
 
-from .fakeupstream import FakeUpstream
-from .realservers import ResolverProcess, free_port
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.realservers import ResolverProcess, free_port
 from .test_cli import ask
 from .test_operations import TOKEN, check_against_spec, http, urls, wait_for
 

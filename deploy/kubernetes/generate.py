@@ -10,7 +10,7 @@
 
 Each file is written as YAML text (block scalars for the files, the rules indented under
 ``spec:``, comments kept), then read back and compared with its source, so that what the
-cluster gets is the source byte for byte. tests/test_deploy_kubernetes.py runs the check.
+cluster gets is the source byte for byte. tests/deploy/test_deploy_kubernetes.py runs the check.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from zoneinfo import ZoneInfo
 
-from ..wire import EDE_BLOCKED, ede_option, opt_record
+from ..core.wire import EDE_BLOCKED, ede_option, opt_record
 from ..yamlload import Where
 
 # What a rule set covers and does: the bit flags the import formats produce.

@@ -26,14 +26,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from . import __version__
-from .httpserver import REASONS_COUNTED
-from .policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
-from .policy.timewindow import ALWAYS, NEVER
+from .. import __version__
+from ..policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
+from ..policy.timewindow import ALWAYS, NEVER
+from ..service.http import REASONS_COUNTED
 
 if TYPE_CHECKING:
-    from .chain import Resolver
-    from .server import Server
+    from ..core.pipeline import Resolver
+    from ..service.server import Server
 
 K = TypeVar("K")
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import dns.exception
 
-from . import __version__
-from .config import Config, finish, load_config
-from .explain import explain, parse_at, render_text
-from .policy import ClientGroups, LoadOptions, Policy, load_policy
-from .policy.loader import fault
-from .policy.model import DOMAIN, SUBDOMAINS
-from .yamlload import SourceError
+from .. import __version__
+from ..config import Config, finish, load_config
+from ..policy import ClientGroups, LoadOptions, Policy, load_policy
+from ..policy.explain import explain, parse_at, render_text
+from ..policy.loader import fault
+from ..policy.model import DOMAIN, SUBDOMAINS
+from ..yamlload import SourceError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="processes answering on the same addresses (SO_REUSEPORT; default 1)",
     )
-    # Internal: how the first worker starts the others (see resolver/workers.py).
+    # Internal: how the first worker starts the others (see resolver/service/workers.py).
     serve.add_argument("--worker-child", type=int, metavar="FD", help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -164,8 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=level, stream=sys.stderr, format=f"%(asctime)s %(levelname)s {who}%(message)s"
     )
-    from .server import run
-    from .workers import WorkerLink, child_argv
+    from ..service.server import run
+    from ..service.workers import WorkerLink, child_argv
 
     if child:
         return run(config, reread, link=WorkerLink(args.worker_child, args.worker_index))
@@ -261,7 +261,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
     import dns.query
     import dns.rcode
 
-    from .upstream import split_host_port
+    from ..upstream.forwarder import split_host_port
 
     try:
         host, port = split_host_port(args.server, 53)

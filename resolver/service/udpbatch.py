@@ -39,7 +39,7 @@ from collections import deque
 from time import perf_counter
 from typing import Any, Final, Literal
 
-from .transport import EVERYONE, FAST_BOUND, FastSource, Handler, Tasks, UDPListener
+from .listeners import EVERYONE, FAST_BOUND, FastSource, Handler, Tasks, UDPListener
 
 log = logging.getLogger("resolver.transport")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -40,18 +40,18 @@ from typing import TYPE_CHECKING, Final
 
 import dns.rdatatype
 
+from ..observe.metrics import Stats, qtype_label, rcode_label
+from ..policy.model import ALL_CLIENTS, Policy, RuleSet
+from ..policy.timewindow import NEVER
+from ..service.listeners import EVERYONE
+from ..upstream.forwarder import Forwarder
 from .cache import STALE_TTL, Cache, Entry, age_of
 from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
-from .metrics import Stats, qtype_label, rcode_label
 from .pending import Pending
-from .policy.model import ALL_CLIENTS, Policy, RuleSet
-from .policy.timewindow import NEVER
 from .sinkhole import blocked_answer
-from .transport import EVERYONE
-from .upstream import Forwarder
 
 if TYPE_CHECKING:
-    from .querylog import AuditSink
+    from ..observe.querylog import AuditSink
 
 from .wire import (
     CLASS_ANY,

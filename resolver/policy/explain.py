@@ -15,11 +15,11 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from .policy.formats import normalize
-from .policy.model import Policy, RuleSet
-from .policy.timewindow import NEVER, format_instant
-from .sinkhole import blocked_answer
-from .wire import encode_name, label_offsets, parse_query
+from ..core.sinkhole import blocked_answer
+from ..core.wire import encode_name, label_offsets, parse_query
+from .formats import normalize
+from .model import Policy, RuleSet
+from .timewindow import NEVER, format_instant
 
 
 def parse_at(text: str | None) -> float:

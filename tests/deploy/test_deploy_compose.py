@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .realservers import ROOT
+from ..helpers.realservers import ROOT
 from .test_deploy_container import FINAL, copies, image_config, image_config_path
 
 COMPOSE_DIR = ROOT / "deploy" / "compose"

@@ -27,12 +27,12 @@ from math import inf
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from .metrics import BUCKETS
-from .pending import Pending
+from ..core.pending import Pending
+from ..observe.metrics import BUCKETS
 
 if TYPE_CHECKING:
-    from .chain import Info
-    from .metrics import Counts
+    from ..core.pipeline import Info
+    from ..observe.metrics import Counts
 
 log = logging.getLogger("resolver.transport")
 

@@ -40,8 +40,8 @@ import dns.rcode
 import pytest
 import yaml
 
-from .fakeupstream import FakeUpstream
-from .realservers import ROOT, free_port
+from ..helpers.fakeupstream import FakeUpstream
+from ..helpers.realservers import ROOT, free_port
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

@@ -22,24 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from . import udpbatch, wire
+from ..config import Config, Listen, bootstrap_servers, is_self, name_upstreams
+from ..core import wire
+from ..core.cache import Cache
+from ..core.guard import Guard
+from ..core.pipeline import Clock, Resolver
+from ..observe.metrics import Counts, counts_of
+from ..observe.querylog import AuditLog, AuditSink
+from ..policy import ClientGroups, LoadOptions, Policy, remote
+from ..policy.isolated import PolicyLoader
+from ..policy.loader import fault, list_files
+from ..policy.model import synthetic_ruleset
+from ..upstream.bootstrap import Bootstrap
+from ..upstream.forwarder import Forwarder
+from ..yamlload import SourceError
+from . import udpbatch
 from .admin import admin_routes, metrics_routes
-from .bootstrap import Bootstrap
-from .cache import Cache
-from .chain import Clock, Resolver
-from .config import Config, Listen, bootstrap_servers, is_self, name_upstreams
-from .guard import Guard
-from .httpserver import HTTPServer
-from .metrics import Counts, counts_of
-from .policy import ClientGroups, LoadOptions, Policy, remote
-from .policy.isolated import PolicyLoader
-from .policy.loader import fault, list_files
-from .policy.model import synthetic_ruleset
-from .querylog import AuditLog, AuditSink
-from .transport import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
-from .upstream import Forwarder
+from .http import HTTPServer
+from .listeners import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
 from .workers import RelayAudit, Supervisor, WorkerLink
-from .yamlload import SourceError
 
 log = logging.getLogger("resolver")
 

@@ -38,8 +38,8 @@ import dns.rcode
 import pytest
 import yaml
 
-from .fakeupstream import FakeUpstream
-from .realservers import ROOT, ResolverProcess, free_port
+from ..helpers.fakeupstream import FakeUpstream
+from ..helpers.realservers import ROOT, ResolverProcess, free_port
 from .test_deploy_container import ENTRYPOINT
 from .test_deploy_container import ENV as IMAGE_ENV
 

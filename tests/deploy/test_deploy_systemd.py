@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .realservers import ROOT
+from ..helpers.realservers import ROOT
 
 UNIT = ROOT / "deploy" / "systemd" / "resolver.service"
 HOST_CONFIG = ROOT / "deploy" / "systemd" / "resolver.yaml"

@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 import dns.exception
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from . import __version__
-from .explain import explain, parse_at
-from .httpserver import Handler, Request, Response, error, json_response
-from .metrics import ResolverCollector, register_service_metrics
-from .policy.formats import normalize
-from .policy.timewindow import ALWAYS, NEVER, format_instant
-from .wire import encode_name
+from .. import __version__
+from ..core.wire import encode_name
+from ..observe.metrics import ResolverCollector, register_service_metrics
+from ..policy.explain import explain, parse_at
+from ..policy.formats import normalize
+from ..policy.timewindow import ALWAYS, NEVER, format_instant
+from .http import Handler, Request, Response, error, json_response
 
 if TYPE_CHECKING:
+    from ..upstream.forwarder import Forwarder, Upstream
     from .server import Server
-    from .upstream import Forwarder, Upstream
 
 
 def _instant(value: float) -> str | None:

@@ -36,8 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .metrics import Counts, counts_of
-from .querylog import BLOCKED_DECISIONS, DECISIONS, AuditConfig
+from ..observe.metrics import Counts, counts_of
+from ..observe.querylog import BLOCKED_DECISIONS, DECISIONS, AuditConfig
 
 if TYPE_CHECKING:
     from .server import Server

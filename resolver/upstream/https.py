@@ -32,9 +32,9 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from .dot import EncryptedConnection, connect_tls
-from .upstream import Upstream, UpstreamError
-from .wire import FormatError, Mismatch, Scan, scan_response
+from ..core.wire import FormatError, Mismatch, Scan, scan_response
+from .forwarder import Upstream, UpstreamError
+from .tls import EncryptedConnection, connect_tls
 
 if TYPE_CHECKING:
     pass

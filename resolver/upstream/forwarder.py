@@ -27,9 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from .metrics import Histogram, rcode_label
-from .policy.model import dotted
-from .wire import (
+from ..core.wire import (
     FLAG_AD,
     FLAG_CD,
     FLAG_RD,
@@ -49,10 +47,12 @@ from .wire import (
     parse_query,
     scan_response,
 )
+from ..observe.metrics import Histogram, rcode_label
+from ..policy.model import dotted
 
 if TYPE_CHECKING:
     from .bootstrap import Bootstrap
-    from .dot import EncryptedConnection
+    from .tls import EncryptedConnection
 
 log = logging.getLogger("resolver.upstream")
 
@@ -479,7 +479,7 @@ class Forwarder:
         self._background: set[asyncio.Task[Scan | None]] = set()
         #: The reused connection of each tls and https upstream.
         self.connections: dict[Upstream, EncryptedConnection] = {}
-        from .dot import tls_context  # dot builds on this module
+        from .tls import tls_context  # dot builds on this module
 
         self.tls_context = tls_context(tls_ca_file)
         self.https_context = tls_context(tls_ca_file, alpn="h2")
@@ -833,11 +833,11 @@ class Forwarder:
     def _connection(self, up: Upstream) -> EncryptedConnection:
         conn: EncryptedConnection
         if up.transport == "https":
-            from .doh import HTTPSConnection  # doh builds on this module
+            from .https import HTTPSConnection  # doh builds on this module
 
             conn = HTTPSConnection(up, self.https_context, bootstrap=self.bootstrap)
         else:
-            from .dot import TLSConnection
+            from .tls import TLSConnection
 
             conn = TLSConnection(up, self.tls_context, bootstrap=self.bootstrap)
         conn.ignored = lambda exc: self._ignored(up, exc)

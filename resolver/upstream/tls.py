@@ -16,8 +16,8 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .upstream import PIN_PARAM, Upstream, UpstreamError, query_id
-from .wire import FormatError, Mismatch, Scan, scan_response
+from ..core.wire import FormatError, Mismatch, Scan, scan_response
+from .forwarder import PIN_PARAM, Upstream, UpstreamError, query_id
 
 if TYPE_CHECKING:
     from .bootstrap import Bootstrap

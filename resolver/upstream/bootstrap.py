@@ -16,8 +16,8 @@ import socket
 import time
 from typing import Final
 
-from .upstream import Forwarder, Upstream, UpstreamError
-from .wire import FLAG_RD, TYPE_A, TYPE_AAAA, encode_name, header, parse_query
+from ..core.wire import FLAG_RD, TYPE_A, TYPE_AAAA, encode_name, header, parse_query
+from .forwarder import Forwarder, Upstream, UpstreamError
 
 log = logging.getLogger("resolver.bootstrap")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Final
 
-from .policy.model import RuleSet
+from ..policy.model import RuleSet
 from .wire import (
     CLASS_IN,
     RCODE_NOERROR,
