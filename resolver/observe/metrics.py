@@ -13,9 +13,9 @@ import platform
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import (
@@ -33,7 +33,9 @@ from ..service.http import REASONS_COUNTED
 
 if TYPE_CHECKING:
     from ..core.pipeline import Resolver
-    from ..service.server import Server
+    from ..policy.model import Policy, RemoteSpec
+    from ..policy.remote import FetchResult
+    from ..service.http import HTTPServer
 
 K = TypeVar("K")
 
@@ -245,19 +247,46 @@ def counts_of(resolver: Resolver) -> Counts:
     )
 
 
-class ResolverCollector(Collector):
-    """Builds every ``resolver_`` metric family from a running :class:`Server`."""
+class CollectorSource(Protocol):
+    """What :class:`ResolverCollector` reads: the resolver, the counts of every worker and
+    the policy clock (the service's server provides them)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    @property
+    def resolver(self) -> Resolver | None: ...
+
+    def counts(self) -> Counts: ...
+
+    def clock(self) -> float: ...
+
+
+class ResolverCollector(Collector):
+    """Builds every ``resolver_`` metric family about queries, policy, cache and upstreams,
+    one method per area."""
+
+    def __init__(self, source: CollectorSource) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        resolver = server.resolver
+        resolver = self.source.resolver
         if resolver is None:
             return
-        stats = resolver.stats
-        counts = server.counts()
+        counts = self.source.counts()
+        yield from self._answers(counts)
+        yield from self._lists(resolver.policy, counts)
+        yield from self._policy(resolver.policy, resolver.stats)
+        yield from self._cache(counts)
+        yield from self._upstreams(resolver, counts)
+        yield from self._protection(counts)
+        yield from self._tcp(counts)
+        build = GaugeMetricFamily(
+            "resolver_build_info",
+            "Version of the resolver and of Python.",
+            labels=["version", "python"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
+
+    def _answers(self, counts: Counts) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "resolver_requests", "DNS queries received.", labels=["proto", "qtype"]
         )
@@ -285,7 +314,7 @@ class ResolverCollector(Collector):
             duration.add_metric([decision], hist.family_buckets(), hist.total)
         yield duration
 
-        policy = resolver.policy
+    def _lists(self, policy: Policy, counts: Counts) -> Iterator[Metric]:
         blocked = CounterMetricFamily(
             "resolver_blocked", "Queries blocked, by list.", labels=["list"]
         )
@@ -301,7 +330,7 @@ class ResolverCollector(Collector):
         yield blocked
         yield would
 
-        now = server.clock()
+        now = self.source.clock()
         rules = GaugeMetricFamily("resolver_list_rules", "Rules loaded, by list.", labels=["list"])
         state = GaugeMetricFamily(
             "resolver_list_state",
@@ -332,6 +361,7 @@ class ResolverCollector(Collector):
         yield activation
         yield transition
 
+    def _policy(self, policy: Policy, stats: Stats) -> Iterator[Metric]:
         reloads = CounterMetricFamily(
             "resolver_policy_reloads", "Policy reloads, by result.", labels=["result"]
         )
@@ -359,6 +389,7 @@ class ResolverCollector(Collector):
         info.add_metric([policy.digest], 1.0)
         yield info
 
+    def _cache(self, counts: Counts) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "resolver_cache_entries", "Answers in the cache.", value=counts.cache_entries
         )
@@ -410,6 +441,7 @@ class ResolverCollector(Collector):
             value=counts.memo_rejections,
         )
 
+    def _upstreams(self, resolver: Resolver, counts: Counts) -> Iterator[Metric]:
         forwarder = resolver.forwarder
         up_duration = HistogramMetricFamily(
             "resolver_upstream_request_duration_seconds",
@@ -444,6 +476,7 @@ class ResolverCollector(Collector):
             probes.add_metric([upstream, result], count)
         yield probes
 
+    def _protection(self, counts: Counts) -> Iterator[Metric]:
         stopped = CounterMetricFamily(
             "resolver_queries_stopped",
             "Queries stopped before any work: access list (acl), rate limit (dropped, "
@@ -470,6 +503,8 @@ class ResolverCollector(Collector):
             "Audit log entries dropped because the log could not keep up.",
             value=counts.audit_dropped,
         )
+
+    def _tcp(self, counts: Counts) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "resolver_tcp_connections", "Open TCP client connections.", value=counts.tcp_connections
         )
@@ -496,13 +531,6 @@ class ResolverCollector(Collector):
             "(output), or tcp.max_pipeline queries in flight (pipeline).",
             (("output", counts.tcp_paused_output), ("pipeline", counts.tcp_paused_pipeline)),
         )
-        build = GaugeMetricFamily(
-            "resolver_build_info",
-            "Version of the resolver and of Python.",
-            labels=["version", "python"],
-        )
-        build.add_metric([__version__, platform.python_version()], 1.0)
-        yield build
 
 
 def _by_reason(name: str, doc: str, values: tuple[tuple[str, int], ...]) -> CounterMetricFamily:
@@ -513,24 +541,38 @@ def _by_reason(name: str, doc: str, values: tuple[tuple[str, int], ...]) -> Coun
     return family
 
 
-def register_service_metrics(registry: CollectorRegistry, server: Server) -> None:
+class ServiceSource(Protocol):
+    """What :class:`ServiceCollector` reads: the resolver (for its policy's remote lists),
+    how each remote list's latest fetch went, and the HTTP listeners that are up."""
+
+    @property
+    def resolver(self) -> Resolver | None: ...
+
+    @property
+    def fetch_status(self) -> Mapping[str, FetchResult]: ...
+
+    @property
+    def http_servers(self) -> Sequence[HTTPServer]: ...
+
+
+def register_service_metrics(registry: CollectorRegistry, source: ServiceSource) -> None:
     """Add to ``registry`` what is not about queries: the process (``resolver_process_*``:
     resident memory, CPU seconds, open file descriptors, start time; of the first worker
     only), the freshness of remote lists and the HTTP listeners' limits."""
     ProcessCollector(namespace="resolver", registry=registry)
-    registry.register(ServiceCollector(server))
+    registry.register(ServiceCollector(source))
 
 
 class ServiceCollector(Collector):
     """Remote-list freshness and the HTTP listeners' counters, at scrape time."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, source: ServiceSource) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        if server.resolver is not None:
-            yield from self._remote_lists(server)
+        source = self.source
+        if source.resolver is not None:
+            yield from self._remote_lists(source.resolver.policy.remotes, source.fetch_status)
         connections = GaugeMetricFamily(
             "resolver_http_connections",
             "HTTP connections open now, by listener (admin, metrics).",
@@ -548,7 +590,7 @@ class ServiceCollector(Collector):
             "too_large, malformed, host (DNS rebinding), origin (a web page), unauthorized.",
             labels=["server", "reason"],
         )
-        for http in server.http_servers:
+        for http in source.http_servers:
             connections.add_metric([http.name], http.connections)
             limit.add_metric([http.name], http.max_connections)
             for reason in REASONS_COUNTED:
@@ -557,15 +599,16 @@ class ServiceCollector(Collector):
         yield limit
         yield rejected
 
-    def _remote_lists(self, server: Server) -> Iterator[Metric]:
-        assert server.resolver is not None
+    def _remote_lists(
+        self, remotes: Sequence[RemoteSpec], fetch_status: Mapping[str, FetchResult]
+    ) -> Iterator[Metric]:
         # Per list, its stalest subscription (the largest age in refresh intervals): one
         # series per list, however many URLs it includes (URLs are no labels: they can
         # hold credentials).
         now = time.time()  # fetched_at is wall-clock time, whatever the policy clock says
         stalest: dict[str, tuple[float, float, float]] = {}
-        for spec in server.resolver.policy.remotes:
-            result = server.fetch_status.get(spec.url)
+        for spec in remotes:
+            result = fetch_status.get(spec.url)
             last = (result.fetched_at or 0.0) if result is not None else 0.0
             lateness = (now - last) / spec.refresh if last else float("inf")
             seen = stalest.get(spec.list_id)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dns.exception
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -20,18 +21,51 @@ from ..observe.metrics import ResolverCollector, register_service_metrics
 from ..policy.explain import explain, parse_at
 from ..policy.formats import normalize
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
-from .http import Handler, Request, Response, error, json_response
+from .http import Handler, HTTPServer, Request, Response, error, json_response
 
 if TYPE_CHECKING:
+    from ..core.pipeline import Resolver
+    from ..observe.metrics import Counts
+    from ..policy.remote import FetchResult
     from ..upstream.forwarder import Forwarder, Upstream
-    from .server import Server
+    from .workers import Supervisor
+
+
+class Served(Protocol):
+    """What the admin API and /metrics read of the running service (the server provides
+    it): its state, the workers' supervisor, and reload."""
+
+    @property
+    def resolver(self) -> Resolver | None: ...
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def bound(self) -> Sequence[object]: ...
+
+    @property
+    def supervisor(self) -> Supervisor | None: ...
+
+    @property
+    def fetch_status(self) -> Mapping[str, FetchResult]: ...
+
+    @property
+    def http_servers(self) -> Sequence[HTTPServer]: ...
+
+    def counts(self) -> Counts: ...
+
+    async def reload(self) -> bool: ...
 
 
 def _instant(value: float) -> str | None:
     return None if value in (NEVER, ALWAYS) or not value else format_instant(value)
 
 
-def admin_routes(server: Server) -> dict[tuple[str, str], Handler]:
+def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
     """The admin API of ``server``; see resolver/schema/admin.openapi.json."""
 
     async def healthz(_: Request) -> Response:
@@ -111,7 +145,7 @@ def admin_routes(server: Server) -> dict[tuple[str, str], Handler]:
     }
 
 
-def status_document(server: Server) -> dict[str, Any]:
+def status_document(server: Served) -> dict[str, Any]:
     """What ``GET /v1/status`` returns."""
     resolver = server.resolver
     now = server.clock()
@@ -184,7 +218,7 @@ def status_document(server: Server) -> dict[str, Any]:
     return doc
 
 
-def metrics_routes(server: Server) -> dict[tuple[str, str], Handler]:
+def metrics_routes(server: Served) -> dict[tuple[str, str], Handler]:
     """``GET /metrics`` in the Prometheus text format, from a registry of our own."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ResolverCollector(server))

@@ -7,10 +7,8 @@ in Unbound: a reload never touches the listeners, and a broken policy never stop
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gc
-import hashlib
 import ipaddress
 import logging
 import signal
@@ -19,44 +17,28 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
-from ..config import Config, Listen, bootstrap_servers, is_self, name_upstreams
+from ..config import Config, Listen
 from ..core import wire
-from ..core.cache import Cache
-from ..core.guard import Guard
 from ..core.pipeline import Clock, Resolver
 from ..observe.metrics import Counts, counts_of
-from ..observe.querylog import AuditLog, AuditSink
-from ..policy import ClientGroups, LoadOptions, Policy, remote
+from ..observe.querylog import AuditSink
+from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
-from ..policy.loader import fault, list_files
-from ..policy.model import synthetic_ruleset
-from ..upstream.bootstrap import Bootstrap
-from ..upstream.forwarder import Forwarder
+from ..policy.loader import fault
 from ..yamlload import SourceError
-from . import udpbatch
+from . import assembly, udpbatch
 from .admin import admin_routes, metrics_routes
+from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
 from .http import HTTPServer
-from .listeners import Tasks, TCPConnection, TCPConnections, UDPListener, make_socket
+from .listeners import Tasks, TCPConnection, UDPListener, make_socket
+from .watch import FileWatcher, RemoteRefresher
 from .workers import RelayAudit, Supervisor, WorkerLink
 
+__all__ = ["Bound", "Server", "StartupError", "build", "run", "settle_memory"]
+
 log = logging.getLogger("resolver")
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do."""
-
-
-@dataclass(slots=True)
-class _WatchState:
-    """What the file watcher has seen: metadata and content digests, and when it last
-    hashed the contents."""
-
-    seen: str
-    digest: str
-    last_sum: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,26 +79,26 @@ class Server:
         self.admin_port = 0
         self.metrics_port = 0
         self.tasks = Tasks()
-        self.connections = TCPConnections(
-            config.tcp.max_connections,
-            config.tcp.idle_timeout,
-            config.tcp.max_pipeline,
-            config.tcp.max_output,
-            config.tcp.max_connections_per_client,
-        )
+        self.connections = make_connections(config.tcp)
         self.bound: list[Bound] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self._udp_listeners: list[UDPListener] = []  # BatchListener is one too
         self._tcp: list[asyncio.Server] = []
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
-        #: When each remote list was last fetched (or its copy was), and how that went.
-        self.fetched: dict[str, float] = {}
-        self.fetch_status: dict[str, remote.FetchResult] = {}
+        self.watcher = FileWatcher(
+            lambda: self.config, self._policy_files, self.reload, self.stopping
+        )
+        self.remotes = RemoteRefresher(
+            lambda: self.config,
+            lambda: self.resolver.policy.remotes if self.resolver is not None else (),
+            self.own_endpoints,
+            self.reload,
+            self.stopping,
+        )
         self._reload_lock = asyncio.Lock()
         #: Loads run in a child process, so that a large one never stalls answering.
         self._policy_loader = PolicyLoader(config.reload.timeout)
-        self._baseline = self._baseline_sum = ""
         #: With --workers N: in a child, its channel to the primary; in the primary, the
         #: supervisor of the children (started after the primary has bound), and the
         #: command line of a child given the bound addresses.
@@ -127,53 +109,17 @@ class Server:
     async def start(self) -> None:
         """Load the policy, then bind every listener; raise :class:`StartupError`."""
         config = self.config
-        if not config.upstreams:
-            raise StartupError(
-                "no upstream resolvers: none in /etc/resolv.conf; give --upstream HOST[:PORT] "
-                "or 'upstreams:' in the config"
-            )
-        _refuse_self_forwarding(config)
+        check(config)
         # The watcher's baseline: the files as they were before the load, so that an edit
         # made while starting still counts as a change.
-        loop = asyncio.get_running_loop()
-        before = await loop.run_in_executor(None, self._fingerprint, False, ())
+        before = await self.watcher.lists()
         policy = await self._load_policy()
         log.info("%s", policy.summary(self.clock()))
         if not policy.lists:
             log.warning("no lists in %s: nothing is blocked", config.blocklists)
-        cache = Cache(
-            config.cache.max_entries,
-            config.cache.min_ttl,
-            config.cache.max_ttl,
-            config.cache.max_negative_ttl,
-            config.cache.serve_stale,
-            config.cache.prefetch,
-            config.cache.max_bytes,
-        )
-        forwarder = Forwarder(
-            list(config.upstreams),
-            config.upstream_timeout,
-            config.upstream_deadline,
-            config.upstream_strategy,
-            {zone: list(ups) for zone, ups in config.forward},
-            str(config.tls_ca_file) if config.tls_ca_file else None,
-            make_bootstrap(config),
-        )
-        self.resolver = Resolver(policy, cache, forwarder, self.clock)
-        self.resolver.guard = make_guard(config)
-        self.resolver.stale_timer = config.cache.stale_timer
-        self.resolver.memo_max_bytes = config.cache.memo_max_bytes
-        self.resolver.memo_max_entries = config.cache.memo_max_entries
-        apply_rebinding(self.resolver, config)
-        apply_limits(self.resolver, config)
+        self.resolver = assembly.build(config, policy, self.clock)
         self._loaded(policy)
-        # Now that included files are known, they join the baseline, unless something
-        # changed during the load (then the first check reloads). The baseline is taken
-        # before that check, so that no edit can slip in between.
-        baseline = await loop.run_in_executor(None, self._fingerprint, False)
-        baseline_sum = await loop.run_in_executor(None, self._fingerprint, True)
-        if await loop.run_in_executor(None, self._fingerprint, False, ()) == before:
-            self._baseline, self._baseline_sum = baseline, baseline_sum
+        await self.watcher.set_baseline(before)
         log.info("forwarding to %s", ", ".join(str(u) for u in config.upstreams))
         try:
             for listen in config.listen:
@@ -185,13 +131,8 @@ class Server:
             raise
         for bound in self.bound:
             log.info("listening on %s", bound)
-        if config.audit.sink != "off":
-            audit: AuditSink
-            if self.link is not None and self.link.channel is not None:
-                audit = RelayAudit(config.audit, self.link.channel)
-            else:
-                audit = AuditLog(config.audit)
-                log.info("audit log: %s (%s)", config.audit.path or "stdout", config.audit.what)
+        audit = make_audit(config, self.link.channel if self.link is not None else None)
+        if audit is not None:
             audit.start()
             self.resolver.audit = audit
         if config.workers > 1 and self.link is None:
@@ -202,7 +143,7 @@ class Server:
         if command is None:
             raise StartupError("workers: this server cannot start child workers")
         listens = sorted({b.address for b in self.bound})
-        self.supervisor = Supervisor(self, count, lambda: command(listens))
+        self.supervisor = Supervisor(count, lambda: command(listens), self._audit)
         try:
             await self.supervisor.start()
         except (RuntimeError, OSError) as exc:
@@ -270,16 +211,16 @@ class Server:
         stats.last_reload_failed = False
         stats.last_reload_error = None
 
-    def load_options(self) -> LoadOptions:
-        """How this server loads its policy: its client groups, remote-copy folder, the
-        folders includes may read and whether remote lists may be on private addresses."""
-        config = self.config
-        return LoadOptions(
-            ClientGroups(dict(config.groups)),
-            config.state_dir,
-            include_roots=config.include_roots,
-            allow_private=config.remote.allow_private,
-        )
+    @property
+    def fetch_status(self) -> dict[str, remote.FetchResult]:
+        """How the latest fetch of each remote list went (by URL)."""
+        return self.remotes.status
+
+    def _policy_files(self) -> Sequence[str] | None:
+        return self.resolver.policy.files if self.resolver is not None else None
+
+    def _audit(self) -> AuditSink | None:
+        return self.resolver.audit if self.resolver is not None else None
 
     def own_endpoints(self) -> tuple[tuple[str, int], ...]:
         """The admin API's and /metrics' addresses as bound: never a list's source."""
@@ -302,7 +243,11 @@ class Server:
         self._policy_loader.start()
         try:
             policy = await loop.run_in_executor(
-                None, self._policy_loader.load, path, self.load_options(), self.resolver is not None
+                None,
+                self._policy_loader.load,
+                path,
+                load_options(self.config),
+                self.resolver is not None,
             )
             for warning in policy.warnings:
                 log.warning("%s", warning)
@@ -346,7 +291,7 @@ class Server:
                 stats.last_reload_error = why
                 log.error("reload failed, keeping policy %s: %s", resolver.policy.digest, why)
                 return False
-            self._apply_config(previous, self.config)
+            reconfigure(resolver, previous, self.config)
             resolver.policy = policy  # one assignment: each query sees one policy or the other
             stats.reloads["success"] += 1
             stats.lists_removed += removed
@@ -381,65 +326,6 @@ class Server:
             ", ".join(gone),
         )
         return len(gone)
-
-    def _apply_config(self, old: Config, new: Config) -> None:
-        """Take what can change without a restart; say what cannot."""
-        resolver = self.resolver
-        assert resolver is not None
-        forwarder = resolver.forwarder
-        if new.upstreams and list(new.upstreams) != forwarder.upstreams:
-            forwarder.upstreams = list(new.upstreams)
-            log.info("upstreams now %s", ", ".join(str(u) for u in new.upstreams))
-        forwarder.timeout = new.upstream_timeout
-        forwarder.deadline = new.upstream_deadline
-        forwarder.strategy = new.upstream_strategy
-        forwarder.routes = {zone.encode(): list(ups) for zone, ups in new.forward}
-        if new.bootstrap != old.bootstrap or (name_upstreams(new) and not forwarder.bootstrap):
-            try:
-                forwarder.bootstrap = make_bootstrap(new)
-            except StartupError as exc:
-                log.error("%s; upstreams given by host name fail until then", exc)
-            for conn in forwarder.connections.values():
-                conn.bootstrap = forwarder.bootstrap
-        apply_rebinding(resolver, new)
-        apply_limits(resolver, new)
-        if (old.acl, old.ratelimit) != (new.acl, new.ratelimit):
-            resolver.guard = make_guard(new)
-            log.info("access list and rate limit updated")
-        cache = resolver.cache
-        cache.max_entries = new.cache.max_entries
-        cache.min_ttl = new.cache.min_ttl
-        cache.max_ttl = new.cache.max_ttl
-        cache.max_negative_ttl = new.cache.max_negative_ttl
-        cache.serve_stale = new.cache.serve_stale
-        cache.prefetch = new.cache.prefetch
-        resolver.stale_timer = new.cache.stale_timer
-        cache.max_bytes = new.cache.max_bytes
-        resolver.memo_max_bytes = new.cache.memo_max_bytes
-        resolver.memo_max_entries = new.cache.memo_max_entries
-        for name, before, after in (
-            ("listen", old.listen, new.listen),
-            ("tcp", old.tcp, new.tcp),
-            ("udp", old.udp, new.udp),
-            (
-                "admin",
-                (old.admin, old.admin_token, old.admin_max_connections, old.admin_allowed_hosts),
-                (new.admin, new.admin_token, new.admin_max_connections, new.admin_allowed_hosts),
-            ),
-            (
-                "metrics",
-                (old.metrics, old.metrics_max_connections),
-                (new.metrics, new.metrics_max_connections),
-            ),
-            ("audit", old.audit, new.audit),
-            ("workers", old.workers, new.workers),
-        ):
-            if before != after:
-                log.warning(
-                    "config: '%s' changed; it takes effect only after a restart "
-                    "(keeping the running value)",
-                    name,
-                )
 
     async def _bind(self, listen: Listen) -> None:
         loop = asyncio.get_running_loop()
@@ -534,146 +420,12 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, audit.close)
 
     async def refresh_remotes(self) -> None:
-        """Keep remote lists fresh: fetch each when due (its ``refresh``), in a thread, and
-        reload when one changed. A failed fetch keeps the copy and is logged."""
-        assert self.resolver is not None
-        loop = asyncio.get_running_loop()
-        state_dir = self.config.state_dir
-        while not self.stopping.is_set():
-            specs = self.resolver.policy.remotes
-            now = time.time()
-            wake = now + 60
-            changed = False
-            for spec in specs:
-                last = self.fetched.get(spec.url)
-                if last is None:
-                    copy = await loop.run_in_executor(None, remote.load_copy, spec.url, state_dir)
-                    last = copy.fetched_at or 0.0
-                    # The copy's last successful fetch, until a fetch of ours says more.
-                    self.fetch_status.setdefault(spec.url, copy)
-                if now - last >= spec.refresh:
-                    result = await loop.run_in_executor(
-                        None,
-                        remote.fetch,
-                        spec.url,
-                        state_dir,
-                        spec.timeout,
-                        spec.max_size,
-                        self.config.remote.allow_private,
-                        self.own_endpoints(),
-                    )
-                    last = time.time()
-                    self.fetch_status[spec.url] = result
-                    if result.status == "updated":
-                        changed = True
-                        log.info("remote list %s (list %s) updated", spec.url, spec.list_id)
-                    elif result.status == "failed":
-                        log.error(
-                            "remote list %s (list %s): %s; keeping the last copy",
-                            spec.url,
-                            spec.list_id,
-                            result.error,
-                        )
-                self.fetched[spec.url] = last
-                wake = min(wake, last + spec.refresh)
-            if changed:
-                await self.reload()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), max(1.0, wake - time.time()))
+        """Keep remote lists fresh until stopped (see :class:`RemoteRefresher`)."""
+        await self.remotes.run()
 
     async def watch_files(self) -> None:
-        """Reload when the config file or anything the policy read changes on disk.
-
-        Every ``reload.interval`` the watcher compares the files' metadata (the directory
-        walk included, so new and deleted lists count, and a Kubernetes ConfigMap's
-        ``..data`` symlink swap shows as new targets); every ``checksum_interval`` it also
-        hashes their contents, a backstop for edits that keep size and mtime. A change
-        waits ``debounce`` of quiet (an editor's burst of writes), then reloads once.
-        """
-        state = _WatchState(self._baseline, self._baseline_sum, time.monotonic())
-        failed: str | None = None
-        while not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.config.reload.interval)
-            if self.stopping.is_set():
-                return
-            # Nothing may end the watcher: a fault in one round is logged (once while it
-            # lasts) and the next round tries again, so a later good edit still loads.
-            try:
-                await self._watch_once(state)
-                failed = None
-            except Exception as exc:
-                why = fault(exc)
-                if why != failed:
-                    log.error("file watcher: %s; still watching", why)
-                failed = why
-
-    async def _watch_once(self, state: _WatchState) -> None:
-        """One round of :meth:`watch_files`: look, and reload if something changed."""
-        loop = asyncio.get_running_loop()
-        settings = self.config.reload
-        seen, digest, last_sum = state.seen, state.digest, state.last_sum
-        now = await loop.run_in_executor(None, self._fingerprint, False)
-        changed = now != seen
-        if not changed and time.monotonic() - last_sum >= settings.checksum_interval:
-            last_sum = time.monotonic()
-            changed = await loop.run_in_executor(None, self._fingerprint, True) != digest
-        if not changed:
-            state.last_sum = last_sum
-            return
-        while True:  # debounce: wait until the files stop changing
-            await asyncio.sleep(settings.debounce)
-            again = await loop.run_in_executor(None, self._fingerprint, False)
-            if again == now:
-                break
-            now = again
-        # Remember what is about to be loaded, not what is there after: an edit made
-        # during the reload must still count as a change.
-        seen = now
-        digest = await loop.run_in_executor(None, self._fingerprint, True)
-        last_sum = time.monotonic()
-        lists = await loop.run_in_executor(None, self._fingerprint, False, ())
-        state.seen, state.digest, state.last_sum = seen, digest, last_sum
-        log.info("files changed on disk: reloading")
-        await self.reload()
-        # The reload may have added or dropped included files: they join the baseline,
-        # unless the config or the lists changed meanwhile (then the next check
-        # reloads). The new baseline is taken before that check, so an edit made
-        # between the two is never absorbed into it.
-        with_includes = await loop.run_in_executor(None, self._fingerprint, False)
-        contents = await loop.run_in_executor(None, self._fingerprint, True)
-        if await loop.run_in_executor(None, self._fingerprint, False, ()) == lists:
-            seen, digest = with_includes, contents
-        state.seen, state.digest, state.last_sum = seen, digest, last_sum
-
-    def _watched(self, included: Sequence[str] | None) -> list[Path]:
-        paths: list[Path] = []
-        if self.config.source != "embedded default":
-            paths.append(Path(self.config.source))
-        with contextlib.suppress(SourceError):
-            paths.extend(list_files(self.config.blocklists))
-        if included is None and self.resolver is not None:
-            included = self.resolver.policy.files
-        paths.extend(Path(f) for f in included or ())
-        return paths
-
-    def _fingerprint(self, contents: bool, included: Sequence[str] | None = None) -> str:
-        """Metadata (or, with ``contents``, a hash of the contents) of the watched files:
-        the config, the list files, and ``included`` (default: what the policy read)."""
-        digest = hashlib.sha256()
-        for path in sorted(set(self._watched(included))):
-            digest.update(str(path).encode() + b"\0")
-            try:
-                if contents and path.is_file():  # not a FIFO: reading one would block
-                    digest.update(path.read_bytes())
-                elif contents:
-                    digest.update(b"not a regular file")
-                else:
-                    st = path.stat()  # follows symlinks: a swapped target is a change
-                    digest.update(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())
-            except (OSError, ValueError):  # ValueError: a NUL byte in a path
-                digest.update(b"missing")
-        return str(digest.hexdigest())
+        """Reload on changes on disk until stopped (see :class:`FileWatcher`)."""
+        await self.watcher.run()
 
     def install_signals(self) -> None:
         """SIGTERM and SIGINT stop, SIGHUP reloads. Installed before anything slow, so
@@ -711,47 +463,6 @@ class Server:
         log.info("stopped")
 
 
-def apply_rebinding(resolver: Resolver, config: Config) -> None:
-    """Turn DNS rebinding protection on or off as the config says."""
-    resolver.internal_zones = config.rebinding.allow
-    resolver.rebinding = (
-        synthetic_ruleset(
-            "rebinding",
-            "DNS rebinding protection",
-            "a public name answered with a private address (DNS rebinding protection)",
-        )
-        if config.rebinding.enabled
-        else None
-    )
-
-
-def apply_limits(resolver: Resolver, config: Config) -> None:
-    """Upstream health (failures that mark one down, probes) and the in-flight budget."""
-    forwarder = resolver.forwarder
-    health = config.upstream_health
-    forwarder.max_fails = health.max_fails
-    forwarder.probe_interval = health.probe_interval
-    forwarder.probe_max_interval = max(health.probe_max_interval, health.probe_interval)
-    forwarder.probe_name = health.probe_name
-    inflight = config.inflight
-    resolver.max_inflight = inflight.max
-    resolver.max_inflight_per_client = inflight.per_client or max(16, inflight.max // 4)
-
-
-def make_guard(config: Config) -> Guard:
-    """The access list and rate limit the config asks for."""
-    limit = config.ratelimit
-    return Guard(
-        config.acl.allow,
-        config.acl.action,
-        limit.qps,
-        limit.burst,
-        limit.over_limit,
-        limit.ipv6_prefix,
-        limit.max_clients,
-    )
-
-
 def _bind_message(proto: str, listen: Listen, exc: OSError) -> str:
     hint = ""
     if exc.errno == errno.EACCES and listen.port < 1024:
@@ -761,41 +472,6 @@ def _bind_message(proto: str, listen: Listen, exc: OSError) -> str:
     elif exc.errno == errno.EADDRNOTAVAIL:
         hint = " (no interface of this machine has that address)"
     return f"cannot listen on {proto} {listen}: {exc.strerror or exc}{hint}"
-
-
-def _refuse_self_forwarding(config: Config) -> None:
-    mine = {(listen.host, listen.port) for listen in config.listen}
-    for upstream in config.upstreams:
-        if (upstream.host, upstream.port) in mine:
-            raise StartupError(
-                f"upstream {upstream} is this resolver's own listen address: queries would loop"
-            )
-    for server in config.bootstrap:
-        if is_self(server, config.listen):
-            raise StartupError(
-                f"bootstrap server {server} is this resolver's own listen address: the names "
-                "of upstreams must be resolved without this resolver; give other addresses"
-            )
-
-
-def make_bootstrap(config: Config) -> Bootstrap | None:
-    """The bootstrap for upstreams given by host name (None when there are none)."""
-    named = name_upstreams(config)
-    if not named:
-        return None
-    servers = bootstrap_servers(config)
-    if not servers:
-        raise StartupError(
-            f"upstream {named[0]} is a host name and there is no bootstrap server to resolve "
-            "it (none in /etc/resolv.conf that is not this resolver): give 'bootstrap:' "
-            "addresses in the config, or the upstream's IP address (tls://IP#name)"
-        )
-    log.info(
-        "upstream host names (%s) resolved through %s",
-        ", ".join(sorted({u.host for u in named})),
-        ", ".join(str(s) for s in servers),
-    )
-    return Bootstrap(list(servers), config.upstream_timeout, config.upstream_deadline)
 
 
 #: Allocations between young-generation collections (Python's default: 700). A query

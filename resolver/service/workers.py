@@ -34,13 +34,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..observe.metrics import Counts, counts_of
+from ..observe.metrics import Counts
 from ..observe.querylog import BLOCKED_DECISIONS, DECISIONS, AuditConfig
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..core.pipeline import Resolver
+    from ..observe.querylog import AuditSink
 
 log = logging.getLogger("resolver")
 
@@ -121,8 +122,14 @@ class Child:
 class Supervisor:
     """In the primary: starts, watches, asks and stops the child workers."""
 
-    def __init__(self, server: Server, count: int, argv: Callable[[], Sequence[str]]) -> None:
-        self.server = server
+    def __init__(
+        self,
+        count: int,
+        argv: Callable[[], Sequence[str]],
+        audit: Callable[[], AuditSink | None],
+    ) -> None:
+        #: The primary's audit log (None while off), which writes the children's entries.
+        self.audit = audit
         self.argv = argv
         self.children = [Child(i) for i in range(1, count)]
         self.stopping = False
@@ -238,7 +245,7 @@ class Supervisor:
             if future is not None and not future.done():
                 future.set_result(message[2])
         elif verb == "audit":
-            audit = self.server.resolver.audit if self.server.resolver else None
+            audit = self.audit()
             if audit is not None:
                 for entry in message[1]:
                     audit.record(*entry)
@@ -379,6 +386,20 @@ class RelayAudit:
         self.flush()
 
 
+class Worker(Protocol):
+    """What a child's link serves the primary from (the server provides it)."""
+
+    @property
+    def resolver(self) -> Resolver | None: ...
+
+    @property
+    def stopping(self) -> asyncio.Event: ...
+
+    def counts(self) -> Counts: ...
+
+    async def reload(self) -> bool: ...
+
+
 class WorkerLink:
     """In a child: the channel to the primary, and what the child does when asked."""
 
@@ -391,7 +412,7 @@ class WorkerLink:
         self.channel = await Channel.open(socket.socket(fileno=self.fd))
         return self.channel
 
-    async def serve(self, server: Server) -> None:
+    async def serve(self, server: Worker) -> None:
         """Answer the primary until it is gone (then stop this worker)."""
         channel = self.channel
         assert channel is not None and server.resolver is not None
@@ -410,7 +431,7 @@ class WorkerLink:
                 log.error("worker %d: the first worker is gone; stopping", self.index)
                 server.stopping.set()
 
-    async def _handle(self, server: Server, channel: Channel, message: tuple[Any, ...]) -> None:
+    async def _handle(self, server: Worker, channel: Channel, message: tuple[Any, ...]) -> None:
         resolver = server.resolver
         assert resolver is not None
         verb = message[0]
@@ -421,7 +442,7 @@ class WorkerLink:
                 ok = await server.reload()
                 answer = (ok, resolver.policy.digest, resolver.stats.last_reload_error)
             elif what == "counts":
-                answer = server.connections.count_into(counts_of(resolver))
+                answer = server.counts()  # a child has no supervisor: its own counts
             elif what == "flush":
                 answer = resolver.cache.flush(args[0])
                 resolver.forget_answers()
