@@ -47,6 +47,8 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
+from ..defaults import DEFAULT_AUDIT_KEEP, DEFAULT_AUDIT_MAX_BYTES, DEFAULT_AUDIT_QUEUE_SIZE
+
 log = logging.getLogger("resolver.audit")
 
 SINKS: Final = ("off", "stdout", "file")
@@ -57,9 +59,9 @@ DECISIONS: Final = frozenset(
 # What ``what: blocked`` keeps: queries the policy stopped, and those it would have stopped.
 BLOCKED_DECISIONS: Final = frozenset({"blocked", "monitored"})
 
-DEFAULT_MAX_BYTES: Final = 64 * 2**20
-DEFAULT_KEEP: Final = 7
-DEFAULT_QUEUE_SIZE: Final = 10_000
+DEFAULT_MAX_BYTES: Final = DEFAULT_AUDIT_MAX_BYTES
+DEFAULT_KEEP: Final = DEFAULT_AUDIT_KEEP
+DEFAULT_QUEUE_SIZE: Final = DEFAULT_AUDIT_QUEUE_SIZE
 
 # The writer takes at most this many entries per batch, so that one flush never holds an
 # unbounded amount of formatted text in memory.

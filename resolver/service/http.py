@@ -4,7 +4,7 @@ Deliberately minimal: one request per connection (``Connection: close``), and an
 bearer token for the paths that change or reveal state. It runs on the same loop as DNS, so
 a handler must never block.
 
-What a hostile client can make it hold is bounded (design: "Bounds"):
+What a hostile client can make it hold is bounded:
 
 - at most ``max_connections`` connections at once; when full, the oldest connection still
   sending its request is closed to make room (a slow sender cannot lock the probes out),
@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 from urllib.parse import parse_qs, urlsplit
 
+from ..defaults import DEFAULT_HTTP_MAX_CONNECTIONS
+
 log = logging.getLogger("resolver.http")
 
 #: The request line: method, target (with its query) and version.
@@ -57,9 +59,6 @@ RECV_SIZE: Final = 16 * 1024
 READ_TIMEOUT: Final = 10.0
 #: Seconds for the client to take the whole answer.
 WRITE_TIMEOUT: Final = 10.0
-#: Connections open at once, per listener (``admin.max_connections``,
-#: ``metrics.max_connections``).
-DEFAULT_MAX_CONNECTIONS: Final = 64
 #: Seconds between two log lines about refused connections.
 WARN_INTERVAL: Final = 60.0
 #: Methods that change nothing: allowed with an Origin header.
@@ -173,7 +172,7 @@ class HTTPServer:
         protected: str = "/v1/",
         *,
         name: str = "admin",
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS,
         allowed_hosts: Iterable[str] | None = None,
     ) -> None:
         self.routes = routes

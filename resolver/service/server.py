@@ -1,7 +1,9 @@
-"""Lifecycle: build everything from the config, bind, serve, reload, drain, stop.
+"""Lifecycle: start (load the policy, bind), serve, reload, drain, stop.
 
 Once-only work (binding sockets) is kept apart from per-reload work (loading the policy), as
 in Unbound: a reload never touches the listeners, and a broken policy never stops the server.
+What the components are and how the config sets them is :mod:`.assembly`; what makes the
+server reload by itself (files on disk, remote lists) is :mod:`.watch`.
 """
 
 from __future__ import annotations

@@ -339,7 +339,7 @@ class Supervisor:
 class RelayAudit:
     """A child's audit log: entries go to the primary, which writes the one log file.
 
-    Same interface as :class:`~resolver.querylog.AuditLog` as far as the query path goes.
+    Same interface as :class:`~resolver.observe.querylog.AuditLog` as far as the query path goes.
     """
 
     def __init__(self, config: AuditConfig, channel: Channel) -> None:
