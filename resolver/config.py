@@ -32,18 +32,10 @@ from .service.listeners import (
     DEFAULT_TCP_MAX_PER_CLIENT,
     DEFAULT_TCP_MAX_PIPELINE,
 )
-from .upstream.forwarder import (
-    DEFAULT_DEADLINE,
-    DEFAULT_TIMEOUT,
-    DOWN_AFTER,
-    MAX_BACKOFF,
-    PROBE_INTERVAL,
-    PROBE_NAME,
-    STRATEGIES,
-    Upstream,
-    parse_upstream,
-    split_host_port,
-)
+from .upstream.base import DEFAULT_DEADLINE, DEFAULT_TIMEOUT
+from .upstream.endpoints import Upstream, parse_upstream, split_host_port
+from .upstream.health import DOWN_AFTER, MAX_BACKOFF, PROBE_INTERVAL, PROBE_NAME
+from .upstream.strategies import STRATEGIES
 from .yamlload import (
     SourceError,
     Where,

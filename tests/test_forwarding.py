@@ -12,7 +12,7 @@ import dns.flags
 import dns.rcode
 import pytest
 
-from resolver.upstream.forwarder import parse_upstream
+from resolver.upstream.endpoints import parse_upstream
 
 from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
@@ -70,7 +70,7 @@ def test_all_upstreams_failing_gives_servfail_in_bounded_time(
 def test_default_deadline_is_under_three_seconds(
     make_server: Callable[..., RunningServer], upstream: FakeUpstream
 ) -> None:
-    from resolver.upstream.forwarder import DEFAULT_DEADLINE, DEFAULT_TIMEOUT
+    from resolver.upstream.base import DEFAULT_DEADLINE, DEFAULT_TIMEOUT
 
     running = make_server(upstream_timeout=DEFAULT_TIMEOUT, upstream_deadline=DEFAULT_DEADLINE)
     upstream.default = Behaviour("drop")
@@ -99,7 +99,8 @@ def test_spoofed_replies_are_ignored(server: RunningServer, upstream: FakeUpstre
     reply = server.query("example.test", "A")
     assert [rd.to_text() for rd in reply.answer[0]] == ["192.0.2.1"]  # never 6.6.6.6
     # Wrong ID and wrong question were read and ignored; the other port never got through.
-    assert server.resolver.forwarder.ignored == 2
+    errors = server.resolver.forwarder.errors
+    assert sum(n for (_, kind), n in errors.items() if kind in ("mismatch", "malformed")) == 2
 
 
 def test_identical_queries_in_flight_share_one_upstream_query(

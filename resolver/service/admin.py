@@ -23,7 +23,8 @@ from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .http import Handler, Request, Response, error, json_response
 
 if TYPE_CHECKING:
-    from ..upstream.forwarder import Forwarder, Upstream
+    from ..upstream.endpoints import Upstream
+    from ..upstream.forwarder import Forwarder
     from .server import Server
 
 
