@@ -22,11 +22,14 @@ import os
 from setuptools import setup
 
 #: The per-query path: wire format, policy lookup, cache, the query chain, pending answers,
-#: metrics, forwarding over UDP and TCP, blocked answers, and the access list and rate
-#: limit every query passes. Left interpreted: the batched UDP listener
-#: (mostly ctypes calls, which compiling does not speed up), and DNS over TLS and HTTPS
-#: (dot.py, doh.py): the DoH connection subclasses the encrypted connection's base, which
-#: an interpreted class cannot do to a compiled one (and doh.py stands on h2, pure Python).
+#: metrics, forwarding (endpoints, the transport protocol and its errors, health,
+#: strategies, the UDP and TCP transports), blocked answers, and the access list and rate
+#: limit every query passes. Left interpreted: the batched UDP listener (mostly ctypes
+#: calls, which compiling does not speed up), and DNS over TLS and HTTPS
+#: (upstream/tls.py, upstream/https.py): the DoH connection and transport subclass the TLS
+#: ones, which an interpreted class cannot do to a compiled one (and https.py stands on h2,
+#: pure Python). They implement the transport protocol of upstream/base.py structurally,
+#: subclassing nothing compiled.
 COMPILED = [
     "resolver/core/wire.py",
     "resolver/policy/table.py",
@@ -35,6 +38,12 @@ COMPILED = [
     "resolver/core/pipeline.py",
     "resolver/core/pending.py",
     "resolver/observe/metrics.py",
+    "resolver/upstream/endpoints.py",
+    "resolver/upstream/base.py",
+    "resolver/upstream/health.py",
+    "resolver/upstream/strategies.py",
+    "resolver/upstream/udp.py",
+    "resolver/upstream/tcp.py",
     "resolver/upstream/forwarder.py",
     "resolver/core/sinkhole.py",
     "resolver/core/guard.py",

@@ -96,7 +96,8 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
     from resolver.core.wire import parse_query, scan_response
     from resolver.policy import load_policy
     from resolver.service.server import settle_memory
-    from resolver.upstream.forwarder import Forwarder, Upstream
+    from resolver.upstream.endpoints import Upstream
+    from resolver.upstream.forwarder import Forwarder
 
     root = Path(__file__).resolve().parent.parent
     resolver = Resolver(

@@ -31,7 +31,8 @@ from resolver.core.pipeline import Resolver, _cache_key
 from resolver.core.wire import parse_query, scan_response
 from resolver.policy import load_policy
 from resolver.service.listeners import Tasks, UDPListener
-from resolver.upstream.forwarder import Forwarder, Upstream
+from resolver.upstream.endpoints import Upstream
+from resolver.upstream.forwarder import Forwarder
 
 ROOT = Path(__file__).resolve().parent.parent
 

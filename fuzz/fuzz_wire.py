@@ -27,7 +27,8 @@ with atheris.instrument_imports():
     from resolver.core.pending import Pending
     from resolver.core.pipeline import Resolver
     from resolver.policy import load_policy
-    from resolver.upstream.forwarder import Forwarder, Upstream
+    from resolver.upstream.endpoints import Upstream
+    from resolver.upstream.forwarder import Forwarder
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = b"\x07example\x04test\x00\x00\x01\x00\x01"

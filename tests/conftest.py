@@ -22,7 +22,7 @@ import pytest
 
 from resolver.config import Config, Listen, UDPConfig, parse_listen
 from resolver.service.server import Server
-from resolver.upstream.forwarder import parse_upstream
+from resolver.upstream.endpoints import parse_upstream
 
 from .helpers.fakeupstream import FakeUpstream
 

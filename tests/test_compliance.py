@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from resolver.upstream.forwarder import parse_upstream
+from resolver.upstream.endpoints import parse_upstream
 
 from .conftest import RunningServer
 from .helpers.realservers import NSD, nsd_available

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from resolver.config import load_config
-from resolver.upstream.forwarder import parse_upstream
+from resolver.upstream.endpoints import parse_upstream
 from resolver.yamlload import SourceError
 
 from .conftest import RunningServer
@@ -137,7 +137,7 @@ def test_an_idle_connection_is_closed_and_the_next_query_reconnects(
     running = start(make_server, doh, certificate[0])
     forwarder = running.resolver.forwarder
     up = forwarder.upstreams[0]
-    conn = forwarder.connections[up] = forwarder._connection(up)
+    conn = forwarder.transports["https"].connection(up)
     conn.idle = 0.3
     assert running.query("a.example.test").answer[0][0].to_text() == "192.0.2.7"
     first = conn.session

@@ -1,4 +1,4 @@
-"""UDP exchanges with upstreams share one epoll set and one timer (upstream.ReadWatch):
+"""UDP exchanges with upstreams share one epoll set and one timer (upstream.udp.ReadWatch):
 each still ends on time, with its reply or its own timeout, in whatever order they were
 started, and a shutdown closes the sockets still waiting. The questions of one turn of
 the loop are sent together at its end."""
@@ -13,7 +13,9 @@ import dns.message
 import pytest
 
 from resolver.core.wire import Scan, parse_query
-from resolver.upstream.forwarder import Forwarder, Upstream, query_id, upstream_query
+from resolver.upstream.base import query_id, upstream_query
+from resolver.upstream.endpoints import Upstream
+from resolver.upstream.forwarder import Forwarder
 
 
 def ask(forwarder: Forwarder, up: Upstream, qid: int, finish: Callable[..., None]) -> None:
@@ -21,7 +23,7 @@ def ask(forwarder: Forwarder, up: Upstream, qid: int, finish: Callable[..., None
     q = parse_query(dns.message.make_query("example.test", "A").to_wire())
     question = q.key + q.question[-4:]
     loop = asyncio.get_running_loop()
-    forwarder._udp_exchange(loop, up, upstream_query(qid, q, True), qid, question, 5.0, finish)
+    forwarder.udp.send(loop, up, upstream_query(qid, q, True), qid, question, 5.0, finish)
 
 
 @pytest.fixture
@@ -59,10 +61,10 @@ def test_timeouts_fire_on_time_whatever_the_order(silent: socket.socket) -> None
         for name, timeout in (("a", 0.6), ("b", 0.6), ("short", 0.2), ("c", 0.8)):
             qid = query_id()
             wire = upstream_query(qid, q, True)
-            forwarder._udp_exchange(loop, up, wire, qid, question, timeout, finisher(name))
+            forwarder.udp.send(loop, up, wire, qid, question, timeout, finisher(name))
             await asyncio.sleep(0)
         await asyncio.wait_for(done.wait(), 3)
-        watch = forwarder._watch
+        watch = forwarder.udp.watch
         assert watch is not None and not watch.waiting and not watch.queue
         await forwarder.close()
         return ended
@@ -84,7 +86,7 @@ def test_close_closes_the_sockets_still_waiting(silent: socket.socket) -> None:
     async def scenario() -> None:
         for _ in range(3):
             ask(forwarder, up, query_id(), lambda scan, failure, detail: finished.append(failure))
-        watch = forwarder._watch
+        watch = forwarder.udp.watch
         assert watch is not None and len(watch.waiting) == 3
         socks = [exchange.sock for exchange in watch.waiting.values()]
         await forwarder.close()
@@ -115,7 +117,7 @@ def test_questions_of_one_turn_leave_together_and_a_failed_send_ends_its_exchang
             )
         with pytest.raises(BlockingIOError):
             silent.recv(512)  # nothing sent yet: the questions wait for the turn's end
-        watch = forwarder._watch
+        watch = forwarder.udp.watch
         assert watch is not None
         # One of them cannot be sent (its socket shut for writing): it ends at once as a
         # network failure; the others go out.

@@ -12,7 +12,7 @@ import dns.flags
 import dns.rcode
 import pytest
 
-from resolver.upstream.forwarder import parse_upstream
+from resolver.upstream.endpoints import parse_upstream
 
 from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
@@ -99,7 +99,8 @@ def test_spoofed_replies_are_ignored(server: RunningServer, upstream: FakeUpstre
     reply = server.query("example.test", "A")
     assert [rd.to_text() for rd in reply.answer[0]] == ["192.0.2.1"]  # never 6.6.6.6
     # Wrong ID and wrong question were read and ignored; the other port never got through.
-    assert server.resolver.forwarder.ignored == 2
+    errors = server.resolver.forwarder.errors
+    assert sum(n for (_, kind), n in errors.items() if kind in ("mismatch", "malformed")) == 2
 
 
 def test_identical_queries_in_flight_share_one_upstream_query(

@@ -355,7 +355,7 @@ def test_when_every_slot_is_answering_new_connections_get_503(
 
 
 def test_off_loopback_the_admin_api_needs_a_token(upstream: FakeUpstream, lists_dir: Path) -> None:
-    from resolver.upstream.forwarder import parse_upstream
+    from resolver.upstream.endpoints import parse_upstream
 
     config = Config(
         listen=(LOOPBACK,),

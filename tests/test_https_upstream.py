@@ -15,7 +15,7 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from resolver.upstream.forwarder import Upstream, parse_upstream
+from resolver.upstream.endpoints import Upstream, parse_upstream
 
 from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream

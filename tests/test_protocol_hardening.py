@@ -31,7 +31,7 @@ import dns.rdatatype
 import pytest
 
 from resolver.config import RateLimitConfig
-from resolver.upstream.forwarder import parse_upstream
+from resolver.upstream.endpoints import parse_upstream
 
 from .conftest import RunningServer
 from .helpers.richzones import Proxy, ZoneServer, available

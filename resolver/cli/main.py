@@ -261,7 +261,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
     import dns.query
     import dns.rcode
 
-    from ..upstream.forwarder import split_host_port
+    from ..upstream.endpoints import split_host_port
 
     try:
         host, port = split_host_port(args.server, 53)

@@ -2,7 +2,7 @@
 command line (:mod:`.load`)."""
 
 # parse_upstream: the upstream syntax of the config, read by resolver/upstream.
-from ..upstream.forwarder import parse_upstream
+from ..upstream.endpoints import parse_upstream
 from .load import finish, load_config, parse_bootstrap, unmap_network
 from .model import (
     ACL_KEYS,

@@ -14,7 +14,7 @@ from typing import Any
 from ..defaults import STRATEGIES
 from ..observe.querylog import AuditConfig
 from ..observe.querylog import parse_config as parse_audit
-from ..upstream.forwarder import Upstream, parse_upstream
+from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,
     Where,

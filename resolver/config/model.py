@@ -40,7 +40,7 @@ from ..defaults import (
     DEFAULT_UPSTREAM_TIMEOUT,
 )
 from ..observe.querylog import AuditConfig
-from ..upstream.forwarder import Upstream, parse_upstream, split_host_port
+from ..upstream.endpoints import Upstream, parse_upstream, split_host_port
 
 DEFAULT_PORT: Final = 5353
 RESOLV_CONF: Final = Path("/etc/resolv.conf")

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ..core.pipeline import Resolver
     from ..observe.metrics import Counts
     from ..policy.remote import FetchResult
-    from ..upstream.forwarder import Forwarder, Upstream
+    from ..upstream.endpoints import Upstream
+    from ..upstream.forwarder import Forwarder
     from .workers import Supervisor
 
 

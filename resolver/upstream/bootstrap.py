@@ -17,7 +17,9 @@ import time
 from typing import Final
 
 from ..core.wire import FLAG_RD, TYPE_A, TYPE_AAAA, encode_name, header, parse_query
-from .forwarder import Forwarder, Upstream, UpstreamError
+from .base import UpstreamError
+from .endpoints import Upstream
+from .forwarder import Forwarder
 
 log = logging.getLogger("resolver.bootstrap")
 

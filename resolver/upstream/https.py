@@ -3,7 +3,7 @@
 Each query is a POST of ``application/dns-message`` on its own stream, with DNS ID 0
 (RFC 8484 4.1), so replies are matched by stream, never by ID. The ``h2`` package keeps the
 HTTP/2 state (frames, HPACK, flow control); this module only moves bytes and maps what
-happens onto :class:`~resolver.upstream.UpstreamError` kinds, so that health and metrics
+happens onto :class:`~resolver.upstream.base.UpstreamError` kinds, so that health and metrics
 treat a DoH upstream like any other:
 
 - ``network``: the connection could not be set up or verified, was lost, closed by GOAWAY
@@ -23,7 +23,8 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from functools import partial
+from typing import Final
 
 import h2.config
 import h2.connection
@@ -32,12 +33,10 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from ..core.wire import FormatError, Mismatch, Scan, scan_response
-from .forwarder import Upstream, UpstreamError
-from .tls import EncryptedConnection, connect_tls
-
-if TYPE_CHECKING:
-    pass
+from ..core.wire import FormatError, Mismatch, Query, Scan, scan_response
+from .base import MALFORMED, NETWORK, RCODE, TIMEOUT, UpstreamError, register, upstream_query
+from .endpoints import Upstream
+from .tls import EncryptedConnection, TLSTransport, connect_tls
 
 # hpack logs every header field it codes at DEBUG: noise that would drown our debug log.
 logging.getLogger("hpack").setLevel(logging.INFO)
@@ -122,7 +121,7 @@ class _Session:
     async def _until(self, ready: Callable[[], bool]) -> None:
         while not ready():
             if not self.usable:
-                raise UpstreamError("network", f"HTTP/2 connection closed: {self.reason}")
+                raise UpstreamError(NETWORK, f"HTTP/2 connection closed: {self.reason}")
             await self._wake.wait()
 
     async def exchange(self, wire: bytes, qid: int, question: bytes) -> Scan:
@@ -136,7 +135,7 @@ class _Session:
             )
         )
         if not self.usable:
-            raise UpstreamError("network", f"HTTP/2 connection closed: {self.reason}")
+            raise UpstreamError(NETWORK, f"HTTP/2 connection closed: {self.reason}")
         sid = conn.get_next_available_stream_id()
         stream = _Stream(asyncio.get_running_loop().create_future(), qid, question)
         self.streams[sid] = stream
@@ -157,7 +156,7 @@ class _Session:
             await self._send_body(sid, wire)
             return await stream.future
         except h2.exceptions.ProtocolError as exc:
-            raise UpstreamError("network", f"HTTP/2: {exc!r}") from None
+            raise UpstreamError(NETWORK, f"HTTP/2: {exc!r}") from None
         finally:
             self.streams.pop(sid, None)
             if not stream.future.done() and self.usable:
@@ -212,7 +211,7 @@ class _Session:
             self.closed = True
             self.reason = reason
             for stream in self.streams.values():
-                _fail(stream, "network", f"HTTP/2 connection lost: {reason}")
+                _fail(stream, NETWORK, f"HTTP/2 connection lost: {reason}")
             self.writer.close()
             self._notify()
 
@@ -225,7 +224,7 @@ class _Session:
             if stream is not None and event.data:
                 stream.body += event.data
                 if len(stream.body) > _MAX_BODY:
-                    self._refuse(event.stream_id, stream, "malformed", "a body over 65535 bytes")
+                    self._refuse(event.stream_id, stream, MALFORMED, "a body over 65535 bytes")
         elif isinstance(event, h2.events.ResponseReceived):
             self._headers(event)
         elif isinstance(event, h2.events.StreamEnded):
@@ -236,7 +235,7 @@ class _Session:
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
-                _fail(stream, "network", f"stream reset by the server ({event.error_code!r})")
+                _fail(stream, NETWORK, f"stream reset by the server ({event.error_code!r})")
             self._notify()
         elif isinstance(event, h2.events.ConnectionTerminated):
             # GOAWAY: streams above the last one the server took will never be answered.
@@ -244,7 +243,7 @@ class _Session:
             last = event.last_stream_id or 0
             for sid in [sid for sid in self.streams if sid > last]:
                 detail = f"GOAWAY from the server ({event.error_code!r})"
-                _fail(self.streams.pop(sid), "network", detail)
+                _fail(self.streams.pop(sid), NETWORK, detail)
             self._notify()
         elif isinstance(event, h2.events.PushedStreamReceived) and event.pushed_stream_id:
             self.h2.reset_stream(event.pushed_stream_id, ErrorCodes.REFUSED_STREAM)
@@ -265,10 +264,10 @@ class _Session:
             elif name == b"content-type":
                 content_type = bytes(value).split(b";")[0].strip().lower()
         if stream.status != 200:
-            self._refuse(event.stream_id, stream, "rcode", f"HTTP status {stream.status}")
+            self._refuse(event.stream_id, stream, RCODE, f"HTTP status {stream.status}")
         elif content_type != MEDIA_TYPE:
             self._refuse(
-                event.stream_id, stream, "malformed", f"content type {content_type.decode()!r}"
+                event.stream_id, stream, MALFORMED, f"content type {content_type.decode()!r}"
             )
 
     def _refuse(self, sid: int, stream: _Stream, kind: str, detail: str) -> None:
@@ -281,13 +280,13 @@ class _Session:
         if stream.future.done():
             return
         if stream.status != 200:
-            _fail(stream, "malformed", "a reply without a response header")
+            _fail(stream, MALFORMED, "a reply without a response header")
             return
         try:
             stream.future.set_result(scan_response(bytes(stream.body), stream.qid, stream.question))
         except (Mismatch, FormatError) as exc:
             self.ignored(exc)
-            _fail(stream, "malformed", str(exc))
+            _fail(stream, MALFORMED, str(exc))
 
 
 def _fail(stream: _Stream, kind: str, detail: str) -> None:
@@ -310,7 +309,7 @@ class HTTPSConnection(EncryptedConnection):
             reader, writer = await connect_tls(self.up, self.context, self.bootstrap, timeout)
             if writer.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
                 writer.close()
-                raise UpstreamError("network", "the server did not agree to HTTP/2 (ALPN h2)")
+                raise UpstreamError(NETWORK, "the server did not agree to HTTP/2 (ALPN h2)")
             self.session = _Session(self.up, reader, writer, self.idle, self.ignored)
             self.connects += 1
             return self.session
@@ -321,4 +320,23 @@ class HTTPSConnection(EncryptedConnection):
                 session = await self._session(timeout)
                 return await session.exchange(wire, qid, question)
         except TimeoutError:
-            raise UpstreamError("timeout", f"no HTTPS answer in {timeout:.2f} s") from None
+            raise UpstreamError(TIMEOUT, f"no HTTPS answer in {timeout:.2f} s") from None
+
+
+class HTTPSTransport(TLSTransport):
+    """``https://`` upstreams: one reused HTTP/2 connection each (ALPN h2)."""
+
+    alpn = "h2"
+
+    def connect(self, up: Upstream) -> EncryptedConnection:
+        conn = HTTPSConnection(up, self.context, bootstrap=self.owner.bootstrap)
+        conn.ignored = partial(self.owner.ignored, up)
+        return conn
+
+    async def exchange(self, up: Upstream, q: Query, timeout: float, deadline: float) -> Scan:
+        # ID 0 (RFC 8484 4.1, cache friendliness): replies are matched by stream.
+        wire = upstream_query(0, q, True)
+        return await self.connection(up).query(wire, 0, q.key + q.question[-4:], timeout)
+
+
+register("https", HTTPSTransport)

@@ -1,10 +1,11 @@
-"""DNS over TLS (RFC 7858), and the TLS set-up that DNS over HTTPS (:mod:`resolver.doh`)
-shares with it: verification against the trust store or a CA file, SPKI pins, host names
-resolved through the bootstrap servers.
+"""DNS over TLS (RFC 7858), and the TLS set-up that DNS over HTTPS (:mod:`.https`) shares
+with it: verification against the trust store or a CA file, SPKI pins, host names resolved
+through the bootstrap servers.
 
-Kept apart from :mod:`resolver.upstream`, which the compiled build compiles: this module
-stays interpreted, because the DoH connection (interpreted, on h2) subclasses
-:class:`EncryptedConnection`, and an interpreted class cannot subclass a compiled one.
+This module stays interpreted in the compiled build (setup.py): the DoH connection and
+transport (interpreted, on h2) subclass :class:`EncryptedConnection` and
+:class:`TLSTransport`, and an interpreted class cannot subclass a compiled one. It costs a
+handshake per connection, not CPU per query.
 """
 
 from __future__ import annotations
@@ -14,13 +15,24 @@ import base64
 import hashlib
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
-from ..core.wire import FormatError, Mismatch, Scan, scan_response
-from .forwarder import PIN_PARAM, Upstream, UpstreamError, query_id
-
-if TYPE_CHECKING:
-    from .bootstrap import Bootstrap
+from ..core.wire import FormatError, Mismatch, Query, Scan, scan_response
+from .base import (
+    BOOTSTRAP,
+    MALFORMED,
+    NETWORK,
+    TIMEOUT,
+    Connection,
+    Lookup,
+    Owner,
+    UpstreamError,
+    query_id,
+    register,
+    upstream_query,
+)
+from .endpoints import PIN_PARAM, Upstream
 
 
 def spki_sha256(certificate: bytes) -> str:
@@ -37,7 +49,7 @@ def spki_sha256(certificate: bytes) -> str:
 async def connect_tls(
     up: Upstream,
     context: ssl.SSLContext,
-    bootstrap: Bootstrap | None,
+    bootstrap: Lookup | None,
     timeout: float,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A verified TLS connection to ``up`` (its host name resolved through ``bootstrap``),
@@ -49,7 +61,7 @@ async def connect_tls(
             if up.is_address:
                 hosts = [up.host]
             elif bootstrap is None:
-                raise UpstreamError("bootstrap", f"no bootstrap servers to resolve {up.host}")
+                raise UpstreamError(BOOTSTRAP, f"no bootstrap servers to resolve {up.host}")
             else:
                 hosts = await bootstrap.lookup(up.host)
             for host in hosts:
@@ -72,8 +84,8 @@ async def connect_tls(
     if bootstrap is not None and not up.is_address:
         bootstrap.forget(up.host)  # it may have moved: look it up again next time
     if isinstance(failure, TimeoutError):
-        raise UpstreamError("timeout", "TLS connection not set up in time")
-    raise UpstreamError("network", f"TLS: {failure}")
+        raise UpstreamError(TIMEOUT, "TLS connection not set up in time")
+    raise UpstreamError(NETWORK, f"TLS: {failure}")
 
 
 class EncryptedConnection:
@@ -85,7 +97,7 @@ class EncryptedConnection:
         up: Upstream,
         context: ssl.SSLContext,
         idle: float = 30.0,
-        bootstrap: Bootstrap | None = None,
+        bootstrap: Lookup | None = None,
     ) -> None:
         self.up = up
         self.context = context
@@ -111,7 +123,6 @@ class TLSConnection(EncryptedConnection):
     writer: asyncio.StreamWriter | None = None
     reader_task: asyncio.Task[None] | None = None
 
-    # (Forwarded arguments: fine interpreted. Compiled, mypyc passed *args as one tuple.)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Queries in flight: ID -> (their future, their question).
@@ -145,11 +156,11 @@ class TLSConnection(EncryptedConnection):
                     future.set_result(scan_response(data, qid, question))
                 except (Mismatch, FormatError) as exc:
                     self.ignored(exc)
-                    future.set_exception(UpstreamError("malformed", str(exc)))
+                    future.set_exception(UpstreamError(MALFORMED, str(exc)))
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             for future, _ in self.pending.values():
                 if not future.done():
-                    future.set_exception(UpstreamError("network", f"TLS: {exc}"))
+                    future.set_exception(UpstreamError(NETWORK, f"TLS: {exc}"))
             self.pending.clear()
         finally:
             writer.close()
@@ -168,7 +179,7 @@ class TLSConnection(EncryptedConnection):
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise UpstreamError("timeout", f"no TLS answer in {timeout:.2f} s") from None
+            raise UpstreamError(TIMEOUT, f"no TLS answer in {timeout:.2f} s") from None
         finally:
             self.pending.pop(qid, None)
 
@@ -181,3 +192,39 @@ def tls_context(ca_file: str | None = None, alpn: str | None = None) -> ssl.SSLC
     if alpn:
         context.set_alpn_protocols([alpn])
     return context
+
+
+class TLSTransport:
+    """``tls://`` upstreams: one reused connection each, kept in the owner's
+    ``connections`` (status reads them there) and set up on the first query."""
+
+    #: The one protocol offered in the TLS handshake (ALPN), if any.
+    alpn: str | None = None
+
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
+        self.context = tls_context(owner.tls_ca_file, self.alpn)
+
+    def connection(self, up: Upstream) -> Connection:
+        """The connection to ``up``, made (not yet connected) if there is none."""
+        conn = self.owner.connections.get(up)
+        if conn is None:
+            conn = self.owner.connections[up] = self.connect(up)
+        return conn
+
+    def connect(self, up: Upstream) -> EncryptedConnection:
+        """A new connection object for ``up`` (it connects when a query needs it)."""
+        conn = TLSConnection(up, self.context, bootstrap=self.owner.bootstrap)
+        conn.ignored = partial(self.owner.ignored, up)
+        return conn
+
+    async def exchange(self, up: Upstream, q: Query, timeout: float, deadline: float) -> Scan:
+        qid = query_id()
+        wire = upstream_query(qid, q, True)
+        return await self.connection(up).query(wire, qid, q.key + q.question[-4:], timeout)
+
+    def close(self) -> None:
+        """Connections close themselves when idle."""
+
+
+register("tls", TLSTransport)
