@@ -29,6 +29,7 @@ from setuptools import setup
 #: an interpreted class cannot do to a compiled one (and doh.py stands on h2, pure Python).
 COMPILED = [
     "resolver/core/wire.py",
+    "resolver/core/records.py",
     "resolver/policy/table.py",
     "resolver/policy/model.py",
     "resolver/core/cache.py",
