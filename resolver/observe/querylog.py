@@ -500,43 +500,9 @@ def parse_config(doc: Mapping[str, Any]) -> AuditConfig:
     """
     if not isinstance(doc, Mapping):
         raise ValueError(f"audit: expected a mapping of settings, got {doc!r}")
-    for key in doc:
-        if key not in CONFIG_KEYS:
-            close = _ALIASES.get(str(key)) or next(
-                iter(difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)), None
-            )
-            hint = f"did you mean {close}? " if close else ""
-            raise ValueError(
-                f"audit.{key}: unknown key; {hint}expected one of {', '.join(CONFIG_KEYS)}"
-            )
-
-    sink = doc.get("sink")
-    if sink is False:
-        # PyYAML reads a bare ``off`` as the boolean false (YAML 1.1).
-        sink = "off"
-    if sink is None:
-        if "path" in doc:
-            # A path alone would otherwise leave logging silently off.
-            raise ValueError(
-                "audit.sink: missing; write sink: file to log to the path, or sink: off"
-            )
-        sink = "off"
-    if sink not in SINKS:
-        raise ValueError(f"audit.sink: expected off, stdout or file, got {sink!r}")
-
-    path: Path | None = None
-    raw_path = doc.get("path")
-    if raw_path is not None:
-        if not isinstance(raw_path, str) or not raw_path.strip():
-            raise ValueError(
-                f"audit.path: expected a file name such as /var/log/resolver/audit.jsonl, "
-                f"got {raw_path!r}"
-            )
-        path = Path(raw_path)
-    elif sink == "file":
-        raise ValueError(
-            "audit.path: required with sink: file; e.g. path: /var/log/resolver/audit.jsonl"
-        )
+    _check_keys(doc)
+    sink = _sink(doc)
+    path = _path(doc, sink)
 
     what = doc.get("log", "blocked")
     if what not in WHATS:
@@ -556,19 +522,7 @@ def parse_config(doc: Mapping[str, Any]) -> AuditConfig:
     if "keep" in doc:
         keep = _int("keep", doc["keep"], 0, MAX_KEEP, "keep: 7")
 
-    secret = doc.get("pseudonymize_key")
-    if secret is not None:
-        if not isinstance(secret, str):
-            raise ValueError(
-                f"audit.pseudonymize_key: expected a string, got {type(secret).__name__}; "
-                'quote it, e.g. pseudonymize_key: "<output of openssl rand -hex 16>"'
-            )
-        if len(secret) < MIN_KEY_LENGTH:
-            raise ValueError(
-                f"audit.pseudonymize_key: too short ({len(secret)} characters); use at least "
-                f"{MIN_KEY_LENGTH} random characters, e.g. the output of openssl rand -hex 16"
-            )
-
+    secret = _secret(doc)
     queue_size = DEFAULT_QUEUE_SIZE
     if "queue_size" in doc:
         queue_size = _int("queue_size", doc["queue_size"], 1, MAX_QUEUE_SIZE, "queue_size: 10000")
@@ -582,3 +536,65 @@ def parse_config(doc: Mapping[str, Any]) -> AuditConfig:
         pseudonymize_key=secret,
         queue_size=queue_size,
     )
+
+
+def _check_keys(doc: Mapping[str, Any]) -> None:
+    """Refuse an unknown key, naming the one probably meant."""
+    for key in doc:
+        if key not in CONFIG_KEYS:
+            close = _ALIASES.get(str(key)) or next(
+                iter(difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)), None
+            )
+            hint = f"did you mean {close}? " if close else ""
+            raise ValueError(
+                f"audit.{key}: unknown key; {hint}expected one of {', '.join(CONFIG_KEYS)}"
+            )
+
+
+def _sink(doc: Mapping[str, Any]) -> str:
+    sink = doc.get("sink")
+    if sink is False:
+        # PyYAML reads a bare ``off`` as the boolean false (YAML 1.1).
+        sink = "off"
+    if sink is None:
+        if "path" in doc:
+            # A path alone would otherwise leave logging silently off.
+            raise ValueError(
+                "audit.sink: missing; write sink: file to log to the path, or sink: off"
+            )
+        sink = "off"
+    if sink not in SINKS:
+        raise ValueError(f"audit.sink: expected off, stdout or file, got {sink!r}")
+    return str(sink)
+
+
+def _path(doc: Mapping[str, Any], sink: str) -> Path | None:
+    raw_path = doc.get("path")
+    if raw_path is not None:
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            raise ValueError(
+                f"audit.path: expected a file name such as /var/log/resolver/audit.jsonl, "
+                f"got {raw_path!r}"
+            )
+        return Path(raw_path)
+    if sink == "file":
+        raise ValueError(
+            "audit.path: required with sink: file; e.g. path: /var/log/resolver/audit.jsonl"
+        )
+    return None
+
+
+def _secret(doc: Mapping[str, Any]) -> str | None:
+    secret = doc.get("pseudonymize_key")
+    if secret is not None:
+        if not isinstance(secret, str):
+            raise ValueError(
+                f"audit.pseudonymize_key: expected a string, got {type(secret).__name__}; "
+                'quote it, e.g. pseudonymize_key: "<output of openssl rand -hex 16>"'
+            )
+        if len(secret) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"audit.pseudonymize_key: too short ({len(secret)} characters); use at least "
+                f"{MIN_KEY_LENGTH} random characters, e.g. the output of openssl rand -hex 16"
+            )
+    return secret
