@@ -478,7 +478,7 @@ class Scan:
         self.min_answer_ttl: int | None = None
         self.negative_ttl: int | None = None
         #: A record of a type from DS (43) to NSEC3 (50) is in it: DNSSEC records that a
-        #: client without DO must not get (see for_client).
+        #: client without DO must not get (see records.for_client).
         self.dnssec = False
 
 
