@@ -22,8 +22,8 @@ from .core.cache import (
 )
 from .core.guard import DEFAULT_ALLOW
 from .core.wire import encode_name
+from .observe.auditconfig import parse_config as parse_audit
 from .observe.querylog import AuditConfig
-from .observe.querylog import parse_config as parse_audit
 from .service.http import DEFAULT_MAX_CONNECTIONS as DEFAULT_HTTP_MAX_CONNECTIONS
 from .service.listeners import (
     DEFAULT_TCP_IDLE,
