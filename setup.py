@@ -32,6 +32,7 @@ from setuptools import setup
 #: subclassing nothing compiled.
 COMPILED = [
     "resolver/core/wire.py",
+    "resolver/core/records.py",
     "resolver/policy/table.py",
     "resolver/policy/model.py",
     "resolver/core/cache.py",

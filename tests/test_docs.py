@@ -1,8 +1,8 @@
 """The documentation cannot drift from the code.
 
 - Every config key the code accepts (``resolver.config.TOP_KEYS`` and each section's
-  ``*_KEYS``; the ``audit`` keys of ``resolver.querylog.CONFIG_KEYS``), written with its
-  section (``cache.max_entries``, ``audit.sink``), has a ``### `key` `` heading in
+  ``*_KEYS``; the ``audit`` keys of ``resolver.observe.auditconfig.CONFIG_KEYS``), written
+  with its section (``cache.max_entries``, ``audit.sink``), has a ``### `key` `` heading in
   docs/configuration.md and a row in README.md's Configuration table; and every key
   documented in either place exists in the code.
 - Every relative link in docs/*.md points to an existing file or directory.
@@ -28,7 +28,7 @@ import resolver.config as config_module
 from resolver.cli.audit import _parser as audit_parser
 from resolver.cli.main import _parser as cli_parser
 from resolver.config import load_config
-from resolver.observe import querylog
+from resolver.observe import auditconfig
 
 from .helpers.realservers import ROOT
 
@@ -43,7 +43,7 @@ def code_keys() -> set[str]:
     keys: set[str] = set()
     for top in config_module.TOP_KEYS:
         if top == "audit":
-            section: frozenset[str] | tuple[str, ...] | None = querylog.CONFIG_KEYS
+            section: frozenset[str] | tuple[str, ...] | None = auditconfig.CONFIG_KEYS
         else:
             section = getattr(config_module, f"{top.upper()}_KEYS", None)
         if section is None:

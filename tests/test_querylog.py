@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from resolver.observe.querylog import AuditConfig, AuditLog, parse_config
+from resolver.observe.auditconfig import parse_config
+from resolver.observe.querylog import AuditConfig, AuditLog
 
 # 2026-06-01T12:00:00Z
 T0 = 1780315200.0

@@ -1,9 +1,9 @@
 """``resolver audit``: which clients tried to reach blocked services, from the audit log.
 
-Reads audit log files written by :mod:`resolver.querylog` (current, rotated, gzip-compressed),
-keeps the blocked and monitored (would-block) queries that match the filters, and prints one
-row per (list, client): how many queries were blocked, how many were only monitored, when the
-client was first and last seen, and the names it asked for.
+Reads audit log files written by :mod:`resolver.observe.querylog` (current, rotated,
+gzip-compressed), keeps the blocked and monitored (would-block) queries that match the
+filters, and prints one row per (list, client): how many queries were blocked, how many were
+only monitored, when the client was first and last seen, and the names it asked for.
 
 Lines that are not audit entries are skipped and counted rather than stopping the report: a
 log may end in a line cut short by a crash, and the rest of it is still evidence.

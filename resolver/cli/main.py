@@ -1,4 +1,5 @@
-"""The ``resolver`` command: ``serve``, ``check`` and ``explain``."""
+"""The ``resolver`` command: ``serve``, ``check``, ``explain`` and ``healthcheck``;
+``audit`` is handed to :mod:`.audit`, which has its own arguments."""
 
 from __future__ import annotations
 

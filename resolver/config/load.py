@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..defaults import STRATEGIES
+from ..observe.auditconfig import parse_config as parse_audit
 from ..observe.querylog import AuditConfig
-from ..observe.querylog import parse_config as parse_audit
 from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,

@@ -48,6 +48,7 @@ from ..upstream.forwarder import Forwarder
 from .cache import STALE_TTL, Cache, Entry, age_of
 from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
 from .pending import Pending
+from .records import for_client, minimal_any, without_extras
 from .sinkhole import blocked_answer
 
 if TYPE_CHECKING:
@@ -72,17 +73,14 @@ from .wire import (
     decode_name,
     ede_option,
     error_response,
-    for_client,
     formerr_from_header,
     header,
     label_offsets,
-    minimal_any,
     opt_record,
     pack_u32_into,
     parse_query,
     response_flags,
     truncate,
-    without_extras,
 )
 
 log = logging.getLogger("resolver.chain")

@@ -3,7 +3,8 @@
 The hot path never builds a full message object. A query is read as a header, one question
 and the additional section (for OPT); answers are assembled from byte strings. Upstream
 replies are scanned once, record by record, to find what the cache needs (rcode, TTL offsets,
-the negative TTL from the SOA, the OPT record to strip) without decoding names.
+the negative TTL from the SOA, the OPT record to strip) without decoding names. Rewriting a
+whole message record by record (for clients without DO, ANY over UDP) is in :mod:`.records`.
 
 Every reader here is bounds-checked: malformed input raises :class:`FormatError` (answerable
 with FORMERR) or :class:`Unanswerable` (drop it), never anything else.
@@ -117,7 +118,7 @@ class Query:
         self.udp_size = 512
 
 
-def _read_name_slow(data: bytes, off: int) -> tuple[bytes, int]:
+def read_name(data: bytes, off: int) -> tuple[bytes, int]:
     """Read a possibly compressed name; return it uncompressed and the offset after it.
 
     Pointers must point strictly backwards, which rules out loops without a jump counter.
@@ -176,7 +177,7 @@ def _read_qname(data: bytes, off: int) -> tuple[bytes, tuple[int, ...], int]:
         if length > 63:
             if length & 0xC0 == 0xC0:
                 # Rare in a question; decode it the careful way and re-derive the labels.
-                name, after = _read_name_slow(data, start)
+                name, after = read_name(data, start)
                 return name, label_offsets(name), after
             raise FormatError("label longer than 63 octets or of an unknown type")
         labels.append(off - start)
@@ -477,7 +478,7 @@ class Scan:
         self.min_answer_ttl: int | None = None
         self.negative_ttl: int | None = None
         #: A record of a type from DS (43) to NSEC3 (50) is in it: DNSSEC records that a
-        #: client without DO must not get (see for_client).
+        #: client without DO must not get (see records.for_client).
         self.dnssec = False
 
 
@@ -485,14 +486,10 @@ class Mismatch(Exception):
     """An upstream datagram that is not the answer to our question (ignored, RFC 5452)."""
 
 
-def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
-    """Check an upstream reply against the query we sent and scan its records.
-
-    Raises :class:`Mismatch` when ID, QR or question differ (the reply is ignored and the
-    wait goes on) and :class:`FormatError` when the reply is malformed.
-    """
-    n = len(data)
-    if n < 12:
+def _reply_header(data: bytes, qid: int, question: bytes) -> tuple[int, int, int, int]:
+    """The flags, ANCOUNT, NSCOUNT and ARCOUNT of an upstream reply, once its ID, QR bit and
+    question are those of the query we sent; else raise :class:`Mismatch`."""
+    if len(data) < 12:
         raise Mismatch("shorter than a DNS header")
     rid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     if rid != qid or not flags & FLAG_QR:
@@ -505,6 +502,18 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
         or data[qend - 4 : qend] != question[-4:]
     ):
         raise Mismatch("question does not match")
+    return flags, ancount, nscount, arcount
+
+
+def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
+    """Check an upstream reply against the query we sent and scan its records.
+
+    Raises :class:`Mismatch` when ID, QR or question differ (the reply is ignored and the
+    wait goes on) and :class:`FormatError` when the reply is malformed.
+    """
+    flags, ancount, nscount, arcount = _reply_header(data, qid, question)
+    n = len(data)
+    qend = 12 + len(question)
     s = Scan()
     s.flags = flags
     s.rcode = flags & 0xF
@@ -559,8 +568,8 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
                 addresses.append(data[rdata:off])
             elif rtype in (TYPE_CNAME, TYPE_DNAME):
                 # The names an answer passes through, for policy to see behind the alias.
-                s.chain.append(_read_name_slow(data, rstart)[0].lower())
-                s.chain.append(_read_name_slow(data, rdata)[0].lower())
+                s.chain.append(read_name(data, rstart)[0].lower())
+                s.chain.append(read_name(data, rdata)[0].lower())
         elif index < both:
             if rtype == TYPE_SOA and rdlen >= 22:
                 minimum = _U32.unpack_from(data, off - 4)[0]
@@ -574,248 +583,3 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
     s.arcount = kept_ar
     s.body = data[qend:body_end]
     return s
-
-
-# --------------------------------------------------------------------------- record selection
-
-#: How to find the names in the RDATA of the types whose names may be compressed (RFC 1035
-#: 3.3, RFC 3597 4; a receiver decompresses the others listed there too): a positive number
-#: is that many octets as they are, NAME a domain name, TEXT a character-string.
-_NAME: Final = -1
-_TEXT: Final = -2
-_RDATA_LAYOUT: Final[dict[int, tuple[int, ...]]] = {
-    2: (_NAME,),  # NS
-    3: (_NAME,),  # MD
-    4: (_NAME,),  # MF
-    5: (_NAME,),  # CNAME
-    6: (_NAME, _NAME, 20),  # SOA
-    7: (_NAME,),  # MB
-    8: (_NAME,),  # MG
-    9: (_NAME,),  # MR
-    12: (_NAME,),  # PTR
-    14: (_NAME, _NAME),  # MINFO
-    15: (2, _NAME),  # MX
-    17: (_NAME, _NAME),  # RP
-    18: (2, _NAME),  # AFSDB
-    21: (2, _NAME),  # RT
-    26: (2, _NAME, _NAME),  # PX
-    33: (6, _NAME),  # SRV
-    35: (4, _TEXT, _TEXT, _TEXT, _NAME),  # NAPTR
-    36: (2, _NAME),  # KX
-    39: (_NAME,),  # DNAME
-}
-
-
-class Record:
-    """Where one record of a message is: its section (0 answer, 1 authority, 2
-    additional), its first octet, its type, its RDATA and its end."""
-
-    __slots__ = ("end", "rdata", "rtype", "section", "start")
-
-    def __init__(self, section: int, start: int, rtype: int, rdata: int, end: int) -> None:
-        self.section = section
-        self.start = start
-        self.rtype = rtype
-        self.rdata = rdata
-        self.end = end
-
-
-def records_of(data: bytes) -> list[Record]:
-    """Every record of a whole message (header and one question included), in order."""
-    n = len(data)
-    if n < 12:
-        raise FormatError("shorter than a DNS header")
-    _qid, _flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
-    off = 12
-    for _ in range(qdcount):
-        off = skip_name(data, off) + 4
-    out: list[Record] = []
-    for index in range(ancount + nscount + arcount):
-        section = 0 if index < ancount else 1 if index < ancount + nscount else 2
-        start = off
-        off = skip_name(data, off)
-        if off + 10 > n:
-            raise FormatError("record header runs past the end of the message")
-        rtype, _rclass, _ttl, rdlen = _RR_FIXED.unpack_from(data, off)
-        rdata = off + 10
-        off = rdata + rdlen
-        if off > n:
-            raise FormatError("record data runs past the end of the message")
-        out.append(Record(section, start, rtype, rdata, off))
-    return out
-
-
-def owner_of(data: bytes, record: Record) -> bytes:
-    """The record's owner, uncompressed and in lower case."""
-    return _read_name_slow(data, record.start)[0].lower()
-
-
-def _expanded_rdata(data: bytes, record: Record) -> bytes:
-    """The record's RDATA with every (possibly compressed) name written out in full."""
-    layout = _RDATA_LAYOUT.get(record.rtype)
-    if layout is None:
-        return data[record.rdata : record.end]
-    out = bytearray()
-    off = record.rdata
-    for part in layout:
-        if off >= record.end:
-            raise FormatError("RDATA shorter than its type needs")
-        if part == _NAME:
-            name, off = _read_name_slow(data, off)
-            out += name
-        else:
-            size = data[off] + 1 if part == _TEXT else part
-            out += data[off : off + size]
-            off += size
-        if off > record.end:
-            raise FormatError("RDATA runs past its length")
-    out += data[off : record.end]
-    return bytes(out)
-
-
-def select_records(data: bytes, records: list[Record], keep: list[bool]) -> bytes:
-    """``data`` with only the records whose ``keep`` is true, the header's counts adjusted.
-
-    The records before the first one dropped stay as they are (their compression pointers
-    lead backwards, into what is kept); those after it are written with their names in
-    full, since a pointer of theirs may have led into a dropped record. Only done on the
-    rare paths (a DNSSEC record for a client without DO, ANY over UDP), never on a hit.
-    """
-    counts = [0, 0, 0]
-    first = len(records)
-    for index, record in enumerate(records):
-        if keep[index]:
-            counts[record.section] += 1
-        elif first == len(records):
-            first = index
-    if first == len(records):
-        return data
-    cut = records[first].start
-    parts = [data[:6], _HEADER.pack(0, 0, 0, *counts)[6:], data[12:cut]]
-    for index in range(first + 1, len(records)):
-        if not keep[index]:
-            continue
-        record = records[index]
-        owner, after = _read_name_slow(data, record.start)
-        rdata = _expanded_rdata(data, record)
-        fixed = data[after : after + 8]  # type, class, TTL
-        parts.append(owner + fixed + _U16.pack(len(rdata)) + rdata)
-    return b"".join(parts)
-
-
-_DNSSEC_PROOFS: Final = (TYPE_RRSIG, TYPE_NSEC, TYPE_NSEC3)
-_DNSSEC_KEYS: Final = (TYPE_DS, TYPE_DNSKEY)
-
-
-def strip_dnssec(data: bytes, qtype: int) -> bytes:
-    """``data`` without the DNSSEC records a client that did not set DO must not get
-    (RFC 3225 3, RFC 4035 3.2.1): RRSIG, NSEC and NSEC3 in every section unless the
-    answer section holds the type asked for; DS and DNSKEY the same way, and kept in the
-    answer to ANY, where they are data of the name like any other."""
-    records = records_of(data)
-    keep = []
-    for record in records:
-        rtype = record.rtype
-        if rtype in _DNSSEC_PROOFS:
-            keep.append(record.section == 0 and rtype == qtype)
-        elif rtype in _DNSSEC_KEYS:
-            keep.append(record.section == 0 and qtype in (rtype, TYPE_ANY))
-        else:
-            keep.append(True)
-    return select_records(data, records, keep)
-
-
-def for_client(scan: Scan, question: bytes, qtype: int, do: bool) -> Scan:
-    """The reply as a client with (``do``) or without DO may have it: ``scan`` itself,
-    or, when it carries DNSSEC records and DO is clear, a scan of the reply without them.
-    Done once when the reply enters the cache (entries are kept per DO), not per hit."""
-    if do or not scan.dnssec:
-        return scan
-    head = _HEADER.pack(0, scan.flags, 1, scan.ancount, scan.nscount, scan.arcount)
-    try:
-        stripped = strip_dnssec(head + question + scan.body, qtype)
-        out = scan_response(stripped, 0, question)
-    except FormatError:
-        # RDATA that does not fit its type: no telling what to strip, so no answer
-        # (SERVFAIL, never cached) rather than DNSSEC records the client did not ask for.
-        out = Scan()
-        out.flags = FLAG_QR | FLAG_RA | RCODE_SERVFAIL
-        out.rcode = RCODE_SERVFAIL
-        out.source = scan.source
-        return out
-    out.rcode = scan.rcode  # the extended bits came from the OPT record, gone by now
-    out.source = scan.source
-    out.dnssec = False
-    return out
-
-
-_ALIASES: Final = (TYPE_CNAME, TYPE_DNAME)
-
-
-def minimal_any(data: bytes) -> bytes:
-    """The answer to ANY over UDP cut down to one RRset (RFC 8482 4.1): the aliases on the
-    way (CNAME, DNAME) and the first other RRset of the answer, each with its RRSIGs
-    (present only when the client set DO), the authority section's NSEC, NSEC3 and their
-    RRSIGs (a wildcard answer needs them to validate), and no additional records but OPT.
-    A negative answer (NXDOMAIN, NODATA, any other rcode) stays as it is."""
-    if len(data) < 12 or data[3] & 0xF or not _U16.unpack_from(data, 6)[0]:
-        return data
-    try:
-        return _minimal_any(data)
-    except FormatError:
-        return data  # RDATA that does not fit its type: the whole answer, or TC=1
-
-
-def _minimal_any(data: bytes) -> bytes:
-    records = records_of(data)
-    chosen: tuple[bytes, int] | None = None
-    for record in records:
-        if record.section == 0 and record.rtype not in _ALIASES and record.rtype != TYPE_RRSIG:
-            chosen = (owner_of(data, record), record.rtype)
-            break
-    keep = []
-    for record in records:
-        rtype = record.rtype
-        if record.section == 0:
-            if rtype in _ALIASES:
-                keep.append(True)
-                continue
-            if rtype == TYPE_RRSIG and record.end - record.rdata >= 2:
-                covered = _U16.unpack_from(data, record.rdata)[0]
-                keep.append(
-                    covered in _ALIASES
-                    or (chosen is not None and (owner_of(data, record), covered) == chosen)
-                )
-                continue
-            keep.append(chosen is not None and (owner_of(data, record), rtype) == chosen)
-        elif record.section == 1:
-            if rtype == TYPE_RRSIG and record.end - record.rdata >= 2:
-                rtype = _U16.unpack_from(data, record.rdata)[0]
-            keep.append(rtype in (TYPE_NSEC, TYPE_NSEC3))
-        else:
-            keep.append(rtype == TYPE_OPT)
-    return select_records(data, records, keep)
-
-
-def without_extras(data: bytes) -> bytes:
-    """``data`` without what a UDP answer may leave out rather than set TC (RFC 2181 9):
-    the additional section (OPT stays) and, beside a non-empty answer, the NS RRset of the
-    authority section and its RRSIGs. What proves a negative or a wildcard answer (SOA,
-    NSEC, NSEC3, their RRSIGs) and a referral's NS RRset stay."""
-    try:
-        records = records_of(data)
-    except FormatError:
-        return data
-    answers = _U16.unpack_from(data, 6)[0]
-    keep = []
-    for record in records:
-        rtype = record.rtype
-        if record.section == 2:
-            keep.append(rtype == TYPE_OPT)
-        elif record.section == 1 and answers:
-            if rtype == TYPE_RRSIG and record.end - record.rdata >= 2:
-                rtype = _U16.unpack_from(data, record.rdata)[0]
-            keep.append(rtype != TYPE_NS)
-        else:
-            keep.append(True)
-    return select_records(data, records, keep)

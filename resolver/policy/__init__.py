@@ -1,6 +1,7 @@
 """The policy: list files, their activation windows, and the compiled matcher."""
 
-from .loader import LoadOptions, load_policy
+from .builder import LoadOptions
+from .loader import load_policy
 from .model import EMPTY_POLICY, Action, BlockList, ClientGroups, Policy, RuleSet
 
 __all__ = [

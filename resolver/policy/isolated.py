@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..yamlload import SourceError, Where
-from .loader import LoadOptions, load_policy, release_memory
+from .builder import LoadOptions
+from .loader import load_policy, release_memory
 from .model import Action, BlockList, ClientGroups, Pattern, Phases, Policy, RemoteSpec, RuleSet
 from .table import NameTable
 

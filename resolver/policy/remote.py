@@ -306,12 +306,7 @@ def fetch(
         cache_dir.mkdir(parents=True, exist_ok=True)
     old = load_copy(url, cache_dir)
     meta = _read_meta(url, cache_dir) if old.text is not None else {}
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if isinstance(meta.get("etag"), str):
-        headers["If-None-Match"] = meta["etag"]
-    if isinstance(meta.get("last_modified"), str):
-        headers["If-Modified-Since"] = meta["last_modified"]
-    request = urllib.request.Request(url, headers=headers)
+    request = _conditional_get(url, meta)
 
     def failed(why: str) -> FetchResult:
         return FetchResult("failed", old.text, f"fetching {url} failed: {why}", old.fetched_at)
@@ -349,17 +344,44 @@ def fetch(
             return failed(f"no answer within {timeout:g} s")
         return failed(f"the transfer took longer than {timeout:g} s")
     except (OSError, http.client.HTTPException) as exc:
-        # An HTTPException's text can be the server's own bytes (BadStatusLine quotes the
-        # line it got): name the exception only.
-        why = type(exc).__name__ if isinstance(exc, http.client.HTTPException) else str(exc)
-        why = why or type(exc).__name__
-        if not answered:
-            return failed(f"the connection broke off before an answer: {why}")
-        return failed(f"the transfer broke off: {why}")
+        return failed(_broke_off(exc, answered))
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return failed(f"the list is not valid UTF-8 ({exc})")
+    return _save(url, cache_dir, body, text, etag, last_modified)
+
+
+def _broke_off(exc: OSError | http.client.HTTPException, answered: bool) -> str:
+    """Why a fetch failed on a connection or protocol error, before or after the answer."""
+    # An HTTPException's text can be the server's own bytes (BadStatusLine quotes the
+    # line it got): name the exception only.
+    why = type(exc).__name__ if isinstance(exc, http.client.HTTPException) else str(exc)
+    why = why or type(exc).__name__
+    if not answered:
+        return f"the connection broke off before an answer: {why}"
+    return f"the transfer broke off: {why}"
+
+
+def _conditional_get(url: str, meta: dict[str, Any]) -> urllib.request.Request:
+    """The request for ``url``, conditional on the copy's validators in ``meta``."""
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if isinstance(meta.get("etag"), str):
+        headers["If-None-Match"] = meta["etag"]
+    if isinstance(meta.get("last_modified"), str):
+        headers["If-Modified-Since"] = meta["last_modified"]
+    return urllib.request.Request(url, headers=headers)
+
+
+def _save(
+    url: str,
+    cache_dir: Path,
+    body: bytes,
+    text: str,
+    etag: str | None,
+    last_modified: str | None,
+) -> FetchResult:
+    """Replace the copy of ``url`` with a new ``body`` (``text`` decoded) and its metadata."""
     now = time.time()
     new_meta = {
         "url": url,
