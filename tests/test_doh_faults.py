@@ -16,9 +16,9 @@ from resolver.config import load_config
 from resolver.upstream.forwarder import parse_upstream
 from resolver.yamlload import SourceError
 
-from .conftest import RunningServer
 from .helpers.dohserver import DoHServer
 from .helpers.fakeupstream import FakeUpstream
+from .helpers.server import RunningServer
 from .test_tls_upstream import make_certificate
 
 needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")

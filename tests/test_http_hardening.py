@@ -32,9 +32,9 @@ from resolver.policy import remote
 from resolver.service.http import HTTPServer, Request, Response
 from resolver.service.server import Server, StartupError
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import FakeUpstream
 from .helpers.realservers import ROOT, ResolverProcess, free_port
+from .helpers.server import RunningServer
 
 TOKEN = "a-test-token-of-32-characters-xx"
 LOOPBACK = Listen("127.0.0.1", 0)

@@ -17,9 +17,9 @@ import pytest
 
 from resolver.upstream.forwarder import Upstream, parse_upstream
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
 from .helpers.realservers import free_port
+from .helpers.server import RunningServer
 from .test_tls_upstream import TLSServer
 
 pytestmark = pytest.mark.skipif(

@@ -37,9 +37,9 @@ from resolver.policy.loader import list_files
 from resolver.policy.regexcheck import UnsafePattern, check
 from resolver.yamlload import SourceError
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import FakeUpstream
 from .helpers.realservers import ROOT, ResolverProcess
+from .helpers.server import RunningServer
 
 FAST_RELOAD = ReloadConfig(interval=0.1, debounce=0.05, checksum_interval=1.0)
 NESTED = "list: deep\ndomains: " + "[" * 20_000 + "\n"

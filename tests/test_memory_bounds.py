@@ -20,8 +20,8 @@ from resolver.config import CacheConfig
 from resolver.observe.metrics import counts_of
 from resolver.service.server import settle_memory
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import RunningServer
 
 MIB = 1024 * 1024
 DEFAULT_GC_THRESHOLD = gc.get_threshold()

@@ -16,8 +16,8 @@ import pytest
 from resolver.core.wire import encode_name, label_offsets
 from resolver.policy import ClientGroups, LoadOptions, Policy, load_policy
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import FakeUpstream
+from .helpers.server import RunningServer
 from .test_policy import utc, write
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import pytest
 
 from resolver.config import UDPConfig
 
-from .conftest import RunningServer, has_ipv6
 from .helpers.fakeupstream import FakeUpstream
+from .helpers.server import RunningServer, has_ipv6
 from .test_wire import MALFORMED
 
 

@@ -12,8 +12,8 @@ import dns.rcode
 
 from resolver.config import TCPConfig
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import RunningServer
 
 
 def send_frame(sock: socket.socket, message: dns.message.Message) -> None:

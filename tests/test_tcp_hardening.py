@@ -25,8 +25,8 @@ import dns.rcode
 
 from resolver.config import Listen, TCPConfig, parse_upstream
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import RunningServer
 
 MiB = 1024 * 1024
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from resolver.service import udpbatch
 from resolver.core.pending import Pending
+from resolver.service import udpbatch
 from resolver.service.listeners import Tasks
 
-from .conftest import has_ipv6
+from .helpers.server import has_ipv6
 
 pytestmark = pytest.mark.skipif(not udpbatch.available(), reason="no recvmmsg here")
 
