@@ -19,7 +19,7 @@ from resolver.yamlload import SourceError
 from .helpers.dohserver import DoHServer
 from .helpers.fakeupstream import FakeUpstream
 from .helpers.server import RunningServer
-from .test_tls_upstream import make_certificate
+from .helpers.tls import make_certificate
 
 needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
 

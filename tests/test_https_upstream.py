@@ -20,7 +20,7 @@ from resolver.upstream.forwarder import Upstream, parse_upstream
 from .helpers.fakeupstream import Behaviour, FakeUpstream
 from .helpers.realservers import free_port
 from .helpers.server import RunningServer
-from .test_tls_upstream import TLSServer
+from .helpers.tls import TLSServer
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("unbound") and shutil.which("openssl")), reason="needs unbound and openssl"

@@ -18,7 +18,7 @@ from resolver.config import UDPConfig
 
 from .helpers.fakeupstream import FakeUpstream
 from .helpers.server import RunningServer, has_ipv6
-from .test_wire import MALFORMED
+from .helpers.wire import MALFORMED
 
 
 @pytest.fixture
