@@ -16,8 +16,8 @@ import pytest
 
 from resolver.config import AclConfig, CacheConfig, UDPConfig
 
-from .conftest import FROZEN_NOW, Clock, RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import FROZEN_NOW, Clock, RunningServer
 
 
 @pytest.fixture

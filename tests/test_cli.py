@@ -19,6 +19,8 @@ import dns.query
 import dns.rcode
 import pytest
 
+from .helpers.cli import run_cli
+from .helpers.client import ask
 from .helpers.fakeupstream import Behaviour, FakeUpstream
 from .helpers.realservers import NSD, ROOT, ResolverProcess, free_port, nsd_available
 
@@ -30,15 +32,6 @@ def resolver(upstream: FakeUpstream, lists_dir: Path) -> Iterator[ResolverProces
     )
     yield proc
     proc.stop()
-
-
-def ask(
-    port: int, name: str, rtype: str = "A", tcp: bool = False, **kw: object
-) -> dns.message.Message:
-    query = dns.message.make_query(name, rtype, **kw)  # type: ignore[arg-type]
-    if tcp:
-        return dns.query.tcp(query, "127.0.0.1", port=port, timeout=3)
-    return dns.query.udp(query, "127.0.0.1", port=port, timeout=3)
 
 
 def test_startup_logs_listeners_and_policy(resolver: ResolverProcess) -> None:
@@ -111,13 +104,7 @@ def test_broken_policy_stops_startup_with_file_and_line(
 def test_unknown_config_key_is_an_error_with_its_line(tmp_path: Path) -> None:
     config = tmp_path / "resolver.yaml"
     config.write_text("listen: [127.0.0.1:0]\nupstream: [127.0.0.1]\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "resolver", "serve", "--config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("serve", "--config", str(config), timeout=30)
     assert result.returncode == 2
     assert f"{config}:2:1: upstream: unknown key in the config" in result.stderr
 
@@ -160,22 +147,10 @@ def test_check_reports_errors_as_file_line_column(tmp_path: Path) -> None:
     bad = tmp_path / "lists"
     bad.mkdir()
     (bad / "a.yaml").write_text("list: a\ndomains:\n  - good.test\n  - bad..name\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "resolver", "check", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("check", str(bad), timeout=30)
     assert result.returncode == 1
     assert f"{bad / 'a.yaml'}:4:5: domains[1]: 'bad..name' is not a domain name" in result.stderr
-    good = subprocess.run(
-        [sys.executable, "-m", "resolver", "check"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    good = run_cli("check", timeout=30)
     assert good.returncode == 0 and "deepseek" in good.stdout
 
 
@@ -287,13 +262,7 @@ def test_healthcheck_asks_the_resolver_itself(
     resolver: ResolverProcess, upstream: FakeUpstream
 ) -> None:
     upstream.default = Behaviour("drop")  # upstreams down: the resolver itself still answers
-    ok = subprocess.run(
-        [sys.executable, "-m", "resolver", "healthcheck", "--server", f"127.0.0.1:{resolver.port}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    ok = run_cli("healthcheck", "--server", f"127.0.0.1:{resolver.port}", timeout=30)
     assert ok.returncode == 0 and "healthy" in ok.stdout
     down = subprocess.run(
         [

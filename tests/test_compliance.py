@@ -14,8 +14,8 @@ import pytest
 
 from resolver.upstream.endpoints import parse_upstream
 
-from .conftest import RunningServer
 from .helpers.realservers import NSD, nsd_available
+from .helpers.server import RunningServer
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("dig") and nsd_available()),

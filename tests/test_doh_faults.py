@@ -16,10 +16,10 @@ from resolver.config import load_config
 from resolver.upstream.endpoints import parse_upstream
 from resolver.yamlload import SourceError
 
-from .conftest import RunningServer
 from .helpers.dohserver import DoHServer
 from .helpers.fakeupstream import FakeUpstream
-from .test_tls_upstream import make_certificate
+from .helpers.server import RunningServer
+from .helpers.tls import make_certificate
 
 needs_openssl = pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
 

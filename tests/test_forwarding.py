@@ -14,8 +14,8 @@ import pytest
 
 from resolver.upstream.endpoints import parse_upstream
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import RunningServer
 
 
 def dead_port() -> str:

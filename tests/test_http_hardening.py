@@ -32,9 +32,11 @@ from resolver.policy import remote
 from resolver.service.http import HTTPServer, Request, Response
 from resolver.service.server import Server, StartupError
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import FakeUpstream
+from .helpers.memory import MiB, rss
 from .helpers.realservers import ROOT, ResolverProcess, free_port
+from .helpers.server import RunningServer
+from .helpers.wait import wait_until
 
 TOKEN = "a-test-token-of-32-characters-xx"
 LOOPBACK = Listen("127.0.0.1", 0)
@@ -98,13 +100,6 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def flood(port: int, count: int, data: bytes) -> list[socket.socket]:
     """``count`` connections, each sending ``data`` (what the kernel takes) and waiting."""
     socks = []
@@ -127,15 +122,6 @@ def closed_by_server(socks: list[socket.socket]) -> set[socket.socket]:
             poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
         done |= {batch[fd] for fd, _ in poller.poll(0)}
     return done
-
-
-def wait_until(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # --- Item 5: the real server under a flood -------------------------------------------------
@@ -169,7 +155,7 @@ def test_thousand_connections_with_large_unfinished_headers_hold_little_memory(
     proc, metrics, _ = flooded
     pid = proc.proc.pid
     scrape(metrics)
-    before = rss_mib(pid)
+    before = rss(pid) / MiB
     # Each: 7 header lines of 8000 bytes and one more line, never ended (~60 KB). The
     # version before read up to 100 such lines and a 1 MiB body before looking at them.
     line = b"X-Pad: " + b"a" * 7990 + b"\r\n"
@@ -179,9 +165,9 @@ def test_thousand_connections_with_large_unfinished_headers_hold_little_memory(
     try:
         for _ in range(10):  # 10 x 100 connections, memory sampled between the batches
             socks += flood(metrics, 100, data)
-            peak = max(peak, rss_mib(pid))
+            peak = max(peak, rss(pid) / MiB)
         wait_until(lambda: len(closed_by_server(socks)) == len(socks), 8)
-        peak = max(peak, rss_mib(pid))
+        peak = max(peak, rss(pid) / MiB)
         assert peak - before < 30, f"RSS grew by {peak - before:.1f} MiB"
         assert len(closed_by_server(socks)) == len(socks)  # all answered 431 and closed
     finally:
@@ -201,7 +187,7 @@ def test_connections_beyond_the_cap_are_closed_and_scrapes_still_work(
     evicted_before = sample(
         before_text, "resolver_http_rejected_total", server="metrics", reason="evicted"
     )
-    before = rss_mib(pid)
+    before = rss(pid) / MiB
     # Slowloris: a header line of 4000 bytes, never finished, on 1000 connections.
     data = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"s" * 4000
     socks: list[socket.socket] = []
@@ -212,7 +198,7 @@ def test_connections_beyond_the_cap_are_closed_and_scrapes_still_work(
         wait_until(lambda: len(socks) - len(closed_by_server(socks)) <= 64, 8)
         still_open = len(socks) - len(closed_by_server(socks))
         assert still_open <= 64, f"{still_open} connections held open"
-        growth = rss_mib(pid) - before
+        growth = rss(pid) / MiB - before
         # A normal scrape gets through (closing one more of the slow ones), and the admin
         # API, a listener of its own, never noticed.
         text = scrape(metrics)

@@ -17,10 +17,10 @@ import pytest
 
 from resolver.upstream.endpoints import Upstream, parse_upstream
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
 from .helpers.realservers import free_port
-from .test_tls_upstream import TLSServer
+from .helpers.server import RunningServer
+from .helpers.tls import TLSServer
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("unbound") and shutil.which("openssl")), reason="needs unbound and openssl"

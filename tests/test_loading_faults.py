@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -37,9 +35,11 @@ from resolver.policy.loader import list_files
 from resolver.policy.regexcheck import UnsafePattern, check
 from resolver.yamlload import SourceError
 
-from .conftest import RunningServer
+from .helpers.cli import run_cli
 from .helpers.fakeupstream import FakeUpstream
-from .helpers.realservers import ROOT, ResolverProcess
+from .helpers.realservers import ResolverProcess
+from .helpers.server import RunningServer
+from .helpers.wait import wait_for
 
 FAST_RELOAD = ReloadConfig(interval=0.1, debounce=0.05, checksum_interval=1.0)
 NESTED = "list: deep\ndomains: " + "[" * 20_000 + "\n"
@@ -48,24 +48,6 @@ NUL_INCLUDE = 'list: nul\ninclude:\n  - {file: "names\\0.txt", format: domains}\
 
 def rcode(server: RunningServer, name: str, **kwargs: Any) -> str:
     return str(dns.rcode.to_text(server.query(name, **kwargs).rcode()))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 8.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "resolver", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.fixture
@@ -91,7 +73,7 @@ def test_every_fault_is_a_failed_reload_and_the_watcher_keeps_going(
     def reload_fails_with(content: str, *words: str) -> None:
         failures = stats.reloads["failure"]
         broken.write_text(content)
-        wait_until(lambda: stats.reloads["failure"] > failures)
+        wait_for(lambda: stats.reloads["failure"] > failures, 8.0)
         error = stats.last_reload_error
         assert str(broken) in error, error
         for word in words:
@@ -123,7 +105,7 @@ def test_every_fault_is_a_failed_reload_and_the_watcher_keeps_going(
     # The watcher is alive: a later good edit loads, and its ban takes effect.
     successes = stats.reloads["success"]
     broken.write_text("list: later\ndomains: [example.test]\n")
-    wait_until(lambda: stats.reloads["success"] > successes)
+    wait_for(lambda: stats.reloads["success"] > successes, 8.0)
     assert rcode(watched, "example.test") == "NXDOMAIN"
     assert not stats.last_reload_failed
     families = {f.name: f for f in ResolverCollector(watched.server).collect()}
@@ -416,7 +398,7 @@ def test_a_remote_list_on_loopback_is_refused_unless_allowed(
     running = make_server(remote=RemoteConfig(allow_private=True), state_dir=tmp_path / "state")
     future = asyncio.run_coroutine_threadsafe(running.server.refresh_remotes(), running.loop)
     try:
-        wait_until(lambda: rcode(running, "example.test") == "NXDOMAIN", timeout=10)
+        wait_for(lambda: rcode(running, "example.test") == "NXDOMAIN", 10)
     finally:
         running.loop.call_soon_threadsafe(running.server.stopping.set)
         future.result(5)

@@ -9,7 +9,6 @@ import gc
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import dns.message
 import dns.rcode
@@ -20,20 +19,12 @@ from resolver.config import CacheConfig
 from resolver.observe.metrics import counts_of
 from resolver.service.server import settle_memory
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.memory import rss
+from .helpers.server import RunningServer
 
 MIB = 1024 * 1024
 DEFAULT_GC_THRESHOLD = gc.get_threshold()
-
-
-def rss() -> int:
-    """This process's resident memory in bytes, after a full collection."""
-    gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def padded_query(name: str, qid: int, pad: int, serial: int, option: int = 12) -> bytes:
@@ -85,7 +76,7 @@ def test_memo_keys_ignore_edns_option_bytes(server: RunningServer) -> None:
         names = ("chat.deepseek.com", "example.test")
         for i in range(100):  # warm up: the cache entry, buffers, the memo's two entries
             client.ask(padded_query(names[i % 2], i, 60_000, i))
-        before = rss()
+        before = rss(collect=True)
         hits = resolver.memo_hits
         for i in range(1_500):
             reply = client.ask(padded_query(names[i % 2], i & 0xFFFF, 60_000, 1000 + i))
@@ -97,7 +88,7 @@ def test_memo_keys_ignore_edns_option_bytes(server: RunningServer) -> None:
                 assert reply.answer[0][0].address == "192.0.2.1"
             assert reply.question[0].name.to_text() == names[i % 2] + "."
             assert reply.edns == 0 and all(o.otype != 12 for o in reply.options)  # not echoed
-        grown = rss() - before
+        grown = rss(collect=True) - before
     finally:
         client.close()
     assert grown < 40 * MIB, f"resident memory grew by {grown / MIB:.0f} MiB"
@@ -180,12 +171,12 @@ def test_cache_is_bounded_in_bytes(
     try:
         first = client.ask(dns.message.make_query("warm.big.test", "TXT").to_wire())
         assert sum(len(s) for s in first.answer[0][0].strings) == 255 * BIG_TXT_STRINGS
-        before = rss()
+        before = rss(collect=True)
         for i in range(400):
             reply = client.ask_raw(dns.message.make_query(f"n{i}.big.test", "TXT").to_wire())
             assert reply[3] & 0xF == 0 and len(reply) > 256 * BIG_TXT_STRINGS  # whole
             assert resolver.cache.bytes <= 2 * MIB
-        grown = rss() - before
+        grown = rss(collect=True) - before
         # The latest name is still cached, and answered whole.
         asked = upstream.count("n399.big.test", "TXT", "tcp")
         again = client.ask(dns.message.make_query("n399.big.test", "TXT").to_wire())

@@ -9,51 +9,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import dns.rcode
-import jsonschema
 import pytest
 
+from .helpers.cli import run_cli
+from .helpers.client import ask
 from .helpers.fakeupstream import FakeUpstream
-from .helpers.realservers import ROOT, ResolverProcess, free_port
-from .test_cli import ask
-
-SPEC = json.loads((ROOT / "resolver" / "schema" / "admin.openapi.json").read_text())
-TOKEN = "s3cret-token-for-tests"
-
-
-def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Any, str]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = response.read().decode()
-            status = response.status
-            ctype = response.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode()
-        status = exc.code
-        ctype = exc.headers.get("Content-Type", "")
-    document = json.loads(body) if "json" in ctype else body
-    return status, document, ctype
-
-
-def check_against_spec(path: str, method: str, status: int, document: Any) -> None:
-    """The response must be one the OpenAPI description documents, with a body its schema
-    accepts (OpenAPI 3.1 schemas are JSON Schema 2020-12)."""
-    operation = SPEC["paths"][path][method.lower()]
-    assert str(status) in operation["responses"], f"{method} {path} -> undocumented {status}"
-    schema = operation["responses"][str(status)]["content"]["application/json"]["schema"]
-    resolver_schema = {**schema, "components": SPEC["components"]}
-    jsonschema.validate(document, resolver_schema, cls=jsonschema.Draft202012Validator)
+from .helpers.http import SPEC, TOKEN, check_against_spec, http, urls
+from .helpers.realservers import ResolverProcess, free_port
+from .helpers.wait import wait_for
 
 
 @pytest.fixture
@@ -77,22 +45,6 @@ def served(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[ResolverPro
     )
     yield proc, lists, config
     proc.stop()
-
-
-def urls(proc: ResolverProcess) -> tuple[str, str]:
-    log = "\n".join(proc.lines)
-    admin = log.split("admin API on ")[1].split()[0].rstrip("/")
-    metrics = log.split("metrics on ")[1].split()[0].rstrip("/")
-    return admin, metrics
-
-
-def wait_for(check: Any, seconds: float = 5.0) -> float:
-    """Poll ``check`` until true; the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < seconds, "condition not met in time"
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def test_edit_takes_effect_without_restart_and_bad_edits_keep_the_last_good_policy(
@@ -291,13 +243,7 @@ def test_audit_log_records_blocked_queries_and_the_report_finds_them(
     assert first["list"] == "deepseek" and first["rule"] == "deepseek.com"
     assert first["reference"] == "test" and first["time"].endswith("Z")
     assert "upstream" not in first  # blocked: never forwarded
-    report = subprocess.run(
-        [sys.executable, "-m", "resolver", "audit", str(path), "--list", "deepseek"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    report = run_cli("audit", str(path), "--list", "deepseek", timeout=30)
     assert report.returncode == 0, report.stderr
     assert "127.0.0.1" in report.stdout and "deepseek" in report.stdout
 

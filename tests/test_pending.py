@@ -18,8 +18,8 @@ import pytest
 from resolver.core.pending import Pending
 from resolver.service.listeners import Tasks
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import RunningServer
 
 
 def test_the_waiter_gets_the_answer_once_and_leaves_the_held_set() -> None:

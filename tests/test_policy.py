@@ -3,7 +3,6 @@ zones and DST, precedence, and errors that name file, line, column and field."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,7 @@ from resolver.policy import Policy, load_policy
 from resolver.policy.timewindow import TimeValueError, parse_instant, zone
 from resolver.yamlload import SourceError
 
-
-def utc(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
-
+from .helpers.policy import utc, write
 
 BRUSSELS = zone("Europe/Brussels")
 
@@ -53,13 +49,6 @@ def test_policy_times_land_on_the_right_instant(value: str, tz: str, expected: s
 def test_bad_times_are_errors_not_guesses(value: str, message: str) -> None:
     with pytest.raises(TimeValueError, match=message):
         parse_instant(value, BRUSSELS)
-
-
-def write(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def decide(policy: Policy, name: str, now: float, mask: int = 1) -> tuple[str | None, float]:

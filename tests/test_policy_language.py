@@ -4,8 +4,6 @@ imports in every format, and the operator tools (check, explain)."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +14,10 @@ import pytest
 from resolver.core.wire import encode_name, label_offsets
 from resolver.policy import ClientGroups, LoadOptions, Policy, load_policy
 
-from .conftest import RunningServer
+from .helpers.cli import run_cli
 from .helpers.fakeupstream import FakeUpstream
-from .test_policy import utc, write
-
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers.policy import utc, write
+from .helpers.server import RunningServer
 
 
 def verdict(policy: Policy, name: str, now: float, client: str = "127.0.0.1") -> str:
@@ -323,18 +320,8 @@ def test_server_monitor_answers_normally_and_counts_every_query(
 # ---------------------------------------------------------------- operator tools
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "resolver", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_explain_names_the_rule_its_state_and_its_reference() -> None:
-    out = run("explain", "chat.deepseek.com", "--at", "2026-11-28T12:00:00Z").stdout
+    out = run_cli("explain", "chat.deepseek.com", "--at", "2026-11-28T12:00:00Z").stdout
     assert "BLOCKED by list deepseek: NXDOMAIN" in out
     assert "rule deepseek.com (domain)" in out
     assert "state at that time: enforced; from 2025-02-26T00:00:00+01:00 until never" in out
@@ -343,13 +330,13 @@ def test_explain_names_the_rule_its_state_and_its_reference() -> None:
 
 
 def test_explain_before_the_effective_date_and_in_a_monitor_phase() -> None:
-    before = run("explain", "deepseek.com", "--at", "2025-02-25T22:59:59Z").stdout
+    before = run_cli("explain", "deepseek.com", "--at", "2025-02-25T22:59:59Z").stdout
     assert "forwarded (not blocked)" in before
     assert "state at that time: pending" in before
     assert "this holds until 2025-02-25T23:00:00+00:00" in before
-    watched = run("explain", "kimi.com", "--at", "2026-12-01").stdout
+    watched = run_cli("explain", "kimi.com", "--at", "2026-12-01").stdout
     assert "WOULD BLOCK by list example-ai-services" in watched
-    enforced = run(
+    enforced = run_cli(
         "explain", "kimi.com", "--at", "2027-03-01T00:00:00+01:00", "--type", "AAAA"
     ).stdout
     assert "BLOCKED by list example-ai-services" in enforced
@@ -358,9 +345,11 @@ def test_explain_before_the_effective_date_and_in_a_monitor_phase() -> None:
 def test_explain_with_a_client_outside_the_lists_groups(tmp_path: Path) -> None:
     config = write(tmp_path, "c.yaml", "groups: {lab: [10.0.0.0/8]}\nblocklists: lists\n")
     write(tmp_path, "lists/l.yaml", "list: l\nclients: [lab]\naction: null\ndomains: [x.example]\n")
-    inside = run("explain", "x.example", "--config", str(config), "--client", "10.1.1.1").stdout
+    inside = run_cli("explain", "x.example", "--config", str(config), "--client", "10.1.1.1").stdout
     assert "BLOCKED by list l: NOERROR" in inside and "IN A 0.0.0.0" in inside
-    outside = run("explain", "x.example", "--config", str(config), "--client", "192.0.2.1").stdout
+    outside = run_cli(
+        "explain", "x.example", "--config", str(config), "--client", "192.0.2.1"
+    ).stdout
     assert "forwarded (not blocked)" in outside and "[not for this client]" in outside
 
 
@@ -377,7 +366,7 @@ def test_check_warns_about_duplicates_shadowed_rules_and_closed_windows(tmp_path
             "  - {name: old.example, active: {until: 2020-01-01}}\n"
         ),
     )
-    result = run("check", str(tmp_path))
+    result = run_cli("check", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert f"{path}:5:5: warning: example.com is listed twice" in result.stderr
     assert (
@@ -388,7 +377,7 @@ def test_check_warns_about_duplicates_shadowed_rules_and_closed_windows(tmp_path
 
 
 def test_check_passes_on_the_shipped_policy() -> None:
-    result = run("check")
+    result = run_cli("check")
     assert result.returncode == 0, result.stderr
     assert "deepseek (2 rules, enforced)" in result.stdout
     assert "bypass (" in result.stdout and "example-ai-services (5 rules, monitor)" in result.stdout
@@ -430,8 +419,8 @@ def test_remote_list_is_fetched_refreshed_kept_on_failure_and_used_offline(
 ) -> None:
     import time
 
+    from .helpers.client import ask
     from .helpers.realservers import ResolverProcess
-    from .test_cli import ask
 
     lists = write(tmp_path, "lists/r.yaml", "")
     web = ListServer()

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from .helpers.client import ask
 from .helpers.fakeupstream import FakeUpstream
-from .helpers.realservers import ROOT, ResolverProcess, free_port
-from .test_cli import ask
+from .helpers.realservers import ROOT, ResolverProcess, free_port, stop_process
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("prometheus"), reason="needs the prometheus package (.ci/run installs it)"
@@ -68,12 +68,7 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, grace=10)
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from resolver.config import AclConfig, RateLimitConfig
 
-from .conftest import RunningServer
 from .helpers.fakeupstream import FakeUpstream
+from .helpers.server import RunningServer
 
 
 def from_address(
@@ -236,8 +236,8 @@ def test_a_stale_answer_gets_the_cname_check_too(
 ) -> None:
     from resolver.config import CacheConfig
 
-    from .conftest import FROZEN_NOW
     from .helpers.fakeupstream import Behaviour
+    from .helpers.server import FROZEN_NOW
 
     running = make_server(cache=CacheConfig(serve_stale=3600, stale_timer=0.2))
     running.clock.now = FROZEN_NOW

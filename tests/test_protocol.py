@@ -16,9 +16,9 @@ import pytest
 
 from resolver.config import UDPConfig
 
-from .conftest import RunningServer, has_ipv6
 from .helpers.fakeupstream import FakeUpstream
-from .test_wire import MALFORMED
+from .helpers.server import RunningServer, has_ipv6
+from .helpers.wire import MALFORMED
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ import pytest
 from resolver.config import RateLimitConfig
 from resolver.upstream.endpoints import parse_upstream
 
-from .conftest import RunningServer
 from .helpers.richzones import Proxy, ZoneServer, available
+from .helpers.server import RunningServer
 
 needs_nsd = pytest.mark.skipif(not available(), reason="needs nsd")
 

@@ -19,8 +19,8 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from tests.helpers.fakeupstream import FakeUpstream
-from tests.helpers.realservers import ResolverProcess, free_port
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.realservers import ResolverProcess, free_port
 
 NAMES = 200_000
 QPS = 300

@@ -12,19 +12,9 @@ import dns.rcode
 
 from resolver.config import TCPConfig
 
-from .conftest import RunningServer
+from .helpers.client import read_frame, send_frame
 from .helpers.fakeupstream import Behaviour, FakeUpstream
-
-
-def send_frame(sock: socket.socket, message: dns.message.Message) -> None:
-    wire = message.to_wire()
-    sock.sendall(struct.pack("!H", len(wire)) + wire)
-
-
-def read_frame(sock: socket.socket) -> dns.message.Message:
-    head = sock.recv(2, socket.MSG_WAITALL)
-    assert len(head) == 2, "connection closed"
-    return dns.message.from_wire(sock.recv(struct.unpack("!H", head)[0], socket.MSG_WAITALL))
+from .helpers.server import RunningServer
 
 
 def is_closed(sock: socket.socket, wait: float) -> bool:

@@ -25,26 +25,13 @@ import dns.rcode
 
 from resolver.config import Listen, TCPConfig, parse_upstream
 
-from .conftest import RunningServer
+from .helpers.client import frame, read_frame
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.memory import rss
+from .helpers.server import RunningServer
+from .helpers.wait import wait_until
 
 MiB = 1024 * 1024
-
-
-def rss() -> int:
-    """This process's resident memory, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def frame(name: str, rtype: str, qid: int) -> bytes:
-    query = dns.message.make_query(name, rtype)
-    query.id = qid
-    wire = query.to_wire()
-    return struct.pack("!H", len(wire)) + wire
 
 
 def metric(running: RunningServer, name: str, labels: str = "") -> float:
@@ -56,21 +43,6 @@ def metric(running: RunningServer, name: str, labels: str = "") -> float:
     match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
     assert match, f"no {series} in /metrics"
     return float(match.group(1))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
-def read_answer(sock: socket.socket) -> dns.message.Message:
-    head = sock.recv(2, socket.MSG_WAITALL)
-    assert len(head) == 2, "connection closed"
-    return dns.message.from_wire(sock.recv(struct.unpack("!H", head)[0], socket.MSG_WAITALL))
 
 
 def test_a_client_that_never_reads_cannot_grow_the_server(
@@ -117,7 +89,7 @@ def test_a_client_that_never_reads_cannot_grow_the_server(
 
     # The client goes quiet, still not reading: within the idle timeout (and a margin for
     # a loaded machine) the connection is aborted, not left waiting for a flush.
-    assert wait_for(lambda: not running.server.connections.open, 5.0)
+    assert wait_until(lambda: not running.server.connections.open, 5.0)
     assert metric(running, "resolver_tcp_connections_aborted_total", 'reason="stalled"') == 1
     assert metric(running, "resolver_tcp_connections") == 0
     client.close()
@@ -143,7 +115,7 @@ def test_busy_connections_do_not_lock_new_clients_out(
             sock = socket.create_connection((running.host, running.port), timeout=5)
             sock.sendall(frame(f"slow{index}.test", "A", index))
             busy.append(sock)
-        assert wait_for(
+        assert wait_until(
             lambda: len(registry.open) == cap and all(c.pending for c in registry.open), 3.0
         )
         answered = 0
@@ -153,7 +125,7 @@ def test_busy_connections_do_not_lock_new_clients_out(
                 (running.host, running.port), timeout=3, source_address=(source, 0)
             ) as sock:
                 sock.sendall(frame("deepseek.com", "A", 1000 + index))
-                if read_answer(sock).rcode() == dns.rcode.NXDOMAIN:
+                if read_frame(sock).rcode() == dns.rcode.NXDOMAIN:
                     answered += 1
         assert answered == 15
         assert metric(running, "resolver_tcp_connections_evicted_total", 'reason="busy"') >= 1
@@ -183,13 +155,13 @@ def test_one_client_cannot_take_every_connection(
             sock.sendall(frame(f"slow{index}.test", "A", index))
             hog.append(sock)
             # One at a time, so that the server has seen each before the next arrives.
-            assert wait_for(lambda n=index: len(registry.open) == min(n + 1, 4), 3.0)
+            assert wait_until(lambda n=index: len(registry.open) == min(n + 1, 4), 3.0)
         assert len(registry.by_client["127.0.0.2"]) == 4
         with socket.create_connection(
             (running.host, running.port), timeout=3, source_address=("127.0.0.3", 0)
         ) as sock:
             sock.sendall(frame("deepseek.com", "A", 99))
-            assert read_answer(sock).rcode() == dns.rcode.NXDOMAIN
+            assert read_frame(sock).rcode() == dns.rcode.NXDOMAIN
         evicted = "resolver_tcp_connections_evicted_total"
         assert metric(running, evicted, 'reason="client_limit"') == 6
         assert metric(running, evicted, 'reason="busy"') == 0
@@ -324,12 +296,12 @@ def test_answers_arriving_while_reading_is_paused_get_the_connection_aborted(
         client.connect((running.host, running.port))
         client.sendall(b"".join(frame(name, "TXT", i) for i, name in enumerate(names)))
         aborted = 'reason="output"'
-        assert wait_for(
+        assert wait_until(
             lambda: metric(running, "resolver_tcp_connections_aborted_total", aborted) == 1,
             10.0,
         )
         assert metric(running, "resolver_tcp_read_pauses_total", 'reason="output"') >= 1
-        assert wait_for(lambda: not running.server.connections.open, 3.0)
+        assert wait_until(lambda: not running.server.connections.open, 3.0)
         client.close()
         answer = running.query(names[0], "TXT", tcp=True)
         assert answer.rcode() == dns.rcode.NOERROR and len(answer.answer[0]) == 250

@@ -24,7 +24,7 @@ from resolver.core.pending import Pending
 from resolver.service import udpbatch
 from resolver.service.listeners import Tasks
 
-from .conftest import has_ipv6
+from .helpers.server import has_ipv6
 
 pytestmark = pytest.mark.skipif(not udpbatch.available(), reason="no recvmmsg here")
 

@@ -31,8 +31,8 @@ from resolver.config import InflightConfig, Listen, UpstreamHealthConfig
 from resolver.observe.metrics import ResolverCollector
 from resolver.observe.querylog import AuditConfig
 
-from .conftest import FROZEN_NOW, RunningServer
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.server import FROZEN_NOW, RunningServer
 
 BAN_AT = FROZEN_NOW + 30  # 2026-06-01T12:00:30Z
 BAN_LIST = """\

@@ -15,10 +15,11 @@ from typing import Any
 import dns.rcode
 import pytest
 
+from .helpers.client import ask
 from .helpers.fakeupstream import FakeUpstream
+from .helpers.http import TOKEN, check_against_spec, http, urls
 from .helpers.realservers import ResolverProcess, free_port
-from .test_cli import ask
-from .test_operations import TOKEN, check_against_spec, http, urls, wait_for
+from .helpers.wait import wait_for
 
 READY = "workers answering on the same addresses"
 

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from ..helpers.image import FINAL, copies, image_config, image_config_path
 from ..helpers.realservers import ROOT
-from .test_deploy_container import FINAL, copies, image_config, image_config_path
 
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE = yaml.safe_load((COMPOSE_DIR / "compose.yaml").read_text())

@@ -39,9 +39,9 @@ import pytest
 import yaml
 
 from ..helpers.fakeupstream import FakeUpstream
+from ..helpers.image import ENTRYPOINT, FINAL, option, port_of
+from ..helpers.image import ENV as IMAGE_ENV
 from ..helpers.realservers import ROOT, ResolverProcess, free_port
-from .test_deploy_container import ENTRYPOINT
-from .test_deploy_container import ENV as IMAGE_ENV
 
 K8S = ROOT / "deploy" / "kubernetes"
 MONITORING = K8S / "monitoring"
@@ -97,10 +97,6 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def port_of(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
-
-
 def container_port(name: str) -> dict[str, Any]:
     (port,) = [p for p in CONTAINER["ports"] if p["name"] == name]
     return port
@@ -114,10 +110,6 @@ def mount(name: str) -> dict[str, Any]:
 def volume(name: str) -> dict[str, Any]:
     (found,) = [v for v in POD["volumes"] if v["name"] == name]
     return found
-
-
-def option(argv: list[str], name: str) -> str:
-    return argv[argv.index(name) + 1]
 
 
 # --- Schema validation -----------------------------------------------------------------
@@ -247,8 +239,6 @@ def test_security_context() -> None:
     assert POD["automountServiceAccountToken"] is False
     assert "hostNetwork" not in POD
     # The image's user.
-    from .test_deploy_container import FINAL
-
     assert FINAL.one("USER").args == f"{pod['runAsUser']}:{pod['runAsGroup']}"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -27,7 +26,7 @@ import dns.query
 import dns.rdatatype
 import dns.zone
 
-from .realservers import free_port, wait_for_dns
+from .realservers import free_port, stop_process, wait_for_dns
 
 #: The zones (origin -> records after the SOA and NS, which are added).
 ZONES: dict[str, list[str]] = {
@@ -112,16 +111,6 @@ def unbound_available() -> bool:
     return bool(shutil.which("unbound") or Path("/usr/sbin/unbound").exists())
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 class ZoneServer:
     """NSD serving ZONES (and the signed zone, when ``signed`` and signing works)."""
 
@@ -176,7 +165,7 @@ class ZoneServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 class UnboundForwarder:
@@ -219,7 +208,7 @@ class UnboundForwarder:
             ) from None
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 class Proxy:
