@@ -33,6 +33,7 @@ COMPILED = [
     "resolver/policy/model.py",
     "resolver/core/cache.py",
     "resolver/core/pipeline.py",
+    "resolver/core/outcome.py",
     "resolver/core/pending.py",
     "resolver/observe/metrics.py",
     "resolver/upstream/forwarder.py",

@@ -25,11 +25,11 @@ import dns.rrset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver.service import udpbatch
 from resolver.core.cache import Cache
 from resolver.core.pipeline import Resolver, _cache_key
 from resolver.core.wire import parse_query, scan_response
 from resolver.policy import load_policy
+from resolver.service import udpbatch
 from resolver.service.listeners import Tasks, UDPListener
 from resolver.upstream.forwarder import Forwarder, Upstream
 

@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 import resolver.config as config_module
-from resolver.observe import querylog
 from resolver.cli.audit import _parser as audit_parser
 from resolver.cli.main import _parser as cli_parser
 from resolver.config import load_config
+from resolver.observe import querylog
 
 from .helpers.realservers import ROOT
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from resolver.service import udpbatch
 from resolver.core.pending import Pending
+from resolver.service import udpbatch
 from resolver.service.listeners import Tasks
 
 from .conftest import has_ipv6

@@ -47,6 +47,7 @@ from ..service.listeners import EVERYONE
 from ..upstream.forwarder import Forwarder
 from .cache import STALE_TTL, Cache, Entry, age_of
 from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
+from .outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, MONITORED, REFUSED
 from .pending import Pending
 from .sinkhole import blocked_answer
 
@@ -181,7 +182,7 @@ class Info:
         self.hist = stats.durations[decision]
         # (Would-block matches are counted when decided, before any answer: see
         # Resolver._count_would_block.)
-        self.per_list = stats.blocked if decision == "blocked" and list_id is not None else None
+        self.per_list = stats.blocked if decision == BLOCKED and list_id is not None else None
         self.list_id = list_id or ""
         self.rule = rule
         self.reference = reference
@@ -416,7 +417,7 @@ class Resolver:
             return None
         except FormatError:
             answer = formerr_from_header(data)
-            self._account(Info(self._stats, "error", 0, 1), tcp, client, started)
+            self._account(Info(self._stats, ERROR, 0, 1), tcp, client, started)
             return answer
         if q.opcode:
             return self._error(q, RCODE_NOTIMP, tcp, client, started)
@@ -458,21 +459,21 @@ class Resolver:
             valid_until = min(valid_until, policy.decide(q.key, q.labels, ALL_GROUPS, now)[3])
         if rule is not None:
             answer = _fit(blocked_answer(q, rule, apex, now), q, limit)
-            info = self._info(q, "blocked", answer[3] & 0xF, rule, apex)
+            info = self._info(q, BLOCKED, answer[3] & 0xF, rule, apex)
             self._account(info, tcp, client, started)
             # The TTL is the list's until the window's end comes closer than that TTL.
             until = min(valid_until, rule.t2 - rule.blocklist.ttl)
             self._remember(memo, tcp, body, answer, until, now, info)
             return answer
-        decision = "cached"
+        decision = CACHED
         if monitored is not None:
             # Would block, once enforced: counted and logged, answered as usual, and never
             # memoised, so that every such query is seen.
-            decision = "monitored"
+            decision = MONITORED
             self._count_would_block(monitored)
             self._log_would_block(q, client, monitored)
         elif apex < 0:
-            decision = "allowed"
+            decision = ALLOWED
 
         key = _cache_key(q)
         entry = self.cache.get(key, now)
@@ -527,11 +528,11 @@ class Resolver:
         if held >= self.max_inflight_per_client:
             self._stats.stopped["client_inflight"] += 1
             answer = _busy(q)
-            self._account(self._info(q, "error", RCODE_SERVFAIL), tcp, client, started)
+            self._account(self._info(q, ERROR, RCODE_SERVFAIL), tcp, client, started)
             return answer
         self._held[client] = held + 1
         self.waiting += 1
-        forwarded = "forwarded" if decision == "cached" else decision
+        forwarded = FORWARDED if decision == CACHED else decision
         stale = self.cache.stale(key, now) if self.cache.serve_stale else None
         return self._forward(
             q, key, valid_until, limit, forwarded, monitored, tcp, client, started, mask, stale
@@ -784,10 +785,10 @@ class Resolver:
         started: float,
     ) -> tuple[bytes, Info]:
         answer = _fit(blocked_answer(q, rule, 0, now), q, limit)
-        logged = self.audit is not None and self.audit.wants("blocked")
+        logged = self.audit is not None and self.audit.wants(BLOCKED)
         info = Info(
             self._stats,
-            "blocked",
+            BLOCKED,
             q.qtype,
             answer[3] & 0xF,
             rule.blocklist.id,
@@ -823,12 +824,12 @@ class Resolver:
             opt = opt_record(q.do) if q.edns else b""
             return truncate(q, 0, 0, opt)
         answer = error_response(q, RCODE_REFUSED)
-        self._account(self._info(q, "refused", RCODE_REFUSED), tcp, client, started)
+        self._account(self._info(q, REFUSED, RCODE_REFUSED), tcp, client, started)
         return answer
 
     def _error(self, q: Query, rcode: int, tcp: bool, client: str, started: float) -> bytes:
         answer = error_response(q, rcode, with_question=bool(q.question))
-        self._account(self._info(q, "error", rcode), tcp, client, started)
+        self._account(self._info(q, ERROR, rcode), tcp, client, started)
         return answer
 
     def _fetch(
@@ -881,7 +882,7 @@ class Resolver:
         reaches past ``cap`` (the next policy transition of a name in it)."""
         answer = render(entry, q, self.clock(), True, cap if cap < NEVER else 0.0)
         self._stats.stale += 1
-        decision = "cached" if decision == "forwarded" else decision
+        decision = CACHED if decision == FORWARDED else decision
         info = self._info(q, decision, entry.rcode, monitored, 0, entry.upstream)
         self._account(info, tcp, client, started)
         return _fit(answer, q, limit)
@@ -990,7 +991,7 @@ class Resolver:
             answer = error_response(q, RCODE_SERVFAIL)
             rcode = RCODE_SERVFAIL
             if monitored is None:
-                decision = "error"
+                decision = ERROR
             # else still "monitored", so that the audit log has the would-block match
             # (with rcode SERVFAIL) however the upstream failed
         else:

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
+from ..core.outcome import DECISIONS
 from ..policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
 from ..policy.timewindow import ALWAYS, NEVER
 from ..service.http import REASONS_COUNTED
@@ -60,7 +61,6 @@ RCODE_LABELS: Final = {
     5: "REFUSED",
     16: "BADVERS",
 }
-DECISIONS: Final = ("blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error")
 #: Seconds: from 100 us (a memo hit) to 5 s (past the upstream deadline). Typed as a
 #: tuple of any length: the compiled build keeps it as one Python object, where a
 #: fixed-length tuple of floats would be boxed into a new tuple for each bisect.

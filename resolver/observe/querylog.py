@@ -47,15 +47,16 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
+from ..core.outcome import BLOCKED_OUTCOMES
+from ..core.outcome import DECISIONS as ALL_DECISIONS
+
 log = logging.getLogger("resolver.audit")
 
 SINKS: Final = ("off", "stdout", "file")
 WHATS: Final = ("all", "blocked")
-DECISIONS: Final = frozenset(
-    {"blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error"}
-)
+DECISIONS: Final = frozenset(ALL_DECISIONS)
 # What ``what: blocked`` keeps: queries the policy stopped, and those it would have stopped.
-BLOCKED_DECISIONS: Final = frozenset({"blocked", "monitored"})
+BLOCKED_DECISIONS: Final = BLOCKED_OUTCOMES
 
 DEFAULT_MAX_BYTES: Final = 64 * 2**20
 DEFAULT_KEEP: Final = 7
