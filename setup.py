@@ -34,6 +34,7 @@ COMPILED = [
     "resolver/core/cache.py",
     "resolver/core/pipeline.py",
     "resolver/core/outcome.py",
+    "resolver/core/stats.py",
     "resolver/core/pending.py",
     "resolver/observe/metrics.py",
     "resolver/upstream/forwarder.py",

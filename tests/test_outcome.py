@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from resolver.core.outcome import DECISIONS, POLICY_OUTCOMES, Outcome
+from resolver.core.stats import Stats
 from resolver.observe import querylog
-from resolver.observe.metrics import Stats
 
 SPEC = Path(__file__).resolve().parent.parent / "resolver" / "schema" / "admin.openapi.json"
 

@@ -36,6 +36,16 @@ TRUNCATE: Final = 3
 DENY_DROP: Final = 4  # dropped by the access list (not the rate limit)
 
 
+class _Everyone:
+    """Every client: the memo fast path's access list when there is no guard."""
+
+    def __contains__(self, client: object) -> bool:
+        return True
+
+
+EVERYONE: Final = _Everyone()
+
+
 class Guard:
     """The access list and the token buckets, keyed by client address."""
 

@@ -40,16 +40,15 @@ from typing import TYPE_CHECKING, Final
 
 import dns.rdatatype
 
-from ..observe.metrics import Stats, qtype_label, rcode_label
 from ..policy.model import ALL_CLIENTS, Policy, RuleSet
 from ..policy.timewindow import NEVER
-from ..service.listeners import EVERYONE
 from ..upstream.forwarder import Forwarder
 from .cache import STALE_TTL, Cache, Entry, age_of
-from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
+from .guard import DENY_DROP, DROP, EVERYONE, REFUSE, TRUNCATE, Guard
 from .outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, MONITORED, REFUSED
 from .pending import Pending
 from .sinkhole import blocked_answer
+from .stats import Stats, qtype_label, rcode_label
 
 if TYPE_CHECKING:
     from ..observe.querylog import AuditSink

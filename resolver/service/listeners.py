@@ -28,7 +28,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from ..core.pending import Pending
-from ..observe.metrics import BUCKETS
+from ..core.stats import BUCKETS
 
 if TYPE_CHECKING:
     from ..core.pipeline import Info
@@ -40,16 +40,6 @@ Handler = Callable[[bytes, str, bool], bytes | Pending | None]
 
 #: Fast-path answers slower than this (the first latency bucket) are counted one by one.
 FAST_BOUND: Final = BUCKETS[0]
-
-
-class _Everyone:
-    """Every client: the fast path's access list when there is no guard."""
-
-    def __contains__(self, client: object) -> bool:
-        return True
-
-
-EVERYONE: Final = _Everyone()
 
 
 class FastSource(Protocol):

@@ -39,7 +39,8 @@ from collections import deque
 from time import perf_counter
 from typing import Any, Final, Literal
 
-from .listeners import EVERYONE, FAST_BOUND, FastSource, Handler, Tasks, UDPListener
+from ..core.guard import EVERYONE
+from .listeners import FAST_BOUND, FastSource, Handler, Tasks, UDPListener
 
 log = logging.getLogger("resolver.transport")
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from ..core.stats import Histogram, rcode_label
 from ..core.wire import (
     FLAG_AD,
     FLAG_CD,
@@ -47,7 +48,6 @@ from ..core.wire import (
     parse_query,
     scan_response,
 )
-from ..observe.metrics import Histogram, rcode_label
 from ..policy.model import dotted
 
 if TYPE_CHECKING:
