@@ -21,9 +21,10 @@ import os
 
 from setuptools import setup
 
-#: The per-query path: wire format, policy lookup, cache, the query chain, pending answers,
-#: metrics, forwarding over UDP and TCP, blocked answers, and the access list and rate
-#: limit every query passes. Left interpreted: the batched UDP listener
+#: The per-query path: wire format, policy lookup, cache, the query pipeline and its parts
+#: (context, memo, answer inspection, answers, accounting, stages, outcome, stats), pending
+#: answers, metrics, forwarding over UDP and TCP, blocked answers, and the access list and
+#: rate limit every query passes. Left interpreted: the batched UDP listener
 #: (mostly ctypes calls, which compiling does not speed up), and DNS over TLS and HTTPS
 #: (dot.py, doh.py): the DoH connection subclasses the encrypted connection's base, which
 #: an interpreted class cannot do to a compiled one (and doh.py stands on h2, pure Python).
@@ -35,6 +36,12 @@ COMPILED = [
     "resolver/core/pipeline.py",
     "resolver/core/outcome.py",
     "resolver/core/stats.py",
+    "resolver/core/context.py",
+    "resolver/core/memo.py",
+    "resolver/core/inspect.py",
+    "resolver/core/answers.py",
+    "resolver/core/account.py",
+    "resolver/core/stages.py",
     "resolver/core/pending.py",
     "resolver/observe/metrics.py",
     "resolver/upstream/forwarder.py",
