@@ -281,7 +281,6 @@ class Cache:
         #: with prefetch on, and dropped with their entries.
         self._hits: dict[bytes, int] = {}
         self._prefetching: set[bytes] = set()
-        self.hits = 0
         self.misses = 0
         #: Entries evicted to bound the cache (for entries or for bytes), and those of
         #: them evicted for bytes; answers too large to keep at all.
@@ -307,7 +306,6 @@ class Cache:
             return None
         del data[key]
         data[key] = blob  # the most recently used, last
-        self.hits += 1
         entry = Entry.unpack(blob, key)
         if self.prefetch:
             entry.hits = self._hits[key] = self._hits.get(key, 0) + 1

@@ -78,8 +78,6 @@ class Guard:
         self._buckets: dict[str, list[float]] = {}
         self._old: dict[str, list[float]] = {}
         self._generation = max(1, max_clients // 2)
-        self.refused = 0
-        self.limited = 0
         #: Buckets dropped because the table was full (their clients sent nothing for a
         #: whole generation of new clients).
         self.evictions = 0
@@ -111,7 +109,6 @@ class Guard:
             if known[0]:
                 self.allowed.add(client)
         if not known[0]:
-            self.refused += 1
             return self.denied
         if not self.rate or tcp:
             return PASS  # TCP has its own bounds; a client sent there by TC=1 must get in
@@ -138,7 +135,6 @@ class Guard:
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
-            self.limited += 1
             return self.over_limit
         bucket[0] = tokens - 1.0
         return PASS
