@@ -24,6 +24,27 @@ TCP_MAX: Final = 65535
 class Context:
     """A parsed query, who asked it and how, and what the stages decided so far."""
 
+    # (Slots for the interpreted build; the compiled one makes native fields of the
+    # annotations below.)
+    __slots__ = (
+        "body",
+        "client",
+        "data",
+        "decision",
+        "info",
+        "key",
+        "limit",
+        "mask",
+        "monitored",
+        "now",
+        "q",
+        "stale",
+        "started",
+        "tcp",
+        "until",
+        "valid_until",
+    )
+
     data: bytes
     q: Query
     client: str
@@ -64,7 +85,6 @@ class Context:
         started: float,
         mask: int,
         body: bytes,
-        now: float,
     ) -> None:
         self.data = data
         self.q = q
@@ -74,7 +94,7 @@ class Context:
         self.mask = mask
         self.body = body
         self.limit = TCP_MAX if tcp else q.udp_size
-        self.now = now
+        self.now = 0.0
         self.valid_until = NEVER
         self.decision = CACHED
         self.monitored = None

@@ -326,18 +326,6 @@ _PLAIN_COUNTS: Final = (b"\x00\x01\x00\x00\x00\x00\x00\x00", b"\x00\x01\x00\x00\
 _U16: Final = struct.Struct("!H")
 
 
-def is_plain(data: bytes, q: Query) -> bool:
-    """Whether ``data`` (the bytes of ``q``) is a plain query, its own memo key: a header,
-    its question uncompressed, and at most an OPT record without options. Nothing in its
-    bytes is free for a client to vary without changing the answer. Every record takes 11
-    bytes or more and parsing found the question and the OPT, so the length says there is
-    nothing else; the question compares equal only uncompressed (a pointer's first byte is
-    no label length)."""
-    return len(data) == 12 + len(q.question) + (11 if q.edns else 0) and data.startswith(
-        q.question, 12
-    )
-
-
 def memo_key(data: bytes, q: Query) -> bytes:
     """The memo key of a query that is not plain: the bytes of the plain query that gets
     the same answer. Answers echo the flags (RD, CD, AD) and the question as sent, and

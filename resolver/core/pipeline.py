@@ -34,13 +34,15 @@ from .cache import Cache, Entry
 from .context import Context
 from .guard import DENY_DROP, DROP, EVERYONE, REFUSE, TRUNCATE, Guard
 from .inspect import ALL_GROUPS, answer_changes, behind, inspects
-from .memo import AnswerMemo, Info, is_plain, memo_key
+from .memo import AnswerMemo, Info, memo_key
 from .outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, MONITORED, REFUSED
 from .pending import Pending
 from .sinkhole import blocked_answer
 from .stages import cache_key, cached_until, unsupported
 from .stats import Stats
 from .wire import (
+    CLASS_ANY,
+    CLASS_IN,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     FormatError,
@@ -92,7 +94,7 @@ class Resolver:
         #: The answer memo, which the UDP listeners' fast path reads too.
         self.memo = AnswerMemo(self._stats, clock)
         #: The counters and the audit log, as the stages feed them.
-        self.accounts = Accounts(self._stats)
+        self._accounts = Accounts(self._stats)
         #: Queries waiting for upstreams at once; beyond, SERVFAIL at once.
         self.max_inflight = 4096
         self.waiting = 0
@@ -122,20 +124,20 @@ class Resolver:
     @property
     def audit(self) -> AuditSink | None:
         """The audit log, when one is configured."""
-        return self.accounts.audit
+        return self._accounts.audit
 
     @audit.setter
     def audit(self, audit: AuditSink | None) -> None:
-        self.accounts.audit = audit
+        self._accounts.audit = audit
 
     @property
     def monitor_log_interval(self) -> float:
         """Seconds between two "would block" log lines for one list."""
-        return self.accounts.monitor_log_interval
+        return self._accounts.monitor_log_interval
 
     @monitor_log_interval.setter
     def monitor_log_interval(self, seconds: float) -> None:
-        self.accounts.monitor_log_interval = seconds
+        self._accounts.monitor_log_interval = seconds
 
     @property
     def guard(self) -> Guard | None:
@@ -191,7 +193,7 @@ class Resolver:
     def forget_answers(self) -> None:
         """Empty the answer memo (after a policy swap or a cache flush)."""
         self.memo.clear()
-        self.accounts.forget()
+        self._accounts.forget()
 
     @property
     def memo_entries(self) -> int:
@@ -236,7 +238,7 @@ class Resolver:
         self.memo.pin()
 
     def handle(self, data: bytes, client: str, tcp: bool) -> Result:
-        """Answer one query: the stages up to parsing, then _resolve for the rest."""
+        """Answer one query: the stages in their order, each position saying why."""
         started = perf_counter()
         # Access list and rate limit: first of all, the memo included, so that a client
         # they stop costs a dict lookup and is served nothing.
@@ -245,9 +247,9 @@ class Resolver:
             verdict = guard.check(client, tcp)
             if verdict:
                 return self._guarded(verdict, data, tcp, client, started)
-        # Memo: before parsing, so that repeats (most traffic) cost a dict lookup. The
-        # policy's lists may apply to client groups, the one verdict that depends on the
-        # client: then the key holds the client's group mask.
+        # Memo: before parsing, so that repeats (most traffic) cost a dict lookup. Lists
+        # that apply to client groups make the verdict depend on the client: then the key
+        # holds the client's group mask.
         policy = self._policy
         memo = self.memo
         if policy.uses_groups:
@@ -260,7 +262,7 @@ class Resolver:
         if hit is not None:
             if self._clock() < hit[1]:
                 memo.hits += 1
-                self.accounts.account(memo.slots[hit[2]], tcp, client, started)
+                self._accounts.account(memo.slots[hit[2]], tcp, client, started)
                 return data[:2] + hit[0]
             memo.forget(tcp, body)
         # Parse: garbage stops here, so that no later stage ever sees a malformed query.
@@ -270,20 +272,20 @@ class Resolver:
             return None
         except FormatError:
             answer = formerr_from_header(data)
-            self.accounts.account(Info(self._stats, ERROR, 0, 1), tcp, client, started)
+            self._accounts.account(Info(self._stats, ERROR, 0, 1), tcp, client, started)
             return answer
-        return self._resolve(Context(data, q, client, tcp, started, mask, body, 0.0))
-
-    def _resolve(self, ctx: Context) -> Result:
-        """The stages after parsing, in their order."""
+        ctx = Context(data, q, client, tcp, started, mask, body)
         # Header checks: opcodes, EDNS versions and classes we do not serve get their rcode
-        # before any policy work (RFC 6891 BADVERS; REFUSED for classes other than IN, ANY).
-        rcode = unsupported(ctx.q)
-        if rcode:
-            return self._error(ctx, rcode)
-        # Memo again, for a query that is not plain: keyed, now that it is parsed, on what
-        # its answer is made of, never on bytes a client may vary (memo.py).
-        if not is_plain(ctx.data, ctx.q):
+        # before any policy work (NOTIMP, BADVERS, REFUSED: see stages.unsupported).
+        if q.opcode or q.edns_version or (q.qclass != CLASS_IN and q.qclass != CLASS_ANY):
+            return self._error(ctx, unsupported(q))
+        # Memo again, for a query that is not plain (more than a header, its question
+        # uncompressed and an OPT without options: each record takes 11 bytes or more, so
+        # the length tells): keyed, now that it is parsed, on what its answer is made of,
+        # never on bytes a client may vary (memo.memo_key).
+        if len(data) != 12 + len(q.question) + (11 if q.edns else 0) or not data.startswith(
+            q.question, 12
+        ):
             answer = self._memo_again(ctx)
             if answer is not None:
                 return answer
@@ -293,14 +295,14 @@ class Resolver:
         if answer is None:
             # Cache: after the policy, before the upstream: a hit costs no I/O. Its answer
             # is inspected first (CNAME, DNAME, networks, rebinding: _serve).
-            ctx.key = cache_key(ctx.q)
+            ctx.key = cache_key(q)
             entry = self.cache.get(ctx.key, ctx.now)
             if entry is not None:
                 answer = self._serve(ctx, entry, _CACHED)
         if answer is not None:
-            # Memo: as long as the stage that made the answer says it stays right.
+            # Memo: for as long as the stage that made the answer says it stays right.
             if ctx.until > ctx.now and ctx.info is not None:
-                self.memo.remember(ctx.tcp, ctx.body, answer, ctx.until, ctx.now, ctx.info)
+                memo.remember(tcp, ctx.body, answer, ctx.until, ctx.now, ctx.info)
             return answer
         # Admission: a bounded number of queries wait for upstreams, per client too;
         # beyond, SERVFAIL at once rather than a queue.
@@ -308,7 +310,8 @@ class Resolver:
         if answer is not None:
             return answer
         # Forward: last; in-flight sharing, then the forwarder. The reply is admitted to
-        # the cache, then inspected and rendered as a cached one is (_serve).
+        # the cache, then inspected and rendered as a cached one is (_serve); ANY over UDP
+        # and oversized answers are cut at render (answers.fit), as every answer is.
         return self._forward(ctx)
 
     def _memo_again(self, ctx: Context) -> bytes | None:
@@ -322,7 +325,7 @@ class Resolver:
         if hit is not None:
             if self._clock() < hit[1]:
                 memo.hits += 1
-                self.accounts.account(memo.slots[hit[2]], ctx.tcp, ctx.client, ctx.started)
+                self._accounts.account(memo.slots[hit[2]], ctx.tcp, ctx.client, ctx.started)
                 return ctx.data[:2] + hit[0]
             memo.forget(ctx.tcp, body)
         return None
@@ -340,8 +343,8 @@ class Resolver:
         ctx.valid_until = valid_until
         if rule is not None:
             answer = fit(blocked_answer(q, rule, apex, now), q, ctx.limit)
-            info = ctx.info = self.accounts.info(q, BLOCKED, answer[3] & 0xF, rule, apex)
-            self.accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+            info = ctx.info = self._accounts.info(q, BLOCKED, answer[3] & 0xF, rule, apex)
+            self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
             # The TTL is the list's until the window's end comes closer than that TTL.
             ctx.until = min(valid_until, rule.t2 - rule.blocklist.ttl)
             return answer
@@ -350,8 +353,8 @@ class Resolver:
             # memoised (ctx.until stays 0), so that every such query is seen.
             ctx.decision = MONITORED
             ctx.monitored = monitored
-            self.accounts.count_would_block(monitored)
-            self.accounts.log_would_block(q, ctx.client, monitored)
+            self._accounts.count_would_block(monitored)
+            self._accounts.log_would_block(q, ctx.client, monitored)
         elif apex < 0:
             ctx.decision = ALLOWED
         return None
@@ -393,10 +396,10 @@ class Resolver:
         answer = fit(render(entry, q, now, False, valid_until if capped else 0.0), q, ctx.limit)
         monitored = ctx.monitored
         apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
-        info = self.accounts.info(
+        info = self._accounts.info(
             q, ctx.decision, entry.rcode, monitored, apex, entry.upstream, from_cache=True
         )
-        self.accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
         if monitored is None:
             ctx.info = info
             ctx.until = cached_until(entry, now, valid_until, capped)
@@ -414,8 +417,8 @@ class Resolver:
         if held >= self.max_inflight_per_client:
             self._stats.stopped["client_inflight"] += 1
             answer = busy(ctx.q)
-            self.accounts.account(
-                self.accounts.info(ctx.q, ERROR, RCODE_SERVFAIL), ctx.tcp, client, ctx.started
+            self._accounts.account(
+                self._accounts.info(ctx.q, ERROR, RCODE_SERVFAIL), ctx.tcp, client, ctx.started
             )
             return answer
         self._held[client] = held + 1
@@ -424,15 +427,6 @@ class Resolver:
             ctx.decision = FORWARDED
         ctx.stale = self.cache.stale(ctx.key, ctx.now) if self.cache.serve_stale else None
         return None
-
-    def _release(self, client: str) -> None:
-        """A query counted by _admit has its answer (or none)."""
-        self.waiting -= 1
-        held = self._held.get(client, 0) - 1
-        if held > 0:
-            self._held[client] = held
-        else:
-            self._held.pop(client, None)
 
     def _forward(self, ctx: Context) -> Pending:
         """The answer from upstream, checked and accounted for, without a task or a
@@ -449,7 +443,12 @@ class Resolver:
             if settled:
                 return  # the stale answer went out already; the fetch refreshed the cache
             settled = True
-            self._release(ctx.client)
+            self.waiting -= 1  # counted by _admit, when the query was handed over
+            held = self._held.get(ctx.client, 0) - 1
+            if held > 0:
+                self._held[ctx.client] = held
+            else:
+                self._held.pop(ctx.client, None)
             if timer is not None:
                 timer.cancel()
             if answer.done():
@@ -483,8 +482,8 @@ class Resolver:
         """``answer``, from upstream or for the lack of one, accounted for."""
         q, monitored = ctx.q, ctx.monitored
         apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
-        info = self.accounts.info(q, ctx.decision, rcode, monitored, apex, upstream)
-        self.accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        info = self._accounts.info(q, ctx.decision, rcode, monitored, apex, upstream)
+        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
         return answer
 
     def _stale(self, ctx: Context, entry: Entry) -> bytes:
@@ -494,8 +493,8 @@ class Resolver:
         answer = render(entry, q, self._clock(), True, cap if cap < NEVER else 0.0)
         self._stats.stale += 1
         decision = CACHED if ctx.decision == FORWARDED else ctx.decision
-        info = self.accounts.info(q, decision, entry.rcode, ctx.monitored, 0, entry.upstream)
-        self.accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        info = self._accounts.info(q, decision, entry.rcode, ctx.monitored, 0, entry.upstream)
+        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
         return fit(answer, q, ctx.limit)
 
     def _blocked_behind(self, ctx: Context, rule: RuleSet, rname: str, now: float) -> bytes:
@@ -503,7 +502,7 @@ class Resolver:
         blocks."""
         q = ctx.q
         answer = fit(blocked_answer(q, rule, 0, now), q, ctx.limit)
-        logged = self.accounts.audit is not None and self.accounts.audit.wants(BLOCKED)
+        logged = self._accounts.audit is not None and self._accounts.audit.wants(BLOCKED)
         info = ctx.info = Info(
             self._stats,
             BLOCKED,
@@ -515,7 +514,7 @@ class Resolver:
             decode_name(q.qname),
             logged,
         )
-        self.accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
         log.info(
             "blocked %s for %s: its answer passes through %s (list %s)",
             decode_name(q.qname),
@@ -542,13 +541,15 @@ class Resolver:
             opt = opt_record(q.do) if q.edns else b""
             return truncate(q, 0, 0, opt)
         answer = error_response(q, RCODE_REFUSED)
-        self.accounts.account(self.accounts.info(q, REFUSED, RCODE_REFUSED), tcp, client, started)
+        self._accounts.account(self._accounts.info(q, REFUSED, RCODE_REFUSED), tcp, client, started)
         return answer
 
     def _error(self, ctx: Context, rcode: int) -> bytes:
         q = ctx.q
         answer = error_response(q, rcode, with_question=bool(q.question))
-        self.accounts.account(self.accounts.info(q, ERROR, rcode), ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(
+            self._accounts.info(q, ERROR, rcode), ctx.tcp, ctx.client, ctx.started
+        )
         return answer
 
     def _fetch(
