@@ -3,7 +3,8 @@
 The stages (Resolver._resolve and the methods it calls) read what the query is from a
 Context and write what they decide into it, where they once passed nine to eleven values
 from call to call. A plain class with annotated attributes: the compiled build keeps each
-as a native field.
+as a native field. (No __slots__: its class defaults spare the constructor half its
+stores, which the interpreted build pays for on every query that passes the memo.)
 """
 
 from __future__ import annotations
@@ -24,27 +25,6 @@ TCP_MAX: Final = 65535
 class Context:
     """A parsed query, who asked it and how, and what the stages decided so far."""
 
-    # (Slots for the interpreted build; the compiled one makes native fields of the
-    # annotations below.)
-    __slots__ = (
-        "body",
-        "client",
-        "data",
-        "decision",
-        "info",
-        "key",
-        "limit",
-        "mask",
-        "monitored",
-        "now",
-        "q",
-        "stale",
-        "started",
-        "tcp",
-        "until",
-        "valid_until",
-    )
-
     data: bytes
     q: Query
     client: str
@@ -58,23 +38,23 @@ class Context:
     #: The largest answer the client takes: TCP_MAX over TCP, its UDP size otherwise.
     limit: int
     #: The instant the policy is decided at.
-    now: float
+    now: float = 0.0
     #: Until when the policy's verdict holds, for this name and, once inspected, the names
     #: and addresses its answer leads to: no TTL served or cached may reach past it.
-    valid_until: float
+    valid_until: float = NEVER
     #: The decision so far (outcome.py): "cached" until the policy or the upstream says
     #: otherwise.
-    decision: str
+    decision: str = CACHED
     #: The rule set that would block the name once enforced (monitor mode), if any.
-    monitored: RuleSet | None
+    monitored: RuleSet | None = None
     #: The cache key (see pipeline.cache_key).
-    key: bytes
+    key: bytes = b""
     #: An expired entry the cache may serve when upstreams fail (RFC 8767), if any.
-    stale: Entry | None
+    stale: Entry | None = None
     #: What the answer is (for the memo), and until when it stays exactly right: what the
     #: stage that made it declares. 0 (the default): not memoised.
-    info: Info | None
-    until: float
+    info: Info | None = None
+    until: float = 0.0
 
     def __init__(
         self,
@@ -94,11 +74,5 @@ class Context:
         self.mask = mask
         self.body = body
         self.limit = TCP_MAX if tcp else q.udp_size
-        self.now = 0.0
-        self.valid_until = NEVER
-        self.decision = CACHED
-        self.monitored = None
-        self.key = b""
-        self.stale = None
-        self.info = None
-        self.until = 0.0
+        # (The rest start at their class defaults: the compiled build sets them in C, and
+        # the interpreted one reads the class attribute until a stage writes its own.)

@@ -27,6 +27,7 @@ from math import inf
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
+from ..core.guard import EVERYONE
 from ..core.pending import Pending
 
 if TYPE_CHECKING:
@@ -136,7 +137,11 @@ class UDPListener(asyncio.DatagramProtocol):
             return
         fast = self.fast
         try:
-            if fast is not None and fast.fast_memo is not None and addr[0] in fast.fast_clients:
+            if (
+                fast is not None
+                and fast.fast_memo is not None
+                and (fast.fast_clients is EVERYONE or addr[0] in fast.fast_clients)
+            ):
                 body = fast.fast_answer(data[2:])
                 if body is not None:
                     self._sendto(data[:2] + body, addr)

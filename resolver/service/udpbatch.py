@@ -338,12 +338,13 @@ class BatchListener(UDPListener):
             for i in range(count):
                 size = lengths[i * recv_stride + len_at]
                 start = i * RECV_SIZE
+                host = None  # the sender, once known (each host() call costs)
                 try:
                     if (
                         memo is not None
                         and fast is not None
                         and size > 2
-                        and (everyone or b.host(i) in clients)
+                        and (everyone or (host := b.host(i)) in clients)
                     ):
                         # The memo's one lookup (AnswerMemo.fast_answer), as UDPListener's.
                         body = fast.fast_answer(bytes(received[start + 2 : start + size]))
@@ -363,7 +364,7 @@ class BatchListener(UDPListener):
                                 self._sendto(first + body, b.address(i))
                             continue
                     data = bytes(received[start : start + size])
-                    result = handle(data, b.host(i), False)
+                    result = handle(data, host if host is not None else b.host(i), False)
                 except Exception:  # a bug must cost one answer, never the listener
                     log.exception("internal error answering a UDP query")
                     continue
