@@ -20,7 +20,7 @@ import pytest
 
 from resolver.core import pipeline
 from resolver.core.cache import Cache, Entry
-from resolver.core.context import TCP_MAX, Context
+from resolver.core.context import TCP_MAX, Context, new_context
 from resolver.core.inspect import behind, inspects, private
 from resolver.core.memo import FAST_BOUND, AnswerMemo, Info
 from resolver.core.outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, MONITORED
@@ -53,7 +53,7 @@ def resolver(tmp_path: Path) -> Resolver:
 def context(name: str, rdtype: str = "A", tcp: bool = False, **kwargs: object) -> Context:
     data = dns.message.make_query(name, rdtype, **kwargs).to_wire()  # type: ignore[arg-type]
     q = parse_query(data)
-    return Context(data, q, "192.0.2.7", tcp, 0.0, ALL_CLIENTS, data[2:])
+    return new_context(data, q, "192.0.2.7", tcp, 0.0, ALL_CLIENTS, data[2:])
 
 
 def reply_entry(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
@@ -17,7 +18,7 @@ import dns.rdatatype
 
 from ..policy.model import RuleSet
 from .memo import INFOS_MAX, Info
-from .stats import Stats
+from .stats import BUCKETS, Stats
 from .wire import Query, decode_name
 
 if TYPE_CHECKING:
@@ -55,7 +56,9 @@ class Accounts:
         answers = self.stats.answers
         key = info.keys[tcp]
         answers[key] = answers.get(key, 0) + 1
-        info.hist.observe(elapsed)
+        hist = info.hist  # (Histogram.observe, inlined: one call less for every answer)
+        hist.counts[bisect_left(BUCKETS, elapsed)] += 1
+        hist.total += elapsed
         if info.from_cache:
             self.stats.cache_hits += 1
         if info.per_list is not None:

@@ -196,10 +196,10 @@ class AnswerMemo:
         memo = self.fast_memo
         if memo is None:
             return None
-        started = perf_counter()
         hit = memo.get(body)
         if hit is None:
-            return None
+            return None  # (before the clock is read: most misses are new names)
+        started = perf_counter()
         info = self.slots[hit[2]]
         if info.logged or self.clock() >= hit[1]:
             return None

@@ -31,7 +31,7 @@ from ..upstream.forwarder import Forwarder
 from .account import Accounts
 from .answers import busy, fit, render
 from .cache import Cache, Entry
-from .context import Context
+from .context import Context, new_context
 from .guard import DENY_DROP, DROP, EVERYONE, REFUSE, TRUNCATE, Guard
 from .inspect import ALL_GROUPS, answer_changes, behind, inspects
 from .memo import AnswerMemo, Info, memo_key
@@ -274,7 +274,7 @@ class Resolver:
             answer = formerr_from_header(data)
             self._accounts.account(Info(self._stats, ERROR, 0, 1), tcp, client, started)
             return answer
-        ctx = Context(data, q, client, tcp, started, mask, body)
+        ctx = new_context(data, q, client, tcp, started, mask, body)
         # Header checks: opcodes, EDNS versions and classes we do not serve get their rcode
         # before any policy work (NOTIMP, BADVERS, REFUSED: see stages.unsupported).
         if q.opcode or q.edns_version or (q.qclass != CLASS_IN and q.qclass != CLASS_ANY):

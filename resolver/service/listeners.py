@@ -137,12 +137,14 @@ class UDPListener(asyncio.DatagramProtocol):
             return
         fast = self.fast
         try:
+            memo = fast.fast_memo if fast is not None else None
             if (
-                fast is not None
-                and fast.fast_memo is not None
+                memo is not None
+                and fast is not None
+                and (key := data[2:]) in memo  # (no call for a miss)
                 and (fast.fast_clients is EVERYONE or addr[0] in fast.fast_clients)
             ):
-                body = fast.fast_answer(data[2:])
+                body = fast.fast_answer(key)
                 if body is not None:
                     self._sendto(data[:2] + body, addr)
                     return
