@@ -29,7 +29,7 @@ from ..policy.model import ALL_CLIENTS, Policy, RuleSet
 from ..policy.timewindow import NEVER
 from ..upstream.forwarder import Forwarder
 from .account import Accounts
-from .answers import busy, fit, render
+from .answers import busy, fit, render, tick
 from .cache import Cache, Entry
 from .context import Context, new_context
 from .guard import DENY_DROP, DROP, EVERYONE, REFUSE, TRUNCATE, Guard
@@ -38,7 +38,7 @@ from .memo import AnswerMemo, Info, memo_key
 from .outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, MONITORED, REFUSED
 from .pending import Pending
 from .sinkhole import blocked_answer
-from .stages import cache_key, cached_until, unsupported
+from .stages import cache_key, unsupported
 from .stats import Stats
 from .wire import (
     CLASS_ANY,
@@ -401,8 +401,17 @@ class Resolver:
         )
         self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
         if monitored is None:
+            # Served TTLs change when the entry's age, rounded up, changes: at the next
+            # whole second of it (and, capped, when the time left to the cap does).
+            stored = entry.stored
+            turn = stored + int(now - stored)
+            if turn <= now:
+                turn = turn + 1.0 if turn < now else tick(turn, now)
+            until = min(valid_until, entry.expires, turn)
+            if capped:
+                until = min(until, tick(valid_until - int(valid_until - now), now))
             ctx.info = info
-            ctx.until = cached_until(entry, now, valid_until, capped)
+            ctx.until = until
         return answer
 
     def _admit(self, ctx: Context) -> bytes | None:

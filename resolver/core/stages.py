@@ -3,8 +3,6 @@ query or an entry alone."""
 
 from __future__ import annotations
 
-from .answers import tick
-from .cache import Entry
 from .wire import CLASS_ANY, CLASS_IN, RCODE_BADVERS, RCODE_NOTIMP, RCODE_REFUSED, Query
 
 
@@ -28,17 +26,3 @@ def cache_key(q: Query) -> bytes:
     """The name in lower case, type and class as sent, and the DO and CD bits: an answer
     with DNSSEC records or unchecked data must not reach a client that did not ask."""
     return q.key + q.question[-4:] + bytes((q.do, (q.flags >> 4) & 1))
-
-
-def cached_until(entry: Entry, now: float, valid_until: float, capped: bool) -> float:
-    """Until when a cache hit's answer, rendered at ``now``, stays exactly right (for the
-    memo). Served TTLs change when the entry's age, rounded up, changes: at the next whole
-    second of it (and, ``capped`` at ``valid_until``, when the time left to the cap does)."""
-    stored = entry.stored
-    turn = stored + int(now - stored)
-    if turn <= now:
-        turn = turn + 1.0 if turn < now else tick(turn, now)
-    until = min(valid_until, entry.expires, turn)
-    if capped:
-        until = min(until, tick(valid_until - int(valid_until - now), now))
-    return until
