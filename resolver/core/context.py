@@ -18,7 +18,7 @@ from .memo import Info
 from .outcome import CACHED
 from .wire import Query
 
-#: The largest answer over TCP (and the limit that tells _fit a query came over TCP).
+#: The largest answer over TCP (and the limit that tells answers.fit a query came over TCP).
 TCP_MAX: Final = 65535
 
 

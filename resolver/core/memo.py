@@ -47,7 +47,7 @@ _EVICT_SHARE: Final = 16
 #: Info objects that memo entries may refer to (see AnswerMemo.slot) before the memo
 #: starts afresh (or four per entry the memo may hold, if more).
 _SLOTS_MAX: Final = 4 * _MEMO_MAX
-#: Info objects shared by answers alike, at most (see Resolver._info).
+#: Info objects shared by answers alike, at most (see account.Accounts.info).
 INFOS_MAX: Final = _MEMO_MAX
 #: Fast-path answers slower than this (the first latency bucket) are counted one by one.
 FAST_BOUND: Final = BUCKETS[0]
@@ -104,7 +104,7 @@ class Info:
         )
         self.hist: Histogram = stats.durations[decision]
         # (Would-block matches are counted when decided, before any answer: see
-        # Resolver._count_would_block.)
+        # Accounts.count_would_block.)
         self.per_list = stats.blocked if decision == BLOCKED and list_id is not None else None
         self.list_id = list_id or ""
         self.rule = rule
