@@ -1,6 +1,6 @@
 """One query on its way through the pipeline.
 
-The stages (Resolver._resolve and the methods it calls) read what the query is from a
+The stages (Resolver.handle and the methods it calls) read what the query is from a
 Context and write what they decide into it, where they once passed nine to eleven values
 from call to call. A plain class with annotated attributes: the compiled build keeps each
 as a native field. (No __slots__: its class defaults spare new_context half its stores,

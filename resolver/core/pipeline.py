@@ -5,9 +5,9 @@
 that can be answered without I/O is answered synchronously, with no task created: that is
 most of the traffic (blocked names and cache hits) and what keeps the hot path cheap.
 
-The order is written once, as straight-line code: ``handle`` (access list and rate limit,
-memo, parse) and ``_resolve`` (header checks, policy, cache, answer inspection, admission,
-forward), each position commented with why it sits there. A stage is a method that takes
+The order is written once, as straight-line code in ``handle``: access list and rate
+limit, memo, parse, header checks, policy, cache (with answer inspection), admission,
+forward; each position commented with why it sits there. A stage is a method that takes
 the query's :class:`Context`, writes what it decides into it, and returns an answer or None
 (go on). Every answer passes ``fit`` (ANY over UDP cut to one RRset, RFC 8482; TC=1 when
 it does not fit) and ``_account`` (counters, audit log). Whether an answer may be
