@@ -21,8 +21,9 @@ import os
 
 from setuptools import setup
 
-#: The per-query path: wire format, policy lookup, cache, the query chain, pending answers,
-#: metrics, forwarding (endpoints, the transport protocol and its errors, health,
+#: The per-query path: wire format, policy lookup, cache, the query pipeline and its parts
+#: (context, memo, answer inspection, answers, accounting, stages, outcome, stats), pending
+#: answers, metrics, forwarding (endpoints, the transport protocol and its errors, health,
 #: strategies, the UDP and TCP transports), blocked answers, and the access list and rate
 #: limit every query passes. Left interpreted: the batched UDP listener (mostly ctypes
 #: calls, which compiling does not speed up), and DNS over TLS and HTTPS
@@ -37,6 +38,14 @@ COMPILED = [
     "resolver/policy/model.py",
     "resolver/core/cache.py",
     "resolver/core/pipeline.py",
+    "resolver/core/outcome.py",
+    "resolver/core/stats.py",
+    "resolver/core/context.py",
+    "resolver/core/memo.py",
+    "resolver/core/inspect.py",
+    "resolver/core/answers.py",
+    "resolver/core/account.py",
+    "resolver/core/stages.py",
     "resolver/core/pending.py",
     "resolver/observe/metrics.py",
     "resolver/upstream/endpoints.py",

@@ -131,7 +131,7 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
     memo_cap = 2 * 50_000
     for i in range(memo_cap):
         ask(i, i % 2 == 1)
-    memo_entries = sum(len(memo) for memo in resolver._memo)
+    memo_entries = sum(len(memo) for memo in resolver.memo.dicts)
     pauses: list[tuple[int, float, float]] = []
     begun = [0.0, 0.0]
 
@@ -154,7 +154,7 @@ def _under_load(entries: int, queries: int) -> dict[str, float]:
             if i % every == every - 1:
                 began, cpu = time.perf_counter(), time.thread_time()
                 gc.collect()
-                held = sum(len(memo) for memo in resolver._memo)
+                held = sum(len(memo) for memo in resolver.memo.dicts)
                 forced.append((time.perf_counter() - began, time.thread_time() - cpu, held))
             before = time.perf_counter()
             kind = i % 4

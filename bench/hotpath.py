@@ -59,8 +59,8 @@ def main() -> int:
             started = time.perf_counter()
             for _ in range(n):
                 if not memo:
-                    resolver._memo[0].clear()
-                    resolver._memo_size[0] = 0  # (as the memo's bound counts it)
+                    resolver.memo.dicts[0].clear()
+                    resolver.memo.sizes[0] = 0  # (as the memo's bound counts it)
                 resolver.handle(data, "127.0.0.1", False)
             per = (time.perf_counter() - started) / n * 1e6
             path = "answer memo" if memo else "full path  "

@@ -169,14 +169,14 @@ def test_every_repeat_answered_by_the_udp_fast_path_is_counted(
     assert server.send(blocked).rcode() == dns.rcode.NXDOMAIN
     for _ in range(2):  # forwarded, then a cache hit: both through handle()
         assert server.send(cached).rcode() == dns.rcode.NOERROR
-    through_handle = resolver._memo_hits
+    through_handle = resolver.memo.hits
     for qid in range(1, 41):
         blocked.id = cached.id = qid
         reply = server.send(blocked)
         assert (reply.id, reply.rcode()) == (qid, dns.rcode.NXDOMAIN)
         reply = server.send(cached)
         assert (reply.id, reply.rcode()) == (qid, dns.rcode.NOERROR) and reply.answer
-    assert resolver._memo_hits == through_handle  # the fast path took every repeat
+    assert resolver.memo.hits == through_handle  # the fast path took every repeat
     stats = resolver.stats
     assert stats.answers[("udp", "A", "NXDOMAIN", "blocked")] == 41
     assert stats.answers[("udp", "A", "NOERROR", "cached")] == 41

@@ -223,7 +223,7 @@ def test_a_full_memo_adds_nothing_for_the_garbage_collector_to_walk(
         assert resolver.memo_entries == 2_000
         # What the next full collection would walk: neither memo dict, nor their entries.
         walked = gc.get_objects()
-        assert not any(o is memo for o in walked for memo in resolver._memo)
+        assert not any(o is memo for o in walked for memo in resolver.memo.dicts)
         gc.collect()
         grown = len(gc.get_objects()) - tracked
         assert grown < 200, f"{grown} more objects for the collector to walk"

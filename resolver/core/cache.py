@@ -15,13 +15,12 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from ..defaults import DEFAULT_CACHE_MAX_BYTES as DEFAULT_MAX_BYTES
+from ..defaults import DEFAULT_CACHE_MAX_ENTRIES as DEFAULT_MAX_ENTRIES
+from ..defaults import DEFAULT_CACHE_MAX_NEGATIVE_TTL as DEFAULT_MAX_NEGATIVE_TTL
+from ..defaults import DEFAULT_CACHE_MAX_TTL as DEFAULT_MAX_TTL
 from .wire import RCODE_NOERROR, RCODE_NXDOMAIN, Scan, label_offsets, pack_u32_into
 
-#: Default bounds; the config can change them.
-DEFAULT_MAX_ENTRIES: Final = 100_000
-DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
-DEFAULT_MAX_TTL: Final = 86_400
-DEFAULT_MAX_NEGATIVE_TTL: Final = 3_600
 #: Uses of an entry that make it popular enough to prefetch.
 PREFETCH_HITS: Final = 3
 #: RFC 8767 4: the TTL of a stale answer.
@@ -281,7 +280,6 @@ class Cache:
         #: with prefetch on, and dropped with their entries.
         self._hits: dict[bytes, int] = {}
         self._prefetching: set[bytes] = set()
-        self.hits = 0
         self.misses = 0
         #: Entries evicted to bound the cache (for entries or for bytes), and those of
         #: them evicted for bytes; answers too large to keep at all.
@@ -307,7 +305,6 @@ class Cache:
             return None
         del data[key]
         data[key] = blob  # the most recently used, last
-        self.hits += 1
         entry = Entry.unpack(blob, key)
         if self.prefetch:
             entry.hits = self._hits[key] = self._hits.get(key, 0) + 1

@@ -15,25 +15,26 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from ..defaults import DEFAULT_ALLOW, DEFAULT_RATELIMIT_IPV6_PREFIX, DEFAULT_RATELIMIT_MAX_CLIENTS
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: Loopback, RFC 1918, RFC 4193 (unique local), link-local, IPv4-mapped loopback.
-DEFAULT_ALLOW: Final = (
-    "127.0.0.0/8",
-    "::1/128",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "fc00::/7",
-    "169.254.0.0/16",
-    "fe80::/10",
-)
 
 PASS: Final = 0
 REFUSE: Final = 1
 DROP: Final = 2
 TRUNCATE: Final = 3
 DENY_DROP: Final = 4  # dropped by the access list (not the rate limit)
+
+
+class _Everyone:
+    """Every client: the memo fast path's access list when there is no guard."""
+
+    def __contains__(self, client: object) -> bool:
+        return True
+
+
+EVERYONE: Final = _Everyone()
 
 
 class Guard:
@@ -46,8 +47,8 @@ class Guard:
         rate: float = 0.0,
         burst: float = 0.0,
         over_limit: str = "drop",
-        ipv6_prefix: int = 56,
-        max_clients: int = 100_000,
+        ipv6_prefix: int = DEFAULT_RATELIMIT_IPV6_PREFIX,
+        max_clients: int = DEFAULT_RATELIMIT_MAX_CLIENTS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in allow]
@@ -68,8 +69,6 @@ class Guard:
         self._buckets: dict[str, list[float]] = {}
         self._old: dict[str, list[float]] = {}
         self._generation = max(1, max_clients // 2)
-        self.refused = 0
-        self.limited = 0
         #: Buckets dropped because the table was full (their clients sent nothing for a
         #: whole generation of new clients).
         self.evictions = 0
@@ -101,7 +100,6 @@ class Guard:
             if known[0]:
                 self.allowed.add(client)
         if not known[0]:
-            self.refused += 1
             return self.denied
         if not self.rate or tcp:
             return PASS  # TCP has its own bounds; a client sent there by TC=1 must get in
@@ -128,7 +126,6 @@ class Guard:
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
-            self.limited += 1
             return self.over_limit
         bucket[0] = tokens - 1.0
         return PASS

@@ -45,17 +45,17 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
+from ..core.outcome import BLOCKED_OUTCOMES
+from ..core.outcome import DECISIONS as ALL_DECISIONS
 from ..defaults import DEFAULT_AUDIT_KEEP, DEFAULT_AUDIT_MAX_BYTES, DEFAULT_AUDIT_QUEUE_SIZE
 
 log = logging.getLogger("resolver.audit")
 
 SINKS: Final = ("off", "stdout", "file")
 WHATS: Final = ("all", "blocked")
-DECISIONS: Final = frozenset(
-    {"blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error"}
-)
+DECISIONS: Final = frozenset(ALL_DECISIONS)
 # What ``what: blocked`` keeps: queries the policy stopped, and those it would have stopped.
-BLOCKED_DECISIONS: Final = frozenset({"blocked", "monitored"})
+BLOCKED_DECISIONS: Final = BLOCKED_OUTCOMES
 
 DEFAULT_MAX_BYTES: Final = DEFAULT_AUDIT_MAX_BYTES
 DEFAULT_KEEP: Final = DEFAULT_AUDIT_KEEP

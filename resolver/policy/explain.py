@@ -15,6 +15,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from ..core.outcome import ALLOWED, BLOCKED, FORWARDED, MONITORED
 from ..core.sinkhole import blocked_answer
 from ..core.wire import encode_name, label_offsets, parse_query
 from .formats import normalize
@@ -67,17 +68,17 @@ def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> 
     if rule is not None:
         q = parse_query(dns.message.make_query(name, qtype, use_edns=0).to_wire())
         answer = dns.message.from_wire(blocked_answer(q, rule, apex, now))
-        out["decision"] = "blocked"
+        out["decision"] = BLOCKED
         out["list"] = rule.blocklist.id
         out["answer"] = {
             "rcode": dns.rcode.to_text(answer.rcode()),
             "records": [str(rr) for section in (answer.answer, answer.authority) for rr in section],
         }
     elif monitored is not None:
-        out["decision"] = "monitored"
+        out["decision"] = MONITORED
         out["list"] = monitored.blocklist.id
     else:
-        out["decision"] = "allowed" if apex < 0 else "forwarded"
+        out["decision"] = ALLOWED if apex < 0 else FORWARDED
     out["until"] = None if until == NEVER else format_instant(until)
     sources = policy.sources or {}
     rules = []
@@ -110,12 +111,12 @@ def render_text(doc: dict[str, Any]) -> str:
     """The explanation as ``resolver explain`` prints it."""
     lines = [f"{doc['name']} {doc['type']} for {doc['client']} at {doc['at']}:"]
     decision = doc["decision"]
-    if decision == "blocked":
+    if decision == BLOCKED:
         lines.append(f"  BLOCKED by list {doc['list']}: {doc['answer']['rcode']}")
         lines += [f"    {record}" for record in doc["answer"]["records"]]
-    elif decision == "monitored":
+    elif decision == MONITORED:
         lines.append(f"  forwarded, and logged as WOULD BLOCK by list {doc['list']} (monitor)")
-    elif decision == "allowed":
+    elif decision == ALLOWED:
         lines.append("  forwarded: an allow rule (exception) decides")
     else:
         lines.append("  forwarded (not blocked)")

@@ -22,56 +22,36 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable
 from math import inf
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
+from ..core.guard import EVERYONE
 from ..core.pending import Pending
-from ..observe.metrics import BUCKETS
+from ..defaults import (
+    DEFAULT_TCP_IDLE,
+    DEFAULT_TCP_MAX_CONNECTIONS,
+    DEFAULT_TCP_MAX_OUTPUT,
+    DEFAULT_TCP_MAX_PER_CLIENT,
+    DEFAULT_TCP_MAX_PIPELINE,
+)
 
 if TYPE_CHECKING:
-    from ..core.pipeline import Info
+    from ..core.memo import AnswerMemo
     from ..observe.metrics import Counts
 
 log = logging.getLogger("resolver.transport")
 
 Handler = Callable[[bytes, str, bool], bytes | Pending | None]
 
-#: Fast-path answers slower than this (the first latency bucket) are counted one by one.
-FAST_BOUND: Final = BUCKETS[0]
-
-
-class _Everyone:
-    """Every client: the fast path's access list when there is no guard."""
-
-    def __contains__(self, client: object) -> bool:
-        return True
-
-
-EVERYONE: Final = _Everyone()
-
 
 class FastSource(Protocol):
-    """What the UDP fast path reads of the resolver (chain.Resolver)."""
+    """What the UDP fast path reads of the resolver (core.pipeline.Resolver): its memo."""
 
-    fast_memo: dict[bytes, tuple[bytes, float, int]] | None
-    #: The memo entries' Info objects, by the slot that an entry holds.
-    fast_infos: list[Info]
-    fast_clients: Container[str]
-
-    def clock(self) -> float: ...
-
-    def memo_answered(self, info: Info, client: str, started: float) -> None: ...
+    memo: AnswerMemo
 
 
-DEFAULT_TCP_IDLE: Final = 10.0
-DEFAULT_TCP_MAX_CONNECTIONS: Final = 1000
-DEFAULT_TCP_MAX_PIPELINE: Final = 100
-#: Pending output per connection above which it stops reading (the high-water mark).
-DEFAULT_TCP_MAX_OUTPUT: Final = 64 * 1024
-#: Connections one client address may hold; beyond, its own oldest one is closed (0: any).
-DEFAULT_TCP_MAX_PER_CLIENT: Final = 100
 #: Pending output over this many times max_output aborts the connection: answers from
 #: upstream still arrive while reading is paused, and a client that does not read them must
 #: not make them pile up.
@@ -119,10 +99,8 @@ class UDPListener(asyncio.DatagramProtocol):
     """One UDP socket. Synchronous answers are sent at once; others from a task.
 
     With ``fast`` (the resolver), a query whose bytes after the ID are in its UDP answer
-    memo (``fast.fast_memo``) is answered here, without a call into the resolver: the
-    memo's answer with the query's ID, if the client is let in (``fast.fast_clients``),
-    the answer is still valid, and the audit log does not want it. Its counts go on the
-    answer's Info and reach the counters at the next Resolver.fold(). This is the path
+    memo is answered here, without a call into the resolver, by the memo's one lookup
+    (AnswerMemo.fast_answer), if the client is let in (``fast_clients``). This is the path
     of blocked names and cache hits under load: it costs a third of a full call into
     Resolver.handle (bench/hotpath.py), whose own memo check covers everything else.
     """
@@ -130,7 +108,8 @@ class UDPListener(asyncio.DatagramProtocol):
     def __init__(self, handler: Handler, tasks: Tasks, fast: FastSource | None = None) -> None:
         self.handle = handler
         self.tasks = tasks
-        self.fast = fast
+        #: The resolver's answer memo (one object for the resolver's life), for the fast path.
+        self.fast = fast.memo if fast is not None else None
         self.transport: asyncio.DatagramTransport | None = None
         #: False while shutting down: answers in progress still go out, new queries do not.
         self.accepting = True
@@ -158,8 +137,17 @@ class UDPListener(asyncio.DatagramProtocol):
             return
         fast = self.fast
         try:
-            if fast is not None and self._fast(fast, data, addr):
-                return
+            memo = fast.fast_memo if fast is not None else None
+            if (
+                memo is not None
+                and fast is not None
+                and (key := data[2:]) in memo  # (no call for a miss)
+                and (fast.fast_clients is EVERYONE or addr[0] in fast.fast_clients)
+            ):
+                body = fast.fast_answer(key)
+                if body is not None:
+                    self._sendto(data[:2] + body, addr)
+                    return
             result = self.handle(data, addr[0], False)
         except Exception:  # a bug must cost one answer, never the listener
             log.exception("internal error answering a UDP query")
@@ -170,28 +158,6 @@ class UDPListener(asyncio.DatagramProtocol):
             self._sendto(result, addr)
             return
         result.then(self._sendto, addr, self.tasks.held)  # a Pending answer
-
-    def _fast(self, fast: FastSource, data: bytes, addr: Any) -> bool:
-        """Answer from the memo if the fast path may (see the class docstring)."""
-        memo = fast.fast_memo
-        if memo is None:
-            return False
-        started = perf_counter()
-        hit = memo.get(data[2:])
-        if hit is None:
-            return False
-        info = fast.fast_infos[hit[2]]
-        if info.logged or addr[0] not in fast.fast_clients or fast.clock() >= hit[1]:
-            return False
-        answer = data[:2] + hit[0]
-        elapsed = perf_counter() - started
-        if elapsed < FAST_BOUND:
-            info.fast += 1
-            info.fast_time += elapsed
-        else:  # (a pause): counted by the full path, in its own bucket
-            fast.memo_answered(info, addr[0], started)
-        self._sendto(answer, addr)
-        return True
 
     def _sendto(self, answer: bytes | None, addr: Any) -> None:
         if answer is None:

@@ -36,10 +36,10 @@ import mmap
 import socket
 import sys
 from collections import deque
-from time import perf_counter
 from typing import Any, Final, Literal
 
-from .listeners import EVERYONE, FAST_BOUND, FastSource, Handler, Tasks, UDPListener
+from ..core.guard import EVERYONE
+from .listeners import FastSource, Handler, Tasks, UDPListener
 
 log = logging.getLogger("resolver.transport")
 
@@ -332,24 +332,25 @@ class BatchListener(UDPListener):
                 continue  # shutting down: read and drop, as UDPListener does
             fast = self.fast
             memo = fast.fast_memo if fast is not None else None
-            infos = fast.fast_infos if fast is not None else []
-            clients = fast.fast_clients if fast is not None else None
+            clients = fast.fast_clients if fast is not None else EVERYONE
             everyone = clients is EVERYONE
             ready = 0  # answers in send slots
             for i in range(count):
                 size = lengths[i * recv_stride + len_at]
                 start = i * RECV_SIZE
+                host = None  # the sender, once known (each host() call costs)
                 try:
-                    if memo is not None and fast is not None and size > 2:
-                        started = perf_counter()
-                        hit = memo.get(bytes(received[start + 2 : start + size]))
-                        if (
-                            hit is not None
-                            and not (info := infos[hit[2]]).logged
-                            and fast.clock() < hit[1]
-                            and (everyone or b.host(i) in clients)  # type: ignore[operator]
-                        ):
-                            body = hit[0]
+                    if (
+                        memo is not None
+                        and fast is not None
+                        and size > 2
+                        # (no call for a miss: most misses are new names)
+                        and (key := bytes(received[start + 2 : start + size])) in memo
+                        and (everyone or (host := b.host(i)) in clients)
+                    ):
+                        # The memo's one lookup (AnswerMemo.fast_answer), as UDPListener's.
+                        body = fast.fast_answer(key)
+                        if body is not None:
                             end = 2 + len(body)
                             if end <= SEND_SIZE:
                                 out = ready * SEND_SIZE
@@ -363,15 +364,9 @@ class BatchListener(UDPListener):
                             else:
                                 first = bytes(received[start : start + 2])
                                 self._sendto(first + body, b.address(i))
-                            elapsed = perf_counter() - started
-                            if elapsed < FAST_BOUND:
-                                info.fast += 1
-                                info.fast_time += elapsed
-                            else:  # (a pause): counted by the full path, in its own bucket
-                                fast.memo_answered(info, b.host(i), started)
                             continue
                     data = bytes(received[start : start + size])
-                    result = handle(data, b.host(i), False)
+                    result = handle(data, host if host is not None else b.host(i), False)
                 except Exception:  # a bug must cost one answer, never the listener
                     log.exception("internal error answering a UDP query")
                     continue

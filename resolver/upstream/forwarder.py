@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
+from ..core.stats import Histogram, rcode_label
 from ..core.wire import (
     FLAG_RD,
     FLAG_TC,
@@ -32,7 +33,6 @@ from ..core.wire import (
 from ..defaults import DEFAULT_PROBE_NAME as PROBE_NAME
 from ..defaults import DEFAULT_UPSTREAM_DEADLINE as DEFAULT_DEADLINE
 from ..defaults import DEFAULT_UPSTREAM_TIMEOUT as DEFAULT_TIMEOUT
-from ..observe.metrics import Histogram, rcode_label
 from ..policy.model import dotted
 from . import https, tcp, tls  # noqa: F401  (each registers its transport)
 from .base import (
