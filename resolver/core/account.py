@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import dns.rdatatype
 
@@ -21,13 +22,29 @@ from .memo import INFOS_MAX, Info
 from .stats import BUCKETS, Stats
 from .wire import Query, decode_name
 
-if TYPE_CHECKING:
-    from ..observe.querylog import AuditSink
-
 log = logging.getLogger("resolver.chain")
 
 #: Lists whose "would block" log lines are spaced out (a backstop; lists are few).
 _MONITOR_LINES_MAX: Final = 10_000
+
+
+class AuditSink(Protocol):
+    """What the query path needs of an audit log (observe/querylog.AuditLog, or a
+    worker's relay): declared here, where it is used, so that the core imports no log."""
+
+    @property
+    def dropped(self) -> int: ...
+
+    def wants(self, decision: str) -> bool: ...
+
+    #: (when, client, proto, qname, qtype, rcode, decision, list_id, rule, reference,
+    #: upstream, duration): see :meth:`AuditLog.record`.
+    @property
+    def record(self) -> Callable[..., None]: ...
+
+    def start(self) -> None: ...
+
+    def close(self, timeout: float = 5.0) -> None: ...
 
 
 class Accounts:

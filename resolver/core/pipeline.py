@@ -60,7 +60,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
-    from ..observe.querylog import AuditSink
+    from ..core.account import AuditSink
 
 log = logging.getLogger("resolver.chain")
 

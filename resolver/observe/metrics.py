@@ -29,14 +29,12 @@ from .. import __version__
 from ..core.stats import Histogram
 from ..policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
 from ..policy.timewindow import ALWAYS, NEVER
-from ..service.http import REASONS_COUNTED
 
 if TYPE_CHECKING:
     from ..core.pipeline import Resolver
     from ..core.stats import Stats
     from ..policy.model import Policy, RemoteSpec
     from ..policy.remote import FetchResult
-    from ..service.http import HTTPServer
 
 K = TypeVar("K")
 
@@ -435,6 +433,23 @@ def _by_reason(name: str, doc: str, values: tuple[tuple[str, int], ...]) -> Coun
     return family
 
 
+class HTTPListener(Protocol):
+    """What /metrics reads of an HTTP listener (service/http.HTTPServer): its name, its
+    connections and their cap, and its refusals by reason (every reason present, from 0)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def connections(self) -> int: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def rejected(self) -> Mapping[str, int]: ...
+
+
 class ServiceSource(Protocol):
     """What :class:`ServiceCollector` reads: the resolver (for its policy's remote lists),
     how each remote list's latest fetch went, and the HTTP listeners that are up."""
@@ -446,7 +461,7 @@ class ServiceSource(Protocol):
     def fetch_status(self) -> Mapping[str, FetchResult]: ...
 
     @property
-    def http_servers(self) -> Sequence[HTTPServer]: ...
+    def http_servers(self) -> Sequence[HTTPListener]: ...
 
 
 def register_service_metrics(registry: CollectorRegistry, source: ServiceSource) -> None:
@@ -487,8 +502,8 @@ class ServiceCollector(Collector):
         for http in source.http_servers:
             connections.add_metric([http.name], http.connections)
             limit.add_metric([http.name], http.max_connections)
-            for reason in REASONS_COUNTED:
-                rejected.add_metric([http.name, reason], http.rejected[reason])
+            for reason, count in http.rejected.items():  # every reason, from 0
+                rejected.add_metric([http.name, reason], count)
         yield connections
         yield limit
         yield rejected

@@ -39,11 +39,10 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, Final, TextIO
 
 from ..core.outcome import BLOCKED_OUTCOMES
 from ..core.outcome import DECISIONS as ALL_DECISIONS
@@ -87,24 +86,6 @@ class AuditConfig:
 def pseudonym(key: bytes, address: str) -> str:
     """``anon-`` and the first 16 hex digits of HMAC-SHA256(key, address)."""
     return "anon-" + hmac.new(key, address.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-class AuditSink(Protocol):
-    """What the query path needs of an audit log (:class:`AuditLog`, or a worker's relay)."""
-
-    @property
-    def dropped(self) -> int: ...
-
-    def wants(self, decision: str) -> bool: ...
-
-    #: (when, client, proto, qname, qtype, rcode, decision, list_id, rule, reference,
-    #: upstream, duration): see :meth:`AuditLog.record`.
-    @property
-    def record(self) -> Callable[..., None]: ...
-
-    def start(self) -> None: ...
-
-    def close(self, timeout: float = 5.0) -> None: ...
 
 
 class AuditLog:

@@ -14,10 +14,10 @@ from . import formats, regexcheck
 from .builder import Builder, clip
 from .includes import add_include
 from .model import (
-    ACTIONS,
     ALLOW,
     DOMAIN,
     EXACT,
+    PLAIN_ACTIONS,
     Action,
     BlockList,
     ClientGroups,
@@ -121,11 +121,11 @@ def parse_action(doc: YMap) -> Action:
     if value is None:
         value = "null"  # `action: null` reads as YAML's null: it means the null action
     if isinstance(value, str):
-        if value not in ACTIONS or value == "sinkhole":
+        if value not in PLAIN_ACTIONS:
             raise SourceError(
                 where,
                 "action",
-                f"unknown action {value!r}: use nxdomain, nodata, refused, null, "
+                f"unknown action {value!r}: use {', '.join(PLAIN_ACTIONS)}, "
                 "or {sinkhole: {a: [...], aaaa: [...]}}",
             )
         return Action(value)

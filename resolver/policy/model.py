@@ -33,7 +33,9 @@ MONITOR: Final = "monitor"
 ENFORCED: Final = "enforced"
 EXPIRED: Final = "expired"
 
-ACTIONS: Final = ("nxdomain", "nodata", "refused", "null", "sinkhole")
+#: The actions a list may name as a word; ``sinkhole`` is written as a mapping (addresses).
+PLAIN_ACTIONS: Final = ("nxdomain", "nodata", "refused", "null")
+ACTIONS: Final = (*PLAIN_ACTIONS, "sinkhole")
 _MULTI: Final = 0x80000000
 ALL_CLIENTS: Final = 1  # bit 0: the built-in group "all"
 

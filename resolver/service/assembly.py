@@ -21,10 +21,11 @@ from ..config import (
     is_self,
     name_upstreams,
 )
+from ..core.account import AuditSink
 from ..core.cache import Cache
 from ..core.guard import Guard
 from ..core.pipeline import Clock, Resolver
-from ..observe.querylog import AuditLog, AuditSink
+from ..observe.querylog import AuditLog
 from ..policy import ClientGroups, LoadOptions, Policy
 from ..policy.model import synthetic_ruleset
 from ..upstream.bootstrap import Bootstrap

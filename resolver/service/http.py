@@ -191,7 +191,7 @@ class HTTPServer:
         self.server: asyncio.Server | None = None
         self.listen_host = ""
         #: Requests and connections refused, by reason (see ``REASONS_COUNTED``).
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter(dict.fromkeys(REASONS_COUNTED, 0))
         #: Connections open now; those still sending their request, oldest first (a dict
         #: for its order).
         self._open: set[_Connection] = set()

@@ -23,9 +23,9 @@ from typing import Any, Final
 
 from ..config import Config, Listen
 from ..core import wire
+from ..core.account import AuditSink
 from ..core.pipeline import Clock, Resolver
 from ..observe.metrics import Counts, counts_of
-from ..observe.querylog import AuditSink
 from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
 from ..policy.loader import fault

@@ -40,8 +40,8 @@ from ..observe.metrics import Counts
 from ..observe.querylog import BLOCKED_DECISIONS, DECISIONS, AuditConfig
 
 if TYPE_CHECKING:
+    from ..core.account import AuditSink
     from ..core.pipeline import Resolver
-    from ..observe.querylog import AuditSink
 
 log = logging.getLogger("resolver")
 
