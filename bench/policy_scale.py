@@ -7,7 +7,7 @@ Python process for each measurement:
 
 - loads the policy with ``resolver.policy.load_policy`` and reports the load time and the
   growth of resident memory (VmRSS) per domain;
-- does the same with a plain Python ``set`` of the names, the peer (DESIGN.md: ~100 B/name);
+- does the same with a plain Python ``set`` of the names, the peer (about 100 bytes a name);
 - times ``Policy.decide`` for names in the lists (hits, 3 labels deep under a listed name)
   and for names not in them (misses), in microseconds per call.
 
