@@ -3,7 +3,7 @@
 A forwarded query used to travel as an asyncio Future: each completion then cost a turn of
 the event loop per done-callback (a Handle and a context copy each) before the answer went
 out. A :class:`Pending` calls its one waiter at once, in the same turn as the upstream
-reply. It is also awaitable (the TCP path awaits it), and :class:`transport.Tasks` holds
+reply. It is also awaitable (the TCP path awaits it), and :class:`service.listeners.Tasks` holds
 the ones still waiting so that a shutdown can wait for them or give up on them.
 """
 

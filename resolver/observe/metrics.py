@@ -76,7 +76,7 @@ class Counts:
     ratelimit_clients: int = 0
     audit_dropped: int = 0
     ratelimit_evictions: int = 0
-    # TCP listeners (transport.TCPConnections.count_into).
+    # TCP listeners (service.listeners.TCPConnections.count_into).
     tcp_connections: int = 0
     tcp_evicted_idle: int = 0
     tcp_evicted_busy: int = 0

@@ -19,7 +19,7 @@ The sender's address becomes a Python tuple only when something needs it: the ac
 queue that a writer callback drains, as the loop's own transport would do.
 
 Where the calls are missing (not Linux, no C library that has them), :func:`available`
-says so and the server uses :class:`transport.UDPListener`, the loop's datagram
+says so and the server uses :class:`.listeners.UDPListener`, the loop's datagram
 transport, which does the same work one datagram at a time. So does ``udp.batch: false``.
 A system that refuses the calls when they are made (a seccomp filter) gets a warning in
 the log, and the listener goes on the plain way, one datagram at a time.
