@@ -69,6 +69,8 @@ STRATEGIES: Final = ("failover", "random", "fastest", "parallel")
 
 # The audit log (resolver/observe/querylog.py).
 #: Rotate the file when it would exceed this many bytes.
+#: Where DNS over HTTPS answers (RFC 8484's example path, which clients assume).
+DEFAULT_DOH_PATH: Final = "/dns-query"
 DEFAULT_AUDIT_MAX_BYTES: Final = 64 * 2**20
 #: Rotated files kept: path.1 ... path.<keep>.
 DEFAULT_AUDIT_KEEP: Final = 7

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..defaults import STRATEGIES
+from ..defaults import DEFAULT_DOH_PATH, STRATEGIES
 from ..observe.auditconfig import parse_config as parse_audit
 from ..observe.querylog import AuditConfig
 from ..upstream.endpoints import Upstream, parse_upstream
@@ -29,7 +29,11 @@ from .model import (
     ACL_KEYS,
     ADMIN_KEYS,
     CACHE_KEYS,
+    DDR_KEYS,
     DEFAULT_LISTEN,
+    DOH_KEYS,
+    DOQ_KEYS,
+    DOT_KEYS,
     INFLIGHT_KEYS,
     LOG_LEVELS,
     MAX_WORKERS,
@@ -39,12 +43,17 @@ from .model import (
     RELOAD_KEYS,
     REMOTE_KEYS,
     TCP_KEYS,
+    TLS_KEYS,
     TOP_KEYS,
     UDP_KEYS,
     UPSTREAM_HEALTH_KEYS,
     AclConfig,
     CacheConfig,
     Config,
+    DDRConfig,
+    DoHConfig,
+    DoQConfig,
+    DoTConfig,
     InflightConfig,
     Listen,
     RateLimitConfig,
@@ -52,6 +61,7 @@ from .model import (
     ReloadConfig,
     RemoteConfig,
     TCPConfig,
+    TLSConfig,
     UDPConfig,
     UpstreamHealthConfig,
     parse_listen,
@@ -71,6 +81,7 @@ def load_config(path: Path) -> Config:
     listen = _address_list(doc, "listen", parse_listen)
     admin, admin_token, admin_max, allowed_hosts = _admin(doc)
     metrics = _section(doc, "metrics", METRICS_KEYS)
+    tls, dot, doh, doq = _encrypted(doc, path)
     return Config(
         listen=listen,
         upstreams=_address_list(doc, "upstreams", parse_upstream),
@@ -108,6 +119,11 @@ def load_config(path: Path) -> Config:
         upstream_health=_upstream_health(_section(doc, "upstream_health", UPSTREAM_HEALTH_KEYS)),
         inflight=_inflight(_section(doc, "inflight", INFLIGHT_KEYS)),
         audit=_audit(doc, path),
+        tls=tls,
+        dot=dot,
+        doh=doh,
+        doq=doq,
+        ddr=DDRConfig(_flag(_section(doc, "ddr", DDR_KEYS), "enabled", "ddr.enabled", True)),
         source=str(path),
         default_listen=not listen,
     )
@@ -491,3 +507,55 @@ def finish(
     if not config.upstreams:
         config = replace(config, upstreams=resolv_conf_upstreams())
     return config
+
+
+def _encrypted(doc: YMap, path: Path) -> tuple[TLSConfig, DoTConfig, DoHConfig, DoQConfig]:
+    """The encrypted listeners and their certificate: a listener that speaks TLS needs
+    ``tls.cert`` and ``tls.key`` (reading them is the server's, which names the file)."""
+    section = _section(doc, "tls", TLS_KEYS)
+    domain = section.get("client_id_domain", "")
+    if not isinstance(domain, str) or " " in domain:
+        raise SourceError(
+            value_where(section, "client_id_domain"), "tls.client_id_domain", "expected a name"
+        )
+    tls = TLSConfig(
+        cert=_path(section, "cert", path),
+        key=_path(section, "key", path),
+        client_id_domain=domain.strip().strip(".").lower(),
+    )
+    dot_doc = _section(doc, "dot", DOT_KEYS)
+    doh_doc = _section(doc, "doh", DOH_KEYS)
+    doq_doc = _section(doc, "doq", DOQ_KEYS)
+    dot = DoTConfig(_address_list(dot_doc, "listen", parse_listen))
+    doq = DoQConfig(_address_list(doq_doc, "listen", parse_listen))
+    doh_path = doh_doc.get("path", DEFAULT_DOH_PATH)
+    if not isinstance(doh_path, str) or not doh_path.startswith("/") or "?" in doh_path:
+        raise SourceError(
+            value_where(doh_doc, "path"), "doh.path", "expected a path such as /dns-query"
+        )
+    doh = DoHConfig(
+        listen=_address_list(doh_doc, "listen", parse_listen),
+        path=doh_path.rstrip("/") or DEFAULT_DOH_PATH,
+        plain=_flag(doh_doc, "plain", "doh.plain"),
+        trusted_proxies=_networks(doh_doc, "trusted_proxies", "doh.trusted_proxies")
+        if doh_doc.get("trusted_proxies") is not None
+        else (),
+        proxy_protocol=_flag(doh_doc, "proxy_protocol", "doh.proxy_protocol"),
+    )
+    needs_tls = [
+        (name, sub)
+        for name, sub, listen in (
+            ("dot", dot_doc, dot.listen),
+            ("doq", doq_doc, doq.listen),
+            ("doh", doh_doc, () if doh.plain else doh.listen),
+        )
+        if listen
+    ]
+    if needs_tls and (tls.cert is None or tls.key is None):
+        name, sub = needs_tls[0]
+        raise SourceError(
+            value_where(sub, "listen"),
+            f"{name}.listen",
+            "an encrypted listener needs a certificate: set tls.cert and tls.key",
+        )
+    return tls, dot, doh, doq

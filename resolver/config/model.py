@@ -20,6 +20,7 @@ from ..defaults import (
     DEFAULT_CACHE_MAX_ENTRIES,
     DEFAULT_CACHE_MAX_NEGATIVE_TTL,
     DEFAULT_CACHE_MAX_TTL,
+    DEFAULT_DOH_PATH,
     DEFAULT_DOWN_AFTER,
     DEFAULT_HTTP_MAX_CONNECTIONS,
     DEFAULT_INFLIGHT_MAX,
@@ -174,6 +175,54 @@ MAX_WORKERS: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """The certificate the encrypted listeners (DoT, DoH, DoQ) present; reloaded when its
+    files change (service/certs.py)."""
+
+    cert: Path | None = None  # PEM: the certificate, then its chain
+    key: Path | None = None  # PEM: its private key
+    #: ``{id}.{client_id_domain}`` as the TLS server name names the client ``id`` (AdGuard
+    #: Home's convention); empty: client ids come from the DoH path only.
+    client_id_domain: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DoTConfig:
+    """DNS over TLS for clients (RFC 7858): TCP framing in TLS, port 853."""
+
+    listen: tuple[Listen, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DoHConfig:
+    """DNS over HTTPS for clients (RFC 8484): HTTP/2 and HTTP/1.1, port 443."""
+
+    listen: tuple[Listen, ...] = ()
+    path: str = DEFAULT_DOH_PATH  # and {path}/{client id}
+    #: Plain HTTP, for a TLS-terminating proxy in front (then listen on loopback).
+    plain: bool = False
+    #: Networks whose X-Forwarded-For header (or PROXY protocol header) names the client.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Connections from trusted proxies start with a PROXY protocol (v1 or v2) header.
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DoQConfig:
+    """DNS over QUIC for clients (RFC 9250), port 853 over UDP; needs the ``quic`` extra."""
+
+    listen: tuple[Listen, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DDRConfig:
+    """Discovery of Designated Resolvers (RFC 9462): ``_dns.resolver.arpa`` SVCB answers
+    that name the encrypted listeners, so that clients upgrade by themselves."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything ``resolver serve`` needs. ``upstreams`` empty means /etc/resolv.conf."""
 
@@ -222,6 +271,11 @@ class Config:
     inflight: InflightConfig = InflightConfig()
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "embedded default"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    dot: DoTConfig = field(default_factory=DoTConfig)
+    doh: DoHConfig = field(default_factory=DoHConfig)
+    doq: DoQConfig = field(default_factory=DoQConfig)
+    ddr: DDRConfig = field(default_factory=DDRConfig)
     #: True when ``listen`` was not given anywhere: [::1] is then skipped if IPv6 is absent.
     default_listen: bool = True
 
@@ -256,6 +310,11 @@ TOP_KEYS: Final = frozenset(
         "inflight",
         "remote",
         "include_roots",
+        "tls",
+        "dot",
+        "doh",
+        "doq",
+        "ddr",
     }
 )
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
@@ -270,6 +329,11 @@ TCP_KEYS: Final = frozenset(TCPConfig.__dataclass_fields__)
 UDP_KEYS: Final = frozenset(UDPConfig.__dataclass_fields__)
 UPSTREAM_HEALTH_KEYS: Final = frozenset(UpstreamHealthConfig.__dataclass_fields__)
 INFLIGHT_KEYS: Final = frozenset(InflightConfig.__dataclass_fields__)
+TLS_KEYS: Final = frozenset(TLSConfig.__dataclass_fields__)
+DOT_KEYS: Final = frozenset(DoTConfig.__dataclass_fields__)
+DOH_KEYS: Final = frozenset(DoHConfig.__dataclass_fields__)
+DOQ_KEYS: Final = frozenset(DoQConfig.__dataclass_fields__)
+DDR_KEYS: Final = frozenset(DDRConfig.__dataclass_fields__)
 
 DEFAULT_LISTEN: Final = (Listen("127.0.0.1", DEFAULT_PORT), Listen("::1", DEFAULT_PORT))
 

@@ -238,8 +238,14 @@ class Resolver:
         """Keep the memo out of the garbage collector's walks (see AnswerMemo.pin)."""
         self.memo.pin()
 
-    def handle(self, data: bytes, client: str, tcp: bool) -> Result:
-        """Answer one query: the stages in their order, each position saying why."""
+    def handle(
+        self, data: bytes, client: str, tcp: bool, proto: int = -1, client_id: str = ""
+    ) -> Result:
+        """Answer one query: the stages in their order, each position saying why.
+
+        ``tcp``: the answer is not cut to a UDP size (TCP and the encrypted transports).
+        ``proto``: the transport, one of stats.PROTOS (-1: UDP or TCP, as ``tcp`` says).
+        ``client_id``: the client's id from an encrypted connection (DoH path, TLS name)."""
         started = perf_counter()
         # Access list and rate limit: first of all, the memo included, so that a client
         # they stop costs a dict lookup and is served nothing.

@@ -38,6 +38,15 @@ RCODE_LABELS: Final = {
 #: Seconds: from 100 us (a memo hit) to 5 s (past the upstream deadline). Typed as a
 #: tuple of any length: the compiled build keeps it as one Python object, where a
 #: fixed-length tuple of floats would be boxed into a new tuple for each bisect.
+#: The transports a query comes over (the ``proto`` label of metrics and the audit log).
+#: Resolver.handle takes one; -1 (its default) means UDP or TCP, as its ``tcp`` says.
+PROTO_UDP: Final = 0
+PROTO_TCP: Final = 1
+PROTO_DOT: Final = 2
+PROTO_DOH: Final = 3
+PROTO_DOQ: Final = 4
+PROTOS: Final = ("udp", "tcp", "dot", "doh", "doq")
+
 BUCKETS: Final[tuple[float, ...]] = (
     0.0001,
     0.00025,
