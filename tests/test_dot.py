@@ -28,6 +28,7 @@ from resolver.core.stats import PROTO_DOT
 from resolver.service.dot import watch_certificate
 
 from .helpers.fakeupstream import Behaviour, FakeUpstream
+from .helpers.http import check_against_spec, http
 from .helpers.server import RunningServer
 from .helpers.testca import TestCA
 
@@ -344,3 +345,48 @@ def test_the_handshake_slots_are_bounded(dot: RunningServer, ca: TestCA) -> None
     finally:
         for sock in [*socks, *held]:
             sock.close()
+
+
+def test_status_and_metrics_show_the_listeners_and_the_certificate(
+    make_server: Callable[..., RunningServer], tmp_path: Path, ca: TestCA
+) -> None:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    leaf = ca.issue(cert, key, days=10)
+    server = make_server(
+        tls=TLSConfig(cert=cert, key=key),
+        dot=DoTConfig(listen=(Listen("127.0.0.1", 0),)),
+        admin=Listen("127.0.0.1", 0),
+        metrics=Listen("127.0.0.1", 0),
+    )
+    server.dot_port = dot_port(server)  # type: ignore[attr-defined]
+    with connect(server, ca) as sock:
+        assert ask(sock, dns.message.make_query("example.test", "A")).rcode() == 0
+    with socket.create_connection(("127.0.0.1", server.dot_port), timeout=5) as sock:  # type: ignore[attr-defined]
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            sock.recv(100)
+    status, doc, _ = http(f"http://127.0.0.1:{server.server.admin_port}/v1/status")
+    assert status == 200
+    check_against_spec("/v1/status", "GET", status, doc)
+    assert {"proto": "dot", "address": "127.0.0.1", "port": server.dot_port} in doc["endpoints"]  # type: ignore[attr-defined]
+    assert {e["proto"] for e in doc["endpoints"]} == {"udp", "tcp", "dot"}
+    certificate = doc["certificate"]
+    assert certificate["names"] == ["dot.test", "*.dot.test", "127.0.0.1"]
+    assert 9.9 < certificate["days_left"] <= 10
+    assert certificate["not_after"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    _, text, _ = http(f"http://127.0.0.1:{server.server.metrics_port}/metrics")
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples['resolver_tls_handshakes_total{proto="dot"}'] == 1
+    assert wait_until(lambda: server.server.certs.handshake_failures["dot", "protocol"] == 1)  # type: ignore[union-attr]
+    expiry = samples["resolver_tls_certificate_expiry_timestamp_seconds"]
+    assert expiry == leaf.not_valid_after_utc.timestamp()
+    assert samples['resolver_tls_certificate_reloads_total{result="failure"}'] == 0
+    assert "resolver_dot_connections" in samples
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

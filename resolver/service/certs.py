@@ -289,4 +289,5 @@ class CertStore:
             "not_after": _when(self.not_after),
             "days_left": round((self.not_after - now) / 86400, 1),
             "last_error": self.last_error or None,
+            "reloads": dict(self.reloads),
         }
