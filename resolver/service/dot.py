@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from ..config import Listen, TCPConfig
 from ..core.padding import pad_response, wants_padding
@@ -116,18 +116,43 @@ class _Early(asyncio.Protocol):
 
 
 class _Accept(asyncio.Protocol):
-    """A new TCP connection: the TLS handshake, then a :class:`DoTConnection`."""
+    """A new TCP connection, until its TLS handshake begins (then a :class:`DoTConnection`).
+
+    Reading is paused at once, but uvloop may still deliver what it read in the same turn:
+    those bytes (the start of the ClientHello) are kept and handed to the TLS protocol
+    (:func:`_feed`); losing them would stall the handshake."""
 
     def __init__(self, listeners: DoTListeners) -> None:
         self.listeners = listeners
+        self.data = bytearray()
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
-        transport.pause_reading()  # start_tls takes the bytes from here on
-        self.listeners.accepted(transport)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # start_tls takes the bytes from here on
+        self.listeners.accepted(self.transport, self)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover (reading is paused)
-        pass
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > MAX_EARLY and self.transport is not None:
+            self.transport.abort()
+
+
+def _feed(protocol: Any, data: bytes) -> None:
+    """Hand ``data`` to ``protocol`` as if its transport had read it. Duck-typed: uvloop's
+    TLS protocol has the buffered protocol's methods without being an asyncio class."""
+    if hasattr(protocol, "buffer_updated"):
+        view = memoryview(data)
+        for _ in range(len(data) + 1):  # a byte at least per round
+            if not view:
+                break
+            buf = memoryview(protocol.get_buffer(len(view)))
+            size = min(len(buf), len(view))
+            buf[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+    else:
+        protocol.data_received(data)
 
 
 class DoTListeners:
@@ -167,28 +192,39 @@ class DoTListeners:
         self.servers.append(server)
         return int(sock.getsockname()[1])
 
-    def accepted(self, transport: asyncio.Transport) -> None:
+    def accepted(self, transport: asyncio.Transport, accept: _Accept) -> None:
         if not self.accepting or len(self.handshaking) >= self.max_handshakes:
             self.certs.handshake_failures["dot", "busy"] += 1
             transport.abort()
             return
-        task = asyncio.ensure_future(self._handshake(transport))
+        task = asyncio.ensure_future(self._handshake(transport, accept))
         self.handshaking.add(task)
         task.add_done_callback(self.handshaking.discard)
 
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def _handshake(self, transport: asyncio.Transport, accept: _Accept) -> None:
         loop = asyncio.get_running_loop()
         early = _Early()
         early.transport = transport
-        try:
-            tls = await loop.start_tls(
+        upgrade = asyncio.ensure_future(
+            loop.start_tls(
                 transport,
                 early,
                 self.context,
                 server_side=True,
                 ssl_handshake_timeout=self.handshake_timeout,
             )
+        )
+        try:
+            # start_tls installs its TLS protocol in its first step and starts the
+            # handshake one turn later (connection_made): then it takes what was read.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            if accept.data and not upgrade.done():
+                _feed(transport.get_protocol(), bytes(accept.data))
+                accept.data.clear()
+            tls = await upgrade
         except asyncio.CancelledError:
+            upgrade.cancel()
             transport.abort()
             raise
         except Exception as exc:
