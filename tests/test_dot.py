@@ -416,3 +416,23 @@ def test_status_and_metrics_show_the_listeners_and_the_certificate(
         ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_post_reload_takes_a_new_certificate(
+    make_server: Callable[..., RunningServer], tmp_path: Path, ca: TestCA
+) -> None:
+    # No file watcher here (Server.serve runs it): the admin API's reload, as SIGHUP's.
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key)
+    server = make_server(
+        tls=TLSConfig(cert=cert, key=key),
+        dot=DoTConfig(listen=(Listen("127.0.0.1", 0),)),
+        admin=Listen("127.0.0.1", 0),
+    )
+    server.dot_port = dot_port(server)  # type: ignore[attr-defined]
+    leaf = ca.issue(cert, key, names=("renewed.dot.test",))
+    status, doc, _ = http(f"http://127.0.0.1:{server.server.admin_port}/v1/reload", "POST")
+    assert status == 200, doc
+    with connect(server, ca, "renewed.dot.test") as sock:
+        assert serial(sock) == leaf.serial_number
+        assert ask(sock, dns.message.make_query("example.test", "A")).rcode() == 0
