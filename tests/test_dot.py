@@ -22,12 +22,14 @@ import dns.query
 import dns.rcode
 import pytest
 
-from resolver.config import DoTConfig, Listen, ReloadConfig, TLSConfig
+from resolver.config import DoTConfig, Listen, ReloadConfig, TCPConfig, TLSConfig
 from resolver.core.padding import RESPONSE_BLOCK
 from resolver.core.stats import PROTO_DOT
 from resolver.service.dot import watch_certificate
 
 from .helpers import server as server_helpers
+from .helpers.client import read_frame as read_plain_frame
+from .helpers.client import send_frame
 from .helpers.fakeupstream import Behaviour, FakeUpstream
 from .helpers.http import check_against_spec, http
 from .helpers.server import RunningServer
@@ -436,3 +438,75 @@ def test_post_reload_takes_a_new_certificate(
     with connect(server, ca, "renewed.dot.test") as sock:
         assert serial(sock) == leaf.serial_number
         assert ask(sock, dns.message.make_query("example.test", "A")).rcode() == 0
+
+
+def dot_server(
+    make_server: Callable[..., RunningServer], tmp_path: Path, ca: TestCA, **overrides: Any
+) -> RunningServer:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key)
+    server = make_server(
+        tls=TLSConfig(cert=cert, key=key),
+        dot=DoTConfig(listen=(Listen("127.0.0.1", 0),)),
+        **overrides,
+    )
+    server.dot_port = dot_port(server)  # type: ignore[attr-defined]
+    return server
+
+
+def test_the_connection_cap_closes_the_oldest_idle_dot_connection(
+    make_server: Callable[..., RunningServer], tmp_path: Path, ca: TestCA
+) -> None:
+    server = dot_server(
+        make_server, tmp_path, ca, tcp=TCPConfig(max_connections=2, idle_timeout=30)
+    )
+    query = dns.message.make_query("example.test", "A")
+    # Plain TCP connections are not in the DoT table: they neither count nor get evicted.
+    plain = socket.create_connection((server.host, server.port), timeout=5)
+    with connect(server, ca) as oldest, connect(server, ca) as middle:
+        assert ask(middle, query).rcode() == 0
+        with connect(server, ca) as newest:
+            assert ask(newest, query).rcode() == 0
+            oldest.settimeout(3)
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                assert oldest.recv(10) == b""
+            assert ask(middle, query).rcode() == 0
+    listeners = server.server.dot
+    assert listeners is not None and listeners.connections.evicted_idle == 1
+    assert server.server.connections.evicted_idle == 0
+    send_frame(plain, query)
+    assert read_plain_frame(plain).rcode() == 0
+    plain.close()
+
+
+def test_a_dot_client_that_never_reads_is_aborted(
+    make_server: Callable[..., RunningServer], tmp_path: Path, ca: TestCA
+) -> None:
+    server = dot_server(
+        make_server, tmp_path, ca, tcp=TCPConfig(idle_timeout=1.0, max_output=16384)
+    )
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.dot_port))  # type: ignore[attr-defined]
+    sock = client_context(ca).wrap_socket(raw, server_hostname="dot.test")
+    wire = dns.message.make_query("deepseek.com", "TXT").to_wire()
+    chunk = (struct.pack("!H", len(wire)) + wire) * 50
+    sock.setblocking(False)
+    started = time.monotonic()
+    sent = 0
+    while time.monotonic() - started < 4.0 and sent < 2_000_000:  # bounded in bytes and time
+        try:
+            sent += sock.send(chunk)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            time.sleep(0.01)
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            break
+    listeners = server.server.dot
+    assert listeners is not None
+    assert wait_until(lambda: not listeners.connections.open, 6.0)
+    table = listeners.connections
+    assert table.paused_output + table.paused_pipeline >= 1
+    assert table.aborted_stalled + table.aborted_output >= 1
+    sock.close()
+    with connect(server, ca) as fresh:
+        assert ask(fresh, dns.message.make_query("example.test", "A")).rcode() == 0
