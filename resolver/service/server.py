@@ -490,7 +490,7 @@ class Server:
             refresher = self.tasks.spawn(self.refresh_remotes())
             watcher = self.tasks.spawn(self.watch_files())
         certs = None
-        if self.certs is not None and self.link is None:
+        if self.certs is not None:  # every worker: each serves DoT with its own contexts
             interval = lambda: self.config.reload.interval  # noqa: E731
             certs = self.tasks.spawn(watch_certificate(self.certs, interval, self.stopping))
         try:
