@@ -26,6 +26,7 @@ from resolver.config import DoTConfig, Listen, ReloadConfig, TCPConfig, TLSConfi
 from resolver.core.padding import RESPONSE_BLOCK
 from resolver.core.stats import PROTO_DOT
 from resolver.service.dot import watch_certificate
+from resolver.service.server import StartupError
 
 from .helpers import server as server_helpers
 from .helpers.client import read_frame as read_plain_frame
@@ -510,3 +511,19 @@ def test_a_dot_client_that_never_reads_is_aborted(
     sock.close()
     with connect(server, ca) as fresh:
         assert ask(fresh, dns.message.make_query("example.test", "A")).rcode() == 0
+
+
+@pytest.mark.parametrize("issue", [{"other_key": True}, {"days": -1, "starts": -2}])
+def test_a_bad_pair_at_start_up_is_a_start_up_error_naming_the_file(
+    make_server: Callable[..., RunningServer],
+    tmp_path: Path,
+    ca: TestCA,
+    issue: dict[str, Any],
+) -> None:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key, **issue)
+    with pytest.raises(StartupError, match="tls: ") as caught:
+        make_server(
+            tls=TLSConfig(cert=cert, key=key), dot=DoTConfig(listen=(Listen("127.0.0.1", 0),))
+        )
+    assert str(key if "other_key" in issue else cert) in str(caught.value)

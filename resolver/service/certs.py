@@ -33,7 +33,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-__all__ = ["CertError", "CertStore", "client_id_from_sni"]
+from ..config import TLSConfig
+
+__all__ = ["CertError", "CertStore", "client_id_from_sni", "open_store"]
 
 log = logging.getLogger("resolver")
 
@@ -291,3 +293,11 @@ class CertStore:
             "last_error": self.last_error or None,
             "reloads": dict(self.reloads),
         }
+
+
+def open_store(tls: TLSConfig) -> CertStore | None:
+    """The store of ``tls.cert`` and ``tls.key``; None when they are not configured. Raises
+    :class:`CertError`. (The server keeps one, shared by its DoT, DoH and DoQ listeners.)"""
+    if tls.cert is None or tls.key is None:
+        return None
+    return CertStore(tls.cert, tls.key)

@@ -33,7 +33,7 @@ from ..yamlload import SourceError
 from . import assembly, udpbatch
 from .admin import admin_routes, metrics_routes
 from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
-from .certs import CertError, CertStore
+from .certs import CertError, CertStore, open_store
 from .dot import DoTListeners, watch_certificate
 from .http import HTTPServer
 from .listeners import Tasks, TCPConnection, UDPListener, make_socket
@@ -382,25 +382,21 @@ class Server:
         self.bound.append(Bound("tcp", listen.host, actual))
 
     async def _start_dot(self) -> None:
-        """Load the certificate (when there is one) and bind the DoT listeners."""
-        config = self.config
-        assert self.resolver is not None
-        if config.tls.cert is None or config.tls.key is None:
-            return
-        if self.certs is None:
-            try:
-                self.certs = CertStore(config.tls.cert, config.tls.key)
-            except CertError as exc:
-                raise StartupError(f"tls: {exc}") from None
-        if not config.dot.listen:
+        """Load the certificate (when configured) and bind the DoT listeners (service/dot.py)."""
+        config, resolver = self.config, self.resolver
+        assert resolver is not None
+        try:
+            self.certs = self.certs or open_store(config.tls)
+        except CertError as exc:
+            raise StartupError(f"tls: {exc}") from None
+        if self.certs is None or not config.dot.listen:
             return
         self.dot = DoTListeners(
-            self.certs, self.resolver.handle, self.tasks, config.tcp, config.tls.client_id_domain
+            self.certs, resolver.handle, self.tasks, config.tcp, config.tls.client_id_domain
         )
-        shared = self.config.workers > 1 or self.link is not None
         for listen in config.dot.listen:
             try:
-                port = await self.dot.bind(listen, shared)
+                port = await self.dot.bind(listen, config.workers > 1 or self.link is not None)
             except OSError as exc:
                 raise StartupError(_bind_message("dot", listen, exc)) from None
             self.bound.append(Bound("dot", listen.host, port))
