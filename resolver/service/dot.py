@@ -37,6 +37,9 @@ log = logging.getLogger("resolver.transport")
 #: Seconds a client has to complete the TLS handshake (a client that stops half way holds
 #: a socket and a handshake slot no longer than this).
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds a closing connection waits for the client's TLS close_notify (asyncio's default
+#: is 30): a client that never answers it holds the socket no longer than this.
+SHUTDOWN_TIMEOUT: Final = 5.0
 #: Bytes held between the end of the handshake and the connection taking over (one read).
 MAX_EARLY: Final = 512 * 1024
 #: The reasons a handshake fails, the label values of resolver_tls_handshake_failures_total.
@@ -243,6 +246,7 @@ class DoTListeners:
                 self.context,
                 server_side=True,
                 ssl_handshake_timeout=self.handshake_timeout,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
             )
         )
         try:
