@@ -22,6 +22,7 @@ from ..policy.explain import explain, parse_at
 from ..policy.formats import normalize
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .http import Handler, HTTPServer, Request, Response, error, json_response
+from .tlsmetrics import TLSCollector
 
 if TYPE_CHECKING:
     from ..core.pipeline import Resolver
@@ -156,7 +157,11 @@ def status_document(server: Served) -> dict[str, Any]:
         "started_at": format_instant(server.started_at),
         "uptime_seconds": round(time.time() - server.started_at, 3),
         "listeners": [str(b) for b in server.bound],
+        "endpoints": [_endpoint(b) for b in server.bound],
     }
+    certs = getattr(server, "certs", None)  # the encrypted listeners' (service/certs.py)
+    if certs is not None:
+        doc["certificate"] = certs.status(time.time())
     if resolver is None:
         return doc
     forwarder = resolver.forwarder
@@ -223,6 +228,7 @@ def metrics_routes(server: Served) -> dict[tuple[str, str], Handler]:
     """``GET /metrics`` in the Prometheus text format, from a registry of our own."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ResolverCollector(server))
+    registry.register(TLSCollector(server))
     register_service_metrics(registry, server)
 
     async def metrics(_: Request) -> Response:
@@ -231,6 +237,14 @@ def metrics_routes(server: Served) -> dict[tuple[str, str], Handler]:
         return Response(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     return {("GET", "/metrics"): metrics}
+
+
+def _endpoint(bound: object) -> dict[str, Any]:
+    return {
+        "proto": getattr(bound, "proto", ""),
+        "address": getattr(bound, "host", ""),
+        "port": getattr(bound, "port", 0),
+    }
 
 
 def _upstream_status(forwarder: Forwarder, up: Upstream) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from ..yamlload import SourceError
 from . import assembly, udpbatch
 from .admin import admin_routes, metrics_routes
 from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
+from .certs import CertError, CertStore, open_store
+from .dot import DoTListeners, watch_certificate
 from .http import HTTPServer
 from .listeners import Tasks, TCPConnection, UDPListener, make_socket
 from .watch import FileWatcher, RemoteRefresher
@@ -88,6 +90,9 @@ class Server:
         self._tcp: list[asyncio.Server] = []
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
+        # Encrypted listeners (issue 19): the certificate they share; DoT (service/dot.py).
+        self.certs: CertStore | None = None
+        self.dot: DoTListeners | None = None
         self.watcher = FileWatcher(
             lambda: self.config, self._policy_files, self.reload, self.stopping
         )
@@ -126,6 +131,7 @@ class Server:
         try:
             for listen in config.listen:
                 await self._bind(listen)
+            await self._start_dot()
             await self._start_http()
         except BaseException:
             self._close_listeners()
@@ -144,7 +150,7 @@ class Server:
         command = self._child_command
         if command is None:
             raise StartupError("workers: this server cannot start child workers")
-        listens = sorted({b.address for b in self.bound})
+        listens = sorted({b.address for b in self.bound if b.proto in ("udp", "tcp")})
         self.supervisor = Supervisor(count, lambda: command(listens), self._audit)
         try:
             await self.supervisor.start()
@@ -271,6 +277,8 @@ class Server:
         resolver = self.resolver
         assert resolver is not None
         async with self._reload_lock:
+            if self.certs is not None:  # SIGHUP, POST /v1/reload: the certificate too
+                self.certs.reload_if_changed(force=True)
             stats = resolver.stats
             previous = self.config
             try:
@@ -373,6 +381,26 @@ class Server:
         self.bound.append(Bound("udp", listen.host, actual))
         self.bound.append(Bound("tcp", listen.host, actual))
 
+    async def _start_dot(self) -> None:
+        """Load the certificate (when configured) and bind the DoT listeners (service/dot.py)."""
+        config, resolver = self.config, self.resolver
+        assert resolver is not None
+        try:
+            self.certs = self.certs or open_store(config.tls)
+        except CertError as exc:
+            raise StartupError(f"tls: {exc}") from None
+        if self.certs is None or not config.dot.listen:
+            return
+        self.dot = DoTListeners(
+            self.certs, resolver.handle, self.tasks, config.tcp, config.tls.client_id_domain
+        )
+        for listen in config.dot.listen:
+            try:
+                port = await self.dot.bind(listen, config.workers > 1 or self.link is not None)
+            except OSError as exc:
+                raise StartupError(_bind_message("dot", listen, exc)) from None
+            self.bound.append(Bound("dot", listen.host, port))
+
     def _skip_missing_ipv6(self, listen: Listen, exc: OSError) -> bool:
         missing = exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
         if self.config.default_listen and ":" in listen.host and missing:
@@ -391,6 +419,8 @@ class Server:
         self._udp.clear()
         self._udp_listeners.clear()
         self._tcp.clear()
+        if self.dot is not None:
+            self.dot.close()
 
     async def stop(self) -> None:
         """Stop accepting, let answers in progress finish (bounded), close connections."""
@@ -404,6 +434,8 @@ class Server:
         for server in self._tcp:
             server.close()
         self.connections.stop_reading()
+        if self.dot is not None:
+            self.dot.stop_reading()
         left = await self.tasks.drain(self.config.drain_timeout)
         if left:
             log.warning(
@@ -453,6 +485,10 @@ class Server:
         else:
             refresher = self.tasks.spawn(self.refresh_remotes())
             watcher = self.tasks.spawn(self.watch_files())
+        certs = None
+        if self.certs is not None:  # every worker: each serves DoT with its own contexts
+            interval = lambda: self.config.reload.interval  # noqa: E731
+            certs = self.tasks.spawn(watch_certificate(self.certs, interval, self.stopping))
         try:
             await self.stopping.wait()
             log.info("stopping: no new queries; finishing those in progress")
@@ -461,6 +497,8 @@ class Server:
                 loop.remove_signal_handler(sig)
         refresher.cancel()
         watcher.cancel()
+        if certs is not None:
+            certs.cancel()
         await self.stop()
         log.info("stopped")
 

@@ -49,6 +49,8 @@ RCODE = frozenset(
 DECISION = frozenset({"blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error"})
 LIST_STATE = frozenset({"pending", "monitor", "enforced", "expired"})
 RELOAD_RESULT = frozenset({"success", "failure"})
+TLS_PROTO = frozenset({"dot", "doh", "doq"})
+TLS_FAILURE = frozenset({"timeout", "protocol", "version", "closed", "busy"})
 UPSTREAM_ERROR = frozenset({"timeout", "network", "malformed", "truncated", "rcode"})
 
 CONTRACT: dict[str, tuple[str, Labels]] = {
@@ -80,6 +82,14 @@ CONTRACT: dict[str, tuple[str, Labels]] = {
     "resolver_remote_list_last_success_timestamp_seconds": ("gauge", {"list": None}),
     "resolver_remote_list_age_seconds": ("gauge", {"list": None}),
     "resolver_remote_list_refresh_interval_seconds": ("gauge", {"list": None}),
+    # The encrypted listeners' TLS (service/tlsmetrics.py).
+    "resolver_tls_handshakes_total": ("counter", {"proto": TLS_PROTO}),
+    "resolver_tls_handshake_failures_total": (
+        "counter",
+        {"proto": TLS_PROTO, "reason": TLS_FAILURE},
+    ),
+    "resolver_tls_certificate_expiry_timestamp_seconds": ("gauge", {}),
+    "resolver_tls_certificate_reloads_total": ("counter", {"result": RELOAD_RESULT}),
 }
 
 # Labels that Prometheus adds to every scraped series.
@@ -182,6 +192,18 @@ resolver_remote_list_age_seconds{list="ads"} 412.5
 # HELP resolver_remote_list_refresh_interval_seconds How often the list's remote source is fetched.
 # TYPE resolver_remote_list_refresh_interval_seconds gauge
 resolver_remote_list_refresh_interval_seconds{list="ads"} 3600
+# HELP resolver_tls_handshakes_total TLS handshakes completed by the encrypted listeners.
+# TYPE resolver_tls_handshakes_total counter
+resolver_tls_handshakes_total{proto="dot"} 118
+# HELP resolver_tls_handshake_failures_total TLS handshakes that failed.
+# TYPE resolver_tls_handshake_failures_total counter
+resolver_tls_handshake_failures_total{proto="dot",reason="timeout"} 3
+# HELP resolver_tls_certificate_expiry_timestamp_seconds When the certificate expires.
+# TYPE resolver_tls_certificate_expiry_timestamp_seconds gauge
+resolver_tls_certificate_expiry_timestamp_seconds 1.7966e+09
+# HELP resolver_tls_certificate_reloads_total Reloads of the certificate files by result.
+# TYPE resolver_tls_certificate_reloads_total counter
+resolver_tls_certificate_reloads_total{result="success"} 2
 """
 
 # Alert -> (for, severity) as the deployment asks for them.
