@@ -30,7 +30,7 @@ from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
 from ..policy.loader import fault
 from ..yamlload import SourceError
-from . import assembly, udpbatch
+from . import assembly, doq, udpbatch
 from .admin import admin_routes, metrics_routes
 from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
 from .http import HTTPServer
@@ -86,6 +86,7 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._udp_listeners: list[UDPListener] = []  # BatchListener is one too
         self._tcp: list[asyncio.Server] = []
+        self.doq: doq.DoQListeners | None = None  # DNS over QUIC (service/doq.py)
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
         self.watcher = FileWatcher(
@@ -126,6 +127,9 @@ class Server:
         try:
             for listen in config.listen:
                 await self._bind(listen)
+            if self.link is None:  # DNS over QUIC (service/doq.py): in the primary only
+                self.doq = await doq.start(config, self.resolver.handle, self.tasks.held)
+                self.bound += [Bound("doq", *b) for b in self.doq.bound] if self.doq else []
             await self._start_http()
         except BaseException:
             self._close_listeners()
@@ -144,7 +148,7 @@ class Server:
         command = self._child_command
         if command is None:
             raise StartupError("workers: this server cannot start child workers")
-        listens = sorted({b.address for b in self.bound})
+        listens = sorted({b.address for b in self.bound if b.proto in ("udp", "tcp")})
         self.supervisor = Supervisor(count, lambda: command(listens), self._audit)
         try:
             await self.supervisor.start()
@@ -391,6 +395,9 @@ class Server:
         self._udp.clear()
         self._udp_listeners.clear()
         self._tcp.clear()
+        if self.doq is not None:  # DNS over QUIC: after the drain, so answers went out
+            self.doq.close()
+            self.doq = None
 
     async def stop(self) -> None:
         """Stop accepting, let answers in progress finish (bounded), close connections."""
