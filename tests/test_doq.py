@@ -44,7 +44,11 @@ from aioquic.quic.events import (  # noqa: E402
     StreamReset,
 )
 
-from resolver.service.doqconn import DOQ_EXCESSIVE_LOAD, DOQ_PROTOCOL_ERROR  # noqa: E402
+from resolver.service.doqconn import (  # noqa: E402
+    DOQ_EXCESSIVE_LOAD,
+    DOQ_PROTOCOL_ERROR,
+    DOQ_REQUEST_CANCELLED,
+)
 
 DOMAIN = "dns.example.test"
 
@@ -281,6 +285,50 @@ def test_oversized_streams_never_stop_the_listener(server: RunningServer) -> Non
     still_answers(server)
 
 
+def test_unfinished_queries_are_bounded_in_bytes(server: RunningServer) -> None:
+    """Streams that declare the largest message and never finish it: past MAX_BUFFERED
+    bytes held for one connection, it is closed."""
+    from resolver.service.doqconn import MAX_BUFFERED
+
+    port = doq_port(server)
+
+    async def hoard(client: Raw) -> None:
+        for _ in range(MAX_BUFFERED // 50_000 + 1):
+            client.send(b"\xff\xff" + os.urandom(50_000), end=False)
+        await asyncio.sleep(0.5)
+
+    client = asyncio.run(raw_session(port, hoard))
+    assert client.closed_with == DOQ_EXCESSIVE_LOAD
+    assert server.server.doq is not None
+    assert server.server.doq.counts()["buffer_overflows"] == 1
+    still_answers(server)
+
+
+def test_a_query_trickling_in_is_cancelled_after_the_idle_timeout(
+    start_doq: Callable[..., RunningServer],
+) -> None:
+    server = start_doq(tcp=TCPConfig(idle_timeout=1.0))
+    port = doq_port(server)
+    wire = framed(query_wire())
+
+    async def trickle(client: Raw) -> None:
+        stream = client._quic.get_next_available_stream_id()
+        end = time.monotonic() + 4
+        for byte in wire[:-1]:  # never the last byte; one every 0.2 s keeps it alive
+            if stream in client.resets or time.monotonic() > end:
+                break
+            client._quic.send_stream_data(stream, bytes([byte]))
+            client.transmit()
+            await asyncio.sleep(0.2)
+        client.done = True  # type: ignore[attr-defined]
+
+    client = asyncio.run(raw_session(port, trickle))
+    assert list(client.resets.values()) == [DOQ_REQUEST_CANCELLED]
+    assert server.server.doq is not None
+    assert server.server.doq.counts()["slow_streams"] == 1
+    still_answers(server)
+
+
 def test_streams_over_the_limit_are_refused(start_doq: Callable[..., RunningServer]) -> None:
     server = start_doq(tcp=TCPConfig(max_pipeline=2))
     port = doq_port(server)
@@ -319,6 +367,7 @@ def test_connections_over_the_limit_are_dropped(start_doq: Callable[..., Running
     deadline = time.monotonic() + 5
     while server.server.doq.limits.live and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert server.server.doq.limits.live == 0
     still_answers(server)
 
 
@@ -360,6 +409,10 @@ def test_a_wrong_alpn_gets_no_service(server: RunningServer) -> None:
     with pytest.raises(ConnectionError):
         asyncio.run(asyncio.wait_for(attempt(), 5))
     still_answers(server)
+    assert server.server.doq is not None
+    counts = server.server.doq.counts()
+    assert counts["handshake_failures"] == 1
+    assert counts["handshakes"] == 1  # still_answers' own connection
 
 
 def test_a_renewed_certificate_serves_new_connections_and_open_ones_stay(

@@ -10,11 +10,12 @@ Bounds (each counted in :class:`DoQCounts` when hit):
   before any cryptography is done for them;
 - streams: at most ``max_streams`` queries open or awaiting their answer per connection;
   more are reset with DOQ_EXCESSIVE_LOAD;
-- bytes: QUIC flow control lets a stream carry at most one message (2 + 65535 bytes) and a
-  connection ``max_streams`` of them; a stream whose bytes overrun its length prefix is a
-  protocol error;
+- bytes: a stream carries one message (2 + 65535 bytes; bytes past its length prefix are
+  a protocol error), and a connection holds at most MAX_BUFFERED bytes of unfinished
+  queries, else it is closed with DOQ_EXCESSIVE_LOAD;
 - time: the idle timeout closes quiet connections; a handshake that has not completed
-  within the idle timeout is closed too.
+  within it is closed, and a query still incomplete after it (a client trickling bytes
+  to keep a connection busy) is cancelled.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ DOQ_EXCESSIVE_LOAD: Final = 0x4
 
 #: One DNS message and its length prefix: all a stream may carry.
 MAX_STREAM_BYTES: Final = 2 + 65535
+#: Bytes of unfinished queries one connection may hold (two of the largest messages):
+#: real queries are a few hundred bytes, so only a hostile client comes near it.
+MAX_BUFFERED: Final = 2 * MAX_STREAM_BYTES
 
 Handler = Callable[[bytes, str, bool, int, str], Any]
 
@@ -67,6 +71,10 @@ class DoQCounts:
     handshakes_timed_out: int = 0  # no completed handshake within the idle timeout
     streams_refused: int = 0  # queries over max_streams on one connection
     protocol_errors: int = 0  # non-zero DNS ID, bytes past the length, short message
+    buffer_overflows: int = 0  # over MAX_BUFFERED bytes of unfinished queries: closed
+    slow_streams: int = 0  # a query not complete within the idle timeout: cancelled
+    handshakes: int = 0  # TLS handshakes completed
+    handshake_failures: int = 0  # connections that ended before their handshake completed
     queries: int = 0
 
 
@@ -149,6 +157,11 @@ class DoQConnection(QuicConnectionProtocol):
         self.ended = False
         #: Streams being read: their bytes so far (None: refused, ignored until it ends).
         self.reading: dict[int, bytearray | None] = {}
+        #: When each stream being read began (for the slow-query check).
+        self.started: dict[int, float] = {}
+        self.buffered = 0  # bytes held in ``reading``
+        self.slow_timer: asyncio.TimerHandle | None = None
+        self.handshake_done = False
         self.answering = 0
         limits.live += 1
         limits.counts.connections += 1
@@ -181,20 +194,57 @@ class DoQConnection(QuicConnectionProtocol):
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
             self.handshake_timer = None
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+            self.slow_timer = None
+        self._forget_all()
+
+    def _forget(self, stream: int) -> None:
+        buf = self.reading.pop(stream, None)
+        self.started.pop(stream, None)
+        if buf is not None:
+            self.buffered -= len(buf)
+
+    def _forget_all(self) -> None:
+        self.reading.clear()
+        self.started.clear()
+        self.buffered = 0
+
+    def _check_slow(self) -> None:
+        """Cancel the queries that have taken the idle timeout to arrive; check again when
+        the next one would."""
+        self.slow_timer = None
+        if self.ended:
+            return
+        now = asyncio.get_running_loop().time()
+        timeout = self.limits.idle_timeout
+        for stream, since in list(self.started.items()):
+            if now - since >= timeout:
+                self.limits.counts.slow_streams += 1
+                self._forget(stream)
+                self.reading[stream] = None  # ignored until the client ends it
+                self._refuse(stream, DOQ_REQUEST_CANCELLED)
+        if self.started:
+            due = min(self.started.values()) + timeout
+            loop = asyncio.get_running_loop()
+            self.slow_timer = loop.call_later(max(0.05, due - now), self._check_slow)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
             self._data(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, HandshakeCompleted):
+            self.handshake_done = True
+            self.limits.counts.handshakes += 1
             if self.handshake_timer is not None:
                 self.handshake_timer.cancel()
                 self.handshake_timer = None
             self.client_id = client_id_from_sni(self.server_name, self.limits.client_id_domain)
         elif isinstance(event, StreamReset):
-            self.reading.pop(event.stream_id, None)
+            self._forget(event.stream_id)
         elif isinstance(event, ConnectionTerminated):
+            if not self.handshake_done and not self.ended:
+                self.limits.counts.handshake_failures += 1
             self._end()
-            self.reading.clear()
 
     def _data(self, stream: int, data: bytes, end: bool) -> None:
         if stream % 4 != 0:
@@ -210,12 +260,22 @@ class DoQConnection(QuicConnectionProtocol):
                 reading[stream] = None
             else:
                 reading[stream] = bytearray()
+                loop = asyncio.get_running_loop()
+                self.started[stream] = loop.time()
+                if self.slow_timer is None:
+                    self.slow_timer = loop.call_later(limits.idle_timeout, self._check_slow)
         buf = reading[stream]
         if buf is None:
             if end:
                 del reading[stream]
             return
         buf += data
+        self.buffered += len(data)
+        if self.buffered > MAX_BUFFERED:
+            self.limits.counts.buffer_overflows += 1
+            self._forget_all()
+            self.close(error_code=DOQ_EXCESSIVE_LOAD, reason_phrase="too many bytes unfinished")
+            return
         if len(buf) < 2:
             if end:
                 self._protocol_error("a stream ended before its length")
@@ -224,7 +284,7 @@ class DoQConnection(QuicConnectionProtocol):
         if len(buf) > size:
             self._protocol_error("bytes past the message's length")
         elif len(buf) == size:
-            del reading[stream]
+            self._forget(stream)
             self._query(stream, bytes(buf[2:]))
         elif end:
             self._protocol_error("a stream ended inside its message")
@@ -240,7 +300,7 @@ class DoQConnection(QuicConnectionProtocol):
     def _protocol_error(self, why: str) -> None:
         self.limits.counts.protocol_errors += 1
         log.debug("closing a DoQ connection from %s: %s", self.peer, why)
-        self.reading.clear()
+        self._forget_all()
         self.close(error_code=DOQ_PROTOCOL_ERROR, reason_phrase=why)
 
     def _query(self, stream: int, message: bytes) -> None:
