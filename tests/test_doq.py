@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -470,3 +471,30 @@ def test_config_without_doq_starts_no_quic(make_server: Callable[..., RunningSer
     server = make_server()
     assert server.server.doq is None
     assert not [b for b in server.server.bound if b.proto == "doq"]
+
+
+def test_the_package_runs_without_aioquic(tmp_path: Path, certs: tuple[Path, Path]) -> None:
+    """In a process where aioquic cannot be imported: the resolver imports, checks and
+    serves plain DNS, and a doq.listen is a startup error that names the extra."""
+    cert, key = certs
+    config = tmp_path / "resolver.yaml"
+    config.write_text(
+        f"listen: [127.0.0.1:0]\nupstreams: [127.0.0.1:9]\ntls: {{cert: {cert}, key: {key}}}\n"
+        "doq: {listen: [127.0.0.1:0]}\n"
+    )
+    script = (
+        "import sys; sys.modules['aioquic'] = None\n"  # import aioquic -> ImportError
+        "from resolver.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(doq.__file__).parents[2])},
+    )
+    assert run.returncode == 2, run.stderr
+    assert "doq.listen needs aioquic" in run.stderr
+    assert "pip install 'dns-filtering-resolver[quic]'" in run.stderr
