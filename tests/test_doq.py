@@ -25,6 +25,7 @@ from resolver.config import DoQConfig, TCPConfig, TLSConfig, parse_listen
 from resolver.service import doq
 from resolver.service.assembly import StartupError
 
+from .helpers.fakeupstream import Behaviour, FakeUpstream
 from .helpers.server import RunningServer
 
 quic = pytest.importorskip(
@@ -498,3 +499,30 @@ def test_the_package_runs_without_aioquic(tmp_path: Path, certs: tuple[Path, Pat
     assert run.returncode == 2, run.stderr
     assert "doq.listen needs aioquic" in run.stderr
     assert "pip install 'dns-filtering-resolver[quic]'" in run.stderr
+
+
+def test_stopping_answers_queries_in_progress_and_takes_no_new_ones(
+    server: RunningServer, upstream: FakeUpstream
+) -> None:
+    upstream.behaviours["example.test"] = Behaviour(delay=0.3)  # under upstream_timeout
+    port = doq_port(server)
+    stopped: list[Any] = []
+
+    async def drain(client: Raw) -> None:
+        first = client.send(framed(query_wire("example.test")))
+        await asyncio.sleep(0.1)  # the query waits for the upstream
+        stopped.append(asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop))
+        await asyncio.sleep(0.05)
+        second = client.send(framed(query_wire("www.example.test")))
+        end = time.monotonic() + 3
+        while (first not in client.ended or second not in client.resets) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        client.done = True  # type: ignore[attr-defined]
+        client.first, client.second = first, second  # type: ignore[attr-defined]
+
+    client = asyncio.run(raw_session(port, drain))
+    first, second = client.first, client.second  # type: ignore[attr-defined]
+    answer = dns.message.from_wire(client.data[first][2:])
+    assert answer.rcode() == dns.rcode.NOERROR and answer.answer
+    assert client.resets.get(second) == DOQ_EXCESSIVE_LOAD
+    stopped[0].result(10)

@@ -106,6 +106,11 @@ class DoQListeners:
             if self.store.reload_if_changed():
                 self.check_certificate(renewed=True)
 
+    def stop_accepting(self) -> None:
+        """Shutting down: no new connection, no new query; answers in progress go out."""
+        self.limits.max_connections = 0
+        self.limits.max_streams = 0
+
     def close(self) -> None:
         """Stop listening and close every connection (CONNECTION_CLOSE, no error)."""
         if self.poller is not None:

@@ -411,6 +411,8 @@ class Server:
         for server in self._tcp:
             server.close()
         self.connections.stop_reading()
+        if self.doq is not None:  # DNS over QUIC: no new connections or queries
+            self.doq.stop_accepting()
         left = await self.tasks.drain(self.config.drain_timeout)
         if left:
             log.warning(
