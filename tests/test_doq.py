@@ -526,3 +526,15 @@ def test_stopping_answers_queries_in_progress_and_takes_no_new_ones(
     assert answer.rcode() == dns.rcode.NOERROR and answer.answer
     assert client.resets.get(second) == DOQ_EXCESSIVE_LOAD
     stopped[0].result(10)
+
+
+def test_a_key_that_does_not_match_is_a_startup_error_naming_the_file(
+    make_server: Callable[..., RunningServer], certs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, _ = certs
+    _, other_key = certificate(tmp_path, "-other")
+    with pytest.raises(StartupError, match=r"key-other\.pem.*does not match"):
+        make_server(
+            tls=TLSConfig(cert=cert, key=other_key),
+            doq=DoQConfig((parse_listen("127.0.0.1:0"),)),
+        )
