@@ -162,6 +162,11 @@ class DoQConnection(QuicConnectionProtocol):
         self.buffered = 0  # bytes held in ``reading``
         self.slow_timer: asyncio.TimerHandle | None = None
         self.handshake_done = False
+        #: Inside datagram_received, which sends what is due once the events are handled;
+        #: else a send is scheduled once per loop turn (_send_soon), so that answers that
+        #: arrive together leave in as few packets as they fit in.
+        self.receiving = False
+        self.send_scheduled = False
         self.answering = 0
         limits.live += 1
         limits.counts.connections += 1
@@ -178,7 +183,22 @@ class DoQConnection(QuicConnectionProtocol):
         if not self.peer:
             host = str(addr[0])
             self.peer = host[7:] if host.startswith("::ffff:") else host
-        super().datagram_received(data, addr)
+        self.receiving = True
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self.receiving = False
+
+    def _send_soon(self) -> None:
+        if self.receiving or self.send_scheduled:
+            return
+        self.send_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send_now)
+
+    def _send_now(self) -> None:
+        self.send_scheduled = False
+        if not self.ended:
+            self.transmit()
 
     def _handshake_late(self) -> None:
         self.handshake_timer = None
@@ -295,7 +315,7 @@ class DoQConnection(QuicConnectionProtocol):
             self._quic.reset_stream(stream, code)
         except Exception:
             pass  # the stream is already gone
-        self.transmit()
+        self._send_soon()
 
     def _protocol_error(self, why: str) -> None:
         self.limits.counts.protocol_errors += 1
@@ -339,7 +359,7 @@ class DoQConnection(QuicConnectionProtocol):
             )
         except Exception:
             return  # the client reset the stream meanwhile
-        self.transmit()
+        self._send_soon()
 
 
 class DoQServer(QuicServer):
