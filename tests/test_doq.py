@@ -26,7 +26,7 @@ from resolver.service import doq
 from resolver.service.assembly import StartupError
 
 from .helpers.fakeupstream import Behaviour, FakeUpstream
-from .helpers.server import RunningServer
+from .helpers.server import RunningServer, has_ipv6
 
 quic = pytest.importorskip(
     "aioquic", reason="DoQ needs aioquic, the optional 'quic' extra (pip install aioquic)"
@@ -538,3 +538,18 @@ def test_a_key_that_does_not_match_is_a_startup_error_naming_the_file(
             tls=TLSConfig(cert=cert, key=other_key),
             doq=DoQConfig((parse_listen("127.0.0.1:0"),)),
         )
+
+
+def test_doq_over_ipv6(make_server: Callable[..., RunningServer], certs: tuple[Path, Path]) -> None:
+    if not has_ipv6():
+        pytest.skip("no IPv6 loopback here")
+    cert, key = certs
+    server = make_server(
+        tls=TLSConfig(cert=cert, key=key),
+        doq=DoQConfig((parse_listen("[::1]:0"), parse_listen("127.0.0.1:0"))),
+    )
+    ports = [b.port for b in server.server.bound if b.proto == "doq"]
+    assert len(ports) == 2
+    query = dns.message.make_query("deepseek.com", "A")
+    reply = dns.query.quic(query, "::1", port=ports[0], timeout=5, verify=False)
+    assert reply.rcode() == dns.rcode.NXDOMAIN

@@ -124,13 +124,19 @@ class Limits:
 def _watch_server_name(connection: QuicConnection, seen: Callable[[str | None], None]) -> None:
     """Report the ClientHello's server name (SNI): aioquic's server reads it but keeps
     nothing of it. The hook wraps two of the connection's own methods on this one
-    connection; the hello is parsed again from where aioquic is about to read it."""
-    initialize = connection._initialize
+    connection; the hello is parsed again from where aioquic is about to read it. With an
+    aioquic that lacks these methods, connections are served without the name (no client
+    id from it); tests/test_doq.py checks the name arrives with the aioquic installed."""
+    initialize = getattr(connection, "_initialize", None)
+    if initialize is None:  # another aioquic: serve without client ids from the name
+        return
 
     def hooked_initialize(peer_cid: bytes) -> None:
         initialize(peer_cid)
         context = connection.tls
-        handle_hello = context._server_handle_hello
+        handle_hello = getattr(context, "_server_handle_hello", None)
+        if handle_hello is None:
+            return
 
         def hooked_hello(input_buf: Any, initial_buf: Any, handshake_buf: Any) -> None:
             start = input_buf.tell()
