@@ -18,7 +18,8 @@
 # Mount directories there, not single files: the resolver watches them and reloads on change.
 
 # ---------------------------------------------------------------------------------------
-# Build: a virtual environment in /opt/resolver with the package and its fast extra (uvloop),
+# Build: a virtual environment in /opt/resolver with the package, its fast extra (uvloop),
+# its quic extra (aioquic, for DNS over QUIC; installed in the final stage) and
 # its per-query modules compiled by mypyc (setup.py, RESOLVER_COMPILE=1: a forwarded miss
 # then takes about a fifth less CPU). The full python image has the C compiler; mypy, the
 # package's dependencies it type-checks against, and the compiler stay in this stage. Both
@@ -44,7 +45,7 @@ RUN python -m venv .build \
 # Dependencies only as wheels: none may be compiled here against libraries the slim image
 # lacks.
 RUN python -m venv /opt/resolver \
-    && /opt/resolver/bin/pip install --no-cache-dir --only-binary=:all: "$(ls dist/*.whl)[fast]" \
+    && /opt/resolver/bin/pip install --no-cache-dir --only-binary=:all: "$(ls dist/*.whl)[fast,quic]" \
     && /opt/resolver/bin/pip uninstall --yes pip setuptools \
     && /opt/resolver/bin/resolver --help > /dev/null
 

@@ -4,7 +4,9 @@
     python3 deploy/kubernetes/generate.py           # rewrite them
     python3 deploy/kubernetes/generate.py --check   # exit 1 if one is out of date
 
-- configmap-config.yaml: the container config, deploy/compose/config/resolver.yaml.
+- configmap-config.yaml: the container config, deploy/compose/config/resolver.yaml, and
+  ENCRYPTED below: the encrypted listeners (DoT, DoH, DoQ) and the certificate from the
+  Secret ``resolver-tls`` (compose has no certificate, so it stays plain DNS).
 - configmap-blocklists.yaml: every list file of blocklists/, verbatim.
 - monitoring/prometheusrule.yaml: the alert groups of deploy/prometheus/rules.yml.
 
@@ -25,6 +27,27 @@ ROOT = HERE.parent.parent
 CONTAINER_CONFIG = ROOT / "deploy" / "compose" / "config" / "resolver.yaml"
 BLOCKLISTS = ROOT / "blocklists"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+
+#: Appended to the container config in the ConfigMap: what the pod adds to it.
+ENCRYPTED = """
+# --- Added by deploy/kubernetes/generate.py for Kubernetes: encrypted DNS for clients ---
+# (docs/encrypted-dns.md). The certificate comes from the Secret resolver-tls (type
+# kubernetes.io/tls, e.g. issued by cert-manager), mounted read-only as the directory
+# /etc/resolver/tls (relative to this file: ../tls). A renewal reaches the pod through the
+# Secret's ..data swap and is loaded without a restart. It must name the name clients
+# use (and the Service's IP addresses, for DDR's opportunistic upgrade).
+tls:
+  cert: ../tls/tls.crt
+  key: ../tls/tls.key
+# Unprivileged ports in the pod; the Service maps 853/TCP (DoT), 853/UDP (DoQ) and
+# 443/TCP (DoH) to them. DoQ needs the image's quic extra (aioquic), which it has.
+dot:
+  listen: ["0.0.0.0:8853", "[::]:8853"]
+doq:
+  listen: ["0.0.0.0:8853", "[::]:8853"]
+doh:
+  listen: ["0.0.0.0:8443", "[::]:8443"]
+"""
 
 LABELS = "  labels:\n    app.kubernetes.io/name: resolver\n"
 # A ConfigMap holds at most 1 MiB; leave room for the object's own fields.
@@ -121,7 +144,7 @@ def generated() -> dict[Path, str]:
     return {
         HERE / "configmap-config.yaml": configmap(
             "resolver-config",
-            {"resolver.yaml": CONTAINER_CONFIG.read_text(encoding="utf-8")},
+            {"resolver.yaml": CONTAINER_CONFIG.read_text(encoding="utf-8") + ENCRYPTED},
             "deploy/compose/config/resolver.yaml",
             "# The resolver's config, mounted as the directory /etc/resolver/config (not with\n"
             "# subPath): an edit reaches the pod within a minute or so and the resolver reloads\n"

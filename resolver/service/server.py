@@ -30,7 +30,7 @@ from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
 from ..policy.loader import fault
 from ..yamlload import SourceError
-from . import assembly, udpbatch
+from . import assembly, doq, udpbatch
 from .admin import admin_routes, metrics_routes
 from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
 from .certs import CertError, CertStore, open_store
@@ -88,6 +88,7 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._udp_listeners: list[UDPListener] = []  # BatchListener is one too
         self._tcp: list[asyncio.Server] = []
+        self.doq: doq.DoQListeners | None = None  # DNS over QUIC (service/doq.py)
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
         # Encrypted listeners (issue 19): the certificate they share; DoT (service/dot.py).
@@ -132,6 +133,11 @@ class Server:
             for listen in config.listen:
                 await self._bind(listen)
             await self._start_dot()
+            if self.link is None:  # DNS over QUIC (service/doq.py): in the primary only
+                self.doq = await doq.start(
+                    config, self.resolver.handle, self.tasks.held, self.certs
+                )
+                self.bound += [Bound("doq", *b) for b in self.doq.bound] if self.doq else []
             await self._start_http()
         except BaseException:
             self._close_listeners()
@@ -421,6 +427,9 @@ class Server:
         self._tcp.clear()
         if self.dot is not None:
             self.dot.close()
+        if self.doq is not None:  # DNS over QUIC: after the drain, so answers went out
+            self.doq.close()
+            self.doq = None
 
     async def stop(self) -> None:
         """Stop accepting, let answers in progress finish (bounded), close connections."""
@@ -436,6 +445,8 @@ class Server:
         self.connections.stop_reading()
         if self.dot is not None:
             self.dot.stop_reading()
+        if self.doq is not None:  # DNS over QUIC: no new connections or queries
+            self.doq.stop_accepting()
         left = await self.tasks.drain(self.config.drain_timeout)
         if left:
             log.warning(

@@ -93,7 +93,7 @@ def test_two_stages_on_python_311_slim_and_final_holds_only_venv_package_lists_c
     assert "python -m venv /opt/resolver" in run
     assert "RESOLVER_COMPILE=1" in run  # the per-query modules compiled (setup.py)
     assert (
-        '/opt/resolver/bin/pip install --no-cache-dir --only-binary=:all: "$(ls dist/*.whl)[fast]"'
+        '/opt/resolver/bin/pip install --no-cache-dir --only-binary=:all: "$(ls dist/*.whl)[fast,quic]"'
         in run
     )
 

@@ -42,6 +42,7 @@ from ..helpers.fakeupstream import FakeUpstream
 from ..helpers.image import ENTRYPOINT, FINAL, option, port_of
 from ..helpers.image import ENV as IMAGE_ENV
 from ..helpers.realservers import ROOT, ResolverProcess, free_port
+from ..helpers.tls import make_certificate
 
 K8S = ROOT / "deploy" / "kubernetes"
 MONITORING = K8S / "monitoring"
@@ -260,7 +261,25 @@ def test_config_volumes_are_directories_and_state_and_tmp_are_empty_dirs() -> No
     assert mount("tmp")["mountPath"] == "/tmp" and "emptyDir" in volume("tmp")
     # Every mount path that the read-only root filesystem needs writable is an emptyDir.
     writable = {m["mountPath"] for m in CONTAINER["volumeMounts"] if not m.get("readOnly")}
+    assert {m["name"] for m in CONTAINER["volumeMounts"] if m.get("readOnly")} == {
+        "config",
+        "blocklists",
+        "tls",
+    }
     assert writable == {IMAGE_ENV["RESOLVER_STATE_DIR"], "/tmp"}
+
+
+def test_the_certificate_comes_from_a_tls_secret_mounted_read_only() -> None:
+    tls = volume("tls")["secret"]
+    assert tls["secretName"] == "resolver-tls"
+    assert tls["defaultMode"] == 0o440  # the key: the pod's group (fsGroup) only
+    assert POD["securityContext"]["fsGroup"] == POD["securityContext"]["runAsGroup"]
+    assert mount("tls")["readOnly"] is True
+    # The config names the keys of a kubernetes.io/tls Secret, inside that mount.
+    config_dir = Path(option(CONTAINER["args"], "--config")).parent
+    for key, name in (("cert", "tls.crt"), ("key", "tls.key")):
+        path = Path(os.path.normpath(config_dir / POD_CONFIG["tls"][key]))
+        assert path == Path(mount("tls")["mountPath"]) / name
 
 
 def test_ports_agree_with_the_config() -> None:
@@ -274,7 +293,23 @@ def test_ports_agree_with_the_config() -> None:
     dns_service = resource("Service", "resolver")
     assert selects(dns_service["spec"]["selector"], POD_LABELS)
     ports = {(p["port"], p["protocol"], p["targetPort"]) for p in dns_service["spec"]["ports"]}
-    assert ports == {(53, "UDP", "dns-udp"), (53, "TCP", "dns-tcp")}
+    assert ports == {
+        (53, "UDP", "dns-udp"),
+        (53, "TCP", "dns-tcp"),
+        (853, "TCP", "dot"),
+        (853, "UDP", "doq"),
+        (443, "TCP", "doh"),
+    }
+    # Encrypted DNS: each listener of the config is a container port of its protocol.
+    for key, name, protocol in (
+        ("dot", "dot", "TCP"),
+        ("doq", "doq", "UDP"),
+        ("doh", "doh", "TCP"),
+    ):
+        assert {port_of(a) for a in POD_CONFIG[key]["listen"]} == {
+            container_port(name)["containerPort"]
+        }
+        assert container_port(name)["protocol"] == protocol
     assert dns_service["spec"]["externalTrafficPolicy"] == "Local"
     # Metrics Service, and the ServiceMonitor that scrapes it as job "resolver".
     metrics_service = resource("Service", "resolver-metrics")
@@ -308,9 +343,10 @@ def test_network_policy_opens_dns_to_all_and_metrics_to_the_cluster_only() -> No
         for rule in policy["ingress"]
     }
     # Every container port is covered by name; the admin port by none (it is loopback).
-    assert rules == {("dns-tcp", "dns-udp"): None, ("metrics",): [{"namespaceSelector": {}}]}
+    dns_ports = ("dns-tcp", "dns-udp", "doh", "doq", "dot")
+    assert rules == {dns_ports: None, ("metrics",): [{"namespaceSelector": {}}]}
     named = {p["name"] for p in CONTAINER["ports"]}
-    assert named == {"dns-udp", "dns-tcp", "metrics"}
+    assert named == {"dns-udp", "dns-tcp", "dot", "doq", "doh", "metrics"}
 
 
 def probe_commands() -> dict[str, list[str]]:
@@ -352,9 +388,8 @@ def test_blocklists_configmap_holds_the_shipped_lists_verbatim() -> None:
         if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
     }
     assert data == shipped
-    assert CONFIG_MAP["data"] == {
-        "resolver.yaml": (ROOT / "deploy" / "compose" / "config" / "resolver.yaml").read_text()
-    }
+    compose = (ROOT / "deploy" / "compose" / "config" / "resolver.yaml").read_text()
+    assert CONFIG_MAP["data"] == {"resolver.yaml": compose + load_generator().ENCRYPTED}
 
 
 def test_prometheus_rule_embeds_the_alert_rules() -> None:
@@ -406,10 +441,32 @@ def test_pod_probes_pass_and_configmap_updates_are_reloaded(
     config_mount = Path(mount("config")["mountPath"])
     lists_mount = Path(mount("blocklists")["mountPath"])
     lists = dict(resource("ConfigMap", "resolver-blocklists")["data"])
+    # The encrypted listeners on free loopback ports (the pod's 8853 and 8443 may be taken
+    # here); DoQ only where aioquic is installed (the image has it: the quic extra).
+    pod_config = yaml.safe_load(CONFIG_MAP["data"]["resolver.yaml"])
+    dot_port, doq_port, doh_port = free_port(), free_port(), free_port()
+    pod_config["dot"]["listen"] = [f"127.0.0.1:{dot_port}"]
+    pod_config["doh"]["listen"] = [f"127.0.0.1:{doh_port}"]
+    quic = importlib.util.find_spec("aioquic") is not None
+    if quic:
+        pod_config["doq"]["listen"] = [f"127.0.0.1:{doq_port}"]
+    else:
+        del pod_config["doq"]
     write_configmap(
-        root / config_mount.relative_to("/"), CONFIG_MAP["data"], "2026_01_01_00_00_00.1"
+        root / config_mount.relative_to("/"),
+        {"resolver.yaml": yaml.safe_dump(pod_config)},
+        "2026_01_01_00_00_00.1",
     )
     write_configmap(root / lists_mount.relative_to("/"), lists, "2026_01_01_00_00_00.2")
+    # The Secret resolver-tls, laid out by the kubelet as a ConfigMap is.
+    made = tmp_path / "made"
+    made.mkdir()
+    make_certificate(made / "tls.crt", made / "tls.key", "resolver.example.test")
+    write_configmap(
+        root / Path(mount("tls")["mountPath"]).relative_to("/"),
+        {name: (made / name).read_text() for name in ("tls.crt", "tls.key")},
+        "2026_01_01_00_00_00.4",
+    )
     state = root / Path(mount("state")["mountPath"]).relative_to("/")
     state.mkdir(parents=True)
     config_path = option(CONTAINER["args"], "--config")
@@ -450,6 +507,17 @@ def test_pod_probes_pass_and_configmap_updates_are_reloaded(
             return dns.query.udp(query, "127.0.0.1", port=port, timeout=3).rcode()
 
         assert rcode("example.org") == dns.rcode.NOERROR
+        if quic:  # DNS over QUIC with the Secret's certificate
+            query = dns.message.make_query("example.org", "A")
+            reply = dns.query.quic(
+                query,
+                "127.0.0.1",
+                port=doq_port,
+                timeout=5,
+                verify=str(made / "tls.crt"),
+                server_hostname="resolver.example.test",
+            )
+            assert reply.rcode() == dns.rcode.NOERROR
         # A ConfigMap update: a new list arrives through the ..data swap.
         lists["k8s-test.yaml"] = "list: k8s-test\ndomains:\n  - example.org\n"
         write_configmap(root / lists_mount.relative_to("/"), lists, "2026_01_01_00_01_00.3")

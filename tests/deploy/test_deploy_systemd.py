@@ -189,3 +189,84 @@ def test_host_config_passes_check(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{etc / 'blocklists'}: ok: " in result.stdout
+
+
+# --- Encrypted DNS: the drop-in that passes the TLS key as a credential ------------------
+
+DROP_IN = ROOT / "deploy" / "systemd" / "encrypted-dns.conf"
+
+
+def encrypted_config() -> dict[str, object]:
+    """The host config with its commented encrypted-DNS block (tls: to the blank line)
+    uncommented, as docs/encrypted-dns.md tells the operator to do."""
+    lines = HOST_CONFIG.read_text().splitlines()
+    start = lines.index("# tls:")
+    end = lines.index("", start)
+    block = [line.removeprefix("# ") for line in lines[start:end]]
+    config: dict[str, object] = yaml.safe_load("\n".join(lines[:start] + block + lines[end:]))
+    return config
+
+
+def drop_in_copy(tmp_path: Path, text: str | None = None) -> Path:
+    unit = runnable_copy(tmp_path)
+    folder = tmp_path / "resolver.service.d"
+    folder.mkdir()
+    (folder / DROP_IN.name).write_text(DROP_IN.read_text() if text is None else text)
+    return unit
+
+
+@needs_analyze
+def test_systemd_analyze_verify_with_the_credential_drop_in(tmp_path: Path) -> None:
+    assert ANALYZE is not None
+    unit = drop_in_copy(tmp_path)
+    result = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert [line for line in output.splitlines() if str(tmp_path) in line] == []
+    # Live: the drop-in is read (a misspelling in it is reported).
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    unit = drop_in_copy(broken, DROP_IN.read_text().replace("LoadCredential=", "LoadCredentail="))
+    result = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert "LoadCredentail" in result.stdout + result.stderr
+
+
+def test_the_config_reads_the_key_from_the_credentials_directory() -> None:
+    (credential,) = [
+        line.split("=", 1)[1]
+        for line in DROP_IN.read_text().splitlines()
+        if line.startswith("LoadCredential=")
+    ]
+    name, source = credential.split(":", 1)
+    config = encrypted_config()
+    tls = config["tls"]
+    assert isinstance(tls, dict)
+    # $CREDENTIALS_DIRECTORY of resolver.service, written out (the config takes no variables).
+    assert tls["key"] == f"/run/credentials/{UNIT.name}/{name}"
+    # On disk, key and certificate live in the configuration directory.
+    etc = Path("/etc") / one("ConfigurationDirectory")
+    assert Path(source).parent == Path(tls["cert"]).parent == etc / "tls"
+    # Ports 853 and 443: CAP_NET_BIND_SERVICE allows them.
+    ports = {
+        key: [a.rsplit(":", 1)[1] for a in config[key]["listen"]] for key in ("dot", "doh", "doq")
+    }  # type: ignore[index]
+    assert ports == {"dot": ["853"], "doh": ["443"], "doq": ["853"]}
+
+
+def test_host_config_with_encrypted_dns_passes_check(tmp_path: Path) -> None:
+    etc = tmp_path / "etc" / "resolver"
+    etc.mkdir(parents=True)
+    (etc / "resolver.yaml").write_text(yaml.safe_dump(encrypted_config()))
+    shutil.copytree(ROOT / "blocklists", etc / "blocklists")
+    result = subprocess.run(
+        [sys.executable, "-m", "resolver", "check", "--config", str(etc / "resolver.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
