@@ -5,6 +5,7 @@ record's ``client_id`` and its report, and explain (CLI and admin API) with a cl
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from resolver.config import load_config
 from resolver.core.pipeline import Resolver
 from resolver.core.stats import PROTO_DOH, PROTO_DOQ, PROTO_DOT, PROTO_TCP, PROTO_UDP
-from resolver.observe.querylog import AuditConfig
+from resolver.observe.querylog import AuditConfig, AuditLog
 from resolver.policy import ClientGroups
 from resolver.yamlload import SourceError
 
@@ -263,3 +264,15 @@ def test_explain_takes_a_client_id_in_the_admin_api(
         assert status == 400
     finally:
         proc.stop()
+
+
+def test_a_pseudonymised_log_hides_the_client_id_too() -> None:
+    out = io.StringIO()
+    log = AuditLog(AuditConfig(sink="stdout", pseudonymize_key="k" * 16), stream=out)
+    for _ in range(2):
+        log.record(0.0, "10.0.0.1", "dot", "a.test.", "A", "NXDOMAIN", "blocked", "l", None,
+                   None, None, 0.001, "laptop-7")  # fmt: skip
+    log.close()
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["client_id"].startswith("anon-") and "laptop-7" not in out.getvalue()
+    assert first["client_id"] == second["client_id"] != first["client"]
