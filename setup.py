@@ -57,6 +57,8 @@ COMPILED = [
     "resolver/upstream/forwarder.py",
     "resolver/core/sinkhole.py",
     "resolver/core/guard.py",
+    "resolver/core/ddr.py",
+    "resolver/core/memoview.py",
 ]
 
 ext_modules = []

@@ -53,7 +53,7 @@ def resolver(tmp_path: Path) -> Resolver:
 def context(name: str, rdtype: str = "A", tcp: bool = False, **kwargs: object) -> Context:
     data = dns.message.make_query(name, rdtype, **kwargs).to_wire()  # type: ignore[arg-type]
     q = parse_query(data)
-    return new_context(data, q, "192.0.2.7", tcp, 0.0, ALL_CLIENTS, data[2:])
+    return new_context(data, q, "192.0.2.7", tcp, int(tcp), "", 0.0, ALL_CLIENTS, data[2:])
 
 
 def reply_entry(

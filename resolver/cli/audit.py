@@ -49,6 +49,9 @@ class Row:
     last_seen: float
     names: tuple[str, ...]  # the most queried distinct names, at most NAMES_SHOWN
     more_names: int  # distinct names beyond ``names``
+    #: The client id of an encrypted connection ("" when none): rows are per (list,
+    #: client, client id).
+    client_id: str = ""
 
     @property
     def total(self) -> int:
@@ -65,6 +68,7 @@ class Row:
         return {
             "list": self.list_id,
             "client": self.client,
+            **({"client_id": self.client_id} if self.client_id else {}),
             "blocked": self.blocked,
             "monitored": self.monitored,
             "first_seen": format_time(self.first_seen),
@@ -173,16 +177,18 @@ def report(
     until: float | None,
     list_id: str | None,
     client: str | None,
+    client_id: str | None = None,
 ) -> tuple[list[Row], int]:
     """The report rows and the number of malformed lines skipped.
 
     Keeps blocked and monitored entries with ``since <= time < until``, of list ``list_id``,
-    from a client in ``client`` (a CIDR or an address). Rows are sorted by list, then by
-    total count (most first), then by client. Raises OSError when a file cannot be read
-    (also for damaged gzip data), ValueError for a bad ``client``.
+    from a client in ``client`` (a CIDR or an address), with ``client_id``. Rows are sorted
+    by list, then by total count (most first), then by client. Raises OSError when a file
+    cannot be read (also for damaged gzip data), ValueError for a bad ``client``.
     """
     matcher = _ClientMatcher(parse_client(client)) if client is not None else None
-    tallies: dict[tuple[str, str], _Tally] = {}
+    tallies: dict[tuple[str, str, str], _Tally] = {}
+    wanted_id = client_id.lower() if client_id is not None else None
     malformed = 0
     for path in _unique(paths):
         for line in _lines(path):
@@ -192,7 +198,7 @@ def report(
             if entry is None:
                 malformed += 1
                 continue
-            when, who, qname, decision, listed = entry
+            when, who, qname, decision, listed, cid = entry
             if decision not in REPORTED:
                 continue
             if since is not None and when < since:
@@ -203,9 +209,11 @@ def report(
                 continue
             if matcher is not None and not matcher(who):
                 continue
-            tally = tallies.get((listed, who))
+            if wanted_id is not None and cid != wanted_id:
+                continue
+            tally = tallies.get((listed, who, cid))
             if tally is None:
-                tally = tallies[(listed, who)] = _Tally()
+                tally = tallies[(listed, who, cid)] = _Tally()
             if decision == "blocked":
                 tally.blocked += 1
             else:
@@ -213,7 +221,7 @@ def report(
             tally.first_seen = min(tally.first_seen, when)
             tally.last_seen = max(tally.last_seen, when)
             tally.names[qname] += 1
-    rows = [_row(listed, who, tally) for (listed, who), tally in tallies.items()]
+    rows = [_row(listed, who, cid, tally) for (listed, who, cid), tally in tallies.items()]
     rows.sort(key=lambda row: (row.list_id, -row.total, row.client, row.first_seen))
     return rows, malformed
 
@@ -230,8 +238,9 @@ def _unique(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _entry(line: bytes) -> tuple[float, str, str, str, str] | None:
-    """(time, client, qname, decision, list) of a log line, or None when it is not an entry."""
+def _entry(line: bytes) -> tuple[float, str, str, str, str, str] | None:
+    """(time, client, qname, decision, list, client id) of a log line, or None when it is
+    not an entry."""
     try:
         doc = json.loads(line)
     except ValueError:  # also UnicodeDecodeError: the writer only ever writes ASCII
@@ -257,10 +266,11 @@ def _entry(line: bytes) -> tuple[float, str, str, str, str] | None:
         return None
     if moment.tzinfo is None:
         return None  # the writer always writes Z; a naive time is not one of its lines
-    return moment.timestamp(), who, qname, decision, listed
+    cid = doc.get("client_id", "")
+    return moment.timestamp(), who, qname, decision, listed, cid if isinstance(cid, str) else ""
 
 
-def _row(list_id: str, client: str, tally: _Tally) -> Row:
+def _row(list_id: str, client: str, client_id: str, tally: _Tally) -> Row:
     # Most queried first; equal counts by name, so the output is the same on every run.
     ranked = sorted(tally.names.items(), key=lambda item: (-item[1], item[0]))
     names = tuple(name for name, _ in ranked[:NAMES_SHOWN])
@@ -273,6 +283,7 @@ def _row(list_id: str, client: str, tally: _Tally) -> Row:
         last_seen=tally.last_seen,
         names=names,
         more_names=len(ranked) - len(names),
+        client_id=client_id,
     )
 
 
@@ -305,6 +316,11 @@ def _parser() -> argparse.ArgumentParser:
         help="only clients in this network or with this address, e.g. 10.0.0.0/8; "
         "cannot match a log written with pseudonymize_key, whose clients are anon-... hashes",
     )
+    parser.add_argument(
+        "--client-id",
+        metavar="ID",
+        help="only queries with this client id (from an encrypted connection)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON array of rows")
     return parser
 
@@ -333,7 +349,7 @@ def main(argv: list[str]) -> int:
             return _usage(f"--client: {exc}")
     paths: list[Path] = args.files
     try:
-        rows, malformed = report(paths, since, until, args.list, args.client)
+        rows, malformed = report(paths, since, until, args.list, args.client, args.client_id)
     except OSError as exc:
         if exc.filename is not None and exc.strerror:
             return _usage(f"cannot read {exc.filename}: {exc.strerror}")
@@ -365,6 +381,8 @@ def _print_table(out: TextIO, rows: list[Row], args: argparse.Namespace, paths: 
         filters.append(f"list {args.list}")
     if args.client is not None:
         filters.append(f"client {args.client}")
+    if args.client_id is not None:
+        filters.append(f"client id {args.client_id}")
     out.write("Blocked and monitored queries by list and client\n")
     out.write(f"Filters: {', '.join(filters) if filters else 'none'}\n")
     out.write(f"Files: {', '.join(str(path) for path in paths)}\n\n")
@@ -375,7 +393,7 @@ def _print_table(out: TextIO, rows: list[Row], args: argparse.Namespace, paths: 
     table = [
         (
             row.list_id,
-            row.client,
+            f"{row.client} [{row.client_id}]" if row.client_id else row.client,
             str(row.blocked),
             str(row.monitored),
             _short_time(row.first_seen),

@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="what the policy does with a name, and why")
     explain.add_argument("name", help="the domain name to explain")
     explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--client-id", metavar="ID", help="an encrypted client's id (its groups)")
     explain.add_argument("--type", default="A", help="query type (default A)")
     explain.add_argument(
         "--at", help="when: a date or ISO datetime (UTC unless it has an offset); default now"
@@ -109,7 +110,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _options(config: Config, keep_sources: bool, now: float | None = None) -> LoadOptions:
     return LoadOptions(
-        ClientGroups(dict(config.groups)),
+        ClientGroups(dict(config.groups), dict(config.group_ids)),
         config.state_dir,
         keep_sources,
         now,
@@ -240,7 +241,7 @@ def _explain(args: argparse.Namespace) -> int:
         path = args.blocklists or config.blocklists
         now = parse_at(args.at)
         policy = load_policy(path, _options(config, True, now))
-        doc = explain(policy, args.name, args.client, args.type, now)
+        doc = explain(policy, args.name, args.client, args.type, now, args.client_id or "")
     except SourceError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ import ipaddress
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..defaults import DEFAULT_DOH_PATH, STRATEGIES
 from ..observe.auditconfig import parse_config as parse_audit
@@ -82,6 +82,7 @@ def load_config(path: Path) -> Config:
     admin, admin_token, admin_max, allowed_hosts = _admin(doc)
     metrics = _section(doc, "metrics", METRICS_KEYS)
     tls, dot, doh, doq = _encrypted(doc, path)
+    groups, group_ids = _groups(doc)
     return Config(
         listen=listen,
         upstreams=_address_list(doc, "upstreams", parse_upstream),
@@ -98,7 +99,8 @@ def load_config(path: Path) -> Config:
         drain_timeout=_number(doc, "drain_timeout", float, 0, 300, base.drain_timeout),
         workers=_number(doc, "workers", int, 1, MAX_WORKERS, base.workers),
         log_level=_log_level(doc),
-        groups=_groups(doc),
+        groups=groups,
+        group_ids=group_ids,
         state_dir=_path(doc, "state_dir", path) or base.state_dir,
         admin=admin,
         admin_token=admin_token,
@@ -361,18 +363,23 @@ def _address_list(doc: YMap, key: str, parse: Any) -> tuple[Any, ...]:
 
 
 _GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: The keys of a group written as a mapping (``{networks: [...], ids: [...]}``).
+_GROUP_KEYS: Final = frozenset({"networks", "ids"})
+_Named = tuple[tuple[str, tuple[str, ...]], ...]
 
 
-def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _groups(doc: YMap) -> tuple[_Named, _Named]:
+    """``groups``: name -> networks, or name -> {networks: [...], ids: [...]}; returns the
+    networks and the client ids of each group."""
     value = doc.get("groups")
     if value is None:
-        return ()
+        return (), ()
     if not isinstance(value, YMap):
         raise SourceError(
             value_where(doc, "groups"), "groups", "expected a mapping of group name to networks"
         )
-    out = []
-    for name, nets in value.items():
+    nets_out, ids_out = [], []
+    for name, entry in value.items():
         field_name = f"groups.{name}"
         if not _GROUP_NAME.match(name) or name == "all":
             raise SourceError(
@@ -380,11 +387,43 @@ def _groups(doc: YMap) -> tuple[tuple[str, tuple[str, ...]], ...]:
                 field_name,
                 "a group name is 1-63 lower-case letters, digits, '-' or '_', and not 'all'",
             )
-        if not nets:
+        if not isinstance(entry, YMap):
+            if not entry:
+                raise SourceError(value_where(value, name), field_name, "expected networks (CIDR)")
+            nets_out.append((name, _networks(value, name, field_name)))
+            continue
+        check_keys(entry, _GROUP_KEYS, field_name)
+        has = "networks" in entry
+        nets = _networks(entry, "networks", f"{field_name}.networks") if has else ()
+        ids = _client_ids(entry, f"{field_name}.ids") if "ids" in entry else ()
+        if not nets and not ids:
+            raise SourceError(value_where(value, name), field_name, "expected networks or ids")
+        nets_out.append((name, nets))
+        ids_out += [(name, ids)] if ids else []
+    return tuple(nets_out), tuple(ids_out)
+
+
+_CLIENT_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _client_ids(doc: YMap, field_name: str) -> tuple[str, ...]:
+    """Client ids: one DNS label each (letters, digits, hyphens), compared in lower case."""
+    value = doc.get("ids")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise SourceError(value_where(doc, "ids"), field_name, "expected a list of client ids")
+    out = []
+    for index, item in enumerate(value):
+        text = str(item).lower()
+        if not isinstance(item, str) or not _CLIENT_ID.match(text):
             raise SourceError(
-                value_where(value, name), field_name, "expected a list of networks (CIDR)"
+                item_where(value, index) or value_where(doc, "ids"),
+                f"{field_name}[{index}]",
+                f"{item!r} is not a client id: one DNS label of letters, digits and '-' "
+                "(e.g. laptop-7)",
             )
-        out.append((name, _networks(value, name, field_name)))
+        out.append(text)
     return tuple(out)
 
 

@@ -248,6 +248,8 @@ class Config:
     log_level: str = "info"
     #: Client groups by name -> networks (CIDR); lists name the groups they apply to.
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: The client ids (lower case) of the groups that name some, by group name.
+    group_ids: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: Where copies of remote lists are kept (so that a start needs no network).
     state_dir: Path = field(default_factory=default_state_dir)
     #: The admin API's address (off when None) and its bearer token.

@@ -19,7 +19,7 @@ import dns.rdatatype
 
 from ..policy.model import RuleSet
 from .memo import INFOS_MAX, Info
-from .stats import BUCKETS, Stats
+from .stats import BUCKETS, PROTOS, Stats
 from .wire import Query, decode_name
 
 log = logging.getLogger("resolver.chain")
@@ -38,7 +38,7 @@ class AuditSink(Protocol):
     def wants(self, decision: str) -> bool: ...
 
     #: (when, client, proto, qname, qtype, rcode, decision, list_id, rule, reference,
-    #: upstream, duration): see :meth:`AuditLog.record`.
+    #: upstream, duration, client_id): see :meth:`AuditLog.record`.
     @property
     def record(self) -> Callable[..., None]: ...
 
@@ -66,12 +66,13 @@ class Accounts:
         """Drop the shared Info objects (they hold the old policy's rule sets)."""
         self._infos.clear()
 
-    def account(self, info: Info, tcp: bool, client: str, started: float) -> None:
-        """Count one answer and, when the audit log wants it, log it. (Info.count, inlined:
-        this runs for every answer through handle, memo hits included.)"""
+    def account(self, info: Info, proto: int, client: str, started: float, client_id: str) -> None:
+        """Count one answer that came over ``proto`` (stats.PROTOS) and, when the audit log
+        wants it, log it. (Info.count, inlined: this runs for every answer through handle,
+        memo hits included.)"""
         elapsed = perf_counter() - started
         answers = self.stats.answers
-        key = info.keys[tcp]
+        key = info.keys[proto]
         answers[key] = answers.get(key, 0) + 1
         hist = info.hist  # (Histogram.observe, inlined: one call less for every answer)
         hist.counts[bisect_left(BUCKETS, elapsed)] += 1
@@ -84,7 +85,7 @@ class Accounts:
             self.audit.record(
                 time.time(),
                 client,
-                "tcp" if tcp else "udp",
+                PROTOS[proto],
                 info.qname,
                 qtype_text(info.qtype),
                 info.rcode,
@@ -94,6 +95,7 @@ class Accounts:
                 info.reference,
                 info.upstream,
                 elapsed,
+                client_id or None,
             )
 
     def log_would_block(self, q: Query, client: str, rule: RuleSet) -> None:

@@ -29,6 +29,9 @@ class Context:
     q: Query
     client: str
     tcp: bool
+    #: The transport (stats.PROTOS) and the client's id ("" when none): for the accounts.
+    proto: int
+    client_id: str
     #: perf_counter() when the query came: answers are timed from there.
     started: float
     #: The client's group mask (ALL_CLIENTS when lists apply to no group).
@@ -58,7 +61,15 @@ class Context:
 
 
 def new_context(
-    data: bytes, q: Query, client: str, tcp: bool, started: float, mask: int, body: bytes
+    data: bytes,
+    q: Query,
+    client: str,
+    tcp: bool,
+    proto: int,
+    client_id: str,
+    started: float,
+    mask: int,
+    body: bytes,
 ) -> Context:
     """A Context for a parsed query; its other fields start at their class defaults.
 
@@ -70,6 +81,8 @@ def new_context(
     ctx.q = q
     ctx.client = client
     ctx.tcp = tcp
+    ctx.proto = proto
+    ctx.client_id = client_id
     ctx.started = started
     ctx.mask = mask
     ctx.body = body

@@ -29,7 +29,7 @@ from typing import Final
 from ..defaults import DEFAULT_MEMO_MAX_BYTES, DEFAULT_MEMO_MAX_ENTRIES
 from .guard import EVERYONE
 from .outcome import BLOCKED
-from .stats import BUCKETS, Histogram, Stats, qtype_label, rcode_label
+from .stats import BUCKETS, PROTO_UDP, Histogram, Stats, qtype_label, rcode_label
 from .wire import Query
 
 _MEMO_MAX: Final = DEFAULT_MEMO_MAX_ENTRIES
@@ -93,11 +93,17 @@ class Info:
         self.from_cache = from_cache
         qlabel = qtype_label(qtype)
         self.rcode = rcode_label(rcode)
-        #: The answers-counter keys for UDP and for TCP. (A tuple of any length: the compiled
-        #: build keeps its items as Python tuples, not as fields that each use boxes anew.)
+        #: The answers-counter keys, one per transport, indexed by its code (stats.PROTOS):
+        #: a memo entry is counted under the proto of each query it answers. (A tuple of
+        #: any length: the compiled build keeps its items as Python tuples, not as fields
+        #: that each use boxes anew.)
+        rlabel = self.rcode
         self.keys: tuple[tuple[str, str, str, str], ...] = (
-            ("udp", qlabel, self.rcode, decision),
-            ("tcp", qlabel, self.rcode, decision),
+            ("udp", qlabel, rlabel, decision),
+            ("tcp", qlabel, rlabel, decision),
+            ("dot", qlabel, rlabel, decision),
+            ("doh", qlabel, rlabel, decision),
+            ("doq", qlabel, rlabel, decision),
         )
         self.hist: Histogram = stats.durations[decision]
         # (Would-block matches are counted when decided, before any answer: see
@@ -116,10 +122,11 @@ class Info:
         self.fast = 0
         self.fast_time = 0.0
 
-    def count(self, stats: Stats, tcp: bool, elapsed: float) -> None:
-        """Count one answer of this kind, ``elapsed`` seconds after its query came."""
+    def count(self, stats: Stats, proto: int, elapsed: float) -> None:
+        """Count one answer of this kind that came over ``proto`` (stats.PROTOS),
+        ``elapsed`` seconds after its query came."""
         answers = stats.answers
-        key = self.keys[tcp]
+        key = self.keys[proto]
         answers[key] = answers.get(key, 0) + 1
         self.hist.observe(elapsed)
         if self.from_cache:
@@ -206,7 +213,7 @@ class AnswerMemo:
             info.fast_time += elapsed
         else:  # (a pause): counted one by one, in its own bucket
             self.fast_hits += 1
-            info.count(self.stats, False, elapsed)
+            info.count(self.stats, PROTO_UDP, elapsed)
         return hit[0]
 
     def fold(self) -> None:

@@ -33,6 +33,8 @@ class Outcome(StrEnum):
     REFUSED = "refused"
     #: An error answer: malformed, unsupported, overloaded or no upstream answer.
     ERROR = "error"
+    #: Answered by the resolver about itself, never forwarded: ``resolver.arpa`` (DDR).
+    LOCAL = "local"
 
 
 BLOCKED: Final[str] = Outcome.BLOCKED.value
@@ -42,6 +44,7 @@ CACHED: Final[str] = Outcome.CACHED.value
 FORWARDED: Final[str] = Outcome.FORWARDED.value
 REFUSED: Final[str] = Outcome.REFUSED.value
 ERROR: Final[str] = Outcome.ERROR.value
+LOCAL: Final[str] = Outcome.LOCAL.value
 
 #: Every label, in declaration order (metrics, the audit log's ``log: all``).
 DECISIONS: Final[tuple[str, ...]] = tuple(o.value for o in Outcome)

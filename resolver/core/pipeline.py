@@ -14,6 +14,12 @@ it does not fit) and ``_account`` (counters, audit log). Whether an answer may b
 memoised is what its stage declares: ``ctx.until``, until when it stays exactly right
 (0, the default: not at all, as for a monitored name, whose every query must be seen);
 and the memo keys on the client's group whenever the policy's lists apply to groups.
+
+``handle(data, client, tcp, proto, client_id)``: ``tcp`` says the answer is not cut to a
+UDP size (TCP and the encrypted transports); ``proto`` is the transport, one of
+stats.PROTOS (-1: UDP or TCP, as ``tcp`` says), the ``proto`` label of the answer's
+metrics and audit record; ``client_id`` is the client's id from an encrypted connection
+(DoH path, TLS server name): its groups join its address's, and the audit record names it.
 """
 
 from __future__ import annotations
@@ -33,15 +39,17 @@ from .account import Accounts
 from .answers import busy, fit, render, tick
 from .cache import Cache, Entry
 from .context import Context, new_context
+from .ddr import RESOLVER_ARPA, Designation, served
 from .guard import DENY_DROP, DROP, EVERYONE, REFUSE, TRUNCATE, Guard
 from .inspect import ALL_GROUPS, answer_changes, behind, inspects
 from .memo import AnswerMemo, Info, memo_key
-from .outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, MONITORED, REFUSED
+from .memoview import MemoViews
+from .outcome import ALLOWED, BLOCKED, CACHED, ERROR, FORWARDED, LOCAL, MONITORED, REFUSED
 from .pending import Pending
 from .records import for_client
 from .sinkhole import blocked_answer
 from .stages import cache_key, unsupported
-from .stats import Stats
+from .stats import PROTO_TCP, PROTO_UDP, Stats
 from .wire import (
     CLASS_ANY,
     CLASS_IN,
@@ -76,7 +84,7 @@ _FRESH: Final = 1
 _STALE: Final = 2
 
 
-class Resolver:
+class Resolver(MemoViews):
     """Answers queries: policy, then cache, then upstream. One per server."""
 
     def __init__(
@@ -111,6 +119,8 @@ class Resolver:
         self.rebinding: RuleSet | None = None
         self.internal_zones: tuple[str, ...] = ()
         self._guard: Guard | None = None
+        #: What resolver.arpa answers (DDR): nothing designated until the config says.
+        self._ddr = Designation()
         self._fast_path()
 
     @property
@@ -151,6 +161,17 @@ class Resolver:
         self._fast_path()
 
     @property
+    def ddr(self) -> Designation:
+        """The encrypted endpoints ``_dns.resolver.arpa`` designates (RFC 9462)."""
+        return self._ddr
+
+    @ddr.setter
+    def ddr(self, ddr: Designation) -> None:
+        if ddr != self._ddr:
+            self._ddr = ddr
+            self.forget_answers()  # memoised answers hold the old designation
+
+    @property
     def policy(self) -> Policy:
         """The policy in force. Replaced whole on reload; each query reads it once."""
         return self._policy
@@ -170,22 +191,6 @@ class Resolver:
         self.memo.fast_memo = self.memo.dicts[False] if plain else None
         self.memo.fast_clients = EVERYONE if guard is None else guard.allowed
 
-    @property
-    def stats(self) -> Stats:
-        """The counters, the fast path's answers included."""
-        self.memo.fold()
-        return self._stats
-
-    @property
-    def memo_hits(self) -> int:
-        """Answers from the memo, the fast path's included."""
-        self.memo.fold()
-        return self.memo.hits + self.memo.fast_hits
-
-    def fold(self) -> None:
-        """Add the answers the UDP fast path sent since the last call to the counters."""
-        self.memo.fold()
-
     async def close(self) -> None:
         """Stop upstream work still going on, prefetches included (at shutdown, after the
         drain)."""
@@ -196,71 +201,30 @@ class Resolver:
         self.memo.clear()
         self._accounts.forget()
 
-    @property
-    def memo_entries(self) -> int:
-        """Answers in the memo, both transports."""
-        return self.memo.entries
-
-    @property
-    def memo_bytes(self) -> int:
-        """Bytes the memo takes, as its bound counts them."""
-        return self.memo.size
-
-    @property
-    def memo_max_entries(self) -> int:
-        """The memo's bound in entries, per transport."""
-        return self.memo.max_entries
-
-    @memo_max_entries.setter
-    def memo_max_entries(self, value: int) -> None:
-        self.memo.max_entries = value
-
-    @property
-    def memo_max_bytes(self) -> int:
-        """The memo's bound in bytes, both transports together (half each)."""
-        return self.memo.max_bytes
-
-    @memo_max_bytes.setter
-    def memo_max_bytes(self, value: int) -> None:
-        self.memo.max_bytes = value
-
-    @property
-    def memo_evictions(self) -> int:
-        """Memo entries evicted to keep within the bounds."""
-        return self.memo.evictions
-
-    @property
-    def memo_rejections(self) -> int:
-        """Answers too large to memoise."""
-        return self.memo.rejections
-
-    def pin_memo(self) -> None:
-        """Keep the memo out of the garbage collector's walks (see AnswerMemo.pin)."""
-        self.memo.pin()
-
     def handle(
         self, data: bytes, client: str, tcp: bool, proto: int = -1, client_id: str = ""
     ) -> Result:
-        """Answer one query: the stages in their order, each position saying why.
-
-        ``tcp``: the answer is not cut to a UDP size (TCP and the encrypted transports).
-        ``proto``: the transport, one of stats.PROTOS (-1: UDP or TCP, as ``tcp`` says).
-        ``client_id``: the client's id from an encrypted connection (DoH path, TLS name)."""
+        """Answer one query: the stages in their order, each position saying why. ``tcp``,
+        ``proto`` and ``client_id``: see the module's docstring."""
         started = perf_counter()
+        proto = proto if proto >= 0 else (PROTO_TCP if tcp else PROTO_UDP)
         # Access list and rate limit: first of all, the memo included, so that a client
         # they stop costs a dict lookup and is served nothing.
         guard = self._guard
         if guard is not None:
             verdict = guard.check(client, tcp)
             if verdict:
-                return self._guarded(verdict, data, tcp, client, started)
+                return self._guarded(verdict, data, proto, client, started, client_id)
         # Memo: before parsing, so that repeats (most traffic) cost a dict lookup. Lists
         # that apply to client groups make the verdict depend on the client: then the key
-        # holds the client's group mask.
+        # holds its group mask (its address's groups and its id's). One memo per ``tcp``
+        # (the encrypted transports share TCP's); a hit is counted under its ``proto``.
         policy = self._policy
         memo = self.memo
         if policy.uses_groups:
             mask = policy.groups.mask_of(client)
+            if client_id:
+                mask |= policy.groups.mask_of_id(client_id)
             body = mask.to_bytes(8, "little") + data[2:]
         else:
             mask = ALL_CLIENTS
@@ -269,7 +233,7 @@ class Resolver:
         if hit is not None:
             if self._clock() < hit[1]:
                 memo.hits += 1
-                self._accounts.account(memo.slots[hit[2]], tcp, client, started)
+                self._accounts.account(memo.slots[hit[2]], proto, client, started, client_id)
                 return data[:2] + hit[0]
             memo.forget(tcp, body)
         # Parse: garbage stops here, so that no later stage ever sees a malformed query.
@@ -278,18 +242,13 @@ class Resolver:
         except Unanswerable:
             return None
         except FormatError:
-            answer = formerr_from_header(data)
-            self._accounts.account(Info(self._stats, ERROR, 0, 1), tcp, client, started)
-            return answer
-        ctx = new_context(data, q, client, tcp, started, mask, body)
-        # Header checks: opcodes, EDNS versions and classes we do not serve get their rcode
-        # before any policy work (NOTIMP, BADVERS, REFUSED: see stages.unsupported).
+            return self._formerr(data, proto, client, started, client_id)
+        ctx = new_context(data, q, client, tcp, proto, client_id, started, mask, body)
+        # Header checks: what we do not serve gets its rcode before any policy work.
         if q.opcode or q.edns_version or (q.qclass != CLASS_IN and q.qclass != CLASS_ANY):
             return self._error(ctx, unsupported(q))
-        # Memo again, for a query that is not plain (more than a header, its question
-        # uncompressed and an OPT without options: each record takes 11 bytes or more, so
-        # the length tells): keyed, now that it is parsed, on what its answer is made of,
-        # never on bytes a client may vary (memo.memo_key).
+        # Memo again, for a query that is not plain (header, question, an OPT without
+        # options: the length tells), keyed on what its answer is made of (memo_key).
         if len(data) != 12 + len(q.question) + (11 if q.edns else 0) or not data.startswith(
             q.question, 12
         ):
@@ -306,20 +265,31 @@ class Resolver:
             entry = self.cache.get(ctx.key, ctx.now)
             if entry is not None:
                 answer = self._serve(ctx, entry, _CACHED)
+            elif q.key.endswith(RESOLVER_ARPA):
+                # resolver.arpa (DDR): never forwarded (RFC 9462 6.1), so before admission;
+                # after the policy (a list may block it) and the cache (misses pay the test).
+                answer = self._local(ctx)
         if answer is not None:
             # Memo: for as long as the stage that made the answer says it stays right.
             if ctx.until > ctx.now and ctx.info is not None:
                 memo.remember(tcp, ctx.body, answer, ctx.until, ctx.now, ctx.info)
             return answer
-        # Admission: a bounded number of queries wait for upstreams, per client too;
-        # beyond, SERVFAIL at once rather than a queue.
+        # Admission: a bounded number wait for upstreams (per client too); beyond, SERVFAIL.
         answer = self._admit(ctx)
         if answer is not None:
             return answer
-        # Forward: last; in-flight sharing, then the forwarder. The reply is admitted to
-        # the cache, then inspected and rendered as a cached one is (_serve); ANY over UDP
-        # and oversized answers are cut at render (answers.fit), as every answer is.
+        # Forward: last; in-flight sharing, then the forwarder. The reply is cached, then
+        # inspected and rendered as a cached one is (_serve, answers.fit).
         return self._forward(ctx)
+
+    def _formerr(
+        self, data: bytes, proto: int, client: str, started: float, client_id: str
+    ) -> bytes | None:
+        """FORMERR for a query whose header is readable but whose body is not."""
+        answer = formerr_from_header(data)
+        info = Info(self._stats, ERROR, 0, 1)
+        self._accounts.account(info, proto, client, started, client_id)
+        return answer
 
     def _memo_again(self, ctx: Context) -> bytes | None:
         """The memo's answer to a query that is not plain, keyed on what decides it."""
@@ -332,7 +302,8 @@ class Resolver:
         if hit is not None:
             if self._clock() < hit[1]:
                 memo.hits += 1
-                self._accounts.account(memo.slots[hit[2]], ctx.tcp, ctx.client, ctx.started)
+                info = memo.slots[hit[2]]
+                self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
                 return ctx.data[:2] + hit[0]
             memo.forget(ctx.tcp, body)
         return None
@@ -351,7 +322,7 @@ class Resolver:
         if rule is not None:
             answer = fit(blocked_answer(q, rule, apex, now), q, ctx.limit)
             info = ctx.info = self._accounts.info(q, BLOCKED, answer[3] & 0xF, rule, apex)
-            self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+            self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
             # The TTL is the list's until the window's end comes closer than that TTL.
             ctx.until = min(valid_until, rule.t2 - rule.blocklist.ttl)
             return answer
@@ -392,6 +363,22 @@ class Resolver:
             return self._answered(ctx, answer, entry.rcode, entry.upstream)
         return self._stale(ctx, entry)
 
+    def _local(self, ctx: Context) -> bytes | None:
+        """The answer for resolver.arpa and the names under it (ddr.py); memoised until the
+        policy's next change for the name (the memo empties when the designation does)."""
+        q = ctx.q
+        if not served(q):
+            return None
+        answer = fit(self._ddr.answer(q), q, ctx.limit)
+        monitored = ctx.monitored
+        decision = LOCAL if monitored is None else MONITORED
+        info = self._accounts.info(q, decision, answer[3] & 0xF, monitored)
+        self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
+        if monitored is None:
+            ctx.info = info
+            ctx.until = ctx.valid_until
+        return answer
+
     def _cached(self, ctx: Context, entry: Entry) -> bytes:
         """A cache hit, accounted for, and how long it may stay in the memo."""
         q, now, valid_until = ctx.q, ctx.now, ctx.valid_until
@@ -406,7 +393,7 @@ class Resolver:
         info = self._accounts.info(
             q, ctx.decision, entry.rcode, monitored, apex, entry.upstream, from_cache=True
         )
-        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
         if monitored is None:
             # Served TTLs change when the entry's age, rounded up, changes: at the next
             # whole second of it (and, capped, when the time left to the cap does).
@@ -434,7 +421,11 @@ class Resolver:
             self._stats.stopped["client_inflight"] += 1
             answer = busy(ctx.q)
             self._accounts.account(
-                self._accounts.info(ctx.q, ERROR, RCODE_SERVFAIL), ctx.tcp, client, ctx.started
+                self._accounts.info(ctx.q, ERROR, RCODE_SERVFAIL),
+                ctx.proto,
+                client,
+                ctx.started,
+                ctx.client_id,
             )
             return answer
         self._held[client] = held + 1
@@ -499,7 +490,7 @@ class Resolver:
         q, monitored = ctx.q, ctx.monitored
         apex = self._policy.named(q.key, q.labels, monitored) if monitored is not None else 0
         info = self._accounts.info(q, ctx.decision, rcode, monitored, apex, upstream)
-        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
         return answer
 
     def _stale(self, ctx: Context, entry: Entry) -> bytes:
@@ -510,7 +501,7 @@ class Resolver:
         self._stats.stale += 1
         decision = CACHED if ctx.decision == FORWARDED else ctx.decision
         info = self._accounts.info(q, decision, entry.rcode, ctx.monitored, 0, entry.upstream)
-        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
         return fit(answer, q, ctx.limit)
 
     def _blocked_behind(self, ctx: Context, rule: RuleSet, rname: str, now: float) -> bytes:
@@ -530,7 +521,7 @@ class Resolver:
             decode_name(q.qname),
             logged,
         )
-        self._accounts.account(info, ctx.tcp, ctx.client, ctx.started)
+        self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
         log.info(
             "blocked %s for %s: its answer passes through %s (list %s)",
             decode_name(q.qname),
@@ -541,7 +532,7 @@ class Resolver:
         return answer
 
     def _guarded(
-        self, verdict: int, data: bytes, tcp: bool, client: str, started: float
+        self, verdict: int, data: bytes, proto: int, client: str, started: float, client_id: str
     ) -> bytes | None:
         """A query the access list or the rate limit stops: REFUSED, silence or TC=1."""
         self._stats.stopped[_STOPPED[verdict]] += 1
@@ -557,14 +548,15 @@ class Resolver:
             opt = opt_record(q.do) if q.edns else b""
             return truncate(q, 0, 0, opt)
         answer = error_response(q, RCODE_REFUSED)
-        self._accounts.account(self._accounts.info(q, REFUSED, RCODE_REFUSED), tcp, client, started)
+        info = self._accounts.info(q, REFUSED, RCODE_REFUSED)
+        self._accounts.account(info, proto, client, started, client_id)
         return answer
 
     def _error(self, ctx: Context, rcode: int) -> bytes:
         q = ctx.q
         answer = error_response(q, rcode, with_question=bool(q.question))
         self._accounts.account(
-            self._accounts.info(q, ERROR, rcode), ctx.tcp, ctx.client, ctx.started
+            self._accounts.info(q, ERROR, rcode), ctx.proto, ctx.client, ctx.started, ctx.client_id
         )
         return answer
 

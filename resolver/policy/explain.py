@@ -7,9 +7,10 @@ API's ``/v1/explain`` returns it as JSON, so the two can never disagree.
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import dns.message
 import dns.rcode
@@ -49,22 +50,34 @@ def _window(rs: RuleSet) -> dict[str, str | None]:
     }
 
 
-def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> dict[str, Any]:
-    """The decision for ``name`` asked by ``client`` with type ``rdtype`` at ``now``, and
-    every rule that names it. Raises ValueError for a bad name, address or type."""
+_CLIENT_ID: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def explain(
+    policy: Policy, name: str, client: str, rdtype: str, now: float, client_id: str = ""
+) -> dict[str, Any]:
+    """The decision for ``name`` asked by ``client`` (with ``client_id``, from an encrypted
+    connection, if any) with type ``rdtype`` at ``now``, and every rule that names it.
+    Raises ValueError for a bad name, address, client id or type."""
     name = normalize(name)
     client = str(ipaddress.ip_address(client))
+    if client_id and not _CLIENT_ID.match(client_id):
+        raise ValueError(f"{client_id!r} is not a client id: one label of letters, digits, '-'")
     qtype = dns.rdatatype.from_text(rdtype)
-    mask = policy.groups.mask_of(client)
+    groups = policy.groups
+    mask = groups.mask_of(client) | (groups.mask_of_id(client_id) if client_id else 0)
     wire = encode_name(name)
     rule, apex, monitored, until = policy.decide(wire, label_offsets(wire), mask, now)
     out: dict[str, Any] = {
         "name": name,
         "type": dns.rdatatype.to_text(qtype),
         "client": client,
-        "at": format_instant(now),
-        "policy": policy.digest,
     }
+    if client_id:
+        out["client_id"] = client_id.lower()
+    out["groups"] = [group for group, bit in groups.bits.items() if bit & mask]
+    out["at"] = format_instant(now)
+    out["policy"] = policy.digest
     if rule is not None:
         q = parse_query(dns.message.make_query(name, qtype, use_edns=0).to_wire())
         answer = dns.message.from_wire(blocked_answer(q, rule, apex, now))
@@ -109,7 +122,11 @@ def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> 
 
 def render_text(doc: dict[str, Any]) -> str:
     """The explanation as ``resolver explain`` prints it."""
-    lines = [f"{doc['name']} {doc['type']} for {doc['client']} at {doc['at']}:"]
+    who = doc["client"] + (f" (client id {doc['client_id']})" if doc.get("client_id") else "")
+    lines = [f"{doc['name']} {doc['type']} for {who} at {doc['at']}:"]
+    groups = [g for g in doc.get("groups", ()) if g != "all"]
+    if groups:
+        lines.append(f"  client groups: {', '.join(groups)}")
     decision = doc["decision"]
     if decision == BLOCKED:
         lines.append(f"  BLOCKED by list {doc['list']}: {doc['answer']['rcode']}")

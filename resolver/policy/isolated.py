@@ -71,15 +71,18 @@ def _reduce_dataclass(obj: Any) -> tuple[Any, ...]:
     return _make, (type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj)))
 
 
-def _make_groups(bits: dict[str, int], networks: list[Any]) -> ClientGroups:
+def _make_groups(
+    bits: dict[str, int], networks: list[Any], ids: dict[str, int] | None = None
+) -> ClientGroups:
     groups = ClientGroups()
     groups.bits = dict(bits)
     groups.networks = list(networks)
+    groups.ids = dict(ids or {})
     return groups
 
 
 def _reduce_groups(groups: ClientGroups) -> tuple[Any, ...]:
-    return _make_groups, (groups.bits, groups.networks)
+    return _make_groups, (groups.bits, groups.networks, groups.ids)
 
 
 _REDUCERS: Final[dict[type, Reducer]] = {

@@ -183,17 +183,37 @@ class Match:
 
 
 class ClientGroups:
-    """Named client networks from the config; bit 0 is ``all``, then one bit per group."""
+    """Named client groups from the config: networks, and client ids (from encrypted
+    connections); bit 0 is ``all``, then one bit per group."""
 
-    def __init__(self, groups: dict[str, Sequence[str]] | None = None) -> None:
+    def __init__(
+        self,
+        groups: dict[str, Sequence[str]] | None = None,
+        ids: dict[str, Sequence[str]] | None = None,
+    ) -> None:
         self.bits: dict[str, int] = {"all": ALL_CLIENTS}
         self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]] = []
-        for index, (name, nets) in enumerate((groups or {}).items()):
+        #: Client id (lower case) -> the groups that name it, as a bit mask.
+        self.ids: dict[str, int] = {}
+        names = list(groups or {})
+        names += [name for name in ids or {} if name not in names]
+        for index, name in enumerate(names):
             bit = 1 << (index + 1)
             self.bits[name] = bit
-            for net in nets:
+            for net in (groups or {}).get(name, ()):
                 self.networks.append((_unmapped(ipaddress.ip_network(net, strict=False)), bit))
+            for client_id in (ids or {}).get(name, ()):
+                key = client_id.lower()
+                self.ids[key] = self.ids.get(key, 0) | bit
         self._cache: dict[str, int] = {}
+
+    def mask_of_id(self, client_id: str) -> int:
+        """The groups that name a client id, as a bit mask (0: none; ids are not case
+        sensitive, as the TLS server names they may come from are not)."""
+        mask = self.ids.get(client_id)
+        if mask is None:
+            mask = self.ids.get(client_id.lower(), 0)
+        return mask
 
     def mask_of(self, host: str) -> int:
         """The groups a client address belongs to, as a bit mask (cached per address)."""

@@ -105,6 +105,7 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
                 request.query.get("client") or "127.0.0.1",
                 request.query.get("type") or "A",
                 now,
+                request.query.get("client_id") or "",
             )
         except (ValueError, dns.exception.DNSException) as exc:
             return error(400, str(exc))

@@ -9,9 +9,14 @@ and named in :data:`RESTART_ONLY`, so that a reload that changes it says so.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Final
+
+from cryptography import x509
 
 from ..config import (
     CacheConfig,
@@ -23,6 +28,7 @@ from ..config import (
 )
 from ..core.account import AuditSink
 from ..core.cache import Cache
+from ..core.ddr import Designation, Endpoint
 from ..core.guard import Guard
 from ..core.pipeline import Clock, Resolver
 from ..observe.querylog import AuditLog
@@ -57,6 +63,7 @@ def build(config: Config, policy: Policy, clock: Clock) -> Resolver:
     _configure_forwarding(forwarder, config)
     _configure_limits(resolver, config)
     _configure_rebinding(resolver, config)
+    resolver.ddr = make_designation(config)
     return resolver
 
 
@@ -81,6 +88,9 @@ def reconfigure(resolver: Resolver, old: Config, new: Config) -> None:
     _configure_forwarding(forwarder, new)
     _configure_limits(resolver, new)
     _configure_rebinding(resolver, new)
+    # The listeners are the running ones (a restart changes them): only the certificate's
+    # name and ddr.enabled come from the new config.
+    resolver.ddr = make_designation(replace(new, dot=old.dot, doh=old.doh, doq=old.doq))
     for name, pick in RESTART_ONLY:
         if pick(old) != pick(new):
             log.warning(
@@ -153,6 +163,55 @@ def _configure_rebinding(resolver: Resolver, config: Config) -> None:
     )
 
 
+def make_designation(config: Config) -> Designation:
+    """What ``_dns.resolver.arpa`` designates (RFC 9462): the encrypted listeners, one
+    SVCB record per kind and port, named by the certificate's first DNS name. Nothing when
+    ``ddr.enabled`` is off, without encrypted listeners, or without a DNS name to name
+    them by (RFC 9462 4: the TargetName of a resolver.arpa answer may not be ".")."""
+    if not config.ddr.enabled:
+        return Designation()
+    doh = () if config.doh.plain else config.doh.listen  # (the proxy's port is unknown)
+    kinds = (
+        (("dot",), config.dot.listen, ""),
+        (("h2", "http/1.1"), doh, config.doh.path + "{?dns}"),
+        (("doq",), config.doq.listen, ""),
+    )
+    endpoints = []
+    for alpn, listens, dohpath in kinds:
+        for port in dict.fromkeys(listen.port for listen in listens if listen.port):
+            hints = [
+                listen.host
+                for listen in listens
+                if listen.port == port and not ipaddress.ip_address(listen.host).is_unspecified
+            ]
+            endpoints.append(Endpoint(alpn, port, hints, dohpath))
+    if not endpoints or config.tls.cert is None:
+        return Designation()
+    target = certificate_name(config.tls.cert)
+    if not target:
+        log.warning(
+            "ddr: %s has no DNS name (only wildcards or addresses): _dns.resolver.arpa "
+            "designates nothing (RFC 9462 needs a name to designate the encrypted listeners by)",
+            config.tls.cert,
+        )
+        return Designation()
+    return Designation(target, endpoints)
+
+
+def certificate_name(path: Path) -> str:
+    """The first DNS name (not a wildcard) of the certificate in ``path``; "" when it has
+    none or cannot be read (the listeners say why)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return ""
+    for name in names.get_values_for_type(x509.DNSName):
+        if not name.startswith("*"):
+            return name.rstrip(".").lower()
+    return ""
+
+
 def make_guard(config: Config) -> Guard:
     """The access list and rate limit the config asks for."""
     limit = config.ratelimit
@@ -192,7 +251,7 @@ def load_options(config: Config) -> LoadOptions:
     """How the policy is loaded: the client groups, the remote-copy folder, the folders
     includes may read and whether remote lists may be on private addresses."""
     return LoadOptions(
-        ClientGroups(dict(config.groups)),
+        ClientGroups(dict(config.groups), dict(config.group_ids)),
         config.state_dir,
         include_roots=config.include_roots,
         allow_private=config.remote.allow_private,

@@ -39,14 +39,16 @@ needs_promtool = pytest.mark.skipif(
 # Metric name -> (type, {label: allowed values, or None when any value goes}).
 Labels = dict[str, frozenset[str] | None]
 
-PROTO = frozenset({"udp", "tcp"})
+PROTO = frozenset({"udp", "tcp", "dot", "doh", "doq"})
 QTYPE = frozenset(
     {"A", "AAAA", "CNAME", "MX", "TXT", "NS", "SOA", "PTR", "SRV", "HTTPS", "SVCB", "ANY", "other"}
 )
 RCODE = frozenset(
     {"NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP", "BADVERS", "other"}
 )
-DECISION = frozenset({"blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error"})
+DECISION = frozenset(
+    {"blocked", "monitored", "allowed", "cached", "forwarded", "refused", "error", "local"}
+)
 LIST_STATE = frozenset({"pending", "monitor", "enforced", "expired"})
 RELOAD_RESULT = frozenset({"success", "failure"})
 TLS_PROTO = frozenset({"dot", "doh", "doq"})
