@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,7 +30,7 @@ from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
 from ..policy.loader import fault
 from ..yamlload import SourceError
-from . import assembly, udpbatch
+from . import assembly, doh, udpbatch
 from .admin import admin_routes, metrics_routes
 from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
 from .http import HTTPServer
@@ -86,6 +86,8 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._udp_listeners: list[UDPListener] = []  # BatchListener is one too
         self._tcp: list[asyncio.Server] = []
+        # DNS over HTTPS for clients (service/doh.py).
+        self.doh: doh.DoHListener | None = None
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
         self.watcher = FileWatcher(
@@ -126,6 +128,10 @@ class Server:
         try:
             for listen in config.listen:
                 await self._bind(listen)
+            # DNS over HTTPS for clients (service/doh.py).
+            shared = config.workers > 1 or self.link is not None
+            self.doh, doh_bound = await doh.start(config, self.resolver.handle, self.tasks, shared)
+            self.bound += [Bound("doh", host, port) for host, port in doh_bound]
             await self._start_http()
         except BaseException:
             self._close_listeners()
@@ -212,6 +218,11 @@ class Server:
         stats.policy_loaded_at = stats.last_reload_success = time.time()
         stats.last_reload_failed = False
         stats.last_reload_error = None
+
+    @property
+    def doh_rejected(self) -> Mapping[str, int]:
+        """DNS-over-HTTPS connections and requests refused, by reason (service/doh.py)."""
+        return self.doh.rejected if self.doh is not None else {}
 
     @property
     def fetch_status(self) -> dict[str, remote.FetchResult]:
@@ -388,6 +399,8 @@ class Server:
                 listener.close()
         for server in self._tcp:
             server.close()
+        if self.doh is not None:  # DNS over HTTPS
+            self.doh.close_all()
         self._udp.clear()
         self._udp_listeners.clear()
         self._tcp.clear()
@@ -404,6 +417,9 @@ class Server:
         for server in self._tcp:
             server.close()
         self.connections.stop_reading()
+        if self.doh is not None:  # DNS over HTTPS: no new requests, answer those in progress
+            self.doh.stop_accepting()
+            self.doh.stop_reading()
         left = await self.tasks.drain(self.config.drain_timeout)
         if left:
             log.warning(
