@@ -535,3 +535,51 @@ def test_padding_and_max_age_on_bytes() -> None:
     failed = dns.message.make_response(query)
     failed.set_rcode(dns.rcode.SERVFAIL)
     assert dohwire.max_age(failed.to_wire()) == 0
+
+
+def test_http2_bounds_oversized_body_and_a_stream_that_never_ends(
+    doh_server: Callable[..., RunningServer], cert: tuple[Path, Path]
+) -> None:
+    running = doh_server(tcp=TCPConfig(idle_timeout=1.0))
+    client = H2Client(port_of(running), cert[0])
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(
+        sid,
+        [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", NAME),
+            (":path", "/dns-query"),
+            ("content-type", "application/dns-message"),
+        ],
+    )
+    for round_ in range(2):  # 96 KB of body, over 65,535, as the windows open
+        for _ in range(3):
+            client.conn.send_data(sid, b"x" * 16000)
+        client.flush()
+        if round_ == 0:
+            client.events(lambda s: any(isinstance(e, h2.events.WindowUpdated) for e in s))
+    seen = client.events(lambda s: any(isinstance(e, h2.events.ResponseReceived) for e in s))
+    (response,) = [e for e in seen if isinstance(e, h2.events.ResponseReceived)]
+    assert (b":status", b"413") in response.headers
+    # A stream opened and never ended: reset within the timeout, then the connection closes.
+    client.get(b"", end=False)
+    client.flush()
+    started = time.monotonic()
+    seen = client.events(lambda s: "closed" in s, limit=6.0)
+    assert any(isinstance(e, h2.events.StreamReset) for e in seen)
+    assert time.monotonic() - started < 4.0
+    client.close()
+    assert metric(running, 'resolver_doh_rejected_total{reason="slow"}') >= 1
+    assert metric(running, 'resolver_doh_rejected_total{reason="body_too_large"}') == 1
+
+
+def test_a_padded_query_gets_a_padded_answer(
+    doh_server: Callable[..., RunningServer], cert: tuple[Path, Path]
+) -> None:
+    running = doh_server()
+    query = dns.message.make_query("example.test", "A", use_edns=0, pad=128)
+    reply = https(running, cert[0], "GET", f"/dns-query?dns={b64(query.to_wire())}")
+    body = reply.read()
+    assert len(body) % dohwire.RESPONSE_BLOCK == 0
+    assert any(o.otype == dns.edns.PADDING for o in dns.message.from_wire(body).options)
