@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import json
 import re
 import shutil
 import socket
@@ -28,6 +29,7 @@ import dns.rcode
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from resolver.config import DoHConfig, Listen, TCPConfig, TLSConfig
@@ -56,6 +58,7 @@ def doh_server(
             doh=DoHConfig(listen=(Listen("127.0.0.1", 0),), **doh),
             tls=TLSConfig(cert=cert[0], key=cert[1]),
             metrics=Listen("127.0.0.1", 0),
+            admin=Listen("127.0.0.1", 0),
             tcp=tcp or TCPConfig(),
         )
 
@@ -583,3 +586,28 @@ def test_a_padded_query_gets_a_padded_answer(
     body = reply.read()
     assert len(body) % dohwire.RESPONSE_BLOCK == 0
     assert any(o.otype == dns.edns.PADDING for o in dns.message.from_wire(body).options)
+
+
+def test_a_client_that_never_opens_its_window_is_aborted_and_status_lists_doh(
+    doh_server: Callable[..., RunningServer], cert: tuple[Path, Path]
+) -> None:
+    running = doh_server(tcp=TCPConfig(idle_timeout=1.0))
+    port = port_of(running)
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{running.server.admin_port}/v1/status", timeout=5
+    ) as reply:
+        assert f"doh 127.0.0.1:{port}" in json.loads(reply.read())["listeners"]
+    client = H2Client(port, cert[0])
+    client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    client.flush()
+    client.events(lambda s: any(isinstance(e, h2.events.SettingsAcknowledged) for e in s))
+    wire = dns.message.make_query("example.test", "A").to_wire()
+    client.get(wire)
+    client.flush()
+    started = time.monotonic()
+    seen = client.events(lambda s: "closed" in s, limit=6.0)
+    assert "closed" in seen and time.monotonic() - started < 4.0
+    assert not any(isinstance(e, h2.events.DataReceived) for e in seen)
+    client.close()
+    assert metric(running, 'resolver_doh_rejected_total{reason="stalled"}') == 1
+    assert doh_query(running, cert[0], dns.message.make_query("example.test", "A")).answer
