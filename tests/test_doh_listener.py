@@ -611,3 +611,28 @@ def test_a_client_that_never_opens_its_window_is_aborted_and_status_lists_doh(
     client.close()
     assert metric(running, 'resolver_doh_rejected_total{reason="stalled"}') == 1
     assert doh_query(running, cert[0], dns.message.make_query("example.test", "A")).answer
+
+
+def test_an_http2_client_trickling_a_frame_is_closed(
+    doh_server: Callable[..., RunningServer], cert: tuple[Path, Path]
+) -> None:
+    running = doh_server(tcp=TCPConfig(idle_timeout=1.0))
+    client = H2Client(port_of(running), cert[0])
+    client.get(dns.message.make_query("example.test", "A").to_wire())
+    frames = client.conn.data_to_send()  # a HEADERS frame, sent a byte at a time
+    client.sock.settimeout(0.3)
+    started = time.monotonic()
+    closed = False
+    for byte in frames:
+        try:
+            client.sock.send(bytes([byte]))
+            closed = not client.sock.recv(65536) or closed
+        except TimeoutError:
+            continue
+        except OSError:
+            closed = True
+        if closed or time.monotonic() - started > 5:
+            break
+    assert closed and time.monotonic() - started < 3.0
+    client.close()
+    assert metric(running, 'resolver_doh_rejected_total{reason="slow"}') == 1

@@ -156,9 +156,12 @@ class DoHListener:
                 ssl=self.context,
                 ssl_handshake_timeout=self.request_timeout if self.context else None,
             )
-        except (TimeoutError, OSError, ssl.SSLError):
+        except (TimeoutError, OSError):  # ssl.SSLError is an OSError
             self.count("handshake")
             sock.close()
+        except asyncio.CancelledError:  # shutting down
+            sock.close()
+            raise
         finally:
             self.starting -= 1
 

@@ -150,7 +150,8 @@ class Server:
         command = self._child_command
         if command is None:
             raise StartupError("workers: this server cannot start child workers")
-        listens = sorted({b.address for b in self.bound})
+        # Plain DNS only: a child binds the encrypted listeners from the config itself.
+        listens = sorted({b.address for b in self.bound if b.proto in ("udp", "tcp")})
         self.supervisor = Supervisor(count, lambda: command(listens), self._audit)
         try:
             await self.supervisor.start()
