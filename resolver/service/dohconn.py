@@ -340,7 +340,15 @@ class DoHConnection(asyncio.Protocol):
     # HTTP/2
 
     def _start_h2(self) -> None:
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # The headers sent are this module's own and valid: checking and normalising them
+        # cost half of h2's work to send an answer (about 50 of 110 us). What clients
+        # send is still validated.
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         conn = h2.connection.H2Connection(config=config)
         conn.local_settings = h2.settings.Settings(
             client=False,
