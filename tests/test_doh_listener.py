@@ -636,3 +636,25 @@ def test_an_http2_client_trickling_a_frame_is_closed(
     assert closed and time.monotonic() - started < 3.0
     client.close()
     assert metric(running, 'resolver_doh_rejected_total{reason="slow"}') == 1
+
+
+def test_handshakes_that_never_end_cannot_lock_clients_out(
+    doh_server: Callable[..., RunningServer], cert: tuple[Path, Path]
+) -> None:
+    running = doh_server(tcp=TCPConfig(max_connections=4, max_connections_per_client=2))
+    port = port_of(running)
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+    time.sleep(0.2)
+    # Every slot is a handshake that never starts: the oldest makes room.
+    assert doh_query(running, cert[0], dns.message.make_query("example.test", "A")).answer
+    assert metric(running, 'resolver_doh_rejected_total{reason="evicted"}') >= 3
+    # One client over its own limit closes its own oldest connection.
+    context = client_context(cert[0], ["http/1.1"])
+    mine = []
+    for _ in range(4):
+        mine.append(tls_connect(port, context))
+        time.sleep(0.1)  # the server has the connection once it has the client's Finished
+    assert metric(running, 'resolver_doh_rejected_total{reason="client_limit"}') >= 2
+    assert len(running.server.doh.by_client["127.0.0.1"]) <= 2
+    for sock in silent + mine:
+        sock.close()

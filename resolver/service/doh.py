@@ -10,9 +10,10 @@ proxy) there is no TLS and HTTP/2 is spoken when the client starts with its pref
 Connections are accepted here, not by ``loop.create_server``, so that a connection counts
 from its first byte (a TLS handshake that never ends holds a slot, not an unbounded task)
 and a PROXY protocol header can be read before TLS starts. What a client can make it hold:
-- connections: ``tcp.max_connections`` (handshakes included); over it the oldest idle
-  connection (else the oldest busy one) is closed for the new one, and when every slot is
-  still handshaking the new one is refused;
+- connections: ``tcp.max_connections`` (handshakes and PROXY headers included); over it
+  the oldest not yet up, else the oldest idle, else the oldest busy one is closed for the
+  new one; one client (not a trusted proxy) ``tcp.max_connections_per_client``, over which
+  its own oldest goes;
 - per HTTP/2 connection ``MAX_STREAMS`` streams (SETTINGS_MAX_CONCURRENT_STREAMS; more is
   a connection error) and as many answers in flight (reset streams included): then reading
   pauses; per HTTP/1.1 connection one request at a time (reading pauses meanwhile);
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -69,17 +71,20 @@ class DoHListener:
         self.proxies = tuple(ipaddress.ip_network(n, strict=False) for n in doh.trusted_proxies)
         self.proxy_protocol = doh.proxy_protocol
         self.max_connections = max(1, tcp.max_connections)
+        #: Connections of one client (not of a trusted proxy); 0: no limit.
+        self.max_per_client = tcp.max_connections_per_client
         self.idle_timeout = tcp.idle_timeout
         self.request_timeout = tcp.idle_timeout
         self.max_output = tcp.max_output
         #: Requests and connections refused, by reason (every reason, from 0).
         self.rejected: Counter[str] = Counter(dict.fromkeys(REASONS, 0))
         self.open: dict[DoHConnection, None] = {}  # insertion order = age
-        #: Accepted, not yet a connection (PROXY header, TLS handshake).
+        self.by_client: dict[str, dict[DoHConnection, None]] = {}
+        #: Accepted, not yet a connection (PROXY header, TLS handshake): how many, and
+        #: how to give up on each (a PROXY reader or a start task), oldest first.
         self.starting = 0
-        self._readers: set[_ProxyReader] = set()
+        self._starting: dict[object, Callable[[], bool]] = {}
         self._sockets: list[socket.socket] = []
-        self._starts: set[asyncio.Task[None]] = set()
 
     @property
     def tick(self) -> float:
@@ -112,7 +117,7 @@ class DoHListener:
                 return
             conn.setblocking(False)
             peer = str(addr[0])
-            if not self._make_room():
+            if not self._make_room(peer):
                 self.count("connection_limit")
                 conn.close()
                 continue
@@ -122,7 +127,8 @@ class DoHListener:
                 continue
             self.starting += 1
             if self.proxy_protocol:
-                self._readers.add(_ProxyReader(self, conn, peer))
+                reader = _ProxyReader(self, conn, peer)
+                self._starting[reader] = functools.partial(reader.fail, count=False)
             else:
                 self.connect(conn, peer)
 
@@ -130,28 +136,52 @@ class DoHListener:
         if sock in self._sockets:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
 
-    def _make_room(self) -> bool:
+    def _make_room(self, peer: str) -> bool:
+        """Room for a connection from ``peer``: over its own limit its oldest connection
+        (idle first) goes; over the total, the oldest one not yet up (a handshake takes
+        milliseconds, so the oldest is most likely one that never ends), else the oldest
+        idle connection, else the oldest busy one."""
+        mine = self.by_client.get(peer)
+        full = mine and 0 < self.max_per_client <= len(mine)
+        if mine and full and not dohwire.trusted(peer, self.proxies):
+            self.count("client_limit")
+            (next((c for c in mine if c.idle), None) or next(iter(mine))).abort()
         if len(self.open) + self.starting < self.max_connections:
             return True
-        if not self.open:
-            return False  # every slot is a handshake: refuse rather than evict blindly
-        victim = next((c for c in self.open if c.idle), None) or next(iter(self.open))
+        while self._starting:
+            oldest = next(iter(self._starting))
+            gave_up = self._starting[oldest]()  # False: a start task that failed
+            # A PROXY reader leaves _starting by itself; a start task is counted off now.
+            if self._starting.pop(oldest, None) is not None:
+                self.starting -= 1
+            if gave_up:
+                self.count("evicted")
+                return True
+        victim = next((c for c in self.open if c.idle), None) or next(iter(self.open), None)
+        if victim is None:
+            return False
         self.count("evicted")
-        self.forget(victim)
         victim.abort()
         return True
 
     def connect(self, sock: socket.socket, peer: str) -> None:
         """Start serving an accepted socket (``starting`` counts it until it is up)."""
-        task = asyncio.get_running_loop().create_task(self._start(sock, peer))
-        self._starts.add(task)
-        task.add_done_callback(self._starts.discard)
+        token = object()  # its entry in _starting, until the connection is up (admit)
+        task = asyncio.get_running_loop().create_task(self._start(sock, peer, token))
+        self._starting[token] = task.cancel
+        task.add_done_callback(functools.partial(self._started, sock, token))
 
-    async def _start(self, sock: socket.socket, peer: str) -> None:
+    def _started(self, sock: socket.socket, token: object, task: asyncio.Task[None]) -> None:
+        if self._starting.pop(token, None) is not None:  # else counted off already
+            self.starting -= 1
+        if task.cancelled():  # evicted or shutting down, maybe before it even began
+            sock.close()
+
+    async def _start(self, sock: socket.socket, peer: str, token: object) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(
-                lambda: DoHConnection(self, peer),
+                lambda: DoHConnection(self, peer, token),
                 sock,
                 ssl=self.context,
                 ssl_handshake_timeout=self.request_timeout if self.context else None,
@@ -159,17 +189,21 @@ class DoHListener:
         except (TimeoutError, OSError):  # ssl.SSLError is an OSError
             self.count("handshake")
             sock.close()
-        except asyncio.CancelledError:  # shutting down
-            sock.close()
-            raise
-        finally:
-            self.starting -= 1
 
     def admit(self, conn: DoHConnection) -> None:
+        if self._starting.pop(conn.token, None) is not None:  # up: no longer starting
+            self.starting -= 1
         self.open[conn] = None
+        self.by_client.setdefault(conn.peer, {})[conn] = None
 
     def forget(self, conn: DoHConnection) -> None:
-        self.open.pop(conn, None)
+        if conn in self.open:
+            del self.open[conn]
+            mine = self.by_client.get(conn.peer)
+            if mine is not None:
+                mine.pop(conn, None)
+                if not mine:
+                    del self.by_client[conn.peer]
 
     def stop_accepting(self) -> None:
         """Close the listening sockets and the connections not yet up."""
@@ -178,10 +212,8 @@ class DoHListener:
             loop.remove_reader(sock.fileno())
             sock.close()
         self._sockets.clear()
-        for reader in list(self._readers):
-            reader.fail(count=False)
-        for task in list(self._starts):
-            task.cancel()
+        for give_up in list(self._starting.values()):
+            give_up()
 
     def stop_reading(self) -> None:
         """Shutting down: no new requests; each connection closes once it has answered."""
@@ -285,7 +317,8 @@ class _ProxyReader:
                 need = end + 1 if end >= 0 else len(peek)
             chunk = sock.recv(max(1, need))
             if not chunk:
-                return self.fail()
+                self.fail()
+                return None
             self.buf += chunk
             if dohwire.proxy_needed(self.buf) != 0:
                 return None
@@ -294,7 +327,8 @@ class _ProxyReader:
             return None
         except (OSError, dohwire.ProxyError) as exc:
             log.debug("PROXY header from %s refused: %s", self.peer, exc)
-            return self.fail()
+            self.fail()
+            return None
         self._done()
         self.listener.connect(sock, source or self.peer)
         return None
@@ -302,16 +336,18 @@ class _ProxyReader:
     def _done(self) -> None:
         asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.timer.cancel()
-        self.listener._readers.discard(self)
+        self.listener._starting.pop(self, None)
 
-    def fail(self, count: bool = True) -> None:
-        if self not in self.listener._readers:
-            return
+    def fail(self, count: bool = True) -> bool:
+        """Give up on this connection (its header is late or bad, or room is needed)."""
+        if self not in self.listener._starting:
+            return False
         self._done()
         self.listener.starting -= 1
         if count:
             self.listener.count("proxy")
         self.sock.close()
+        return True
 
 
 async def start(

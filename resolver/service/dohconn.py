@@ -36,8 +36,9 @@ MEDIA: Final = "application/dns-message"
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Why a connection or request was refused: the values of the ``reason`` label.
 REASONS: Final = (
-    "connection_limit",  # every slot handshaking: the new connection refused
+    "connection_limit",  # no connection to close for a new one: refused
     "evicted",  # a connection closed to make room for a new one
+    "client_limit",  # a client's own oldest closed, over tcp.max_connections_per_client
     "proxy",  # PROXY header from an untrusted peer, malformed or late
     "handshake",  # TLS handshake failed or timed out
     "slow",  # a request not complete in time (408, stream reset, or closed)
@@ -105,9 +106,11 @@ class _Stream:
 class DoHConnection(asyncio.Protocol):
     """One client connection, HTTP/2 or HTTP/1.1 (see the module docstring for its bounds)."""
 
-    def __init__(self, listener: Owner, peer: str) -> None:
+    def __init__(self, listener: Owner, peer: str, token: object = None) -> None:
         self.listener = listener
         self.peer = peer
+        #: What the listener knew it by until it was up (see doh.DoHListener.connect).
+        self.token = token
         self.transport: asyncio.Transport | None = None
         self.h2: h2.connection.H2Connection | None = None
         self.sniff = False  # plain HTTP: the first bytes say HTTP/2 or HTTP/1.1
