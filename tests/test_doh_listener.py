@@ -658,3 +658,59 @@ def test_handshakes_that_never_end_cannot_lock_clients_out(
     assert len(running.server.doh.by_client["127.0.0.1"]) <= 2
     for sock in silent + mine:
         sock.close()
+
+
+def test_the_same_on_uvloop(
+    make_server: Callable[..., RunningServer],
+    cert: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # resolver serve runs on uvloop when it is installed: accept, PROXY then TLS, HTTP/2.
+    uvloop = pytest.importorskip("uvloop")
+    import asyncio
+
+    monkeypatch.setattr(asyncio, "new_event_loop", uvloop.new_event_loop)
+    running = make_server(
+        doh=DoHConfig(
+            listen=(Listen("127.0.0.1", 0),),
+            trusted_proxies=("127.0.0.0/8",),
+            proxy_protocol=True,
+        ),
+        tls=TLSConfig(cert=cert[0], key=cert[1]),
+    )
+    monkeypatch.undo()
+    assert type(running.loop).__module__.startswith("uvloop")
+    calls = record_calls(running)
+    wire = dns.message.make_query("example.test", "A").to_wire()
+    for version in ("h2", "http/1.1"):
+        with socket.create_connection(("127.0.0.1", port_of(running)), timeout=5) as raw:
+            raw.sendall(b"PROXY TCP4 192.0.2.78 127.0.0.1 40000 443\r\n")
+            sock = client_context(cert[0], [version]).wrap_socket(raw, server_hostname=NAME)
+            if version == "h2":
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                conn.initiate_connection()
+                conn.send_headers(
+                    1,
+                    [
+                        (":method", "GET"),
+                        (":scheme", "https"),
+                        (":authority", NAME),
+                        (":path", f"/dns-query?dns={b64(wire)}"),
+                    ],
+                    end_stream=True,
+                )
+                sock.sendall(conn.data_to_send())
+                events: list[Any] = []
+                while not any(isinstance(e, h2.events.StreamEnded) for e in events):
+                    events += conn.receive_data(sock.recv(65536))
+                (data,) = [e for e in events if isinstance(e, h2.events.DataReceived)]
+                # (REFUSED: the default access list does not let 192.0.2.78 in.)
+                assert dns.message.from_wire(data.data).question
+            else:
+                sock.sendall(
+                    f"GET /dns-query?dns={b64(wire)} HTTP/1.1\r\nhost: x\r\n"
+                    "connection: close\r\n\r\n".encode()
+                )
+                assert _read_all(sock).startswith(b"HTTP/1.1 200")
+            sock.close()
+        assert calls[-1][0] == "192.0.2.78"
