@@ -175,7 +175,14 @@ class DoHConnection(asyncio.Protocol):
         if self.h2 is not None:
             self.h2.close_connection()
             self._flush()
-        transport.close()
+        self._close()
+
+    def _close(self) -> None:
+        """Close after what is written has gone out. The slot is free at once: a TLS
+        close that waits for the client is bounded by asyncio's shutdown timeout."""
+        self.listener.forget(self)
+        if self.transport is not None:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         self.blocked_since = asyncio.get_running_loop().time()
@@ -316,7 +323,7 @@ class DoHConnection(asyncio.Protocol):
         if self._over_output():
             return
         if close:
-            transport.close()
+            self._close()
         elif not self.in_parse:
             self._http1()  # the next request may be waiting in the buffer
 
@@ -328,7 +335,7 @@ class DoHConnection(asyncio.Protocol):
             return
         text = f"{status} {PHRASES[status]}: {why}\n".encode()
         transport.write(_head1(status, [("content-type", "text/plain")], text, True) + text)
-        transport.close()
+        self._close()
 
     def _over_output(self) -> bool:
         transport = self.transport
@@ -390,8 +397,7 @@ class DoHConnection(asyncio.Protocol):
                 self._send_waiting()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._flush()
-                if self.transport is not None:
-                    self.transport.close()
+                self._close()
                 return None
         self._flush()
         self._steer()
@@ -400,8 +406,7 @@ class DoHConnection(asyncio.Protocol):
     def _h2_fault(self, reason: str) -> None:
         self.listener.count(reason)
         self._flush()  # h2 has queued its GOAWAY
-        if self.transport is not None:
-            self.transport.close()
+        self._close()
 
     def _h2_request(self, event: h2.events.RequestReceived, now: float) -> None:
         sid = event.stream_id
