@@ -463,6 +463,9 @@ class ServiceSource(Protocol):
     @property
     def http_servers(self) -> Sequence[HTTPListener]: ...
 
+    @property
+    def doh_rejected(self) -> Mapping[str, int]: ...
+
 
 def register_service_metrics(registry: CollectorRegistry, source: ServiceSource) -> None:
     """Add to ``registry`` what is not about queries: the process (``resolver_process_*``:
@@ -507,6 +510,14 @@ class ServiceCollector(Collector):
         yield connections
         yield limit
         yield rejected
+        doh = CounterMetricFamily(
+            "resolver_doh_rejected",
+            "DNS-over-HTTPS connections and requests refused, by reason (service/doh.py).",
+            labels=["reason"],
+        )
+        for reason, count in source.doh_rejected.items():
+            doh.add_metric([reason], count)
+        yield doh
 
     def _remote_lists(
         self, remotes: Sequence[RemoteSpec], fetch_status: Mapping[str, FetchResult]

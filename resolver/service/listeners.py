@@ -19,6 +19,7 @@ oldest busy one (see TCPConnections). Every eviction, abort and pause is counted
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -38,6 +39,7 @@ from ..defaults import (
 )
 
 if TYPE_CHECKING:
+    from ..config import Listen
     from ..core.memo import AnswerMemo
     from ..observe.metrics import Counts
 
@@ -560,3 +562,15 @@ def make_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool)
         sock.close()
         raise
     return sock
+
+
+def bind_message(proto: str, listen: Listen, exc: OSError) -> str:
+    """Why a listener could not bind, with what to do about the usual causes."""
+    hint = ""
+    if exc.errno == errno.EACCES and listen.port < 1024:
+        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or use a port like 5353)"
+    elif exc.errno == errno.EADDRINUSE:
+        hint = " (another program listens there; stop it or choose another --listen)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = " (no interface of this machine has that address)"
+    return f"cannot listen on {proto} {listen}: {exc.strerror or exc}{hint}"

@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,13 +30,16 @@ from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
 from ..policy.loader import fault
 from ..yamlload import SourceError
-from . import assembly, doq, udpbatch
+from . import assembly, udpbatch
 from .admin import admin_routes, metrics_routes
 from .assembly import StartupError, check, load_options, make_audit, make_connections, reconfigure
-from .certs import CertError, CertStore, open_store
-from .dot import DoTListeners, watch_certificate
+from .certs import CertStore
+from .doh import DoHListener
+from .doq import DoQListeners
+from .dot import DoTListeners
+from .encrypted import Encrypted
 from .http import HTTPServer
-from .listeners import Tasks, TCPConnection, UDPListener, make_socket
+from .listeners import Tasks, TCPConnection, UDPListener, bind_message, make_socket
 from .watch import FileWatcher, RemoteRefresher
 from .workers import RelayAudit, Supervisor, WorkerLink
 
@@ -88,12 +91,10 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._udp_listeners: list[UDPListener] = []  # BatchListener is one too
         self._tcp: list[asyncio.Server] = []
-        self.doq: doq.DoQListeners | None = None  # DNS over QUIC (service/doq.py)
         self.resolver: Resolver | None = None
         self.stopping = asyncio.Event()
-        # Encrypted listeners (issue 19): the certificate they share; DoT (service/dot.py).
-        self.certs: CertStore | None = None
-        self.dot: DoTListeners | None = None
+        # DoT, DoH and DoQ for clients, and the certificate they share (service/encrypted.py).
+        self.encrypted = Encrypted()
         self.watcher = FileWatcher(
             lambda: self.config, self._policy_files, self.reload, self.stopping
         )
@@ -132,12 +133,11 @@ class Server:
         try:
             for listen in config.listen:
                 await self._bind(listen)
-            await self._start_dot()
-            if self.link is None:  # DNS over QUIC (service/doq.py): in the primary only
-                self.doq = await doq.start(
-                    config, self.resolver.handle, self.tasks.held, self.certs
-                )
-                self.bound += [Bound("doq", *b) for b in self.doq.bound] if self.doq else []
+            shared = config.workers > 1 or self.link is not None
+            encrypted = await self.encrypted.start(
+                config, self.resolver.handle, self.tasks, shared, self.link is None
+            )
+            self.bound += [Bound(*b) for b in encrypted]
             await self._start_http()
         except BaseException:
             self._close_listeners()
@@ -156,6 +156,7 @@ class Server:
         command = self._child_command
         if command is None:
             raise StartupError("workers: this server cannot start child workers")
+        # Plain DNS only: a child binds the encrypted listeners from the config itself.
         listens = sorted({b.address for b in self.bound if b.proto in ("udp", "tcp")})
         self.supervisor = Supervisor(count, lambda: command(listens), self._audit)
         try:
@@ -207,7 +208,7 @@ class Server:
         try:
             port = await server.start(where.host, where.port)
         except OSError as exc:
-            raise StartupError(_bind_message(f"{what} (http)", where, exc)) from None
+            raise StartupError(bind_message(f"{what} (http)", where, exc)) from None
         self._http.append(server)
         host = f"[{where.host}]" if ":" in where.host else where.host
         log.info("%s on http://%s:%d/", what, host, port)
@@ -224,6 +225,28 @@ class Server:
         stats.policy_loaded_at = stats.last_reload_success = time.time()
         stats.last_reload_failed = False
         stats.last_reload_error = None
+
+    @property
+    def doh_rejected(self) -> Mapping[str, int]:
+        """DNS-over-HTTPS connections and requests refused, by reason (service/doh.py)."""
+        return self.encrypted.doh_rejected
+
+    # The encrypted listeners and their certificate, as the admin API and tests read them.
+    @property
+    def certs(self) -> CertStore | None:
+        return self.encrypted.certs
+
+    @property
+    def dot(self) -> DoTListeners | None:
+        return self.encrypted.dot
+
+    @property
+    def doh(self) -> DoHListener | None:
+        return self.encrypted.doh
+
+    @property
+    def doq(self) -> DoQListeners | None:
+        return self.encrypted.doq
 
     @property
     def fetch_status(self) -> dict[str, remote.FetchResult]:
@@ -283,8 +306,7 @@ class Server:
         resolver = self.resolver
         assert resolver is not None
         async with self._reload_lock:
-            if self.certs is not None:  # SIGHUP, POST /v1/reload: the certificate too
-                self.certs.reload_if_changed(force=True)
+            self.encrypted.reload()  # SIGHUP, POST /v1/reload: the certificate too
             stats = resolver.stats
             previous = self.config
             try:
@@ -357,7 +379,7 @@ class Server:
             except OSError as exc:
                 if self._skip_missing_ipv6(listen, exc):
                     return
-                raise StartupError(_bind_message("udp", listen, exc)) from None
+                raise StartupError(bind_message("udp", listen, exc)) from None
             actual = udp_sock.getsockname()[1]
             try:
                 tcp_sock = make_socket(listen.host, actual, socket.SOCK_STREAM, shared)
@@ -365,7 +387,7 @@ class Server:
                 udp_sock.close()
                 if port == 0 and exc.errno == errno.EADDRINUSE:
                     continue  # the free UDP port is taken for TCP: pick another pair
-                raise StartupError(_bind_message("tcp", listen, exc)) from None
+                raise StartupError(bind_message("tcp", listen, exc)) from None
             break
         else:
             raise StartupError(f"cannot find a port free for both UDP and TCP on {listen.host}")
@@ -387,26 +409,6 @@ class Server:
         self.bound.append(Bound("udp", listen.host, actual))
         self.bound.append(Bound("tcp", listen.host, actual))
 
-    async def _start_dot(self) -> None:
-        """Load the certificate (when configured) and bind the DoT listeners (service/dot.py)."""
-        config, resolver = self.config, self.resolver
-        assert resolver is not None
-        try:
-            self.certs = self.certs or open_store(config.tls)
-        except CertError as exc:
-            raise StartupError(f"tls: {exc}") from None
-        if self.certs is None or not config.dot.listen:
-            return
-        self.dot = DoTListeners(
-            self.certs, resolver.handle, self.tasks, config.tcp, config.tls.client_id_domain
-        )
-        for listen in config.dot.listen:
-            try:
-                port = await self.dot.bind(listen, config.workers > 1 or self.link is not None)
-            except OSError as exc:
-                raise StartupError(_bind_message("dot", listen, exc)) from None
-            self.bound.append(Bound("dot", listen.host, port))
-
     def _skip_missing_ipv6(self, listen: Listen, exc: OSError) -> bool:
         missing = exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
         if self.config.default_listen and ":" in listen.host and missing:
@@ -425,11 +427,7 @@ class Server:
         self._udp.clear()
         self._udp_listeners.clear()
         self._tcp.clear()
-        if self.dot is not None:
-            self.dot.close()
-        if self.doq is not None:  # DNS over QUIC: after the drain, so answers went out
-            self.doq.close()
-            self.doq = None
+        self.encrypted.close()  # after the drain, so that answers went out
 
     async def stop(self) -> None:
         """Stop accepting, let answers in progress finish (bounded), close connections."""
@@ -443,10 +441,7 @@ class Server:
         for server in self._tcp:
             server.close()
         self.connections.stop_reading()
-        if self.dot is not None:
-            self.dot.stop_reading()
-        if self.doq is not None:  # DNS over QUIC: no new connections or queries
-            self.doq.stop_accepting()
+        self.encrypted.stop_reading()
         left = await self.tasks.drain(self.config.drain_timeout)
         if left:
             log.warning(
@@ -496,10 +491,7 @@ class Server:
         else:
             refresher = self.tasks.spawn(self.refresh_remotes())
             watcher = self.tasks.spawn(self.watch_files())
-        certs = None
-        if self.certs is not None:  # every worker: each serves DoT with its own contexts
-            interval = lambda: self.config.reload.interval  # noqa: E731
-            certs = self.tasks.spawn(watch_certificate(self.certs, interval, self.stopping))
+        self.encrypted.watch(self.tasks, lambda: self.config.reload.interval, self.stopping)
         try:
             await self.stopping.wait()
             log.info("stopping: no new queries; finishing those in progress")
@@ -508,21 +500,8 @@ class Server:
                 loop.remove_signal_handler(sig)
         refresher.cancel()
         watcher.cancel()
-        if certs is not None:
-            certs.cancel()
         await self.stop()
         log.info("stopped")
-
-
-def _bind_message(proto: str, listen: Listen, exc: OSError) -> str:
-    hint = ""
-    if exc.errno == errno.EACCES and listen.port < 1024:
-        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or use a port like 5353)"
-    elif exc.errno == errno.EADDRINUSE:
-        hint = " (another program listens there; stop it or choose another --listen)"
-    elif exc.errno == errno.EADDRNOTAVAIL:
-        hint = " (no interface of this machine has that address)"
-    return f"cannot listen on {proto} {listen}: {exc.strerror or exc}{hint}"
 
 
 #: Allocations between young-generation collections (Python's default: 700). A query

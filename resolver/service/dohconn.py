@@ -1,0 +1,572 @@
+"""One DNS-over-HTTPS client connection: HTTP/2 (h2's state machine) or HTTP/1.1 with
+keep-alive, its bounds and timeouts (see :mod:`.doh` for the whole listener). What it needs
+of its listener is :class:`Owner`; what a request is answered with is the owner's
+``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol, cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from .http import REASONS as REASON_PHRASES
+from .listeners import OUTPUT_ABORT
+
+#: Called with (status, headers, body) when a request's answer is ready.
+Reply = Callable[[int, list[tuple[str, str]], bytes], None]
+
+MAX_STREAMS: Final = 100
+MAX_TARGET: Final = 4096
+MAX_HEADERS: Final = 8192
+MAX_HEADER_COUNT: Final = 100
+MAX_BODY: Final = 65535
+#: HTTP/1.1 bytes held: a head, a body and one read beyond (reading pauses while busy).
+MAX_HELD: Final = MAX_TARGET + MAX_HEADERS + MAX_BODY + 256 * 1024
+MEDIA: Final = "application/dns-message"
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: Why a connection or request was refused: the values of the ``reason`` label.
+REASONS: Final = (
+    "connection_limit",  # no connection to close for a new one: refused
+    "evicted",  # a connection closed to make room for a new one
+    "client_limit",  # a client's own oldest closed, over tcp.max_connections_per_client
+    "proxy",  # PROXY header from an untrusted peer, malformed or late
+    "handshake",  # TLS handshake failed or timed out
+    "slow",  # a request not complete in time (408, stream reset, or closed)
+    "stalled",  # answers not taken within the idle timeout
+    "output",  # answers not taken, over four times tcp.max_output
+    "malformed",  # not HTTP as this listener reads it (400, 501, HTTP/2 protocol error)
+    "streams",  # over MAX_STREAMS streams at once on an HTTP/2 connection
+    "uri_too_long",  # 414
+    "headers_too_large",  # 431
+    "body_too_large",  # 413
+    "bad_request",  # 400: no dns parameter, bad base64, not a DNS query, bad client id
+    "media_type",  # 415
+    "method",  # 405
+    "not_found",  # 404
+    "no_answer",  # 403: the resolver answers nothing (access list, rate limit)
+)
+PHRASES: Final = {**REASON_PHRASES, 415: "Unsupported Media Type"}
+_SINGLE: Final = frozenset({"host", "content-length", "content-type"})
+
+
+class _Fault(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Owner(Protocol):
+    """What a connection reads of its listener (doh.DoHListener)."""
+
+    max_output: int
+    idle_timeout: float
+    request_timeout: float
+
+    @property
+    def tick(self) -> float: ...
+
+    def count(self, reason: str) -> None: ...
+
+    def admit(self, conn: DoHConnection) -> None: ...
+
+    def forget(self, conn: DoHConnection) -> None: ...
+
+    def serve(
+        self,
+        peer: str,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        reply: Reply,
+    ) -> None: ...
+
+
+@dataclass
+class _Stream:
+    method: str
+    target: str
+    headers: dict[str, str]
+    started: float
+    body: bytearray = field(default_factory=bytearray)
+    ended: bool = False
+
+
+class DoHConnection(asyncio.Protocol):
+    """One client connection, HTTP/2 or HTTP/1.1 (see the module docstring for its bounds)."""
+
+    def __init__(self, listener: Owner, peer: str, token: object = None) -> None:
+        self.listener = listener
+        self.peer = peer
+        #: What the listener knew it by until it was up (see doh.DoHListener.connect).
+        self.token = token
+        self.transport: asyncio.Transport | None = None
+        self.h2: h2.connection.H2Connection | None = None
+        self.sniff = False  # plain HTTP: the first bytes say HTTP/2 or HTTP/1.1
+        self.buffer = bytearray()  # HTTP/1.1 bytes not yet a whole request
+        self.busy = False  # HTTP/1.1: a request is being answered
+        self.keep = True
+        self.in_parse = False
+        self.pending = 0  # answers awaited
+        self.streams: dict[int, _Stream] = {}
+        self.waiting: dict[int, bytes] = {}  # HTTP/2 answer bytes held by flow control
+        self.waiting_bytes = 0
+        self.waiting_since = 0.0
+        self.paused = False
+        self.blocked_since = 0.0
+        self.draining = False
+        self.progress = 0.0  # when a request last completed or an answer went out
+        self.trickle = False  # bytes came since then
+        self.request_since = 0.0  # HTTP/1.1: when the request in the buffer began
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.pending == 0 and not self.streams and not self.busy and not self.buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        listener = self.listener
+        limit = listener.max_output
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        listener.admit(self)
+        loop = asyncio.get_running_loop()
+        self.progress = loop.time()
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() == "h2":
+            self._start_h2()
+        elif tls is None:
+            self.sniff = True
+        self.timer = loop.call_later(listener.tick, self._check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.forget(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+        self.buffer.clear()
+        self.streams.clear()
+        self.waiting.clear()
+
+    def abort(self) -> None:
+        self.listener.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> None:
+        self.draining = True
+        self._steer()
+
+    def _goodbye(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.h2 is not None:
+            self.h2.close_connection()
+            self._flush()
+        self._close()
+
+    def _close(self) -> None:
+        """Close after what is written has gone out. The slot is free at once: a TLS
+        close that waits for the client is bounded by asyncio's shutdown timeout."""
+        self.listener.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.blocked_since = asyncio.get_running_loop().time()
+        self._steer()
+
+    def resume_writing(self) -> None:
+        self.blocked_since = 0.0
+        self._steer()
+        if self.h2 is None and not self.busy and self.buffer:
+            self._http1()
+
+    def _steer(self) -> None:
+        """Pause reading while a bound holds; resume when none does; close when drained."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.draining and self.idle:
+            return self._goodbye()
+        full = self.busy if self.h2 is None else self.pending >= MAX_STREAMS
+        hold = self.draining or bool(self.blocked_since) or full
+        hold = hold or self.waiting_bytes > self.listener.max_output
+        if hold and not self.paused:
+            transport.pause_reading()
+            self.paused = True
+        elif not hold and self.paused:
+            transport.resume_reading()
+            self.paused = False
+        return None
+
+    def _check(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        listener = self.listener
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        idle = listener.idle_timeout
+        if (self.blocked_since and now - self.blocked_since >= idle) or (
+            self.waiting and now - self.waiting_since >= idle
+        ):
+            listener.count("stalled")
+            return self.abort()
+        if self.h2 is None:
+            late = now - self.request_since >= listener.request_timeout
+            if self.buffer and not self.busy and late:
+                listener.count("slow")
+                return self._fail(408, "request not received in time")
+        else:
+            for sid, stream in list(self.streams.items()):
+                if not stream.ended and now - stream.started >= listener.request_timeout:
+                    listener.count("slow")
+                    del self.streams[sid]
+                    self._reset(sid, ErrorCodes.CANCEL)
+            self._flush()
+        if self.idle and now - self.progress >= idle:
+            if self.trickle:
+                listener.count("slow")  # bytes, but never a whole request
+            return self._goodbye()
+        self.timer = loop.call_later(listener.tick, self._check)
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        self.trickle = True
+        if self.h2 is not None:
+            return self._h2_received(data)
+        buf = self.buffer
+        if not buf:
+            self.request_since = asyncio.get_running_loop().time()
+        buf += data
+        if self.sniff:
+            if len(buf) < len(PREFACE) and PREFACE.startswith(buf):
+                return None
+            self.sniff = False
+            if buf.startswith(PREFACE):
+                data = bytes(buf)
+                buf.clear()
+                self._start_h2()
+                return self._h2_received(data)
+        if len(buf) > MAX_HELD:
+            self.listener.count("malformed")
+            return self.abort()
+        self._http1()
+        return None
+
+    # HTTP/1.1
+
+    def _http1(self) -> None:
+        self.in_parse = True
+        try:
+            while self.buffer and not self.busy and not self.blocked_since:
+                transport = self.transport
+                if transport is None or transport.is_closing() or not self._one_request():
+                    break
+        finally:
+            self.in_parse = False
+        self._steer()
+
+    def _one_request(self) -> bool:
+        """Parse and serve the request at the buffer's start; False if it is not whole."""
+        buf = self.buffer
+        end = buf.find(b"\r\n\r\n", 0, MAX_TARGET + MAX_HEADERS)
+        try:
+            if end < 0:
+                if buf.find(b"\r\n", 0, MAX_TARGET + 32) < 0 and len(buf) > MAX_TARGET + 32:
+                    raise _Fault(414, "uri_too_long")
+                if len(buf) >= MAX_TARGET + MAX_HEADERS:
+                    raise _Fault(431, "headers_too_large")
+                return False
+            method, target, headers, length, keep = _parse_head(bytes(buf[:end]))
+        except _Fault as fault:
+            self.listener.count(fault.reason)
+            self._fail(fault.status, fault.reason)
+            return False
+        if len(buf) < end + 4 + length:
+            return False
+        body = bytes(buf[end + 4 : end + 4 + length])
+        del buf[: end + 4 + length]
+        self.request_since = asyncio.get_running_loop().time()
+        self.busy = True
+        self.keep = keep
+        self.pending += 1
+        self.listener.serve(self.peer, method, target, headers, body, self._reply1)
+        return True
+
+    def _reply1(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.pending -= 1
+        self.busy = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        close = not self.keep or self.draining
+        transport.write(_head1(status, headers, body, close) + body)
+        self.progress = asyncio.get_running_loop().time()
+        self.trickle = bool(self.buffer)
+        if self._over_output():
+            return
+        if close:
+            self._close()
+        elif not self.in_parse:
+            self._http1()  # the next request may be waiting in the buffer
+
+    def _fail(self, status: int, why: str) -> None:
+        """Answer ``status`` and close (a request whose rest cannot be read)."""
+        transport = self.transport
+        self.buffer.clear()
+        if transport is None or transport.is_closing():
+            return
+        text = f"{status} {PHRASES[status]}: {why}\n".encode()
+        transport.write(_head1(status, [("content-type", "text/plain")], text, True) + text)
+        self._close()
+
+    def _over_output(self) -> bool:
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > (
+            OUTPUT_ABORT * self.listener.max_output
+        ):
+            self.listener.count("output")
+            self.abort()
+            return True
+        return False
+
+    # HTTP/2
+
+    def _start_h2(self) -> None:
+        # The headers sent are this module's own and valid: checking and normalising them
+        # cost half of h2's work to send an answer (about 50 of 110 us). What clients
+        # send is still validated.
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        conn = h2.connection.H2Connection(config=config)
+        conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
+            },
+        )
+        conn.initiate_connection()
+        self.h2 = conn
+        self._flush()
+
+    def _h2_received(self, data: bytes) -> None:
+        conn = self.h2
+        assert conn is not None
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.TooManyStreamsError:
+            return self._h2_fault("streams")
+        except h2.exceptions.DenialOfServiceError:
+            return self._h2_fault("headers_too_large")
+        except h2.exceptions.ProtocolError:
+            return self._h2_fault("malformed")
+        now = asyncio.get_running_loop().time()
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._h2_request(event, now)
+            elif isinstance(event, h2.events.DataReceived):
+                self._h2_data(event)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._h2_ended(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.streams.pop(event.stream_id, None)
+                self._unwait(event.stream_id)
+            elif isinstance(event, h2.events.WindowUpdated):
+                self._send_waiting()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self._flush()
+                self._close()
+                return None
+        self._flush()
+        self._steer()
+        return None
+
+    def _h2_fault(self, reason: str) -> None:
+        self.listener.count(reason)
+        self._flush()  # h2 has queued its GOAWAY
+        self._close()
+
+    def _h2_request(self, event: h2.events.RequestReceived, now: float) -> None:
+        sid = event.stream_id
+        fields: dict[str, str] = {}
+        size = 0
+        for name, value in event.headers or ():
+            key = bytes(name).decode("latin-1").lower()
+            text = bytes(value).decode("latin-1")
+            size += len(key) + len(text) + 32
+            fields[key] = f"{fields[key]}, {text}" if key in fields else text
+        method, target = fields.get(":method", ""), fields.get(":path", "")
+        self.streams[sid] = _Stream(method, target, fields, now)
+        if size > MAX_HEADERS:
+            self._h2_refuse(sid, 431, "headers_too_large")
+        elif len(target) > MAX_TARGET:
+            self._h2_refuse(sid, 414, "uri_too_long")
+
+    def _h2_data(self, event: h2.events.DataReceived) -> None:
+        conn = self.h2
+        assert conn is not None
+        sid = event.stream_id
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            conn.acknowledge_received_data(event.flow_controlled_length, sid)
+        stream = self.streams.get(sid)
+        if stream is None or event.data is None:
+            return
+        if len(stream.body) + len(event.data) > MAX_BODY:
+            self._h2_refuse(sid, 413, "body_too_large")
+            return
+        stream.body += event.data
+
+    def _h2_ended(self, sid: int) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:
+            return
+        stream.ended = True
+        self.pending += 1
+        reply = functools.partial(self._reply2, sid)
+        self.listener.serve(
+            self.peer, stream.method, stream.target, stream.headers, bytes(stream.body), reply
+        )
+
+    def _h2_refuse(self, sid: int, status: int, reason: str) -> None:
+        """Answer ``status`` before the request is whole, then reset the rest of it."""
+        self.listener.count(reason)
+        text = f"{status} {PHRASES[status]}\n".encode()
+        self._h2_respond(sid, status, [("content-type", "text/plain")], text)
+        self._reset(sid, ErrorCodes.NO_ERROR)
+
+    def _reply2(self, sid: int, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.pending -= 1
+        if self.transport is None:
+            return
+        self._h2_respond(sid, status, headers, body)
+        self.progress = asyncio.get_running_loop().time()
+        self.trickle = False
+        self._flush()
+        self._steer()
+
+    def _h2_respond(
+        self, sid: int, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        conn = self.h2
+        if self.streams.pop(sid, None) is None or conn is None:
+            return  # reset by the client meanwhile
+        fields = [(":status", str(status)), *headers, ("content-length", str(len(body)))]
+        try:
+            conn.send_headers(sid, fields, end_stream=not body)
+            if body:
+                self._send_body(sid, body)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._unwait(sid)
+
+    def _send_body(self, sid: int, body: bytes) -> None:
+        conn = self.h2
+        assert conn is not None
+        while body:
+            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if room <= 0:  # the client's window is shut: hold the rest until it opens
+                if not self.waiting:
+                    self.waiting_since = asyncio.get_running_loop().time()
+                self.waiting[sid] = body
+                self.waiting_bytes += len(body)
+                if self.waiting_bytes > OUTPUT_ABORT * self.listener.max_output:
+                    self.listener.count("output")
+                    self.abort()
+                return
+            conn.send_data(sid, body[:room], end_stream=room >= len(body))
+            body = body[room:]
+
+    def _unwait(self, sid: int) -> None:
+        held = self.waiting.pop(sid, None)
+        if held is not None:
+            self.waiting_bytes -= len(held)
+
+    def _send_waiting(self) -> None:
+        for sid in list(self.waiting):
+            body = self.waiting.pop(sid)
+            self.waiting_bytes -= len(body)
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self._send_body(sid, body)
+        if self.waiting:
+            return
+        self.waiting_since = 0.0
+
+    def _reset(self, sid: int, code: ErrorCodes) -> None:
+        self._unwait(sid)
+        if self.h2 is None:
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.h2.reset_stream(sid, code)
+
+    def _flush(self) -> None:
+        transport, conn = self.transport, self.h2
+        if transport is None or conn is None or transport.is_closing():
+            return
+        data = conn.data_to_send()
+        if data:
+            transport.write(data)
+            self._over_output()
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], int, bool]:
+    """(method, target, headers, body length, keep-alive) of an HTTP/1.x request head."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise _Fault(400, "malformed")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if len(target) > MAX_TARGET:
+        raise _Fault(414, "uri_too_long")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise _Fault(400, "malformed")
+    if len(lines) - 1 > MAX_HEADER_COUNT or len(head) - len(lines[0]) > MAX_HEADERS:
+        raise _Fault(431, "headers_too_large")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            raise _Fault(400, "malformed")
+        key, text = name.decode("latin-1").lower(), value.strip().decode("latin-1")
+        if key in headers and key in _SINGLE:
+            raise _Fault(400, "malformed")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    if "transfer-encoding" in headers:
+        raise _Fault(501, "malformed")  # DNS messages are small: Content-Length only
+    length_text = headers.get("content-length", "0")
+    if not (length_text.isascii() and length_text.isdigit()):
+        raise _Fault(400, "malformed")
+    if int(length_text) > MAX_BODY:
+        raise _Fault(413, "body_too_large")
+    connection = headers.get("connection", "").lower()
+    keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    return method, target, headers, int(length_text), keep
+
+
+def _head1(status: int, headers: list[tuple[str, str]], body: bytes, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {PHRASES[status]}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"content-length: {len(body)}")
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
