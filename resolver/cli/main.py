@@ -15,6 +15,7 @@ import dns.exception
 
 from .. import __version__
 from ..config import Config, finish, load_config
+from ..config.load import read_config
 from ..policy import ClientGroups, LoadOptions, Policy, load_policy
 from ..policy.explain import explain, parse_at, render_text
 from ..policy.loader import fault
@@ -216,22 +217,47 @@ def shadowed(policy: Policy) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args)
-        paths = args.paths or [config.blocklists]
-        now = time.time()
-        for path in paths:
-            policy = load_policy(path, _options(config, True, now))
-            for warning in (*policy.warnings, *shadowed(policy)):
-                print(warning, file=sys.stderr)
-            print(f"{path}: ok: {policy.summary(now)}")
-    except SourceError as exc:
-        print(f"{exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # load_policy reports its own faults; this is the config's
-        print(f"resolver check: {fault(exc)}", file=sys.stderr)
-        return 1
-    return 0
+    """Validate the config and the lists, reporting every error found (each config
+    section and each list file is read on its own), and, with ``--config``, everything
+    that would stop ``serve`` from starting on that config."""
+    from ..service.assembly import problems as startup_problems  # what serve refuses
+
+    errors: list[str] = []
+    config = Config()
+    if args.config:
+        try:
+            config, found = read_config(args.config)
+            errors += [str(error) for error in found]
+            errors += [f"{args.config}: {p}" for p in startup_problems(finish(config))]
+        except SourceError as exc:
+            errors += _each(exc)
+        except ValueError as exc:
+            errors.append(f"{args.config}: {exc}")
+        except Exception as exc:  # a sentence, never a traceback
+            errors.append(f"{args.config}: cannot load the config: {fault(exc)}")
+    now = time.time()
+    for path in args.paths or [config.blocklists]:
+        try:
+            policy = load_policy(path, replace(_options(config, True, now), all_errors=True))
+        except SourceError as exc:
+            errors += _each(exc)
+            continue
+        except Exception as exc:  # load_policy reports its own faults; belt and braces
+            errors.append(f"{path}: {fault(exc)}")
+            continue
+        for warning in (*policy.warnings, *shadowed(policy)):
+            print(warning, file=sys.stderr)
+        print(f"{path}: ok: {policy.summary(now)}")
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print(f"resolver check: {len(errors)} error(s)", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _each(exc: SourceError) -> list[str]:
+    """The errors ``exc`` stands for, one a line."""
+    return [str(error) for error in getattr(exc, "errors", [exc])]
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,14 @@ from ..observe.querylog import AuditConfig
 from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,
+    SourceErrors,
     Where,
     YMap,
     check_keys,
     empty_map,
     item_where,
     load_file,
+    raise_all,
     value_where,
 )
 from .model import (
@@ -60,57 +63,130 @@ from .model import (
 
 
 def load_config(path: Path) -> Config:
-    """Read a YAML config file; relative paths in it are relative to the file."""
+    """Read a YAML config file; relative paths in it are relative to the file. Raise
+    :class:`SourceError` naming every error found (:class:`SourceErrors` for several)."""
+    config, errors = read_config(path)
+    raise_all(errors)
+    return config
+
+
+def read_config(path: Path) -> tuple[Config, list[SourceError]]:
+    """The config in ``path`` and every error found in it. Each setting (each section) is
+    read on its own, so that one error does not hide the next; a setting in error keeps
+    its default in the config returned. A file that is no YAML mapping is one error."""
     doc = load_file(path)
     if doc is None:
         doc = empty_map(Where(str(path), 1, 1))
     if not isinstance(doc, YMap):
         raise SourceError(Where(str(path), 1, 1), "", "the config must be a YAML mapping")
-    check_keys(doc, TOP_KEYS, "the config")
+    errors: list[SourceError] = []
+    check_keys(doc, TOP_KEYS, "the config", errors)
     base = Config()
-    listen = _address_list(doc, "listen", parse_listen)
-    admin, admin_token, admin_max, allowed_hosts = _admin(doc)
-    metrics = _section(doc, "metrics", METRICS_KEYS)
-    return Config(
+    collect = _Collect(doc, errors)
+    get, section = collect.get, collect.section
+    listen = get(lambda: _address_list(doc, "listen", parse_listen), ())
+    admin, metrics = section("admin", ADMIN_KEYS), section("metrics", METRICS_KEYS)
+    config = Config(
         listen=listen,
-        upstreams=_address_list(doc, "upstreams", parse_upstream),
-        blocklists=_path(doc, "blocklists", path) or base.blocklists,
-        upstream_timeout=_number(doc, "upstream_timeout", float, 0.05, 30, base.upstream_timeout),
-        upstream_deadline=_number(doc, "upstream_deadline", float, 0.1, 60, base.upstream_deadline),
-        upstream_strategy=_strategy(doc),
-        tls_ca_file=_path(doc, "tls_ca_file", path),
-        forward=_forward(doc),
-        bootstrap=_address_list(doc, "bootstrap", parse_bootstrap),
-        cache=_cache(_section(doc, "cache", CACHE_KEYS)),
-        tcp=_tcp(_section(doc, "tcp", TCP_KEYS)),
-        udp=UDPConfig(batch=_flag(_section(doc, "udp", UDP_KEYS), "batch", "udp.batch", True)),
-        drain_timeout=_number(doc, "drain_timeout", float, 0, 300, base.drain_timeout),
-        workers=_number(doc, "workers", int, 1, MAX_WORKERS, base.workers),
-        log_level=_log_level(doc),
-        groups=_groups(doc),
-        state_dir=_path(doc, "state_dir", path) or base.state_dir,
-        admin=admin,
-        admin_token=admin_token,
-        metrics=_one_address(metrics, "listen", "metrics.listen"),
-        admin_max_connections=admin_max,
-        admin_allowed_hosts=allowed_hosts,
-        metrics_max_connections=_number(
-            metrics, "max_connections", int, 1, 100_000, base.metrics_max_connections
+        upstreams=get(lambda: _address_list(doc, "upstreams", parse_upstream), ()),
+        blocklists=get(lambda: _path(doc, "blocklists", path), None) or base.blocklists,
+        upstream_timeout=get(
+            lambda: _number(doc, "upstream_timeout", float, 0.05, 30, base.upstream_timeout),
+            base.upstream_timeout,
         ),
-        reload=_reload(_section(doc, "reload", RELOAD_KEYS)),
-        remote=RemoteConfig(
-            _flag(_section(doc, "remote", REMOTE_KEYS), "allow_private", "remote.allow_private")
+        upstream_deadline=get(
+            lambda: _number(doc, "upstream_deadline", float, 0.1, 60, base.upstream_deadline),
+            base.upstream_deadline,
         ),
-        include_roots=_include_roots(doc, path),
-        acl=_acl(_section(doc, "acl", ACL_KEYS)),
-        ratelimit=_ratelimit(_section(doc, "ratelimit", RATELIMIT_KEYS)),
-        rebinding=_rebinding(_section(doc, "rebinding", REBINDING_KEYS)),
-        upstream_health=_upstream_health(_section(doc, "upstream_health", UPSTREAM_HEALTH_KEYS)),
-        inflight=_inflight(_section(doc, "inflight", INFLIGHT_KEYS)),
-        audit=_audit(doc, path),
+        upstream_strategy=get(lambda: _strategy(doc), base.upstream_strategy),
+        tls_ca_file=get(lambda: _path(doc, "tls_ca_file", path), None),
+        forward=get(lambda: _forward(doc), ()),
+        bootstrap=get(lambda: _address_list(doc, "bootstrap", parse_bootstrap), ()),
+        cache=get(lambda: _cache(section("cache", CACHE_KEYS)), base.cache),
+        tcp=get(lambda: _tcp(section("tcp", TCP_KEYS)), base.tcp),
+        udp=get(
+            lambda: UDPConfig(_flag(section("udp", UDP_KEYS), "batch", "udp.batch", True)), base.udp
+        ),
+        drain_timeout=get(
+            lambda: _number(doc, "drain_timeout", float, 0, 300, base.drain_timeout),
+            base.drain_timeout,
+        ),
+        workers=get(
+            lambda: _number(doc, "workers", int, 1, MAX_WORKERS, base.workers), base.workers
+        ),
+        log_level=get(lambda: _log_level(doc), base.log_level),
+        groups=get(lambda: _groups(doc), ()),
+        state_dir=get(lambda: _path(doc, "state_dir", path), None) or base.state_dir,
+        **_http_settings(collect, admin, metrics),
+        reload=get(lambda: _reload(section("reload", RELOAD_KEYS)), base.reload),
+        remote=get(
+            lambda: RemoteConfig(
+                _flag(section("remote", REMOTE_KEYS), "allow_private", "remote.allow_private")
+            ),
+            base.remote,
+        ),
+        include_roots=get(lambda: _include_roots(doc, path), ()),
+        acl=get(lambda: _acl(section("acl", ACL_KEYS)), base.acl),
+        ratelimit=get(lambda: _ratelimit(section("ratelimit", RATELIMIT_KEYS)), base.ratelimit),
+        rebinding=get(lambda: _rebinding(section("rebinding", REBINDING_KEYS)), base.rebinding),
+        upstream_health=get(
+            lambda: _upstream_health(section("upstream_health", UPSTREAM_HEALTH_KEYS)),
+            base.upstream_health,
+        ),
+        inflight=get(lambda: _inflight(section("inflight", INFLIGHT_KEYS)), base.inflight),
+        audit=get(lambda: _audit(doc, path), base.audit),
         source=str(path),
         default_listen=not listen,
     )
+    return config, errors
+
+
+def _http_settings(collect: _Collect, admin: YMap, metrics: YMap) -> dict[str, Any]:
+    """The admin API's and /metrics' settings, by their Config field."""
+    get, base = collect.get, Config()
+    return dict(
+        admin=get(lambda: _one_address(admin, "listen", "admin.listen"), None),
+        admin_token=get(lambda: _token(admin), None),
+        metrics=get(lambda: _one_address(metrics, "listen", "metrics.listen"), None),
+        admin_max_connections=get(
+            lambda: _number(admin, "max_connections", int, 1, 100_000, base.admin_max_connections),
+            base.admin_max_connections,
+        ),
+        admin_allowed_hosts=get(lambda: _host_names(admin), ()),
+        metrics_max_connections=get(
+            lambda: _number(
+                metrics, "max_connections", int, 1, 100_000, base.metrics_max_connections
+            ),
+            base.metrics_max_connections,
+        ),
+    )
+
+
+class _Collect:
+    """Reads one setting or section at a time, keeping each error in ``errors`` and going
+    on with the setting's default, so that a config's errors are all reported at once."""
+
+    def __init__(self, doc: YMap, errors: list[SourceError]) -> None:
+        self.doc = doc
+        self.errors = errors
+
+    def get(self, parse: Callable[[], Any], default: Any) -> Any:
+        """What ``parse`` reads, or ``default`` when it finds an error (kept)."""
+        try:
+            return parse()
+        except SourceErrors as exc:
+            self.errors.extend(exc.errors)
+        except SourceError as exc:
+            self.errors.append(exc)
+        return default
+
+    def section(self, key: str, keys: frozenset[str]) -> YMap:
+        """The section ``key`` (empty when it is no mapping); its unknown keys are kept
+        as errors and the keys it knows are still read."""
+        section: YMap = self.get(
+            lambda: _section(self.doc, key, keys, self.errors), empty_map(self.doc.where)
+        )
+        return section
 
 
 def _cache(doc: YMap) -> CacheConfig:
@@ -229,16 +305,14 @@ def _inflight(doc: YMap) -> InflightConfig:
     )
 
 
-def _admin(doc: YMap) -> tuple[Listen | None, str | None, int, tuple[str, ...]]:
-    """``admin``: its address, token, connection limit and allowed host names."""
-    admin = _section(doc, "admin", ADMIN_KEYS)
+def _token(admin: YMap) -> str | None:
+    """``admin.token``: a secret of 16 characters or more, or None."""
     token = admin.get("token")
     if token is not None and (not isinstance(token, str) or len(token) < 16):
         raise SourceError(
             value_where(admin, "token"), "admin.token", "expected a secret of 16 characters or more"
         )
-    limit = _number(admin, "max_connections", int, 1, 100_000, Config().admin_max_connections)
-    return _one_address(admin, "listen", "admin.listen"), token, limit, _host_names(admin)
+    return token
 
 
 def _audit(doc: YMap, path: Path) -> AuditConfig:
@@ -315,13 +389,17 @@ def _number(doc: YMap, key: str, kind: type, low: float, high: float, default: A
     return kind(value)
 
 
-def _section(doc: YMap, key: str, keys: frozenset[str]) -> YMap:
+def _section(
+    doc: YMap, key: str, keys: frozenset[str], errors: list[SourceError] | None = None
+) -> YMap:
+    """The mapping under ``key`` (empty when left out); its unknown keys go to ``errors``
+    when given (so that the keys it knows are still read), else are raised."""
     value = doc.get(key)
     if value is None:
         return empty_map(doc.where)
     if not isinstance(value, YMap):
         raise SourceError(value_where(doc, key), key, "expected a mapping")
-    check_keys(value, keys, key)
+    check_keys(value, keys, key, errors)
     return value
 
 

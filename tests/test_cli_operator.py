@@ -1,0 +1,102 @@
+"""The command line as a new operator meets it (issue 20, section 3): real ``python3 -m
+resolver`` processes, their output and exit codes, and the real server where the API is
+compared with the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .helpers.cli import run_cli
+from .helpers.realservers import free_port
+
+# --- check refuses what serve refuses, and says everything at once ----------------------
+
+
+def _refused(tmp_path: Path, lists_dir: Path, body: str) -> tuple[str, str]:
+    """What ``serve`` and ``check`` say of a config that cannot start."""
+    config = tmp_path / "resolver.yaml"
+    config.write_text(f"blocklists: {lists_dir}\n{body}")
+    serve = run_cli("serve", "--config", str(config), timeout=30)
+    check = run_cli("check", "--config", str(config), timeout=30)
+    assert serve.returncode == 2, serve.stderr
+    assert check.returncode == 1, check.stdout + check.stderr
+    return serve.stderr, check.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (
+            "listen: [127.0.0.1:{port}]\nupstreams: [127.0.0.1:{port}]\n",
+            "upstream 127.0.0.1:{port} is this resolver's own listen address",
+        ),
+        (
+            "listen: [0.0.0.0:{port}]\nupstreams: [127.0.0.1:{port}]\n",
+            "upstream 127.0.0.1:{port} is this resolver's own listen address",
+        ),
+        (
+            "listen: [127.0.0.1:{port}]\nupstreams: [192.0.2.1]\nadmin: {{listen: '0.0.0.0:{port}'}}\n",
+            "would be reachable from the network: set admin.token",
+        ),
+        (
+            "listen: [127.0.0.1:{port}]\nupstreams: [192.0.2.1]\nbootstrap: [127.0.0.1:{port}]\n",
+            "bootstrap server 127.0.0.1:{port} is this resolver's own listen address",
+        ),
+    ],
+)
+def test_check_refuses_what_serve_refuses_at_start(
+    tmp_path: Path, lists_dir: Path, body: str, reason: str
+) -> None:
+    port = free_port()
+    serve, check = _refused(tmp_path, lists_dir, body.format(port=port))
+    expected = reason.format(port=port)
+    assert expected in serve
+    assert expected in check
+    assert "Traceback" not in serve + check
+
+
+def test_check_reports_every_error_of_a_run_with_did_you_mean(
+    tmp_path: Path, lists_dir: Path
+) -> None:
+    (lists_dir / "typo.yaml").write_text("list: typo\ndomian: [x.test]\n")
+    (lists_dir / "bad.yaml").write_text("list: bad\ndomains: [bad..name]\n")
+    config = tmp_path / "resolver.yaml"
+    config.write_text(
+        f"blocklists: {lists_dir}\n"
+        "upstreams: [192.0.2.1]\n"
+        "upstream_timout: 2\n"
+        "cache: {max_entires: 5, max_ttl: -1}\n"
+        "log_level: loud\n"
+        "admin: {listen: '0.0.0.0:8053'}\n"
+    )
+    result = run_cli("check", "--config", str(config), timeout=30)
+    assert result.returncode == 1
+    err = result.stderr
+    assert (
+        f"{config}:3:1: upstream_timout: unknown key in the config; did you mean upstream_timeout?"
+        in err
+    )
+    assert f"{config}:4:9: max_entires: unknown key in cache; did you mean max_entries?" in err
+    assert f"{config}:4:34: max_ttl: expected a whole number" in err
+    assert f"{config}:5:12: log_level: use one of" in err
+    assert "admin API on 0.0.0.0:8053 would be reachable from the network" in err
+    assert (
+        f"{lists_dir / 'typo.yaml'}:2:1: domian: unknown key in a list; did you mean domains?"
+        in err
+    )
+    assert f"{lists_dir / 'bad.yaml'}:2:11: domains[0]: 'bad..name' is not a domain name" in err
+    assert "resolver check: 7 error(s)" in err
+    assert "Traceback" not in err
+
+
+def test_check_passes_a_config_serve_would_start_on(tmp_path: Path, lists_dir: Path) -> None:
+    config = tmp_path / "resolver.yaml"
+    config.write_text(
+        f"blocklists: {lists_dir}\nlisten: [127.0.0.1:{free_port()}]\nupstreams: [192.0.2.1]\n"
+        "admin: {listen: '0.0.0.0:8053', token: a-secret-of-more-than-16}\n"
+    )
+    result = run_cli("check", "--config", str(config), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert f"{lists_dir}: ok: policy" in result.stdout
