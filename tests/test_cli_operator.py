@@ -4,12 +4,20 @@ compared with the command line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from resolver.config import Listen
+
 from .helpers.cli import run_cli
-from .helpers.realservers import free_port
+from .helpers.http import TOKEN, http
+from .helpers.realservers import ROOT, free_port
+from .helpers.server import RunningServer
 
 # --- check refuses what serve refuses, and says everything at once ----------------------
 
@@ -100,3 +108,45 @@ def test_check_passes_a_config_serve_would_start_on(tmp_path: Path, lists_dir: P
     result = run_cli("check", "--config", str(config), timeout=30)
     assert result.returncode == 0, result.stderr
     assert f"{lists_dir}: ok: policy" in result.stdout
+
+
+# --- the policy digest: content, not path --------------------------------------------------
+
+
+def _checked_digest(path: str, cwd: Path | None = None) -> str:
+    result = run_cli("check", path, timeout=30) if cwd is None else _run_in(cwd, "check", path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split(": ok: policy ", 1)[1].split(":", 1)[0]
+
+
+def _run_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "resolver", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_status_and_check_give_one_digest_however_the_lists_path_is_spelt(
+    make_server: Callable[..., RunningServer], lists_dir: Path, tmp_path: Path
+) -> None:
+    (lists_dir / "extra.yaml").write_text(
+        "list: extra\nreference: test\ninclude:\n  - {file: more.txt, format: domains}\n"
+        "domains: [extra.test]\n"
+    )
+    (lists_dir / "more.txt").write_text("more.test\n")
+    running = make_server(admin=Listen("127.0.0.1", 0), admin_token=TOKEN)
+    status, doc, _ = http(f"http://127.0.0.1:{running.server.admin_port}/v1/status", token=TOKEN)
+    assert status == 200
+    served = doc["policy"]["version"]
+    link = tmp_path / "linked-lists"
+    link.symlink_to(lists_dir, target_is_directory=True)
+    assert _checked_digest(str(lists_dir)) == served  # absolute
+    assert _checked_digest("blocklists", cwd=tmp_path) == served  # relative
+    assert _checked_digest(str(link)) == served  # through a link
+    assert _checked_digest("./linked-lists/", cwd=tmp_path) == served
+    (lists_dir / "more.txt").write_text("more.test\nother.test\n")
+    assert _checked_digest(str(lists_dir)) != served  # the content does count

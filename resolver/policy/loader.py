@@ -117,7 +117,7 @@ def _load_policy(path: Path, options: LoadOptions) -> Policy:
     errors: list[SourceError] = []
     for file in files:
         try:
-            blocklist = _load_file(file, builder)
+            blocklist = _load_file(file, builder, _digest_name(file, path))
             if blocklist is not None and blocklist.id in seen:
                 raise SourceError(
                     blocklist.where,
@@ -161,8 +161,16 @@ def _load_policy(path: Path, options: LoadOptions) -> Policy:
     return policy
 
 
-def _load_file(file: Path, builder: Builder) -> BlockList | None:
-    """Read one list file into ``builder``; ``None`` for an empty file."""
+def _digest_name(file: Path, top: Path) -> str:
+    """The name the digest gives ``file``: its path under the folder loaded (its own name
+    when a single file is loaded), so that the digest depends on the lists' content and
+    layout, never on how the folder was spelt (absolute, relative or through a link)."""
+    return file.name if file == top else os.path.relpath(file, top)
+
+
+def _load_file(file: Path, builder: Builder, name: str) -> BlockList | None:
+    """Read one list file into ``builder``, hashing it under ``name``; ``None`` for an
+    empty file."""
     try:
         raw = file.read_bytes()
         text = raw.decode("utf-8")
@@ -177,7 +185,7 @@ def _load_file(file: Path, builder: Builder) -> BlockList | None:
         raise SourceError(Where(str(file), 1, 1), "", "the file vanished while loading") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(Where(str(file), 1, 1), "", f"cannot read the file: {exc}") from None
-    builder.digest.update(str(file).encode() + b"\0" + raw)
+    builder.digest.update(name.encode() + b"\0" + raw)
     builder.files.append(str(file))
     doc = load_text(text, str(file))
     if doc is None:
