@@ -5,6 +5,7 @@ compared with the command line."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,8 +16,9 @@ import pytest
 from resolver.config import Listen
 
 from .helpers.cli import run_cli
+from .helpers.fakeupstream import FakeUpstream
 from .helpers.http import TOKEN, http
-from .helpers.realservers import ROOT, free_port
+from .helpers.realservers import ROOT, ResolverProcess, free_port
 from .helpers.server import RunningServer
 
 # --- check refuses what serve refuses, and says everything at once ----------------------
@@ -150,3 +152,34 @@ def test_status_and_check_give_one_digest_however_the_lists_path_is_spelt(
     assert _checked_digest("./linked-lists/", cwd=tmp_path) == served
     (lists_dir / "more.txt").write_text("more.test\nother.test\n")
     assert _checked_digest(str(lists_dir)) != served  # the content does count
+
+
+# --- healthcheck: serve's default address, and in the README ------------------------------
+
+
+def test_healthcheck_without_arguments_asks_where_serve_listens_by_default(
+    upstream: FakeUpstream, lists_dir: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", 5353))
+        except OSError as exc:
+            pytest.skip(f"port 5353 is taken here: {exc}")
+    proc = ResolverProcess("--upstream", upstream.address, "--blocklists", str(lists_dir))
+    try:
+        assert proc.port == 5353
+        result = run_cli("healthcheck", "--timeout", "2", timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert "healthy: 127.0.0.1:5353 answered" in result.stdout
+    finally:
+        assert proc.stop() == 0
+
+
+def test_readme_lists_every_command() -> None:
+    usage = run_cli("--help", timeout=30).stdout
+    commands = set(usage.split("{", 1)[1].split("}", 1)[0].split(","))
+    assert "healthcheck" in commands
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Commands", 1)[1].split("```", 2)[1]
+    listed = {line.split()[1] for line in block.splitlines() if line.startswith("resolver ")}
+    assert listed == commands

@@ -14,7 +14,7 @@ from pathlib import Path
 import dns.exception
 
 from .. import __version__
-from ..config import Config, finish, load_config
+from ..config import DEFAULT_LISTEN, Config, finish, load_config
 from ..config.load import read_config
 from ..policy import ClientGroups, LoadOptions, Policy, load_policy
 from ..policy.explain import explain, parse_at, render_text
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="HOST:PORT",
-        help="listen address, repeatable (default 127.0.0.1:5353 and [::1]:5353)",
+        help="listen address, repeatable (default "
+        + " and ".join(str(listen) for listen in DEFAULT_LISTEN)
+        + ")",
     )
     serve.add_argument(
         "--upstream",
@@ -79,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--server",
-        default="127.0.0.1:53",
+        default=str(DEFAULT_LISTEN[0]),  # where serve listens by default
         metavar="HOST:PORT",
-        help="the resolver to ask (default 127.0.0.1:53)",
+        help=f"the resolver to ask (default {DEFAULT_LISTEN[0]}, serve's default address)",
     )
     health.add_argument(
         "--name",
