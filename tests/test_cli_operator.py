@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from resolver.config import Listen
 
 from .helpers.cli import run_cli
 from .helpers.fakeupstream import FakeUpstream
-from .helpers.http import TOKEN, http
+from .helpers.http import TOKEN, check_against_spec, http
 from .helpers.realservers import ROOT, ResolverProcess, free_port
 from .helpers.server import RunningServer
 
@@ -183,3 +184,80 @@ def test_readme_lists_every_command() -> None:
     block = readme.split("## Commands", 1)[1].split("```", 2)[1]
     listed = {line.split()[1] for line in block.splitlines() if line.startswith("resolver ")}
     assert listed == commands
+
+
+# --- explain --at: time zones, and errors as sentences -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("at", "shown", "decision"),
+    [
+        (
+            "2025-02-26T00:30 Europe/Brussels",
+            "2025-02-26T00:30:00+01:00 (time zone Europe/Brussels)",
+            "BLOCKED",
+        ),
+        (
+            "2025-02-25T23:59 Europe/Brussels",
+            "2025-02-25T23:59:00+01:00 (time zone Europe/Brussels)",
+            "forwarded",
+        ),
+        ("2025-02-26T00:30+01:00", "2025-02-26T00:30:00+01:00 (time zone +01:00)", "BLOCKED"),
+        ("2025-02-26T00:30 +01:00", "2025-02-26T00:30:00+01:00 (time zone +01:00)", "BLOCKED"),
+        ("2025-02-25T23:30", "2025-02-25T23:30:00+00:00 (time zone UTC)", "BLOCKED"),
+        ("2025-02-25 22:59 UTC", "2025-02-25T22:59:00+00:00 (time zone UTC)", "forwarded"),
+        (
+            "2025-02-26 Europe/Brussels",
+            "2025-02-26T00:00:00+01:00 (time zone Europe/Brussels)",
+            "BLOCKED",
+        ),
+    ],
+)
+def test_explain_at_takes_a_time_zone_and_says_which(
+    lists_dir: Path, at: str, shown: str, decision: str
+) -> None:
+    result = run_cli("explain", "chat.deepseek.com", "--blocklists", str(lists_dir), "--at", at)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()[:2]
+    assert first == f"chat.deepseek.com A for 127.0.0.1 at {shown}:"
+    assert second.strip().startswith(decision)
+
+
+@pytest.mark.parametrize(
+    ("at", "says"),
+    [
+        ("2025-02-30", "--at '2025-02-30' is not a date and time: write a date (2025-02-26)"),
+        ("next tuesday", "--at 'next tuesday' is not a date and time: write a date"),
+        (
+            "2025-02-26T00:30 Europe/Brusels",
+            "--at: 'Europe/Brusels' is not a time zone; did you mean Europe/Brussels?",
+        ),
+        ("2025-02-26T00:30+01:00 Europe/Brussels", "gives both an offset and a time zone"),
+        ("2025-02-26 +25:00", "the offset +25:00 is out of range (-23:59 to +23:59)"),
+    ],
+)
+def test_explain_at_errors_are_sentences(lists_dir: Path, at: str, says: str) -> None:
+    result = run_cli("explain", "x.test", "--blocklists", str(lists_dir), "--at", at)
+    assert result.returncode == 2
+    assert result.stderr.startswith("resolver explain: ")
+    assert says in result.stderr
+    assert "Invalid isoformat" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_api_explain_takes_the_same_at_as_the_cli(
+    make_server: Callable[..., RunningServer], lists_dir: Path
+) -> None:
+    running = make_server(admin=Listen("127.0.0.1", 0), admin_token=TOKEN)
+    base = f"http://127.0.0.1:{running.server.admin_port}/v1/explain?name=chat.deepseek.com"
+    at = urllib.parse.quote("2025-02-26T00:30 Europe/Brussels")
+    status, doc, _ = http(f"{base}&at={at}", token=TOKEN)
+    assert status == 200
+    check_against_spec("/v1/explain", "GET", status, doc)
+    assert (doc["at"], doc["zone"], doc["decision"]) == (
+        "2025-02-26T00:30:00+01:00",
+        "Europe/Brussels",
+        "blocked",
+    )
+    status, doc, _ = http(f"{base}&at=2025-02-30", token=TOKEN)
+    assert status == 400
+    assert "is not a date and time" in doc["error"]

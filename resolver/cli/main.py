@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 
@@ -17,7 +18,7 @@ from .. import __version__
 from ..config import DEFAULT_LISTEN, Config, finish, load_config
 from ..config.load import read_config
 from ..policy import ClientGroups, LoadOptions, Policy, load_policy
-from ..policy.explain import explain, parse_at, render_text
+from ..policy.explain import explain, parse_moment, render_text
 from ..policy.loader import fault
 from ..policy.model import DOMAIN, SUBDOMAINS
 from ..yamlload import SourceError
@@ -76,6 +77,27 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="YAML config file")
     check.add_argument("paths", nargs="*", type=Path, help="list files or directories")
 
+    _add_healthcheck(sub)
+
+    explain = sub.add_parser("explain", help="what the policy does with a name, and why")
+    explain.add_argument("name", help="the domain name to explain")
+    explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--type", default="A", help="query type (default A)")
+    explain.add_argument(
+        "--at",
+        metavar="TIME",
+        help="when: a date or ISO date and time, then optionally a time zone or an offset "
+        "('2025-02-26T00:30 Europe/Brussels', '2025-02-26T00:30+01:00'; UTC without); "
+        "default now",
+    )
+    explain.add_argument("--config", type=Path, help="YAML config file (for groups and lists)")
+    explain.add_argument("--blocklists", type=Path, help="directory (or file) of list files")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    return parser
+
+
+def _add_healthcheck(sub: Any) -> None:
+    """The ``healthcheck`` command's arguments."""
     health = sub.add_parser(
         "healthcheck", help="ask the resolver a real DNS question; exit 0 when it answers"
     )
@@ -92,18 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--tcp", action="store_true", help="ask over TCP")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-
-    explain = sub.add_parser("explain", help="what the policy does with a name, and why")
-    explain.add_argument("name", help="the domain name to explain")
-    explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
-    explain.add_argument("--type", default="A", help="query type (default A)")
-    explain.add_argument(
-        "--at", help="when: a date or ISO datetime (UTC unless it has an offset); default now"
-    )
-    explain.add_argument("--config", type=Path, help="YAML config file (for groups and lists)")
-    explain.add_argument("--blocklists", type=Path, help="directory (or file) of list files")
-    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
-    return parser
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -266,9 +276,10 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
         path = args.blocklists or config.blocklists
-        now = parse_at(args.at)
+        moment = parse_moment(args.at)
+        now = moment.instant
         policy = load_policy(path, _options(config, True, now))
-        doc = explain(policy, args.name, args.client, args.type, now)
+        doc = explain(policy, args.name, args.client, args.type, now, moment)
     except SourceError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1

@@ -7,9 +7,12 @@ API's ``/v1/explain`` returns it as JSON, so the two can never disagree.
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import dns.message
 import dns.rcode
@@ -18,19 +21,97 @@ import dns.rdatatype
 from ..core.outcome import ALLOWED, BLOCKED, FORWARDED, MONITORED
 from ..core.sinkhole import blocked_answer
 from ..core.wire import encode_name, label_offsets, parse_query
+from ..yamlload import did_you_mean
 from .formats import normalize
 from .model import Policy, RuleSet
 from .timewindow import NEVER, format_instant
 
+_AT_FORMS: Final = (
+    "write a date (2025-02-26) or a date and time (2025-02-26T00:30), then optionally a "
+    "time zone (2025-02-26T00:30 Europe/Brussels) or an offset (2025-02-26T00:30+01:00); "
+    "without either it is UTC"
+)
+_OFFSET: Final = re.compile(r"^[+-]\d{2}:?\d{2}$")
 
-def parse_at(text: str | None) -> float:
-    """``--at``: a date (midnight UTC) or an ISO datetime (UTC unless it has an offset)."""
-    if not text:
-        return time.time()
-    moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
-    if moment.tzinfo is None:
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """An instant given to explain, with the time zone it was given in (to show it there)."""
+
+    instant: float
+    tz: tzinfo
+    #: The zone as the explanation names it: an IANA name, an offset, or UTC.
+    zone: str
+
+    def shown(self, instant: float | None = None) -> str:
+        """``instant`` (default this one) in this zone, ISO 8601 with the offset."""
+        when = self.instant if instant is None else instant
+        return datetime.fromtimestamp(when, self.tz).isoformat(timespec="seconds")
+
+
+def parse_moment(text: str | None, now: float | None = None) -> Moment:
+    """``--at`` (and ``/v1/explain?at=``): a date (midnight) or an ISO date and time, then
+    optionally a time zone name or an offset, either after a space
+    (``2025-02-26T00:30 Europe/Brussels``) or, for an offset, written on
+    (``2025-02-26T00:30+01:00``); UTC without either. ``now`` (default the clock) when
+    ``text`` is empty. Raise ValueError with a sentence that says what to write."""
+    if not text or not text.strip():
+        return Moment(time.time() if now is None else now, UTC, "UTC")
+    words = text.split()
+    zone_text = words.pop() if len(words) > 1 and not _is_time(words[-1]) else None
+    given = " ".join(words).replace("z", "Z")
+    try:
+        moment = datetime.fromisoformat(given)
+    except ValueError:
+        raise ValueError(f"--at {text.strip()!r} is not a date and time: {_AT_FORMS}") from None
+    if zone_text is not None and moment.tzinfo is not None:
+        raise ValueError(
+            f"--at {text.strip()!r} gives both an offset and a time zone: give one of them"
+        )
+    if zone_text is not None:
+        tz, zone = _zone(zone_text)
+        moment = moment.replace(tzinfo=tz)
+    elif moment.tzinfo is not None:
+        tz = moment.tzinfo
+        zone = _offset_text(moment.utcoffset() or timedelta(0))
+    else:
+        tz, zone = UTC, "UTC"
         moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    return Moment(moment.timestamp(), tz, zone)
+
+
+def _is_time(word: str) -> bool:
+    """Whether ``word`` is the time part of ``2025-02-26 00:30`` rather than a zone."""
+    return word[:1].isdigit() and ":" in word and not _OFFSET.match(word)
+
+
+def _zone(text: str) -> tuple[tzinfo, str]:
+    """A time zone given by IANA name (Europe/Brussels), UTC/Z, or offset (+01:00)."""
+    if text.upper() in ("UTC", "Z"):
+        return UTC, "UTC"
+    if _OFFSET.match(text):
+        digits = text[1:].replace(":", "")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+        if offset >= timedelta(hours=24):
+            raise ValueError(f"--at: the offset {text} is out of range (-23:59 to +23:59)")
+        offset = -offset if text[0] == "-" else offset
+        return timezone(offset), _offset_text(offset)
+    try:
+        return ZoneInfo(text), text
+    except (ZoneInfoNotFoundError, ValueError):
+        hint = did_you_mean(text, available_timezones())
+        raise ValueError(
+            f"--at: {text!r} is not a time zone; {hint}write an IANA name such as "
+            "Europe/Brussels or an offset such as +01:00"
+        ) from None
+
+
+def _offset_text(offset: timedelta) -> str:
+    """``+01:00`` for an offset of an hour, ``UTC`` for none."""
+    if not offset:
+        return "UTC"
+    minutes = int(abs(offset).total_seconds()) // 60
+    return f"{'-' if offset < timedelta(0) else '+'}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 def _window(rs: RuleSet) -> dict[str, str | None]:
@@ -49,9 +130,13 @@ def _window(rs: RuleSet) -> dict[str, str | None]:
     }
 
 
-def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> dict[str, Any]:
+def explain(
+    policy: Policy, name: str, client: str, rdtype: str, now: float, moment: Moment | None = None
+) -> dict[str, Any]:
     """The decision for ``name`` asked by ``client`` with type ``rdtype`` at ``now``, and
-    every rule that names it. Raises ValueError for a bad name, address or type."""
+    every rule that names it; ``at`` is shown in the zone of ``moment`` when given (the
+    ``--at`` it was parsed from), else in UTC, and ``zone`` names that zone. Raises
+    ValueError for a bad name, address or type."""
     name = normalize(name)
     client = str(ipaddress.ip_address(client))
     qtype = dns.rdatatype.from_text(rdtype)
@@ -62,7 +147,8 @@ def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> 
         "name": name,
         "type": dns.rdatatype.to_text(qtype),
         "client": client,
-        "at": format_instant(now),
+        "at": moment.shown() if moment is not None else format_instant(now),
+        "zone": moment.zone if moment is not None else "UTC",
         "policy": policy.digest,
     }
     if rule is not None:
@@ -79,7 +165,8 @@ def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> 
         out["list"] = monitored.blocklist.id
     else:
         out["decision"] = ALLOWED if apex < 0 else FORWARDED
-    out["until"] = None if until == NEVER else format_instant(until)
+    shown = moment.shown if moment is not None else format_instant
+    out["until"] = None if until == NEVER else shown(until)
     sources = policy.sources or {}
     rules = []
     for match in policy.matches(name, mask, now):
@@ -109,7 +196,8 @@ def explain(policy: Policy, name: str, client: str, rdtype: str, now: float) -> 
 
 def render_text(doc: dict[str, Any]) -> str:
     """The explanation as ``resolver explain`` prints it."""
-    lines = [f"{doc['name']} {doc['type']} for {doc['client']} at {doc['at']}:"]
+    zone = f" (time zone {doc['zone']})" if doc.get("zone") else ""
+    lines = [f"{doc['name']} {doc['type']} for {doc['client']} at {doc['at']}{zone}:"]
     decision = doc["decision"]
     if decision == BLOCKED:
         lines.append(f"  BLOCKED by list {doc['list']}: {doc['answer']['rcode']}")

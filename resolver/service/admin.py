@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .. import __version__
 from ..core.wire import encode_name
 from ..observe.metrics import ResolverCollector, register_service_metrics
-from ..policy.explain import explain, parse_at
+from ..policy.explain import explain, parse_moment
 from ..policy.formats import normalize
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .http import Handler, HTTPServer, Request, Response, error, json_response
@@ -96,14 +96,14 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
         if not name:
             return error(400, "give ?name=")
         try:
-            at = request.query.get("at")
-            now = parse_at(at) if at else server.clock()
+            moment = parse_moment(request.query.get("at"), server.clock())
             doc = explain(
                 resolver.policy,
                 name,
                 request.query.get("client") or "127.0.0.1",
                 request.query.get("type") or "A",
-                now,
+                moment.instant,
+                moment,
             )
         except (ValueError, dns.exception.DNSException) as exc:
             return error(400, str(exc))
