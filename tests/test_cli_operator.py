@@ -21,6 +21,7 @@ from .helpers.fakeupstream import FakeUpstream
 from .helpers.http import TOKEN, check_against_spec, http
 from .helpers.realservers import ROOT, ResolverProcess, free_port
 from .helpers.server import RunningServer
+from .test_audit import write_log
 
 # --- check refuses what serve refuses, and says everything at once ----------------------
 
@@ -261,3 +262,64 @@ def test_api_explain_takes_the_same_at_as_the_cli(
     status, doc, _ = http(f"{base}&at=2025-02-30", token=TOKEN)
     assert status == 400
     assert "is not a date and time" in doc["error"]
+
+
+# --- output into a closed pipe ---------------------------------------------------------------
+
+
+def _into_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``resolver ARGS`` writing into a pipe whose reader has gone (as after ``| head -1``
+    once head has exited): every write meets a closed pipe, whatever the output's size."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "resolver", *args],
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+
+
+def _big_audit_log(path: Path) -> Path:
+    write_log(
+        path,
+        [
+            (n, f"10.0.{n // 250}.{n % 250}", "chat.deepseek.com.", "blocked", "ai")
+            for n in range(4000)
+        ],
+    )
+    return path
+
+
+def test_no_traceback_into_a_closed_pipe(lists_dir: Path, tmp_path: Path) -> None:
+    log = _big_audit_log(tmp_path / "audit.jsonl")
+    for args in (
+        ("explain", "chat.deepseek.com", "--blocklists", str(lists_dir)),
+        ("explain", "chat.deepseek.com", "--blocklists", str(lists_dir), "--json"),
+        ("check", str(lists_dir)),
+        ("audit", str(log)),
+        ("audit", str(log), "--json"),
+    ):
+        result = _into_closed_pipe(*args)
+        assert result.stderr == "", (args, result.stderr)
+        assert result.returncode == 141, args  # 128 + SIGPIPE, as other Unix tools end
+    assert _into_closed_pipe("--help").stderr == ""  # argparse stays quiet on its own
+
+
+def test_piping_into_head_prints_the_first_line_only(lists_dir: Path, tmp_path: Path) -> None:
+    log = _big_audit_log(tmp_path / "audit.jsonl")
+    for command in (
+        f"{sys.executable} -m resolver audit {log} | head -1",
+        f"{sys.executable} -m resolver explain chat.deepseek.com --blocklists {lists_dir} | head -1",
+    ):
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0
+        assert len(result.stdout.splitlines()) == 1
+        assert result.stderr == "", result.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -132,8 +134,27 @@ def _options(config: Config, keep_sources: bool, now: float | None = None) -> Lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``resolver`` command; returns the exit code."""
+    """Entry point of the ``resolver`` command; returns the exit code.
+
+    Output into a pipe closed early (``resolver explain x | head -1``) ends the command
+    quietly, as it ends other Unix tools: no traceback, exit status 141 (128 + SIGPIPE).
+    ``serve`` writes no output of its own there, so an error of its sockets is not hidden."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # inside the try: the last output may be what meets the closed pipe
+        return code
+    except BrokenPipeError:
+        if argv[:1] == ["serve"]:
+            raise
+        # Python flushes stdout once more at exit; pointed at /dev/null, that flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _command(argv: list[str]) -> int:
     if argv[:1] == ["audit"]:
         from .audit import main as audit_main  # its own argument parser
 
