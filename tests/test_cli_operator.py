@@ -4,6 +4,7 @@ compared with the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -323,3 +324,44 @@ def test_piping_into_head_prints_the_first_line_only(lists_dir: Path, tmp_path: 
         assert result.returncode == 0
         assert len(result.stdout.splitlines()) == 1
         assert result.stderr == "", result.stderr
+
+
+# --- /v1/explain and the CLI name the same line -------------------------------------------
+
+
+def test_api_and_cli_explain_name_the_same_source_line(
+    make_server: Callable[..., RunningServer], lists_dir: Path
+) -> None:
+    (lists_dir / "mixed.yaml").write_text(
+        "list: mixed\n"
+        "reference: test\n"
+        "domains:\n"
+        "  - plain.test\n"
+        "  - {name: dated.test, active: {from: 2025-01-01}}\n"
+        "include:\n"
+        "  - {file: hosts.txt, format: hosts}\n"
+    )
+    (lists_dir / "hosts.txt").write_text("# hosts\n0.0.0.0 first.test\n0.0.0.0 hosted.test\n")
+    running = make_server(admin=Listen("127.0.0.1", 0), admin_token=TOKEN)
+    base = f"http://127.0.0.1:{running.server.admin_port}/v1/explain"
+    expected = {
+        "chat.deepseek.com": f"{lists_dir / 'deepseek.yaml'}:10:5",
+        "plain.test": f"{lists_dir / 'mixed.yaml'}:4:5",
+        "dated.test": f"{lists_dir / 'mixed.yaml'}:5:12",
+        "hosted.test": f"{lists_dir / 'hosts.txt'}:3",
+    }
+    for name, line in expected.items():
+        status, api, _ = http(f"{base}?name={name}&at=2026-01-01", token=TOKEN)
+        assert status == 200
+        cli = run_cli(
+            "explain", name, "--json", "--blocklists", str(lists_dir), "--at", "2026-01-01"
+        )
+        assert cli.returncode == 0, cli.stderr
+        printed = json.loads(cli.stdout)
+        api_sources = [rule["source"] for rule in api["rules"]]
+        assert api_sources == [rule["source"] for rule in printed["rules"]], name
+        assert api_sources[0][0].startswith(line), (name, api_sources)
+        assert (
+            f"source: {api_sources[0][0]}"
+            in run_cli("explain", name, "--blocklists", str(lists_dir), "--at", "2026-01-01").stdout
+        )

@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -21,8 +22,10 @@ import dns.rdatatype
 from ..core.outcome import ALLOWED, BLOCKED, FORWARDED, MONITORED
 from ..core.sinkhole import blocked_answer
 from ..core.wire import encode_name, label_offsets, parse_query
-from ..yamlload import did_you_mean
+from ..yamlload import SourceError, did_you_mean
+from .builder import LoadOptions
 from .formats import normalize
+from .loader import load_policy
 from .model import Policy, RuleSet
 from .timewindow import NEVER, format_instant
 
@@ -131,12 +134,23 @@ def _window(rs: RuleSet) -> dict[str, str | None]:
 
 
 def explain(
-    policy: Policy, name: str, client: str, rdtype: str, now: float, moment: Moment | None = None
+    policy: Policy,
+    name: str,
+    client: str,
+    rdtype: str,
+    now: float,
+    moment: Moment | None = None,
+    reread: LoadOptions | None = None,
 ) -> dict[str, Any]:
     """The decision for ``name`` asked by ``client`` with type ``rdtype`` at ``now``, and
     every rule that names it; ``at`` is shown in the zone of ``moment`` when given (the
     ``--at`` it was parsed from), else in UTC, and ``zone`` names that zone. Raises
-    ValueError for a bad name, address or type."""
+    ValueError for a bad name, address or type.
+
+    A rule's ``source`` is the line that names it. A policy loaded to serve keeps no line
+    per name (that costs memory per name); given ``reread`` (the options it was loaded
+    with), the list files of the rules found are read again for their lines, as
+    ``resolver explain`` reads them, so that both name the same line."""
     name = normalize(name)
     client = str(ipaddress.ip_address(client))
     qtype = dns.rdatatype.from_text(rdtype)
@@ -168,11 +182,14 @@ def explain(
     shown = moment.shown if moment is not None else format_instant
     out["until"] = None if until == NEVER else shown(until)
     sources = policy.sources or {}
+    again = _Reread(reread) if policy.sources is None and reread is not None else None
     rules = []
     for match in policy.matches(name, mask, now):
         rs = match.ruleset
         blocklist = rs.blocklist
         wheres = [str(w) for i, w in sources.get(match.name.encode(), ()) if i == rs.index and w]
+        if again is not None:
+            wheres = again.lines(rs, match.name)
         rules.append(
             {
                 "rule": match.name,
@@ -192,6 +209,34 @@ def explain(
         )
     out["rules"] = rules
     return out
+
+
+class _Reread:
+    """The list files of a served policy read again, each once, with a line per name."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        self.options = replace(options, keep_sources=True)
+        self.loaded: dict[str, Policy | None] = {}
+
+    def lines(self, rs: RuleSet, name: str) -> list[str]:
+        """The lines of ``rs``'s list file that name ``name`` for a rule set like ``rs``
+        (same list, origin, kind and own settings); none when the file no longer loads."""
+        file = rs.blocklist.where.file
+        if file not in self.loaded:
+            try:
+                self.loaded[file] = load_policy(Path(file), self.options)
+            except SourceError:
+                self.loaded[file] = None  # changed since, or broken: the reload says why
+        again = self.loaded[file]
+        if again is None or again.sources is None:
+            return []
+        out = []
+        for index, where in again.sources.get(name.encode(), ()):
+            other = again.rulesets[index]
+            same = (other.blocklist.id, other.origin, other.flags, other.where)
+            if where and same == (rs.blocklist.id, rs.origin, rs.flags, rs.where):
+                out.append(str(where))
+        return out
 
 
 def render_text(doc: dict[str, Any]) -> str:
