@@ -13,6 +13,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
+import dns.edns
 import pytest
 
 from resolver.config import Listen
@@ -365,3 +366,36 @@ def test_api_and_cli_explain_name_the_same_source_line(
             f"source: {api_sources[0][0]}"
             in run_cli("explain", name, "--blocklists", str(lists_dir), "--at", "2026-01-01").stdout
         )
+
+
+# --- the EDE text: list and reference id, the full reference in explain -------------------
+
+LONG_REFERENCE = (
+    "Royal decree of 26 February 2025 on the use of artificial intelligence services by "
+    "federal public administrations, article 3, paragraph 2, as amended; see "
+    "https://www.ejustice.just.fgov.be/cgi_loi/article.pl?language=fr&sum_date=2025-02-26"
+    "&pd_search=2025-02-26&numac_search=2025000000&page=1&lg_txt=F&caller=list"
+)
+
+
+def test_ede_text_names_list_and_reference_id_never_a_cut_text(
+    make_server: Callable[..., RunningServer], lists_dir: Path
+) -> None:
+    (lists_dir / "decree.yaml").write_text(
+        f"list: decree\nreference: {json.dumps(LONG_REFERENCE)}\ndomains: [long.test]\n"
+    )
+    running = make_server(admin=Listen("127.0.0.1", 0), admin_token=TOKEN)
+    base = f"http://127.0.0.1:{running.server.admin_port}/v1/explain"
+    for name, list_id in (("long.test", "decree"), ("chat.deepseek.com", "deepseek")):
+        reply = running.query(name, "A", use_edns=0)
+        (ede,) = [o for o in reply.options if o.otype == dns.edns.OptionType.EDE]
+        status, doc, _ = http(f"{base}?name={name}", token=TOKEN)
+        assert status == 200
+        (rule,) = doc["rules"]
+        assert ede.text == f"blocked by list {list_id} (reference {rule['reference_id']})"
+        assert len(ede.text.encode()) < 200  # whole, never cut
+        printed = run_cli("explain", name, "--blocklists", str(lists_dir)).stdout
+        assert f"reference: {rule['reference']} (id {rule['reference_id']})" in printed
+    assert rule["reference"].startswith("test ban")
+    status, doc, _ = http(f"{base}?name=long.test", token=TOKEN)
+    assert doc["rules"][0]["reference"] == LONG_REFERENCE  # in full, URL and all

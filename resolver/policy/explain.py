@@ -26,7 +26,7 @@ from ..yamlload import SourceError, did_you_mean
 from .builder import LoadOptions
 from .formats import normalize
 from .loader import load_policy
-from .model import Policy, RuleSet
+from .model import Policy, RuleSet, reference_id
 from .timewindow import NEVER, format_instant
 
 _AT_FORMS: Final = (
@@ -204,6 +204,7 @@ def explain(
                 "clients": list(blocklist.clients),
                 "applies_to_client": bool(blocklist.mask & mask),
                 "reference": rs.reference,
+                "reference_id": reference_id(rs.reference) if rs.reference else None,
                 "source": wheres or ([str(rs.where)] if rs.where else []),
             }
         )
@@ -274,7 +275,8 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"    state at that time: {rule['state']}; {', '.join(parts)}")
         lines.append(f"    action: {rule['action']}, ttl {rule['ttl']}")
         lines.append(f"    clients: {', '.join(rule['clients'])}")
-        lines.append(f"    reference: {rule['reference'] or '(none given)'}")
+        ref_id = f" (id {rule['reference_id']})" if rule.get("reference_id") else ""
+        lines.append(f"    reference: {rule['reference'] or '(none given)'}{ref_id}")
         if rule["source"]:
             lines.append(f"    source: {', '.join(rule['source'])}")
     return "\n".join(lines)
