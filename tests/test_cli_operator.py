@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import dns.edns
 import pytest
+import yaml
 
 from resolver.config import Listen
 
@@ -399,3 +401,51 @@ def test_ede_text_names_list_and_reference_id_never_a_cut_text(
     assert rule["reference"].startswith("test ban")
     status, doc, _ = http(f"{base}?name=long.test", token=TOKEN)
     assert doc["rules"][0]["reference"] == LONG_REFERENCE  # in full, URL and all
+
+
+# --- the shipped deepseek list: its reference and its header agree on dates -----------------
+
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
+
+def test_shipped_deepseek_reference_agrees_with_its_header_on_dates() -> None:
+    path = ROOT / "blocklists" / "deepseek.yaml"
+    text = path.read_text()
+    header = " ".join(
+        line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")
+    )
+    doc = yaml.safe_load(text)
+    reference = doc["reference"]
+    effective = str(doc["active"]["from"])
+    # The date the list takes force is the policy brief's, as the header says, and the
+    # reference says whose date it is.
+    assert f"enforced from {effective} per our policy brief" in reference
+    # Every date the reference gives is one the header gives, for the same measure.
+    dates = re.findall(r"\b(\d{4})-(\d{2})-(\d{2})\b", reference)
+    assert len(dates) >= 2
+    for year, month, day in dates:
+        spelt = f"{int(day)} {MONTHS[int(month) - 1]} {year}"
+        assert spelt in header, f"the reference's {year}-{month}-{day} is not in the header"
+    assert "circular above took effect on 1 December 2025" in header
+    assert re.search(r"circular of Min\. V\. Matz[^;]*, effective 2025-12-01", reference)
+    assert (
+        "the federal Parliament blocked DeepSeek on its own networks in February 2025"
+        in (reference)
+        and "February 2025 the Belgian federal PARLIAMENT" in header
+    )
+    explained = run_cli("explain", "chat.deepseek.com", "--at", "2025-02-26 Europe/Brussels")
+    assert "BLOCKED by list deepseek" in explained.stdout
+    assert f"reference: {reference} (id " in explained.stdout
