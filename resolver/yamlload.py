@@ -8,6 +8,8 @@ as strings so that dates are parsed in one place, with the list's time zone.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,37 @@ class SourceError(Exception):
         prefix = f"{where}: " if where else ""
         label = f"{field}: " if field else ""
         super().__init__(f"{prefix}{label}{message}")
+
+
+class SourceErrors(SourceError):
+    """Several user errors found in one run (a config's sections, a folder's files), in
+    the order found: reported all at once, one a line, rather than one per attempt. Its
+    ``where``, ``field`` and ``message`` are the first error's."""
+
+    errors: list[SourceError]
+
+    def __init__(self, errors: Iterable[SourceError]) -> None:
+        flat: list[SourceError] = []
+        for error in errors:
+            flat.extend(error.errors if isinstance(error, SourceErrors) else [error])
+        first = flat[0]
+        super().__init__(first.where, first.field, first.message)
+        self.errors = flat
+        self.args = ("\n".join(str(error) for error in flat),)
+
+
+def raise_all(errors: list[SourceError]) -> None:
+    """Raise the errors found, if any: one as itself, several as :class:`SourceErrors`."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise SourceErrors(errors)
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """``"did you mean X? "`` for the known key closest to a misspelt ``key``, else ``""``."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 class YMap(dict[str, Any]):
@@ -176,11 +209,27 @@ def item_where(seq: Any, index: int) -> Where | None:
     return None
 
 
-def check_keys(mapping: YMap, allowed: set[str] | frozenset[str], context: str) -> None:
-    """Reject keys outside ``allowed``: an unknown key is a typo until proven otherwise."""
+def check_keys(
+    mapping: YMap,
+    allowed: set[str] | frozenset[str],
+    context: str,
+    errors: list[SourceError] | None = None,
+) -> None:
+    """Reject keys outside ``allowed``: an unknown key is a typo until proven otherwise, so
+    the message names the known key closest to it. Every unknown key is reported: into
+    ``errors`` when given, else raised (all of them at once)."""
+    found: list[SourceError] = []
     for key in mapping:
         if key not in allowed:
             hint = ", ".join(sorted(allowed))
-            raise SourceError(
-                mapping.key_where.get(key), key, f"unknown key in {context} (known: {hint})"
+            found.append(
+                SourceError(
+                    mapping.key_where.get(key),
+                    key,
+                    f"unknown key in {context}; {did_you_mean(key, allowed)}(known: {hint})",
+                )
             )
+    if errors is None:
+        raise_all(found)
+    else:
+        errors.extend(found)

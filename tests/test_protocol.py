@@ -15,6 +15,7 @@ import dns.rdatatype
 import pytest
 
 from resolver.config import UDPConfig
+from resolver.policy.model import reference_id
 
 from .helpers.fakeupstream import FakeUpstream
 from .helpers.server import RunningServer, has_ipv6
@@ -78,7 +79,11 @@ def test_blocked_names_are_sinkholed_and_never_forwarded(
     assert reply.question[0].name.to_text() == (name if name.endswith(".") else name + ".")
     (ede,) = [o for o in reply.options if o.otype == dns.edns.OptionType.EDE]
     assert ede.code == 15
-    assert ede.text.startswith("blocked by list deepseek: test ban")
+    # The list and the reference's id (the full reference is in explain).
+    assert (
+        ede.text
+        == f"blocked by list deepseek (reference {reference_id('test ban, effective 2025-02-26')})"
+    )
     assert sum(upstream.queries.values()) == 0
 
 

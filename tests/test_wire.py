@@ -161,7 +161,7 @@ def test_blocked_answers_decode_in_both_codecs(
         assert reply.edns == 0 and reply.payload == wire.EDNS_PAYLOAD
         assert reply.ednsflags & dns.flags.DO
         (ede,) = [o for o in reply.options if o.otype == dns.edns.OptionType.EDE]
-        assert ede.code == 15 and "ban" in ede.text and "decree 1" in ede.text
+        assert ede.code == 15 and ede.text.startswith("blocked by list ban (reference ")
     else:
         assert reply.edns == -1
 

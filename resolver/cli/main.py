@@ -6,17 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 
 from .. import __version__
-from ..config import Config, finish, load_config
+from ..config import DEFAULT_LISTEN, Config, finish, load_config
+from ..config.load import read_config
 from ..policy import ClientGroups, LoadOptions, Policy, load_policy
-from ..policy.explain import explain, parse_at, render_text
+from ..policy.explain import explain, parse_moment, render_text
 from ..policy.loader import fault
 from ..policy.model import DOMAIN, SUBDOMAINS
 from ..yamlload import SourceError
@@ -40,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="HOST:PORT",
-        help="listen address, repeatable (default 127.0.0.1:5353 and [::1]:5353)",
+        help="listen address, repeatable (default "
+        + " and ".join(str(listen) for listen in DEFAULT_LISTEN)
+        + ")",
     )
     serve.add_argument(
         "--upstream",
@@ -73,14 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, help="YAML config file")
     check.add_argument("paths", nargs="*", type=Path, help="list files or directories")
 
+    _add_healthcheck(sub)
+
+    explain = sub.add_parser("explain", help="what the policy does with a name, and why")
+    explain.add_argument("name", help="the domain name to explain")
+    explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--client-id", metavar="ID", help="an encrypted client's id (its groups)")
+    explain.add_argument("--type", default="A", help="query type (default A)")
+    explain.add_argument(
+        "--at",
+        metavar="TIME",
+        help="when: a date or ISO date and time, then optionally a time zone or an offset "
+        "('2025-02-26T00:30 Europe/Brussels', '2025-02-26T00:30+01:00'; UTC without); "
+        "default now",
+    )
+    explain.add_argument("--config", type=Path, help="YAML config file (for groups and lists)")
+    explain.add_argument("--blocklists", type=Path, help="directory (or file) of list files")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    return parser
+
+
+def _add_healthcheck(sub: Any) -> None:
+    """The ``healthcheck`` command's arguments."""
     health = sub.add_parser(
         "healthcheck", help="ask the resolver a real DNS question; exit 0 when it answers"
     )
     health.add_argument(
         "--server",
-        default="127.0.0.1:53",
+        default=str(DEFAULT_LISTEN[0]),  # where serve listens by default
         metavar="HOST:PORT",
-        help="the resolver to ask (default 127.0.0.1:53)",
+        help=f"the resolver to ask (default {DEFAULT_LISTEN[0]}, serve's default address)",
     )
     health.add_argument(
         "--name",
@@ -89,19 +117,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--tcp", action="store_true", help="ask over TCP")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-
-    explain = sub.add_parser("explain", help="what the policy does with a name, and why")
-    explain.add_argument("name", help="the domain name to explain")
-    explain.add_argument("--client", default="127.0.0.1", help="client address (default 127.0.0.1)")
-    explain.add_argument("--client-id", metavar="ID", help="an encrypted client's id (its groups)")
-    explain.add_argument("--type", default="A", help="query type (default A)")
-    explain.add_argument(
-        "--at", help="when: a date or ISO datetime (UTC unless it has an offset); default now"
-    )
-    explain.add_argument("--config", type=Path, help="YAML config file (for groups and lists)")
-    explain.add_argument("--blocklists", type=Path, help="directory (or file) of list files")
-    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
-    return parser
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -120,8 +135,27 @@ def _options(config: Config, keep_sources: bool, now: float | None = None) -> Lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``resolver`` command; returns the exit code."""
+    """Entry point of the ``resolver`` command; returns the exit code.
+
+    Output into a pipe closed early (``resolver explain x | head -1``) ends the command
+    quietly, as it ends other Unix tools: no traceback, exit status 141 (128 + SIGPIPE).
+    ``serve`` writes no output of its own there, so an error of its sockets is not hidden."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # inside the try: the last output may be what meets the closed pipe
+        return code
+    except BrokenPipeError:
+        if argv[:1] == ["serve"]:
+            raise
+        # Python flushes stdout once more at exit; pointed at /dev/null, that flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _command(argv: list[str]) -> int:
     if argv[:1] == ["audit"]:
         from .audit import main as audit_main  # its own argument parser
 
@@ -217,31 +251,59 @@ def shadowed(policy: Policy) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args)
-        paths = args.paths or [config.blocklists]
-        now = time.time()
-        for path in paths:
-            policy = load_policy(path, _options(config, True, now))
-            for warning in (*policy.warnings, *shadowed(policy)):
-                print(warning, file=sys.stderr)
-            print(f"{path}: ok: {policy.summary(now)}")
-    except SourceError as exc:
-        print(f"{exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # load_policy reports its own faults; this is the config's
-        print(f"resolver check: {fault(exc)}", file=sys.stderr)
-        return 1
-    return 0
+    """Validate the config and the lists, reporting every error found (each config
+    section and each list file is read on its own), and, with ``--config``, everything
+    that would stop ``serve`` from starting on that config."""
+    from ..service.assembly import problems as startup_problems  # what serve refuses
+
+    errors: list[str] = []
+    config = Config()
+    if args.config:
+        try:
+            config, found = read_config(args.config)
+            errors += [str(error) for error in found]
+            errors += [f"{args.config}: {p}" for p in startup_problems(finish(config))]
+        except SourceError as exc:
+            errors += _each(exc)
+        except ValueError as exc:
+            errors.append(f"{args.config}: {exc}")
+        except Exception as exc:  # a sentence, never a traceback
+            errors.append(f"{args.config}: cannot load the config: {fault(exc)}")
+    now = time.time()
+    for path in args.paths or [config.blocklists]:
+        try:
+            policy = load_policy(path, replace(_options(config, True, now), all_errors=True))
+        except SourceError as exc:
+            errors += _each(exc)
+            continue
+        except Exception as exc:  # load_policy reports its own faults; belt and braces
+            errors.append(f"{path}: {fault(exc)}")
+            continue
+        for warning in (*policy.warnings, *shadowed(policy)):
+            print(warning, file=sys.stderr)
+        print(f"{path}: ok: {policy.summary(now)}")
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print(f"resolver check: {len(errors)} error(s)", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _each(exc: SourceError) -> list[str]:
+    """The errors ``exc`` stands for, one a line."""
+    return [str(error) for error in getattr(exc, "errors", [exc])]
 
 
 def _explain(args: argparse.Namespace) -> int:
     try:
         config = _load(args)
         path = args.blocklists or config.blocklists
-        now = parse_at(args.at)
+        moment = parse_moment(args.at)
+        now = moment.instant
         policy = load_policy(path, _options(config, True, now))
-        doc = explain(policy, args.name, args.client, args.type, now, args.client_id or "")
+        doc = explain(
+            policy, args.name, args.client, args.type, now, moment, client_id=args.client_id or ""
+        )
     except SourceError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@ command line (:mod:`.load`)."""
 
 # parse_upstream: the upstream syntax of the config, read by resolver/upstream.
 from ..upstream.endpoints import parse_upstream
-from .load import finish, load_config, parse_bootstrap, unmap_network
+from .fields import unmap_network
+from .load import finish, load_config, parse_bootstrap
 from .model import (
     ACL_KEYS,
     ADMIN_KEYS,

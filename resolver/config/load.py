@@ -5,8 +5,8 @@ dataclasses, so that each is written once.
 
 from __future__ import annotations
 
-import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
@@ -17,13 +17,25 @@ from ..observe.querylog import AuditConfig
 from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,
+    SourceErrors,
     Where,
     YMap,
     check_keys,
     empty_map,
     item_where,
     load_file,
+    raise_all,
     value_where,
+)
+from .fields import (
+    read_addresses,
+    read_flag,
+    read_host_names,
+    read_networks,
+    read_number,
+    read_one_address,
+    read_path,
+    read_section,
 )
 from .model import (
     ACL_KEYS,
@@ -55,7 +67,6 @@ from .model import (
     DoQConfig,
     DoTConfig,
     InflightConfig,
-    Listen,
     RateLimitConfig,
     RebindingConfig,
     ReloadConfig,
@@ -70,91 +81,179 @@ from .model import (
 
 
 def load_config(path: Path) -> Config:
-    """Read a YAML config file; relative paths in it are relative to the file."""
+    """Read a YAML config file; relative paths in it are relative to the file. Raise
+    :class:`SourceError` naming every error found (:class:`SourceErrors` for several)."""
+    config, errors = read_config(path)
+    raise_all(errors)
+    return config
+
+
+def read_config(path: Path) -> tuple[Config, list[SourceError]]:
+    """The config in ``path`` and every error found in it. Each setting (each section) is
+    read on its own, so that one error does not hide the next; a setting in error keeps
+    its default in the config returned. A file that is no YAML mapping is one error."""
     doc = load_file(path)
     if doc is None:
         doc = empty_map(Where(str(path), 1, 1))
     if not isinstance(doc, YMap):
         raise SourceError(Where(str(path), 1, 1), "", "the config must be a YAML mapping")
-    check_keys(doc, TOP_KEYS, "the config")
+    errors: list[SourceError] = []
+    check_keys(doc, TOP_KEYS, "the config", errors)
     base = Config()
-    listen = _address_list(doc, "listen", parse_listen)
-    admin, admin_token, admin_max, allowed_hosts = _admin(doc)
-    metrics = _section(doc, "metrics", METRICS_KEYS)
-    tls, dot, doh, doq = _encrypted(doc, path)
-    groups, group_ids = _groups(doc)
-    return Config(
+    collect = _Collect(doc, errors)
+    get, section = collect.get, collect.section
+    listen = get(lambda: read_addresses(doc, "listen", parse_listen), ())
+    admin, metrics = section("admin", ADMIN_KEYS), section("metrics", METRICS_KEYS)
+    groups, group_ids = get(lambda: _groups(doc), ((), ()))
+    config = Config(
         listen=listen,
-        upstreams=_address_list(doc, "upstreams", parse_upstream),
-        blocklists=_path(doc, "blocklists", path) or base.blocklists,
-        upstream_timeout=_number(doc, "upstream_timeout", float, 0.05, 30, base.upstream_timeout),
-        upstream_deadline=_number(doc, "upstream_deadline", float, 0.1, 60, base.upstream_deadline),
-        upstream_strategy=_strategy(doc),
-        tls_ca_file=_path(doc, "tls_ca_file", path),
-        forward=_forward(doc),
-        bootstrap=_address_list(doc, "bootstrap", parse_bootstrap),
-        cache=_cache(_section(doc, "cache", CACHE_KEYS)),
-        tcp=_tcp(_section(doc, "tcp", TCP_KEYS)),
-        udp=UDPConfig(batch=_flag(_section(doc, "udp", UDP_KEYS), "batch", "udp.batch", True)),
-        drain_timeout=_number(doc, "drain_timeout", float, 0, 300, base.drain_timeout),
-        workers=_number(doc, "workers", int, 1, MAX_WORKERS, base.workers),
-        log_level=_log_level(doc),
+        upstreams=get(lambda: read_addresses(doc, "upstreams", parse_upstream), ()),
+        blocklists=get(lambda: read_path(doc, "blocklists", path), None) or base.blocklists,
+        upstream_timeout=get(
+            lambda: read_number(doc, "upstream_timeout", float, 0.05, 30, base.upstream_timeout),
+            base.upstream_timeout,
+        ),
+        upstream_deadline=get(
+            lambda: read_number(doc, "upstream_deadline", float, 0.1, 60, base.upstream_deadline),
+            base.upstream_deadline,
+        ),
+        upstream_strategy=get(lambda: _strategy(doc), base.upstream_strategy),
+        tls_ca_file=get(lambda: read_path(doc, "tls_ca_file", path), None),
+        forward=get(lambda: _forward(doc), ()),
+        bootstrap=get(lambda: read_addresses(doc, "bootstrap", parse_bootstrap), ()),
+        cache=get(lambda: _cache(section("cache", CACHE_KEYS)), base.cache),
+        tcp=get(lambda: _tcp(section("tcp", TCP_KEYS)), base.tcp),
+        udp=get(
+            lambda: UDPConfig(read_flag(section("udp", UDP_KEYS), "batch", "udp.batch", True)),
+            base.udp,
+        ),
+        drain_timeout=get(
+            lambda: read_number(doc, "drain_timeout", float, 0, 300, base.drain_timeout),
+            base.drain_timeout,
+        ),
+        workers=get(
+            lambda: read_number(doc, "workers", int, 1, MAX_WORKERS, base.workers), base.workers
+        ),
+        log_level=get(lambda: _log_level(doc), base.log_level),
         groups=groups,
         group_ids=group_ids,
-        state_dir=_path(doc, "state_dir", path) or base.state_dir,
-        admin=admin,
-        admin_token=admin_token,
-        metrics=_one_address(metrics, "listen", "metrics.listen"),
-        admin_max_connections=admin_max,
-        admin_allowed_hosts=allowed_hosts,
-        metrics_max_connections=_number(
-            metrics, "max_connections", int, 1, 100_000, base.metrics_max_connections
+        state_dir=get(lambda: read_path(doc, "state_dir", path), None) or base.state_dir,
+        **_http_settings(collect, admin, metrics),
+        reload=get(lambda: _reload(section("reload", RELOAD_KEYS)), base.reload),
+        remote=get(
+            lambda: RemoteConfig(
+                read_flag(section("remote", REMOTE_KEYS), "allow_private", "remote.allow_private")
+            ),
+            base.remote,
         ),
-        reload=_reload(_section(doc, "reload", RELOAD_KEYS)),
-        remote=RemoteConfig(
-            _flag(_section(doc, "remote", REMOTE_KEYS), "allow_private", "remote.allow_private")
+        include_roots=get(lambda: _include_roots(doc, path), ()),
+        acl=get(lambda: _acl(section("acl", ACL_KEYS)), base.acl),
+        ratelimit=get(lambda: _ratelimit(section("ratelimit", RATELIMIT_KEYS)), base.ratelimit),
+        rebinding=get(lambda: _rebinding(section("rebinding", REBINDING_KEYS)), base.rebinding),
+        upstream_health=get(
+            lambda: _upstream_health(section("upstream_health", UPSTREAM_HEALTH_KEYS)),
+            base.upstream_health,
         ),
-        include_roots=_include_roots(doc, path),
-        acl=_acl(_section(doc, "acl", ACL_KEYS)),
-        ratelimit=_ratelimit(_section(doc, "ratelimit", RATELIMIT_KEYS)),
-        rebinding=_rebinding(_section(doc, "rebinding", REBINDING_KEYS)),
-        upstream_health=_upstream_health(_section(doc, "upstream_health", UPSTREAM_HEALTH_KEYS)),
-        inflight=_inflight(_section(doc, "inflight", INFLIGHT_KEYS)),
-        audit=_audit(doc, path),
-        tls=tls,
-        dot=dot,
-        doh=doh,
-        doq=doq,
-        ddr=DDRConfig(_flag(_section(doc, "ddr", DDR_KEYS), "enabled", "ddr.enabled", True)),
+        inflight=get(lambda: _inflight(section("inflight", INFLIGHT_KEYS)), base.inflight),
+        audit=get(lambda: _audit(doc, path), base.audit),
+        **_encrypted_settings(collect, doc, path),
         source=str(path),
         default_listen=not listen,
     )
+    return config, errors
+
+
+def _encrypted_settings(collect: _Collect, doc: YMap, path: Path) -> dict[str, Any]:
+    """The encrypted listeners, their certificate and DDR, as Config's keyword arguments."""
+    base = Config()
+    tls, dot, doh, doq = collect.get(
+        lambda: _encrypted(doc, path), (base.tls, base.dot, base.doh, base.doq)
+    )
+    ddr = collect.get(
+        lambda: DDRConfig(
+            read_flag(collect.section("ddr", DDR_KEYS), "enabled", "ddr.enabled", True)
+        ),
+        base.ddr,
+    )
+    return {"tls": tls, "dot": dot, "doh": doh, "doq": doq, "ddr": ddr}
+
+
+def _http_settings(collect: _Collect, admin: YMap, metrics: YMap) -> dict[str, Any]:
+    """The admin API's and /metrics' settings, by their Config field."""
+    get, base = collect.get, Config()
+    return dict(
+        admin=get(lambda: read_one_address(admin, "listen", "admin.listen"), None),
+        admin_token=get(lambda: _token(admin), None),
+        metrics=get(lambda: read_one_address(metrics, "listen", "metrics.listen"), None),
+        admin_max_connections=get(
+            lambda: read_number(
+                admin, "max_connections", int, 1, 100_000, base.admin_max_connections
+            ),
+            base.admin_max_connections,
+        ),
+        admin_allowed_hosts=get(lambda: read_host_names(admin), ()),
+        metrics_max_connections=get(
+            lambda: read_number(
+                metrics, "max_connections", int, 1, 100_000, base.metrics_max_connections
+            ),
+            base.metrics_max_connections,
+        ),
+    )
+
+
+class _Collect:
+    """Reads one setting or section at a time, keeping each error in ``errors`` and going
+    on with the setting's default, so that a config's errors are all reported at once."""
+
+    def __init__(self, doc: YMap, errors: list[SourceError]) -> None:
+        self.doc = doc
+        self.errors = errors
+
+    def get(self, parse: Callable[[], Any], default: Any) -> Any:
+        """What ``parse`` reads, or ``default`` when it finds an error (kept)."""
+        try:
+            return parse()
+        except SourceErrors as exc:
+            self.errors.extend(exc.errors)
+        except SourceError as exc:
+            self.errors.append(exc)
+        return default
+
+    def section(self, key: str, keys: frozenset[str]) -> YMap:
+        """The section ``key`` (empty when it is no mapping); its unknown keys are kept
+        as errors and the keys it knows are still read."""
+        section: YMap = self.get(
+            lambda: read_section(self.doc, key, keys, self.errors), empty_map(self.doc.where)
+        )
+        return section
 
 
 def _cache(doc: YMap) -> CacheConfig:
     d = CacheConfig()
     return CacheConfig(
-        max_entries=_number(doc, "max_entries", int, 0, 100_000_000, d.max_entries),
-        min_ttl=_number(doc, "min_ttl", int, 0, 86_400, d.min_ttl),
-        max_ttl=_number(doc, "max_ttl", int, 0, 7 * 86_400, d.max_ttl),
-        max_negative_ttl=_number(doc, "max_negative_ttl", int, 0, 86_400, d.max_negative_ttl),
-        serve_stale=_number(doc, "serve_stale", float, 0, 30 * 86_400, d.serve_stale),
-        stale_timer=_number(doc, "stale_timer", float, 0.05, 30, d.stale_timer),
-        prefetch=_flag(doc, "prefetch", "cache.prefetch", d.prefetch),
-        max_bytes=_number(doc, "max_bytes", int, 1 << 20, 1 << 40, d.max_bytes),
-        memo_max_bytes=_number(doc, "memo_max_bytes", int, 0, 1 << 34, d.memo_max_bytes),
-        memo_max_entries=_number(doc, "memo_max_entries", int, 0, 10_000_000, d.memo_max_entries),
+        max_entries=read_number(doc, "max_entries", int, 0, 100_000_000, d.max_entries),
+        min_ttl=read_number(doc, "min_ttl", int, 0, 86_400, d.min_ttl),
+        max_ttl=read_number(doc, "max_ttl", int, 0, 7 * 86_400, d.max_ttl),
+        max_negative_ttl=read_number(doc, "max_negative_ttl", int, 0, 86_400, d.max_negative_ttl),
+        serve_stale=read_number(doc, "serve_stale", float, 0, 30 * 86_400, d.serve_stale),
+        stale_timer=read_number(doc, "stale_timer", float, 0.05, 30, d.stale_timer),
+        prefetch=read_flag(doc, "prefetch", "cache.prefetch", d.prefetch),
+        max_bytes=read_number(doc, "max_bytes", int, 1 << 20, 1 << 40, d.max_bytes),
+        memo_max_bytes=read_number(doc, "memo_max_bytes", int, 0, 1 << 34, d.memo_max_bytes),
+        memo_max_entries=read_number(
+            doc, "memo_max_entries", int, 0, 10_000_000, d.memo_max_entries
+        ),
     )
 
 
 def _tcp(doc: YMap) -> TCPConfig:
     d = TCPConfig()
     return TCPConfig(
-        idle_timeout=_number(doc, "idle_timeout", float, 0.1, 3600, d.idle_timeout),
-        max_connections=_number(doc, "max_connections", int, 1, 1_000_000, d.max_connections),
-        max_pipeline=_number(doc, "max_pipeline", int, 1, 65_535, d.max_pipeline),
-        max_output=_number(doc, "max_output", int, 4096, 64 * 1024 * 1024, d.max_output),
-        max_connections_per_client=_number(
+        idle_timeout=read_number(doc, "idle_timeout", float, 0.1, 3600, d.idle_timeout),
+        max_connections=read_number(doc, "max_connections", int, 1, 1_000_000, d.max_connections),
+        max_pipeline=read_number(doc, "max_pipeline", int, 1, 65_535, d.max_pipeline),
+        max_output=read_number(doc, "max_output", int, 4096, 64 * 1024 * 1024, d.max_output),
+        max_connections_per_client=read_number(
             doc, "max_connections_per_client", int, 0, 1_000_000, d.max_connections_per_client
         ),
     )
@@ -163,17 +262,19 @@ def _tcp(doc: YMap) -> TCPConfig:
 def _reload(doc: YMap) -> ReloadConfig:
     d = ReloadConfig()
     return ReloadConfig(
-        interval=_number(doc, "interval", float, 0.1, 3600, d.interval),
-        debounce=_number(doc, "debounce", float, 0, 60, d.debounce),
-        checksum_interval=_number(doc, "checksum_interval", float, 1, 86400, d.checksum_interval),
-        allow_empty=_flag(doc, "allow_empty", "reload.allow_empty", d.allow_empty),
-        timeout=_number(doc, "timeout", float, 1, 86400, d.timeout),
+        interval=read_number(doc, "interval", float, 0.1, 3600, d.interval),
+        debounce=read_number(doc, "debounce", float, 0, 60, d.debounce),
+        checksum_interval=read_number(
+            doc, "checksum_interval", float, 1, 86400, d.checksum_interval
+        ),
+        allow_empty=read_flag(doc, "allow_empty", "reload.allow_empty", d.allow_empty),
+        timeout=read_number(doc, "timeout", float, 1, 86400, d.timeout),
     )
 
 
 def _acl(doc: YMap) -> AclConfig:
     d = AclConfig()
-    allow = _networks(doc, "allow", "acl.allow") if "allow" in doc else d.allow
+    allow = read_networks(doc, "allow", "acl.allow") if "allow" in doc else d.allow
     action = doc.get("action", d.action)
     if action not in ("refuse", "drop"):
         raise SourceError(value_where(doc, "action"), "acl.action", "use refuse or drop")
@@ -188,16 +289,16 @@ def _ratelimit(doc: YMap) -> RateLimitConfig:
             value_where(doc, "over_limit"), "ratelimit.over_limit", "use drop or truncate"
         )
     return RateLimitConfig(
-        qps=_number(doc, "qps", float, 0, 1e6, d.qps),
-        burst=_number(doc, "burst", float, 0, 1e7, d.burst),
+        qps=read_number(doc, "qps", float, 0, 1e6, d.qps),
+        burst=read_number(doc, "burst", float, 0, 1e7, d.burst),
         over_limit=over,
-        ipv6_prefix=_number(doc, "ipv6_prefix", int, 32, 128, d.ipv6_prefix),
-        max_clients=_number(doc, "max_clients", int, 1, 10_000_000, d.max_clients),
+        ipv6_prefix=read_number(doc, "ipv6_prefix", int, 32, 128, d.ipv6_prefix),
+        max_clients=read_number(doc, "max_clients", int, 1, 10_000_000, d.max_clients),
     )
 
 
 def _rebinding(doc: YMap) -> RebindingConfig:
-    enabled = _flag(doc, "enabled", "rebinding.enabled")
+    enabled = read_flag(doc, "enabled", "rebinding.enabled")
     zones = doc.get("allow", [])
     if isinstance(zones, str):
         zones = [zones]
@@ -218,9 +319,9 @@ def _upstream_health(doc: YMap) -> UpstreamHealthConfig:
             "expected a domain name such as '.' or 'example.com'",
         )
     return UpstreamHealthConfig(
-        max_fails=_number(doc, "max_fails", int, 1, 100, d.max_fails),
-        probe_interval=_number(doc, "probe_interval", float, 0.05, 3600, d.probe_interval),
-        probe_max_interval=_number(
+        max_fails=read_number(doc, "max_fails", int, 1, 100, d.max_fails),
+        probe_interval=read_number(doc, "probe_interval", float, 0.05, 3600, d.probe_interval),
+        probe_max_interval=read_number(
             doc, "probe_max_interval", float, 0.05, 3600, d.probe_max_interval
         ),
         probe_name=probe_name,
@@ -242,21 +343,19 @@ def _is_domain_name(text: str) -> bool:
 def _inflight(doc: YMap) -> InflightConfig:
     d = InflightConfig()
     return InflightConfig(
-        max=_number(doc, "max", int, 1, 10_000_000, d.max),
-        per_client=_number(doc, "per_client", int, 0, 10_000_000, d.per_client),
+        max=read_number(doc, "max", int, 1, 10_000_000, d.max),
+        per_client=read_number(doc, "per_client", int, 0, 10_000_000, d.per_client),
     )
 
 
-def _admin(doc: YMap) -> tuple[Listen | None, str | None, int, tuple[str, ...]]:
-    """``admin``: its address, token, connection limit and allowed host names."""
-    admin = _section(doc, "admin", ADMIN_KEYS)
+def _token(admin: YMap) -> str | None:
+    """``admin.token``: a secret of 16 characters or more, or None."""
     token = admin.get("token")
     if token is not None and (not isinstance(token, str) or len(token) < 16):
         raise SourceError(
             value_where(admin, "token"), "admin.token", "expected a secret of 16 characters or more"
         )
-    limit = _number(admin, "max_connections", int, 1, 100_000, Config().admin_max_connections)
-    return _one_address(admin, "listen", "admin.listen"), token, limit, _host_names(admin)
+    return token
 
 
 def _audit(doc: YMap, path: Path) -> AuditConfig:
@@ -293,14 +392,6 @@ def _strategy(doc: YMap) -> str:
     return str(strategy)
 
 
-def _path(doc: YMap, key: str, config_file: Path) -> Path | None:
-    """A path setting, relative to the config file; None when not given (or empty)."""
-    value = doc.get(key)
-    if value is not None and not isinstance(value, str):
-        raise SourceError(value_where(doc, key), key, "expected a path")
-    return config_file.parent / value if value else None
-
-
 def _include_roots(doc: YMap, config_file: Path) -> tuple[Path, ...]:
     roots = doc.get("include_roots", [])
     if isinstance(roots, str):
@@ -322,44 +413,6 @@ def parse_bootstrap(text: str) -> Upstream:
             "encrypted upstreams, so it cannot be one)"
         )
     return up
-
-
-def _number(doc: YMap, key: str, kind: type, low: float, high: float, default: Any) -> Any:
-    value = doc.get(key, default)
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or not low <= value <= high:
-        noun = "a number" if kind is float else "a whole number"
-        raise SourceError(value_where(doc, key), key, f"expected {noun} from {low:g} to {high:g}")
-    return kind(value)
-
-
-def _section(doc: YMap, key: str, keys: frozenset[str]) -> YMap:
-    value = doc.get(key)
-    if value is None:
-        return empty_map(doc.where)
-    if not isinstance(value, YMap):
-        raise SourceError(value_where(doc, key), key, "expected a mapping")
-    check_keys(value, keys, key)
-    return value
-
-
-def _address_list(doc: YMap, key: str, parse: Any) -> tuple[Any, ...]:
-    value = doc.get(key)
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise SourceError(value_where(doc, key), key, "expected a list of addresses")
-    out = []
-    for index, item in enumerate(value):
-        try:
-            out.append(parse(str(item)))
-        except ValueError as exc:
-            raise SourceError(
-                item_where(value, index) or value_where(doc, key), f"{key}[{index}]", str(exc)
-            ) from None
-    return tuple(out)
 
 
 _GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -390,11 +443,11 @@ def _groups(doc: YMap) -> tuple[_Named, _Named]:
         if not isinstance(entry, YMap):
             if not entry:
                 raise SourceError(value_where(value, name), field_name, "expected networks (CIDR)")
-            nets_out.append((name, _networks(value, name, field_name)))
+            nets_out.append((name, read_networks(value, name, field_name)))
             continue
         check_keys(entry, _GROUP_KEYS, field_name)
         has = "networks" in entry
-        nets = _networks(entry, "networks", f"{field_name}.networks") if has else ()
+        nets = read_networks(entry, "networks", f"{field_name}.networks") if has else ()
         ids = _client_ids(entry, f"{field_name}.ids") if "ids" in entry else ()
         if not nets and not ids:
             raise SourceError(value_where(value, name), field_name, "expected networks or ids")
@@ -427,13 +480,6 @@ def _client_ids(doc: YMap, field_name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _flag(doc: YMap, key: str, field_name: str, default: bool = False) -> bool:
-    value = doc.get(key, default)
-    if not isinstance(value, bool):
-        raise SourceError(value_where(doc, key), field_name, "use true or false")
-    return value
-
-
 def _forward(doc: YMap) -> tuple[tuple[str, tuple[Upstream, ...]], ...]:
     value = doc.get("forward")
     if value is None:
@@ -447,72 +493,11 @@ def _forward(doc: YMap) -> tuple[tuple[str, tuple[Upstream, ...]], ...]:
         name = zone.strip().rstrip(".").lower()
         if not name or " " in name:
             raise SourceError(value.key_where.get(zone), f"forward.{zone}", "expected a zone name")
-        ups = _address_list(value, zone, parse_upstream)
+        ups = read_addresses(value, zone, parse_upstream)
         if not ups:
             raise SourceError(value_where(value, zone), f"forward.{zone}", "give upstreams")
         out.append((name, ups))
     return tuple(out)
-
-
-def _networks(doc: YMap, key: str, field_name: str) -> tuple[str, ...]:
-    value = doc.get(key)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise SourceError(value_where(doc, key), field_name, "expected a list of networks (CIDR)")
-    out = []
-    for index, net in enumerate(value):
-        try:
-            parsed = ipaddress.ip_network(str(net), strict=False)
-        except ValueError:
-            raise SourceError(
-                item_where(value, index) or value_where(doc, key),
-                f"{field_name}[{index}]",
-                f"{net!r} is not a network (e.g. 10.0.0.0/8 or 2001:db8::/32)",
-            ) from None
-        # An IPv4-mapped network (::ffff:127.0.0.3/128) is kept in its IPv4 form: clients
-        # are matched by their IPv4 address, so the mapped form would never match.
-        unmapped = unmap_network(parsed)
-        out.append(str(unmapped) if unmapped is not parsed else str(net))
-    return tuple(out)
-
-
-def unmap_network(
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
-) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``net`` with an IPv4-mapped IPv6 network (``::ffff:0:0/96`` or inside it) given as
-    the IPv4 network it stands for; any other network unchanged."""
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-    return net
-
-
-def _one_address(doc: YMap, key: str, field_name: str) -> Listen | None:
-    value = doc.get(key)
-    if value is None:
-        return None
-    try:
-        return parse_listen(str(value))
-    except ValueError as exc:
-        raise SourceError(value_where(doc, key), field_name, str(exc)) from None
-
-
-def _host_names(admin: YMap) -> tuple[str, ...]:
-    """``admin.allowed_hosts``: host names or addresses, without port."""
-    value = admin.get("allowed_hosts", [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(
-        isinstance(v, str) and v.strip() and not any(c in v for c in " /@") for v in value
-    ):
-        raise SourceError(
-            value_where(admin, "allowed_hosts"),
-            "admin.allowed_hosts",
-            "expected a list of host names or addresses (like resolver.example.org)",
-        )
-    return tuple(v.strip().lower().rstrip(".") for v in value)
 
 
 def finish(
@@ -551,35 +536,35 @@ def finish(
 def _encrypted(doc: YMap, path: Path) -> tuple[TLSConfig, DoTConfig, DoHConfig, DoQConfig]:
     """The encrypted listeners and their certificate: a listener that speaks TLS needs
     ``tls.cert`` and ``tls.key`` (reading them is the server's, which names the file)."""
-    section = _section(doc, "tls", TLS_KEYS)
+    section = read_section(doc, "tls", TLS_KEYS)
     domain = section.get("client_id_domain", "")
     if not isinstance(domain, str) or " " in domain:
         raise SourceError(
             value_where(section, "client_id_domain"), "tls.client_id_domain", "expected a name"
         )
     tls = TLSConfig(
-        cert=_path(section, "cert", path),
-        key=_path(section, "key", path),
+        cert=read_path(section, "cert", path),
+        key=read_path(section, "key", path),
         client_id_domain=domain.strip().strip(".").lower(),
     )
-    dot_doc = _section(doc, "dot", DOT_KEYS)
-    doh_doc = _section(doc, "doh", DOH_KEYS)
-    doq_doc = _section(doc, "doq", DOQ_KEYS)
-    dot = DoTConfig(_address_list(dot_doc, "listen", parse_listen))
-    doq = DoQConfig(_address_list(doq_doc, "listen", parse_listen))
+    dot_doc = read_section(doc, "dot", DOT_KEYS)
+    doh_doc = read_section(doc, "doh", DOH_KEYS)
+    doq_doc = read_section(doc, "doq", DOQ_KEYS)
+    dot = DoTConfig(read_addresses(dot_doc, "listen", parse_listen))
+    doq = DoQConfig(read_addresses(doq_doc, "listen", parse_listen))
     doh_path = doh_doc.get("path", DEFAULT_DOH_PATH)
     if not isinstance(doh_path, str) or not doh_path.startswith("/") or "?" in doh_path:
         raise SourceError(
             value_where(doh_doc, "path"), "doh.path", "expected a path such as /dns-query"
         )
     doh = DoHConfig(
-        listen=_address_list(doh_doc, "listen", parse_listen),
+        listen=read_addresses(doh_doc, "listen", parse_listen),
         path=doh_path.rstrip("/") or DEFAULT_DOH_PATH,
-        plain=_flag(doh_doc, "plain", "doh.plain"),
-        trusted_proxies=_networks(doh_doc, "trusted_proxies", "doh.trusted_proxies")
+        plain=read_flag(doh_doc, "plain", "doh.plain"),
+        trusted_proxies=read_networks(doh_doc, "trusted_proxies", "doh.trusted_proxies")
         if doh_doc.get("trusted_proxies") is not None
         else (),
-        proxy_protocol=_flag(doh_doc, "proxy_protocol", "doh.proxy_protocol"),
+        proxy_protocol=read_flag(doh_doc, "proxy_protocol", "doh.proxy_protocol"),
     )
     needs_tls = [
         (name, sub)

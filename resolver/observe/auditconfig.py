@@ -6,12 +6,12 @@ names the one probably meant.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from ..yamlload import did_you_mean
 from .querylog import (
     DEFAULT_KEEP,
     DEFAULT_MAX_BYTES,
@@ -135,10 +135,8 @@ def _check_keys(doc: Mapping[str, Any]) -> None:
     """Refuse an unknown key, naming the one probably meant."""
     for key in doc:
         if key not in CONFIG_KEYS:
-            close = _ALIASES.get(str(key)) or next(
-                iter(difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)), None
-            )
-            hint = f"did you mean {close}? " if close else ""
+            alias = _ALIASES.get(str(key))
+            hint = f"did you mean {alias}? " if alias else did_you_mean(str(key), CONFIG_KEYS)
             raise ValueError(
                 f"audit.{key}: unknown key; {hint}expected one of {', '.join(CONFIG_KEYS)}"
             )

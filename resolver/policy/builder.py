@@ -32,6 +32,9 @@ class LoadOptions:
     #: Whether ``include: {url: ...}`` may name a loopback, link-local or unspecified
     #: address (remote.allow_private in the config).
     allow_private: bool = False
+    #: Whether a load reads every file and reports all the errors found (``resolver
+    #: check``) rather than stopping at the first (serving keeps its last good policy).
+    all_errors: bool = False
 
 
 class Builder:

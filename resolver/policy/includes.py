@@ -71,7 +71,9 @@ def add_include(
             raise SourceError(
                 value_where(item, "file"), f"{field_name}.file", f"cannot read {target}: {exc}"
             ) from None
-        builder.digest.update(source.encode() + b"\0" + raw)
+        # Hashed under the name the list gives it, which the list's own hash covers: the
+        # digest must not change with where the folder of lists lies.
+        builder.digest.update(str(item["file"]).encode() + b"\0" + raw)
         builder.files.append(source)
     else:
         url = str(item["url"])

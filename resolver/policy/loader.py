@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from ..yamlload import SourceError, Where, load_text
+from ..yamlload import SourceError, Where, load_text, raise_all
 from .builder import Builder, LoadOptions, clip
 from .listfile import parse_list
 from .model import BlockList, Policy
@@ -92,7 +92,8 @@ def fault(exc: BaseException) -> str:
 
 def load_policy(path: Path, options: LoadOptions | None = None) -> Policy:
     """Read and compile every list under ``path``; raise :class:`SourceError` on the first
-    error. Warnings (duplicates, unsupported import lines, closed windows) are kept in
+    error (with ``options.all_errors``, :class:`SourceErrors` naming the error of each
+    file in error). Warnings (duplicates, unsupported import lines, closed windows) are kept in
     ``Policy.warnings``.
 
     Nothing else escapes: any other exception (a NUL byte in a path, YAML nested past the
@@ -113,23 +114,27 @@ def _load_policy(path: Path, options: LoadOptions) -> Policy:
     builder.digest.update(repr(sorted(options.groups.bits)).encode())
     files, roots = scan_lists(path)
     builder.roots = [*roots, *(Path(os.path.realpath(r)) for r in options.include_roots)]
+    errors: list[SourceError] = []
     for file in files:
         try:
-            blocklist = _load_file(file, builder)
-        except SourceError:
-            raise
+            blocklist = _load_file(file, builder, _digest_name(file, path))
+            if blocklist is not None and blocklist.id in seen:
+                raise SourceError(
+                    blocklist.where,
+                    "list",
+                    f"list id {blocklist.id!r} is already used by {seen[blocklist.id]}",
+                )
         except Exception as exc:
-            raise SourceError(Where(str(file), 1, 1), "", fault(exc)) from None
+            error = exc if isinstance(exc, SourceError) else None
+            errors.append(error or SourceError(Where(str(file), 1, 1), "", fault(exc)))
+            if not options.all_errors:
+                break
+            continue
         if blocklist is None:
             continue
-        if blocklist.id in seen:
-            raise SourceError(
-                blocklist.where,
-                "list",
-                f"list id {blocklist.id!r} is already used by {seen[blocklist.id]}",
-            )
         seen[blocklist.id] = blocklist.where
         lists.append(blocklist)
+    raise_all(errors)
     now = options.now if options.now is not None else time.time()
     for rs in builder.rulesets:
         if rs.phases.end <= now:
@@ -156,8 +161,16 @@ def _load_policy(path: Path, options: LoadOptions) -> Policy:
     return policy
 
 
-def _load_file(file: Path, builder: Builder) -> BlockList | None:
-    """Read one list file into ``builder``; ``None`` for an empty file."""
+def _digest_name(file: Path, top: Path) -> str:
+    """The name the digest gives ``file``: its path under the folder loaded (its own name
+    when a single file is loaded), so that the digest depends on the lists' content and
+    layout, never on how the folder was spelt (absolute, relative or through a link)."""
+    return file.name if file == top else os.path.relpath(file, top)
+
+
+def _load_file(file: Path, builder: Builder, name: str) -> BlockList | None:
+    """Read one list file into ``builder``, hashing it under ``name``; ``None`` for an
+    empty file."""
     try:
         raw = file.read_bytes()
         text = raw.decode("utf-8")
@@ -172,7 +185,7 @@ def _load_file(file: Path, builder: Builder) -> BlockList | None:
         raise SourceError(Where(str(file), 1, 1), "", "the file vanished while loading") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(Where(str(file), 1, 1), "", f"cannot read the file: {exc}") from None
-    builder.digest.update(str(file).encode() + b"\0" + raw)
+    builder.digest.update(name.encode() + b"\0" + raw)
     builder.files.append(str(file))
     doc = load_text(text, str(file))
     if doc is None:

@@ -11,6 +11,7 @@ a reference have in common. A million imported names thus share a handful of rul
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -249,10 +250,20 @@ def _unmapped(
     return net
 
 
+def reference_id(reference: str) -> str:
+    """A short, stable id of a reference text (the first 8 hex digits of its SHA-256):
+    what the EDE carries of it; ``explain`` gives both, so either leads to the other."""
+    return hashlib.sha256(reference.encode("utf-8")).hexdigest()[:8]
+
+
 def ede_text(blocklist: BlockList, reference: str) -> str:
-    """The EXTRA-TEXT of the Blocked EDE: which list, and on what basis."""
+    """The EXTRA-TEXT of the Blocked EDE (RFC 8914): which list, and the id of the
+    reference it enforces (``blocked by list deepseek (reference 1a2b3c4d)``). Never the
+    reference itself: a legal text and its URL do not fit the few bytes an answer should
+    carry, and cut short they would end mid-word or mid-URL. ``explain`` and
+    ``/v1/explain`` give the full reference with its id."""
     text = f"blocked by list {blocklist.id}"
-    return f"{text}: {reference}" if reference else text
+    return f"{text} (reference {reference_id(reference)})" if reference else text
 
 
 def dotted(key: bytes, labels: tuple[int, ...]) -> bytes:

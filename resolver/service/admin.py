@@ -6,6 +6,7 @@ server's state, except reload, which loads the new policy off the loop as every 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import time
@@ -18,15 +19,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .. import __version__
 from ..core.wire import encode_name
 from ..observe.metrics import ResolverCollector, register_service_metrics
-from ..policy.explain import explain, parse_at
+from ..policy.explain import explain, parse_moment
 from ..policy.formats import normalize
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
+from .assembly import load_options
 from .http import Handler, HTTPServer, Request, Response, error, json_response
 from .tlsmetrics import TLSCollector
 
 if TYPE_CHECKING:
+    from ..config import Config
     from ..core.pipeline import Resolver
     from ..observe.metrics import Counts
+    from ..policy.model import Policy
     from ..policy.remote import FetchResult
     from ..upstream.endpoints import Upstream
     from ..upstream.forwarder import Forwarder
@@ -42,6 +46,9 @@ class Served(Protocol):
 
     @property
     def clock(self) -> Callable[[], float]: ...
+
+    @property
+    def config(self) -> Config: ...
 
     @property
     def started_at(self) -> float: ...
@@ -64,6 +71,26 @@ class Served(Protocol):
     def counts(self) -> Counts: ...
 
     async def reload(self) -> bool: ...
+
+
+async def _explain(
+    server: Served, policy: Policy, name: str, query: Mapping[str, str]
+) -> dict[str, Any]:
+    """``/v1/explain``, as ``resolver explain`` prints it; in a thread, because the rules'
+    list files are read again for the lines that name them."""
+    moment = parse_moment(query.get("at"), server.clock())
+    return await asyncio.get_running_loop().run_in_executor(
+        None,
+        explain,
+        policy,
+        name,
+        query.get("client") or "127.0.0.1",
+        query.get("type") or "A",
+        moment.instant,
+        moment,
+        load_options(server.config),
+        query.get("client_id") or "",
+    )
 
 
 def _instant(value: float) -> str | None:
@@ -100,16 +127,7 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
         if not name:
             return error(400, "give ?name=")
         try:
-            at = request.query.get("at")
-            now = parse_at(at) if at else server.clock()
-            doc = explain(
-                resolver.policy,
-                name,
-                request.query.get("client") or "127.0.0.1",
-                request.query.get("type") or "A",
-                now,
-                request.query.get("client_id") or "",
-            )
+            doc = await _explain(server, resolver.policy, name, request.query)
         except (ValueError, dns.exception.DNSException) as exc:
             return error(400, str(exc))
         return json_response(200, doc)

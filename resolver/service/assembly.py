@@ -259,29 +259,54 @@ def load_options(config: Config) -> LoadOptions:
 
 
 def check(config: Config) -> None:
-    """Raise :class:`StartupError` if the config cannot work: no upstreams, or an upstream
-    or bootstrap server that is this resolver (checked before the policy loads)."""
+    """Raise :class:`StartupError` for the first of :func:`problems` (checked before the
+    policy loads)."""
+    found = problems(config)
+    if found:
+        raise StartupError(found[0])
+
+
+def problems(config: Config) -> list[str]:
+    """Why the config cannot work, every reason found (``resolver check`` says them all,
+    ``serve`` refuses to start on the first): no upstreams, an upstream or bootstrap server
+    that is this resolver, an upstream host name with nothing to resolve it, an admin API
+    reachable from the network without a token."""
+    out = []
     if not config.upstreams:
-        raise StartupError(
+        out.append(
             "no upstream resolvers: none in /etc/resolv.conf; give --upstream HOST[:PORT] "
             "or 'upstreams:' in the config"
         )
-    mine = {(listen.host, listen.port) for listen in config.listen}
-    for upstream in config.upstreams:
-        if (upstream.host, upstream.port) in mine:
-            raise StartupError(
+    every = [*config.upstreams, *(u for _, ups in config.forward for u in ups)]
+    for upstream in every:
+        if upstream.is_address and is_self(upstream, config.listen):
+            out.append(
                 f"upstream {upstream} is this resolver's own listen address: queries would loop"
             )
     for server in config.bootstrap:
         if is_self(server, config.listen):
-            raise StartupError(
+            out.append(
                 f"bootstrap server {server} is this resolver's own listen address: the names "
                 "of upstreams must be resolved without this resolver; give other addresses"
             )
+    if not any(s.startswith("bootstrap server") for s in out):
+        try:
+            make_bootstrap(config, quiet=True)
+        except StartupError as exc:
+            out.append(str(exc))
+    admin = config.admin
+    open_admin = admin is not None and not ipaddress.ip_address(admin.host).is_loopback
+    if open_admin and not config.admin_token:
+        out.append(
+            f"the admin API on {admin} would be reachable from the network: set "
+            "admin.token in the config (a secret of 16+ characters), or listen on 127.0.0.1"
+        )
+    return out
 
 
-def make_bootstrap(config: Config) -> Bootstrap | None:
-    """The bootstrap for upstreams given by host name (None when there are none)."""
+def make_bootstrap(config: Config, quiet: bool = False) -> Bootstrap | None:
+    """The bootstrap for upstreams given by host name (None when there are none); not
+    logged when ``quiet``."""
     named = name_upstreams(config)
     if not named:
         return None
@@ -292,6 +317,8 @@ def make_bootstrap(config: Config) -> Bootstrap | None:
             "it (none in /etc/resolv.conf that is not this resolver): give 'bootstrap:' "
             "addresses in the config, or the upstream's IP address (tls://IP#name)"
         )
+    if quiet:
+        return None
     log.info(
         "upstream host names (%s) resolved through %s",
         ", ".join(sorted({u.host for u in named})),

@@ -220,6 +220,7 @@ EXPECTED_ALERTS = {
     "ResolverDown": ("2m", "page"),
     "ResolverRemoteListStale": ("5m", "ticket"),
     "ResolverRemoteListNeverFetched": ("30m", "ticket"),
+    "ResolverPolicyDigestMismatch": ("10m", "ticket"),
 }
 
 # --- PromQL helpers ----------------------------------------------------------------------
