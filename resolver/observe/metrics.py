@@ -190,6 +190,11 @@ class ResolverCollector(Collector):
         for (proto, qtype, rcode, decision), count in counts.answers.items():
             by_request[(proto, qtype)] += count
             by_response[(rcode, decision)] += count
+        # Every transport with a listener up has its series from the start (0, not absent),
+        # so that a dashboard or an alert by proto sees a transport nobody uses yet.
+        seen = {proto for proto, _ in by_request}
+        for proto in self._serving() - seen:
+            by_request[(proto, "A")] += 0
         for labels, count in sorted(by_request.items()):
             requests.add_metric(list(labels), count)
         for labels, count in sorted(by_response.items()):
@@ -205,6 +210,11 @@ class ResolverCollector(Collector):
         for decision, hist in counts.durations.items():
             duration.add_metric([decision], hist.family_buckets(), hist.total)
         yield duration
+
+    def _serving(self) -> set[str]:
+        """The transports (udp, tcp, dot, doh, doq) with a listener up: the server's bound
+        listeners (a source without them, as in unit tests, serves none)."""
+        return {str(getattr(b, "proto", "")) for b in getattr(self.source, "bound", ())} - {""}
 
     def _lists(self, policy: Policy, counts: Counts) -> Iterator[Metric]:
         blocked = CounterMetricFamily(

@@ -42,7 +42,7 @@ from aioquic.quic.events import (
 
 from ..core.pending import Pending
 from ..core.stats import PROTO_DOQ
-from .certs import client_id_from_sni
+from .certs import CertStore, client_id_from_sni
 
 log = logging.getLogger("resolver")
 
@@ -116,9 +116,25 @@ class Limits:
         self.idle_timeout = idle_timeout
         self.counts = DoQCounts()
         self.live = 0
+        #: Where every encrypted listener counts its TLS handshakes (doq.py sets it).
+        self.certs: CertStore | None = None
         #: Called before a long-header (handshake) packet is handled: a renewed
         #: certificate is then used for the connection it may open (doq.py sets it).
         self.certificate_check: Callable[[], object] = _nothing
+
+    def handshake_failed(self, reason: str) -> None:
+        """Count a failed handshake in the certificate store, as DoT and DoH do."""
+        if self.certs is not None:
+            self.certs.handshake_failures["doq", reason] += 1
+
+
+def _failure_reason(error_code: int) -> str:
+    """The reason label (as DoT's, service/dot.py) of a connection that ended before its
+    handshake: a TLS alert (QUIC CRYPTO_ERROR 0x100 + alert) is ``version`` for
+    protocol_version (70), else ``protocol``; any other end is the client leaving."""
+    if 0x100 <= error_code <= 0x1FF:
+        return "version" if error_code - 0x100 == 70 else "protocol"
+    return "closed"
 
 
 def _watch_server_name(connection: QuicConnection, seen: Callable[[str | None], None]) -> None:
@@ -209,6 +225,7 @@ class DoQConnection(QuicConnectionProtocol):
     def _handshake_late(self) -> None:
         self.handshake_timer = None
         self.limits.counts.handshakes_timed_out += 1
+        self.limits.handshake_failed("timeout")
         self._end()
         self.close(error_code=DOQ_PROTOCOL_ERROR, reason_phrase="handshake too slow")
 
@@ -261,6 +278,8 @@ class DoQConnection(QuicConnectionProtocol):
         elif isinstance(event, HandshakeCompleted):
             self.handshake_done = True
             self.limits.counts.handshakes += 1
+            if self.limits.certs is not None:
+                self.limits.certs.handshakes["doq"] += 1
             if self.handshake_timer is not None:
                 self.handshake_timer.cancel()
                 self.handshake_timer = None
@@ -270,6 +289,7 @@ class DoQConnection(QuicConnectionProtocol):
         elif isinstance(event, ConnectionTerminated):
             if not self.handshake_done and not self.ended:
                 self.limits.counts.handshake_failures += 1
+                self.limits.handshake_failed(_failure_reason(event.error_code))
             self._end()
 
     def _data(self, stream: int, data: bytes, end: bool) -> None:
@@ -394,6 +414,7 @@ class DoQServer(QuicServer):
                 # Over the bound: dropped before aioquic does any work for it; the client
                 # retries or gives up.
                 limits.counts.connections_refused += 1
+                limits.handshake_failed("busy")
                 return
             limits.certificate_check()
         super().datagram_received(data, addr)

@@ -1,8 +1,9 @@
 """The TLS metrics of the encrypted listeners: handshakes and their failures by transport
-and reason, the certificate's expiry and reloads, open DoT connections and their bounds.
+and reason, the certificate's expiry and reloads, open DoT, DoH and DoQ connections and
+the bounds they hit.
 
 Read at scrape from the server's :class:`~.certs.CertStore` (where every encrypted listener
-counts its handshakes) and its DoT listeners; nothing here runs per query.
+counts its handshakes) and its DoT, DoH and DoQ listeners; nothing here runs per query.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class TLSCollector(Collector):
         failed = dict(certs.handshake_failures)
         for proto in TLS_PROTOS:
             handshakes.add_metric([proto], certs.handshakes[proto])
-        for reason in FAILURE_REASONS:  # every reason of DoT from 0
-            failed.setdefault(("dot", reason), 0)
+        for proto in _serving(self.server):  # every reason of a listener up, from 0
+            for reason in FAILURE_REASONS:
+                failed.setdefault((proto, reason), 0)
         for (proto, reason), count in sorted(failed.items()):
             failures.add_metric([proto, reason], count)
         yield handshakes
@@ -67,6 +69,62 @@ class TLSCollector(Collector):
         dot = getattr(self.server, "dot", None)
         if dot is not None:
             yield from _dot(dot)
+        doh = getattr(self.server, "doh", None)
+        if doh is not None:
+            yield GaugeMetricFamily(
+                "resolver_doh_connections",
+                "Open DNS-over-HTTPS client connections (bounded by tcp.max_connections).",
+                value=len(doh.open),
+            )
+        doq = getattr(self.server, "doq", None)
+        if doq is not None:
+            yield from _doq(doq.limits)
+
+
+def _serving(server: Any) -> list[str]:
+    """The TLS transports with a listener up (DoH behind a proxy, doh.plain, has no TLS)."""
+    protos = [p for p in ("dot", "doq") if getattr(server, p, None) is not None]
+    doh = getattr(server, "doh", None)
+    if doh is not None and doh.context is not None:
+        protos.append("doh")
+    return protos
+
+
+#: resolver_doq_rejected_total's reasons -> the DoQCounts field (service/doqconn.py).
+DOQ_REJECTED: Final = (
+    ("connection_limit", "connections_refused"),
+    ("handshake_timeout", "handshakes_timed_out"),
+    ("stream_limit", "streams_refused"),
+    ("protocol", "protocol_errors"),
+    ("buffer", "buffer_overflows"),
+    ("slow_stream", "slow_streams"),
+)
+
+
+def _doq(limits: Any) -> Iterator[Metric]:
+    counts = limits.counts
+    yield GaugeMetricFamily(
+        "resolver_doq_connections",
+        "Open DNS-over-QUIC client connections (bounded by tcp.max_connections).",
+        value=limits.live,
+    )
+    yield CounterMetricFamily(
+        "resolver_doq_connections_accepted",
+        "DNS-over-QUIC connections accepted.",
+        value=counts.connections,
+    )
+    rejected = CounterMetricFamily(
+        "resolver_doq_rejected",
+        "DNS-over-QUIC bounds hit, by reason: connection_limit (a new connection's Initial "
+        "packet dropped over tcp.max_connections), handshake_timeout, stream_limit (a query "
+        "over tcp.max_pipeline streams reset), protocol (a malformed stream: the connection "
+        "closed), buffer (too many bytes of unfinished queries: closed), slow_stream (a query "
+        "not complete within tcp.idle_timeout: cancelled).",
+        labels=["reason"],
+    )
+    for reason, name in DOQ_REJECTED:
+        rejected.add_metric([reason], getattr(counts, name))
+    yield rejected
 
 
 def _dot(dot: Any) -> Iterator[Metric]:
