@@ -1,6 +1,7 @@
 """DNS over QUIC connections (RFC 9250) on aioquic: one query per client-initiated
 bidirectional stream, a 2-byte length before the message, the answer on the same stream,
-then FIN.
+then FIN. An answer is padded (RFC 9250 5.4, by RFC 8467's block policy: core/padding.py)
+when its query carries an EDNS Padding option, as over DoT and DoH.
 
 This module imports aioquic, the optional ``quic`` extra; :mod:`.doq` imports it only when
 ``doq.listen`` is set, so that the package runs without aioquic.
@@ -40,6 +41,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from ..core.padding import pad_response, wants_padding
 from ..core.pending import Pending
 from ..core.stats import PROTO_DOQ
 from .certs import CertStore, client_id_from_sni
@@ -362,23 +364,27 @@ class DoQConnection(QuicConnectionProtocol):
             log.exception("internal error answering a DoQ query")
             self._refuse(stream, DOQ_INTERNAL_ERROR)
             return
+        # RFC 9250 5.4: padded as DoT and DoH pad, when the query carries the option.
+        pad = wants_padding(message)
         if result is None or isinstance(result, bytes):
-            self._answer(result, stream)
+            self._answer(result, stream, pad)
             return
         self.answering += 1
-        result.then(self._answered, stream, limits.held)
+        result.then(self._answered, (stream, pad), limits.held)
 
-    def _answered(self, answer: bytes | None, stream: int) -> None:
+    def _answered(self, answer: bytes | None, arg: tuple[int, bool]) -> None:
         self.answering -= 1
-        self._answer(answer, stream)
+        self._answer(answer, *arg)
 
-    def _answer(self, answer: bytes | None, stream: int) -> None:
+    def _answer(self, answer: bytes | None, stream: int, pad: bool = False) -> None:
         if self.ended:
             return
         if answer is None:
             # Nothing to say (an access list that drops): cancel rather than leave it open.
             self._refuse(stream, DOQ_REQUEST_CANCELLED)
             return
+        if pad:
+            answer = pad_response(answer)
         try:
             self._quic.send_stream_data(
                 stream, len(answer).to_bytes(2, "big") + answer, end_stream=True
