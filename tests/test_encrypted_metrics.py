@@ -20,7 +20,7 @@ import pytest
 
 from resolver.config import DoHConfig, DoQConfig, DoTConfig, Listen, TLSConfig
 
-from .helpers.http import http
+from .helpers.http import check_against_spec, http
 from .helpers.server import RunningServer
 from .helpers.testca import TestCA
 from .helpers.wait import wait_for
@@ -146,3 +146,16 @@ def test_a_doq_client_without_the_doq_alpn_is_a_failed_handshake(
     assert store is not None
     wait_for(lambda: store.handshake_failures["doq", "protocol"] == 1)
     assert store.handshakes["doq"] == 0
+
+
+def test_the_status_lists_every_listener_and_the_certificate(encrypted: RunningServer) -> None:
+    server = encrypted
+    status, doc, _ = http(f"http://127.0.0.1:{server.server.admin_port}/v1/status")
+    assert status == 200
+    check_against_spec("/v1/status", "GET", status, doc)
+    endpoints = {(e["proto"], e["address"], e["port"]) for e in doc["endpoints"]}
+    for proto in ("udp", "tcp", "dot", "doh", "doq"):
+        assert (proto, "127.0.0.1", port(server, proto)) in endpoints
+    certificate = doc["certificate"]
+    assert certificate["names"] == ["dot.test", "*.dot.test", "127.0.0.1"]
+    assert 29 < certificate["days_left"] <= 30
