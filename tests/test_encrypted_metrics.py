@@ -18,7 +18,7 @@ import dns.message
 import dns.query
 import pytest
 
-from resolver.config import DoHConfig, DoQConfig, DoTConfig, Listen, TLSConfig
+from resolver.config import DoHConfig, DoQConfig, DoTConfig, Listen, TCPConfig, TLSConfig
 
 from .helpers.http import check_against_spec, http
 from .helpers.server import RunningServer
@@ -159,3 +159,29 @@ def test_the_status_lists_every_listener_and_the_certificate(encrypted: RunningS
     certificate = doc["certificate"]
     assert certificate["names"] == ["dot.test", "*.dot.test", "127.0.0.1"]
     assert 29 < certificate["days_left"] <= 30
+
+
+def test_doh_counts_a_silent_client_as_a_handshake_timeout_and_an_evicted_one_as_busy(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key)
+    server = make_server(
+        tls=TLSConfig(cert=cert, key=key),
+        doh=DoHConfig(listen=(Listen("127.0.0.1", 0),)),
+        tcp=TCPConfig(idle_timeout=0.5, max_connections=2),
+    )
+    store = server.server.certs
+    assert store is not None
+    doh = port(server, "doh")
+    with socket.create_connection(("127.0.0.1", doh), timeout=5):
+        wait_for(lambda: store.handshake_failures["doh", "timeout"] == 1)
+    # Three silent clients for two slots: the oldest handshake makes room.
+    socks = [socket.create_connection(("127.0.0.1", doh), timeout=5) for _ in range(3)]
+    try:
+        wait_for(lambda: store.handshake_failures["doh", "busy"] == 1)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert store.handshakes["doh"] == 0
