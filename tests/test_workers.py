@@ -231,3 +231,23 @@ def test_the_encrypted_listeners_of_every_worker_are_counted(
         assert metric(proc, "resolver_doh_connections ") >= 0
     finally:
         proc.stop()
+
+
+def test_counts_add_up_every_field_in_either_build() -> None:
+    """Every int field of Counts is a scalar added across workers, whichever build runs
+    (the compiled one gives field types as classes, not strings)."""
+    from dataclasses import fields
+
+    from resolver.observe.metrics import SCALARS, Counts
+
+    ints = {f.name for f in fields(Counts) if type(getattr(Counts(), f.name)) is int}
+    assert set(SCALARS) == ints
+    one = Counts()
+    for name in ints:
+        setattr(one, name, 1)
+    one.tls_handshakes["dot"] = 1
+    one.doh_rejected["proxy"] = 0
+    total = one + one
+    assert {getattr(total, name) for name in ints} == {2}
+    assert total.tls_handshakes["dot"] == 2
+    assert total.doh_rejected == {"proxy": 0}  # a reason at 0 stays

@@ -120,7 +120,10 @@ class Counts:
         return out
 
 
-SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type == "int")
+#: The int fields. (The type is the string "int" in the interpreted build, where
+#: annotations are postponed, and the class ``int`` in the build mypyc compiles: with "int"
+#: alone, the compiled build added up no scalar at all across workers.)
+SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type in ("int", int))
 #: The encrypted listeners' counters by label, added up across workers.
 TALLIES: Final = ("tls_handshakes", "tls_handshake_failures", "doh_rejected", "dot_evicted",
                   "dot_aborted")  # fmt: skip
