@@ -9,7 +9,9 @@ is counted under its transport."""
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,3 +132,23 @@ def test_the_id_of_a_doq_client_selects_its_group(server: RunningServer, tmp_pat
     ids = [(r["proto"], r.get("client_id"), r["decision"]) for r in audit(tmp_path)]
     assert ("doq", "laptop-7", "blocked") in ids
     assert ("doq", "laptop-8", "blocked") not in ids
+
+
+@pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig (knot-dnsutils) not installed")
+def test_kdig_names_the_client_by_sni_over_dot_and_by_path_over_doh(server: RunningServer) -> None:
+    ca = str(server.ca.path)  # type: ignore[attr-defined]
+
+    def kdig(*args: str) -> str:
+        done = subprocess.run(
+            ["kdig", "@127.0.0.1", f"+tls-ca={ca}", f"+tls-hostname={DOMAIN}", "+time=5",
+             "+retry=0", *args, "finance.test", "A"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    dot, doh = str(port(server, "dot")), str(port(server, "doh"))
+    assert "finance-only.blocked.invalid" in kdig("-p", dot, f"+tls-sni=laptop-7.{DOMAIN}")
+    assert "finance-only" not in kdig("-p", dot, f"+tls-sni=laptop-8.{DOMAIN}")
+    assert "finance-only.blocked.invalid" in kdig("-p", doh, "+https=/dns-query/laptop-7")
+    assert "finance-only" not in kdig("-p", doh, "+https=/dns-query/laptop-8")
