@@ -553,3 +553,43 @@ def test_doq_over_ipv6(make_server: Callable[..., RunningServer], certs: tuple[P
     query = dns.message.make_query("deepseek.com", "A")
     reply = dns.query.quic(query, "::1", port=ports[0], timeout=5, verify=False)
     assert reply.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_answers_are_padded_when_the_query_asks(server: RunningServer) -> None:
+    """RFC 9250 5.4: a query with an EDNS padding option gets its answer padded to a
+    multiple of 468 bytes (RFC 8467), forwarded or from the cache; one without, not."""
+    from resolver.core.padding import RESPONSE_BLOCK
+
+    def wire(name: str, pad: bool) -> bytes:
+        options = [dns.edns.GenericOption(12, b"\0" * 16)] if pad else []
+        message = dns.message.make_query(name, "A", use_edns=0, options=options)
+        message.id = 0
+        return message.to_wire()
+
+    streams: dict[str, int] = {}
+
+    async def script(client: Raw) -> None:
+        # forwarded (padded), then the same from the cache (padded), then plain; a blocked
+        # name (answered at once) padded too.
+        for label, name, pad in [
+            ("forwarded", "www.example.test", True),
+            ("cached", "www.example.test", True),
+            ("plain", "www.example.test", False),
+            ("blocked", "deepseek.com", True),
+        ]:
+            streams[label] = client.send(framed(wire(name, pad)))
+            for _ in range(100):
+                if streams[label] in client.ended:
+                    break
+                await asyncio.sleep(0.02)
+        client.done = True  # type: ignore[attr-defined]
+
+    client = asyncio.run(raw_session(doq_port(server), script))
+    answers = {label: client.data[stream][2:] for label, stream in streams.items()}
+    for label in ("forwarded", "cached", "blocked"):
+        assert len(answers[label]) % RESPONSE_BLOCK == 0, label
+        assert any(o.otype == 12 for o in dns.message.from_wire(answers[label]).options)
+    assert len(answers["plain"]) % RESPONSE_BLOCK != 0
+    padded, plain = (dns.message.from_wire(answers[k]) for k in ("cached", "plain"))
+    assert padded.answer == plain.answer and padded.answer
+    assert dns.message.from_wire(answers["blocked"]).rcode() == dns.rcode.NXDOMAIN

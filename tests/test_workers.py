@@ -182,3 +182,72 @@ def _alive(pid: int) -> bool:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+def test_the_encrypted_listeners_of_every_worker_are_counted(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Every worker serves DoT and DoH on the shared ports: their handshakes, open
+    connections and answers reach /metrics from every worker, as the queries' counts do."""
+    import ssl
+
+    import dns.message
+    import dns.query
+
+    from .helpers.testca import TestCA
+
+    ca = TestCA(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key)
+    dot_port, doh_port = free_port(), free_port()
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "ban.yaml").write_text("list: ban\ndomains: [deepseek.com]\n")
+    config = tmp_path / "resolver.yaml"
+    config.write_text(
+        f"blocklists: {lists}\n"
+        f"admin: {{listen: '127.0.0.1:{free_port()}', token: {TOKEN}}}\n"
+        f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        f"tls: {{cert: {cert}, key: {key}}}\n"
+        f"dot: {{listen: ['127.0.0.1:{dot_port}']}}\n"
+        f"doh: {{listen: ['127.0.0.1:{doh_port}']}}\n"
+    )
+    proc = ResolverProcess("--config", str(config), "--listen", "127.0.0.1:0", "--upstream",
+                           upstream.address, "--workers", "2", ready_text=READY)  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(ca.path))
+        query = dns.message.make_query("example.test", "A")
+        rounds = 16  # each a new connection (a new source port): the kernel spreads them
+        for _ in range(rounds):
+            dns.query.tls(query, "127.0.0.1", port=dot_port, ssl_context=context,
+                          server_hostname="dot.test", timeout=5)  # fmt: skip
+            dns.query.https(query, f"https://dot.test:{doh_port}/dns-query", timeout=5,
+                            bootstrap_address="127.0.0.1", verify=context)  # fmt: skip
+        assert metric(proc, 'resolver_tls_handshakes_total{proto="dot"}') == rounds
+        assert metric(proc, 'resolver_tls_handshakes_total{proto="doh"}') == rounds
+        assert metric(proc, 'resolver_requests_total{proto="dot",qtype="A"}') == rounds
+        assert metric(proc, 'resolver_requests_total{proto="doh",qtype="A"}') == rounds
+        assert metric(proc, 'resolver_doh_rejected_total{reason="handshake"}') == 0
+        assert metric(proc, "resolver_doh_connections ") >= 0
+    finally:
+        proc.stop()
+
+
+def test_counts_add_up_every_field_in_either_build() -> None:
+    """Every int field of Counts is a scalar added across workers, whichever build runs
+    (the compiled one gives field types as classes, not strings)."""
+    from dataclasses import fields
+
+    from resolver.observe.metrics import SCALARS, Counts
+
+    ints = {f.name for f in fields(Counts) if type(getattr(Counts(), f.name)) is int}
+    assert set(SCALARS) == ints
+    one = Counts()
+    for name in ints:
+        setattr(one, name, 1)
+    one.tls_handshakes["dot"] = 1
+    one.doh_rejected["proxy"] = 0
+    total = one + one
+    assert {getattr(total, name) for name in ints} == {2}
+    assert total.tls_handshakes["dot"] == 2
+    assert total.doh_rejected == {"proxy": 0}  # a reason at 0 stays

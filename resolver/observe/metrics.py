@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import (
@@ -85,6 +85,16 @@ class Counts:
     tcp_aborted_output: int = 0
     tcp_paused_output: int = 0
     tcp_paused_pipeline: int = 0
+    # Encrypted listeners (service.encrypted.Encrypted.count_into): every worker serves DoT
+    # and DoH, so their counts are relayed as the queries' are. (DoQ: the primary only.)
+    tls_handshakes: Counter[str] = field(default_factory=Counter)
+    tls_handshake_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
+    doh_rejected: Counter[str] = field(default_factory=Counter)
+    dot_evicted: Counter[str] = field(default_factory=Counter)
+    dot_aborted: Counter[str] = field(default_factory=Counter)
+    dot_connections: int = 0
+    dot_handshaking: int = 0
+    doh_connections: int = 0
 
     @property
     def answered(self) -> int:
@@ -103,10 +113,20 @@ class Counts:
         )
         for name in SCALARS:
             setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name in TALLIES:  # update, not +: a reason at 0 stays (every reason from 0)
+            tally: Counter[Any] = Counter(getattr(self, name))
+            tally.update(getattr(other, name))
+            setattr(out, name, tally)
         return out
 
 
-SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type == "int")
+#: The int fields. (The type is the string "int" in the interpreted build, where
+#: annotations are postponed, and the class ``int`` in the build mypyc compiles: with "int"
+#: alone, the compiled build added up no scalar at all across workers.)
+SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type in ("int", int))
+#: The encrypted listeners' counters by label, added up across workers.
+TALLIES: Final = ("tls_handshakes", "tls_handshake_failures", "doh_rejected", "dot_evicted",
+                  "dot_aborted")  # fmt: skip
 
 
 def counts_of(resolver: Resolver) -> Counts:
@@ -190,6 +210,11 @@ class ResolverCollector(Collector):
         for (proto, qtype, rcode, decision), count in counts.answers.items():
             by_request[(proto, qtype)] += count
             by_response[(rcode, decision)] += count
+        # Every transport with a listener up has its series from the start (0, not absent),
+        # so that a dashboard or an alert by proto sees a transport nobody uses yet.
+        seen = {proto for proto, _ in by_request}
+        for proto in self._serving() - seen:
+            by_request[(proto, "A")] += 0
         for labels, count in sorted(by_request.items()):
             requests.add_metric(list(labels), count)
         for labels, count in sorted(by_response.items()):
@@ -205,6 +230,11 @@ class ResolverCollector(Collector):
         for decision, hist in counts.durations.items():
             duration.add_metric([decision], hist.family_buckets(), hist.total)
         yield duration
+
+    def _serving(self) -> set[str]:
+        """The transports (udp, tcp, dot, doh, doq) with a listener up: the server's bound
+        listeners (a source without them, as in unit tests, serves none)."""
+        return {str(getattr(b, "proto", "")) for b in getattr(self.source, "bound", ())} - {""}
 
     def _lists(self, policy: Policy, counts: Counts) -> Iterator[Metric]:
         blocked = CounterMetricFamily(

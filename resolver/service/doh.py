@@ -49,6 +49,7 @@ from . import dohwire
 from .assembly import StartupError
 from .certs import CertError, CertStore
 from .dohconn import MEDIA, PHRASES, REASONS, DoHConnection, Reply
+from .dot import failure_reason
 from .listeners import Tasks, make_socket
 
 log = logging.getLogger("resolver.doh")
@@ -61,7 +62,12 @@ class DoHListener:
     """The DoH listeners of one server: their sockets, connections, limits and counts."""
 
     def __init__(
-        self, handle: Handle, tasks: Tasks, config: Config, context: ssl.SSLContext | None
+        self,
+        handle: Handle,
+        tasks: Tasks,
+        config: Config,
+        context: ssl.SSLContext | None,
+        store: CertStore | None = None,
     ) -> None:
         doh, tcp = config.doh, config.tcp
         self.handle = handle
@@ -69,6 +75,9 @@ class DoHListener:
         self.path = doh.path
         self.prefix = doh.path + "/"
         self.context = context
+        #: Where the TLS handshakes are counted (by every encrypted listener: certs.py);
+        #: None with doh.plain, where there is no handshake.
+        self.store = store if context is not None else None
         self.proxies = tuple(ipaddress.ip_network(n, strict=False) for n in doh.trusted_proxies)
         self.proxy_protocol = doh.proxy_protocol
         self.max_connections = max(1, tcp.max_connections)
@@ -120,6 +129,7 @@ class DoHListener:
             peer = str(addr[0])
             if not self._make_room(peer):
                 self.count("connection_limit")
+                self._handshake_failed("busy")
                 conn.close()
                 continue
             if self.proxy_protocol and not dohwire.trusted(peer, self.proxies):
@@ -157,6 +167,8 @@ class DoHListener:
                 self.starting -= 1
             if gave_up:
                 self.count("evicted")
+                if not isinstance(oldest, _ProxyReader):  # its TLS handshake never ended
+                    self._handshake_failed("busy")
                 return True
         victim = next((c for c in self.open if c.idle), None) or next(iter(self.open), None)
         if victim is None:
@@ -164,6 +176,10 @@ class DoHListener:
         self.count("evicted")
         victim.abort()
         return True
+
+    def _handshake_failed(self, reason: str) -> None:
+        if self.store is not None:
+            self.store.handshake_failures["doh", reason] += 1
 
     def connect(self, sock: socket.socket, peer: str) -> None:
         """Start serving an accepted socket (``starting`` counts it until it is up)."""
@@ -187,9 +203,13 @@ class DoHListener:
                 ssl=self.context,
                 ssl_handshake_timeout=self.request_timeout if self.context else None,
             )
-        except (TimeoutError, OSError):  # ssl.SSLError is an OSError
+        except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
             self.count("handshake")
+            self._handshake_failed(failure_reason(exc))
             sock.close()
+            return
+        if self.store is not None:
+            self.store.handshakes["doh"] += 1
 
     def admit(self, conn: DoHConnection) -> None:
         if self._starting.pop(conn.token, None) is not None:  # up: no longer starting
@@ -367,7 +387,7 @@ async def start(
             context = store.context(("h2", "http/1.1"))
         except CertError as exc:
             raise StartupError(f"doh: {exc}") from None
-    listener = DoHListener(handle, tasks, config, context)
+    listener = DoHListener(handle, tasks, config, context, store)
     bound = []
     for listen in config.doh.listen:
         try:

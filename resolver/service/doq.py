@@ -162,6 +162,7 @@ async def start(
         config.tcp.max_pipeline,
         config.tcp.idle_timeout,
     )
+    limits.certs = store  # the handshakes are counted where DoT's and DoH's are
     listeners = DoQListeners(config, store, own, limits)
     loop = asyncio.get_running_loop()
     try:

@@ -1,6 +1,7 @@
 """DNS over QUIC connections (RFC 9250) on aioquic: one query per client-initiated
 bidirectional stream, a 2-byte length before the message, the answer on the same stream,
-then FIN.
+then FIN. An answer is padded (RFC 9250 5.4, by RFC 8467's block policy: core/padding.py)
+when its query carries an EDNS Padding option, as over DoT and DoH.
 
 This module imports aioquic, the optional ``quic`` extra; :mod:`.doq` imports it only when
 ``doq.listen`` is set, so that the package runs without aioquic.
@@ -40,9 +41,10 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
+from ..core.padding import pad_response, wants_padding
 from ..core.pending import Pending
 from ..core.stats import PROTO_DOQ
-from .certs import client_id_from_sni
+from .certs import CertStore, client_id_from_sni
 
 log = logging.getLogger("resolver")
 
@@ -116,9 +118,25 @@ class Limits:
         self.idle_timeout = idle_timeout
         self.counts = DoQCounts()
         self.live = 0
+        #: Where every encrypted listener counts its TLS handshakes (doq.py sets it).
+        self.certs: CertStore | None = None
         #: Called before a long-header (handshake) packet is handled: a renewed
         #: certificate is then used for the connection it may open (doq.py sets it).
         self.certificate_check: Callable[[], object] = _nothing
+
+    def handshake_failed(self, reason: str) -> None:
+        """Count a failed handshake in the certificate store, as DoT and DoH do."""
+        if self.certs is not None:
+            self.certs.handshake_failures["doq", reason] += 1
+
+
+def _failure_reason(error_code: int) -> str:
+    """The reason label (as DoT's, service/dot.py) of a connection that ended before its
+    handshake: a TLS alert (QUIC CRYPTO_ERROR 0x100 + alert) is ``version`` for
+    protocol_version (70), else ``protocol``; any other end is the client leaving."""
+    if 0x100 <= error_code <= 0x1FF:
+        return "version" if error_code - 0x100 == 70 else "protocol"
+    return "closed"
 
 
 def _watch_server_name(connection: QuicConnection, seen: Callable[[str | None], None]) -> None:
@@ -209,6 +227,7 @@ class DoQConnection(QuicConnectionProtocol):
     def _handshake_late(self) -> None:
         self.handshake_timer = None
         self.limits.counts.handshakes_timed_out += 1
+        self.limits.handshake_failed("timeout")
         self._end()
         self.close(error_code=DOQ_PROTOCOL_ERROR, reason_phrase="handshake too slow")
 
@@ -261,6 +280,8 @@ class DoQConnection(QuicConnectionProtocol):
         elif isinstance(event, HandshakeCompleted):
             self.handshake_done = True
             self.limits.counts.handshakes += 1
+            if self.limits.certs is not None:
+                self.limits.certs.handshakes["doq"] += 1
             if self.handshake_timer is not None:
                 self.handshake_timer.cancel()
                 self.handshake_timer = None
@@ -270,6 +291,7 @@ class DoQConnection(QuicConnectionProtocol):
         elif isinstance(event, ConnectionTerminated):
             if not self.handshake_done and not self.ended:
                 self.limits.counts.handshake_failures += 1
+                self.limits.handshake_failed(_failure_reason(event.error_code))
             self._end()
 
     def _data(self, stream: int, data: bytes, end: bool) -> None:
@@ -342,23 +364,27 @@ class DoQConnection(QuicConnectionProtocol):
             log.exception("internal error answering a DoQ query")
             self._refuse(stream, DOQ_INTERNAL_ERROR)
             return
+        # RFC 9250 5.4: padded as DoT and DoH pad, when the query carries the option.
+        pad = wants_padding(message)
         if result is None or isinstance(result, bytes):
-            self._answer(result, stream)
+            self._answer(result, stream, pad)
             return
         self.answering += 1
-        result.then(self._answered, stream, limits.held)
+        result.then(self._answered, (stream, pad), limits.held)
 
-    def _answered(self, answer: bytes | None, stream: int) -> None:
+    def _answered(self, answer: bytes | None, arg: tuple[int, bool]) -> None:
         self.answering -= 1
-        self._answer(answer, stream)
+        self._answer(answer, *arg)
 
-    def _answer(self, answer: bytes | None, stream: int) -> None:
+    def _answer(self, answer: bytes | None, stream: int, pad: bool = False) -> None:
         if self.ended:
             return
         if answer is None:
             # Nothing to say (an access list that drops): cancel rather than leave it open.
             self._refuse(stream, DOQ_REQUEST_CANCELLED)
             return
+        if pad:
+            answer = pad_response(answer)
         try:
             self._quic.send_stream_data(
                 stream, len(answer).to_bytes(2, "big") + answer, end_stream=True
@@ -394,6 +420,7 @@ class DoQServer(QuicServer):
                 # Over the bound: dropped before aioquic does any work for it; the client
                 # retries or gives up.
                 limits.counts.connections_refused += 1
+                limits.handshake_failed("busy")
                 return
             limits.certificate_check()
         super().datagram_received(data, addr)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import Config, Listen
+from ..observe.metrics import Counts
 from . import doh, doq
 from .assembly import StartupError
 from .certs import CertError, CertStore, open_store
@@ -77,6 +78,28 @@ class Encrypted:
     def doh_rejected(self) -> Mapping[str, int]:
         """DNS-over-HTTPS connections and requests refused, by reason (service/doh.py)."""
         return self.doh.rejected if self.doh is not None else {}
+
+    def count_into(self, counts: Counts) -> Counts:
+        """Add what the DoT and DoH listeners and the certificate store of this process
+        counted to ``counts`` (relayed from child workers as the queries' counts are)."""
+        if self.certs is not None:
+            counts.tls_handshakes.update(self.certs.handshakes)
+            counts.tls_handshake_failures.update(self.certs.handshake_failures)
+        if self.dot is not None:
+            table = self.dot.connections
+            counts.dot_connections += len(table.open)
+            counts.dot_handshaking += len(self.dot.handshaking)
+            counts.dot_evicted.update(
+                {"idle": table.evicted_idle, "busy": table.evicted_busy,
+                 "client": table.evicted_client}
+            )  # fmt: skip
+            counts.dot_aborted.update(
+                {"stalled": table.aborted_stalled, "output": table.aborted_output}
+            )
+        if self.doh is not None:
+            counts.doh_connections += len(self.doh.open)
+            counts.doh_rejected.update(self.doh.rejected)
+        return counts
 
     def stop_reading(self) -> None:
         """Draining: no new connections or queries; answers in progress still go out."""

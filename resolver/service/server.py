@@ -175,7 +175,7 @@ class Server:
     def counts(self) -> Counts:
         """What this server has counted, all workers included (as of their last report)."""
         assert self.resolver is not None
-        mine = self.connections.count_into(counts_of(self.resolver))
+        mine = self.encrypted.count_into(self.connections.count_into(counts_of(self.resolver)))
         return mine + self.supervisor.total() if self.supervisor is not None else mine
 
     async def _start_http(self) -> None:
@@ -221,8 +221,11 @@ class Server:
 
     @property
     def doh_rejected(self) -> Mapping[str, int]:
-        """DNS-over-HTTPS connections and requests refused, by reason (service/doh.py)."""
-        return self.encrypted.doh_rejected
+        """DNS-over-HTTPS connections and requests refused, by reason (service/doh.py), all
+        workers included (as of their last report)."""
+        if self.resolver is None or self.supervisor is None:
+            return self.encrypted.doh_rejected
+        return self.counts().doh_rejected
 
     # The encrypted listeners and their certificate, as the admin API and tests read them.
     @property

@@ -217,7 +217,9 @@ class Supervisor:
         child.restarts += 1
         # What the dead process counted is kept, so that counters never go backwards; the
         # new process counts from zero on top. Its gauges (cache size...) died with it.
-        child.counts.cache_entries = child.counts.ratelimit_clients = 0
+        dead = child.counts
+        dead.cache_entries = dead.ratelimit_clients = dead.tcp_connections = 0
+        dead.dot_connections = dead.dot_handshaking = dead.doh_connections = 0
         child.base = child.base + child.counts
         child.counts = Counts()
         try:

@@ -54,6 +54,9 @@ RELOAD_RESULT = frozenset({"success", "failure"})
 TLS_PROTO = frozenset({"dot", "doh", "doq"})
 TLS_FAILURE = frozenset({"timeout", "protocol", "version", "closed", "busy"})
 UPSTREAM_ERROR = frozenset({"timeout", "network", "malformed", "truncated", "rcode"})
+DOQ_REJECTED = frozenset(
+    {"connection_limit", "handshake_timeout", "stream_limit", "protocol", "buffer", "slow_stream"}
+)
 
 CONTRACT: dict[str, tuple[str, Labels]] = {
     "resolver_requests_total": ("counter", {"proto": PROTO, "qtype": QTYPE}),
@@ -92,6 +95,12 @@ CONTRACT: dict[str, tuple[str, Labels]] = {
     ),
     "resolver_tls_certificate_expiry_timestamp_seconds": ("gauge", {}),
     "resolver_tls_certificate_reloads_total": ("counter", {"result": RELOAD_RESULT}),
+    # Open connections of each encrypted transport, and DoQ's bounds (service/tlsmetrics.py).
+    "resolver_dot_connections": ("gauge", {}),
+    "resolver_doh_connections": ("gauge", {}),
+    "resolver_doq_connections": ("gauge", {}),
+    "resolver_doq_connections_accepted_total": ("counter", {}),
+    "resolver_doq_rejected_total": ("counter", {"reason": DOQ_REJECTED}),
 }
 
 # Labels that Prometheus adds to every scraped series.
@@ -206,6 +215,21 @@ resolver_tls_certificate_expiry_timestamp_seconds 1.7966e+09
 # HELP resolver_tls_certificate_reloads_total Reloads of the certificate files by result.
 # TYPE resolver_tls_certificate_reloads_total counter
 resolver_tls_certificate_reloads_total{result="success"} 2
+# HELP resolver_dot_connections Open DNS-over-TLS client connections.
+# TYPE resolver_dot_connections gauge
+resolver_dot_connections 12
+# HELP resolver_doh_connections Open DNS-over-HTTPS client connections.
+# TYPE resolver_doh_connections gauge
+resolver_doh_connections 40
+# HELP resolver_doq_connections Open DNS-over-QUIC client connections.
+# TYPE resolver_doq_connections gauge
+resolver_doq_connections 3
+# HELP resolver_doq_connections_accepted_total DNS-over-QUIC connections accepted.
+# TYPE resolver_doq_connections_accepted_total counter
+resolver_doq_connections_accepted_total 57
+# HELP resolver_doq_rejected_total DNS-over-QUIC bounds hit, by reason.
+# TYPE resolver_doq_rejected_total counter
+resolver_doq_rejected_total{reason="stream_limit"} 1
 """
 
 # Alert -> (for, severity) as the deployment asks for them.
