@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..defaults import STRATEGIES
 from ..observe.auditconfig import parse_config as parse_audit
 from ..observe.querylog import AuditConfig
+from ..observe.storeconfig import StoreConfig, parse_store
 from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,
@@ -108,6 +110,7 @@ def load_config(path: Path) -> Config:
         upstream_health=_upstream_health(_section(doc, "upstream_health", UPSTREAM_HEALTH_KEYS)),
         inflight=_inflight(_section(doc, "inflight", INFLIGHT_KEYS)),
         audit=_audit(doc, path),
+        store=_store(doc, path),
         source=str(path),
         default_listen=not listen,
     )
@@ -241,20 +244,37 @@ def _admin(doc: YMap) -> tuple[Listen | None, str | None, int, tuple[str, ...]]:
     return _one_address(admin, "listen", "admin.listen"), token, limit, _host_names(admin)
 
 
-def _audit(doc: YMap, path: Path) -> AuditConfig:
-    audit_doc = doc.get("audit") or {}
-    if not isinstance(audit_doc, dict):
-        raise SourceError(value_where(doc, "audit"), "audit", "expected a mapping")
+#: A section's settings type.
+_C = TypeVar("_C")
+
+
+def _parsed(doc: YMap, section: str, parse: Callable[[Any], _C]) -> _C:
+    """A section validated by its own parser, whose ``section.key: message`` errors become
+    errors at the key's line."""
+    section_doc = doc.get(section) or {}
+    if not isinstance(section_doc, dict):
+        raise SourceError(value_where(doc, section), section, "expected a mapping")
     try:
-        audit = parse_audit(audit_doc)
+        return parse(section_doc)
     except ValueError as exc:
         field_name, _, message = str(exc).partition(": ")
         key = field_name.split(".", 1)[-1]
-        where = audit_doc.key_where.get(key) if isinstance(audit_doc, YMap) else None
-        raise SourceError(where or value_where(doc, "audit"), field_name, message) from None
+        where = section_doc.key_where.get(key) if isinstance(section_doc, YMap) else None
+        raise SourceError(where or value_where(doc, section), field_name, message) from None
+
+
+def _audit(doc: YMap, path: Path) -> AuditConfig:
+    audit = _parsed(doc, "audit", parse_audit)
     if audit.path is not None and not audit.path.is_absolute():
         audit = replace(audit, path=path.parent / audit.path)
     return audit
+
+
+def _store(doc: YMap, path: Path) -> StoreConfig:
+    store = _parsed(doc, "store", parse_store)
+    if store.path is not None and not store.path.is_absolute():
+        store = replace(store, path=path.parent / store.path)
+    return store
 
 
 def _log_level(doc: YMap) -> str:

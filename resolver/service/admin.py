@@ -22,6 +22,7 @@ from ..policy.explain import explain, parse_at
 from ..policy.formats import normalize
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .http import Handler, HTTPServer, Request, Response, error, json_response
+from .queries import query_routes
 
 if TYPE_CHECKING:
     from ..core.pipeline import Resolver
@@ -143,6 +144,7 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
         ("GET", "/v1/status"): status,
         ("GET", "/v1/explain"): explain_route,
         ("POST", "/v1/reload"): reload,
+        **query_routes(server),
     }
 
 
