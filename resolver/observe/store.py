@@ -106,6 +106,15 @@ class QueryStore:
             return
         self._queue.put(entry)
 
+    def offer(self, batch: list[tuple[Any, ...]]) -> None:
+        """Queue records another sink's writer thread took (AuditTee); as :meth:`record`,
+        never blocks, and counts what does not fit."""
+        for entry in batch:
+            if self._closed or self._queue.qsize() >= self._limit:
+                self._dropped_full += 1
+            else:
+                self._queue.put(entry)
+
     def start(self) -> None:
         """Start the writer thread (a daemon: a hung database cannot hold up exit)."""
         if self._thread is None and not self._closed:
@@ -272,18 +281,18 @@ def _drain(q: queue.SimpleQueue[Any]) -> Iterator[Any]:
 
 
 class AuditTee:
-    """The JSON-lines log and the query store as one audit sink."""
+    """The JSON-lines log and the query store as one audit sink. The query path puts a
+    record on the log's queue only; the log's writer hands each batch to the store
+    (:meth:`QueryStore.offer`), so that a second sink costs answering nothing."""
 
     def __init__(self, log_: AuditLog, store: QueryStore) -> None:
         self.log = log_
         self.store = store
-        first, second = log_.record, store.record
+        log_.also = store.offer
 
-        def record(*entry: Any) -> None:
-            first(*entry)
-            second(*entry)
-
-        self.record: Callable[..., None] = record
+    @property
+    def record(self) -> Callable[..., None]:
+        return self.log.record
 
     @property
     def dropped(self) -> int:
@@ -291,14 +300,14 @@ class AuditTee:
         return self.log.dropped
 
     def wants(self, decision: str) -> bool:
-        return self.log.wants(decision) or self.store.wants(decision)
+        return self.log.wants(decision)
 
     def start(self) -> None:
         self.log.start()
         self.store.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        self.log.close(timeout)
+        self.log.close(timeout)  # hands its last batches to the store
         self.store.close(timeout)
 
 
