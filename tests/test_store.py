@@ -26,8 +26,12 @@ from resolver.observe.storeconfig import StoreConfig
 from resolver.observe.storedb import Search
 
 from .helpers import postgres
-from .helpers.http import TOKEN, check_against_spec, http
+from .helpers.client import ask
+from .helpers.fakeupstream import FakeUpstream
+from .helpers.http import TOKEN, check_against_spec, http, urls
+from .helpers.realservers import ResolverProcess, free_port
 from .helpers.server import RunningServer
+from .helpers.wait import wait_for
 
 LOOPBACK = Listen("127.0.0.1", 0)
 KEY = "0123456789abcdef-key"
@@ -280,3 +284,35 @@ def test_audit_needs_a_source_and_a_readable_store(
     assert "--store" in capsys.readouterr().err
     assert _audit_cli(["--store", str(tmp_path / "absent.sqlite3")], io.StringIO()) == 2
     assert "cannot read the query store" in capsys.readouterr().err
+
+
+def test_children_records_reach_the_primarys_store(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """--workers 2 with the store alone (no JSON log): the children relay their records."""
+    path = tmp_path / "q.sqlite3"
+    config = tmp_path / "resolver.yaml"
+    config.write_text(
+        f"admin: {{listen: '127.0.0.1:{free_port()}', token: {TOKEN}}}\n"
+        f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        "audit: {log: blocked}\n"
+        f"store: {{kind: sqlite, path: {path}}}\n"
+    )
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "ban.yaml").write_text("list: ban\ndomains: [deepseek.com]\n")
+    proc = ResolverProcess(
+        *("--config", str(config), "--blocklists", str(lists), "--listen", "127.0.0.1:0"),
+        *("--upstream", upstream.address, "--workers", "2"),
+        ready_text="workers answering on the same addresses",
+    )
+    try:
+        names = [f"q{i}.deepseek.com" for i in range(40)]
+        assert {ask(proc.port, name).rcode() for name in names} == {dns.rcode.NXDOMAIN}
+        admin, _ = urls(proc)
+
+        def stored() -> set[str]:
+            _, doc, _ = http(f"{admin}/v1/queries?limit=1000", token=TOKEN)
+            return {row["qname"] for row in doc["queries"]}
+
+        wait_for(lambda: stored() == {name + "." for name in names})
+    finally:
+        proc.stop()
