@@ -128,6 +128,7 @@ class QueryStore:
         self._closed = True
         self._queue.put(_STOP)
         if self._thread is None:
+            self._stopping.set()  # written here, once: no waiting for a database away
             self._run()
             return
         self._thread.join(timeout)
@@ -153,6 +154,9 @@ class QueryStore:
         stop = False
         next_prune = 0.0
         try:
+            # Connect (making the table) before the first record, so that a search finds
+            # the database as soon as the server answers.
+            self._ensure_db(False)
             while True:
                 if not pending and not stop:
                     stop = self._take(pending)
