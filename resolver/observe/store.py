@@ -42,6 +42,8 @@ BACKOFF: Final = (0.2, 10.0)
 #: (reason "error"): a row it cannot take must not stop the store for good.
 _ATTEMPTS: Final = 3
 _STOP: Final = object()
+#: Clients and names whose row fields are kept worked out (each dict emptied beyond).
+_CACHED: Final = 65_536
 DROP_REASONS: Final = ("full", "error", "shutdown")
 
 
@@ -66,7 +68,8 @@ class QueryStore:
         self._group_names = [
             (name, bit) for name, bit in self._groups.bits.items() if name != "all"
         ]
-        self._pseudonyms: dict[str, str] = {}
+        self._clients: dict[str, tuple[str, str]] = {}  # address -> (as stored, groups)
+        self._rnames: dict[str, str] = {}  # qname -> reversed name
         self._dropped_full = 0  # the hot path's counter; the writer's are in ``drops``
         self.drops: Counter[str] = Counter()
         self.rows = 0
@@ -257,20 +260,30 @@ class QueryStore:
                 log.debug("query store: closing", exc_info=True)
 
     def _row(self, entry: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A record as a row. What is worked out per client (pseudonym, groups) and per
+        name (reversed) is kept in bounded dicts: this runs for every record, on a thread
+        that shares the GIL with the event loop."""
         (when, client, proto, qname, qtype, rcode, decision, list_id, rule, reference,
          upstream, duration) = entry[:12]  # fmt: skip
+        known = self._clients.get(client)
+        if known is None:
+            if len(self._clients) >= _CACHED:
+                self._clients.clear()
+            known = self._clients[client] = self._client(client)
+        rname = self._rnames.get(qname)
+        if rname is None:
+            if len(self._rnames) >= _CACHED:
+                self._rnames.clear()
+            rname = self._rnames[qname] = reversed_name(qname)
+        ms = round(duration * 1000.0, 3) if duration is not None else None
+        return (when, known[0], known[1], proto, qname, rname, qtype, rcode,
+                decision, list_id, rule, reference, upstream, ms)  # fmt: skip
+
+    def _client(self, client: str) -> tuple[str, str]:
+        """The client as stored (its pseudonym with a key) and its groups (``,a,b,``)."""
         mask = self._groups.mask_of(client)
         groups = "," + "".join(f"{name}," for name, bit in self._group_names if mask & bit)
-        if self.key is not None:
-            shown = self._pseudonyms.get(client)
-            if shown is None:
-                if len(self._pseudonyms) >= 65_536:
-                    self._pseudonyms.clear()
-                shown = self._pseudonyms[client] = pseudonym(self.key, client)
-            client = shown
-        ms = round(duration * 1000.0, 3) if duration is not None else None
-        return (when, client, groups, proto, qname, reversed_name(qname), qtype, rcode,
-                decision, list_id, rule, reference, upstream, ms)  # fmt: skip
+        return (pseudonym(self.key, client) if self.key is not None else client), groups
 
     def _label(self) -> str:
         return "PostgreSQL" if self.config.kind == "postgresql" else self.target
