@@ -34,6 +34,8 @@ from .storedb import Database, Search, open_database, reversed_name
 log = logging.getLogger("resolver.store")
 
 _MAX_BATCH: Final = 5_000
+#: Seconds the writer lets records gather before it takes a batch.
+GATHER: Final = 0.05
 #: Seconds between two retention runs.
 PRUNE_INTERVAL: Final = 10.0
 #: Reconnection backoff, doubling from the first to the last.
@@ -192,6 +194,10 @@ class QueryStore:
             item = self._queue.get(timeout=PRUNE_INTERVAL)
         except queue.Empty:
             return False
+        if self._queue.qsize() < _MAX_BATCH and not self._closed:
+            # Let a batch gather: each wake-up of this thread is a request for the GIL
+            # that the event loop must answer, and each batch a transaction.
+            time.sleep(GATHER)
         while item is not _STOP:
             pending.append(self._row(item))
             if len(pending) >= _MAX_BATCH:
