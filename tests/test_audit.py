@@ -255,7 +255,7 @@ def test_pseudonymised_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "the following arguments are required: FILE"),
+        ([], "give audit log files, - for standard input, or --store"),
         (
             ["--since", "last tuesday"],
             "resolver audit: --since: expected a date such as 2026-11-28",

@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from ..observe.storedb import StoreError, open_database
+
 # The decisions the report is about: queries stopped, and queries a list in monitor mode
 # would have stopped.
 REPORTED: Final = ("blocked", "monitored")
@@ -32,6 +34,8 @@ NAMES_SHOWN: Final = 5
 # The list column when an entry names none (it should not happen, but the row still counts).
 NO_LIST: Final = "-"
 _GZIP_MAGIC: Final = b"\x1f\x8b"
+#: The file name that means standard input.
+STDIN: Final = "-"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -178,8 +182,13 @@ def report(
     list_id: str | None,
     client: str | None,
     client_id: str | None = None,
+    store: str | None = None,
 ) -> tuple[list[Row], int]:
     """The report rows and the number of malformed lines skipped.
+
+    ``paths`` may hold ``-``, standard input: a mixed log (``journalctl ... |``), whose
+    lines that are not audit records are skipped quietly. ``store`` is a query store to
+    read as well: a SQLite file or a PostgreSQL connection string.
 
     Keeps blocked and monitored entries with ``since <= time < until``, of list ``list_id``,
     from a client in ``client`` (a CIDR or an address), with ``client_id``. Rows are sorted
@@ -190,40 +199,63 @@ def report(
     tallies: dict[tuple[str, str, str], _Tally] = {}
     wanted_id = client_id.lower() if client_id is not None else None
     malformed = 0
-    for path in _unique(paths):
-        for line in _lines(path):
-            if not line.strip():
-                continue  # blank lines carry nothing and are not damage
-            entry = _entry(line)
-            if entry is None:
-                malformed += 1
-                continue
-            when, who, qname, decision, listed, cid = entry
-            if decision not in REPORTED:
-                continue
-            if since is not None and when < since:
-                continue
-            if until is not None and when >= until:
-                continue
-            if list_id is not None and listed != list_id:
-                continue
-            if matcher is not None and not matcher(who):
-                continue
-            if wanted_id is not None and cid != wanted_id:
-                continue
-            tally = tallies.get((listed, who, cid))
-            if tally is None:
-                tally = tallies[(listed, who, cid)] = _Tally()
-            if decision == "blocked":
-                tally.blocked += 1
-            else:
-                tally.monitored += 1
-            tally.first_seen = min(tally.first_seen, when)
-            tally.last_seen = max(tally.last_seen, when)
-            tally.names[qname] += 1
+    for entry in _sources(paths, store, since, until, list_id):
+        if entry is None:
+            malformed += 1
+            continue
+        when, who, qname, decision, listed, cid = entry
+        if decision not in REPORTED:
+            continue
+        if since is not None and when < since:
+            continue
+        if until is not None and when >= until:
+            continue
+        if list_id is not None and listed != list_id:
+            continue
+        if matcher is not None and not matcher(who):
+            continue
+        if wanted_id is not None and cid != wanted_id:
+            continue
+        tally = tallies.get((listed, who, cid))
+        if tally is None:
+            tally = tallies[(listed, who, cid)] = _Tally()
+        if decision == "blocked":
+            tally.blocked += 1
+        else:
+            tally.monitored += 1
+        tally.first_seen = min(tally.first_seen, when)
+        tally.last_seen = max(tally.last_seen, when)
+        tally.names[qname] += 1
     rows = [_row(listed, who, cid, tally) for (listed, who, cid), tally in tallies.items()]
     rows.sort(key=lambda row: (row.list_id, -row.total, row.client, row.first_seen))
     return rows, malformed
+
+
+def _sources(
+    paths: list[Path],
+    store: str | None,
+    since: float | None,
+    until: float | None,
+    list_id: str | None,
+) -> Iterator[tuple[float, str, str, str, str, str] | None]:
+    """The entries of every file, of standard input and of the store; None for a line of
+    a file that is not an entry (a line of standard input that is not one is skipped).
+    (The store keeps no client id yet: its entries have none.)"""
+    for path in _unique(paths):
+        quiet = str(path) == STDIN
+        for line in sys.stdin.buffer if quiet else _lines(path):
+            if not line.strip():
+                continue  # blank lines carry nothing and are not damage
+            entry = _entry(line)
+            if entry is not None or not quiet:
+                yield entry
+    if store is not None:
+        db = open_database(store, readonly=True)
+        try:
+            for when, who, qname, decision, listed in db.entries(REPORTED, since, until, list_id):
+                yield when, who, qname, decision, listed, ""
+        finally:
+            db.close()
 
 
 def _unique(paths: list[Path]) -> list[Path]:
@@ -231,7 +263,7 @@ def _unique(paths: list[Path]) -> list[Path]:
     seen: set[Path] = set()
     out = []
     for path in paths:
-        key = path.resolve()
+        key = path if str(path) == STDIN else path.resolve()
         if key not in seen:
             seen.add(key)
             out.append(path)
@@ -240,9 +272,15 @@ def _unique(paths: list[Path]) -> list[Path]:
 
 def _entry(line: bytes) -> tuple[float, str, str, str, str, str] | None:
     """(time, client, qname, decision, list, client id) of a log line, or None when it is
-    not an entry."""
+    not an entry.
+
+    The entry may follow a prefix (journalctl's time, host and unit): it starts at the
+    line's first ``{``."""
+    start = line.find(b"{")
+    if start < 0:
+        return None
     try:
-        doc = json.loads(line)
+        doc = json.loads(line[start:])
     except ValueError:  # also UnicodeDecodeError: the writer only ever writes ASCII
         return None
     if not isinstance(doc, dict):
@@ -299,7 +337,20 @@ def _parser() -> argparse.ArgumentParser:
             "resolver audit /var/log/resolver/audit.jsonl*"
         ),
     )
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audit log files")
+    parser.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        metavar="FILE",
+        help="audit log files; - reads standard input (e.g. journalctl -u resolver | "
+        "resolver audit -), skipping lines that are not audit records",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="PATH_OR_DSN",
+        help="read the query store too: a SQLite file, or a PostgreSQL connection string "
+        "such as postgresql://resolver@db.example/resolver",
+    )
     parser.add_argument(
         "--since",
         metavar="T",
@@ -348,8 +399,14 @@ def main(argv: list[str]) -> int:
         except ValueError as exc:
             return _usage(f"--client: {exc}")
     paths: list[Path] = args.files
+    if not paths and args.store is None:
+        return _usage("give audit log files, - for standard input, or --store")
     try:
-        rows, malformed = report(paths, since, until, args.list, args.client, args.client_id)
+        rows, malformed = report(
+            paths, since, until, args.list, args.client, args.client_id, args.store
+        )
+    except StoreError as exc:
+        return _usage(f"cannot read the query store {args.store}: {exc}")
     except OSError as exc:
         if exc.filename is not None and exc.strerror:
             return _usage(f"cannot read {exc.filename}: {exc.strerror}")
@@ -385,7 +442,10 @@ def _print_table(out: TextIO, rows: list[Row], args: argparse.Namespace, paths: 
         filters.append(f"client id {args.client_id}")
     out.write("Blocked and monitored queries by list and client\n")
     out.write(f"Filters: {', '.join(filters) if filters else 'none'}\n")
-    out.write(f"Files: {', '.join(str(path) for path in paths)}\n\n")
+    sources = [str(path) for path in paths]
+    if args.store is not None:
+        sources.append("query store")
+    out.write(f"Files: {', '.join(sources)}\n\n")
     if not rows:
         out.write("No blocked or monitored queries match.\n")
         return

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..defaults import DEFAULT_DOH_PATH, STRATEGIES
-from ..observe.auditconfig import parse_config as parse_audit
-from ..observe.querylog import AuditConfig
 from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,
@@ -78,6 +76,8 @@ from .model import (
     parse_listen,
     resolv_conf_upstreams,
 )
+from .sinks import audit_section as _audit
+from .sinks import store_section as _store
 
 
 def load_config(path: Path) -> Config:
@@ -156,6 +156,7 @@ def read_config(path: Path) -> tuple[Config, list[SourceError]]:
         ),
         inflight=get(lambda: _inflight(section("inflight", INFLIGHT_KEYS)), base.inflight),
         audit=get(lambda: _audit(doc, path), base.audit),
+        store=get(lambda: _store(doc, path), base.store),
         **_encrypted_settings(collect, doc, path),
         source=str(path),
         default_listen=not listen,
@@ -356,22 +357,6 @@ def _token(admin: YMap) -> str | None:
             value_where(admin, "token"), "admin.token", "expected a secret of 16 characters or more"
         )
     return token
-
-
-def _audit(doc: YMap, path: Path) -> AuditConfig:
-    audit_doc = doc.get("audit") or {}
-    if not isinstance(audit_doc, dict):
-        raise SourceError(value_where(doc, "audit"), "audit", "expected a mapping")
-    try:
-        audit = parse_audit(audit_doc)
-    except ValueError as exc:
-        field_name, _, message = str(exc).partition(": ")
-        key = field_name.split(".", 1)[-1]
-        where = audit_doc.key_where.get(key) if isinstance(audit_doc, YMap) else None
-        raise SourceError(where or value_where(doc, "audit"), field_name, message) from None
-    if audit.path is not None and not audit.path.is_absolute():
-        audit = replace(audit, path=path.parent / audit.path)
-    return audit
 
 
 def _log_level(doc: YMap) -> str:

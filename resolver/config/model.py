@@ -41,6 +41,8 @@ from ..defaults import (
     DEFAULT_UPSTREAM_TIMEOUT,
 )
 from ..observe.querylog import AuditConfig
+from ..observe.storeconfig import STORE_KEYS as STORE_KEYS
+from ..observe.storeconfig import StoreConfig
 from ..upstream.endpoints import Upstream, parse_upstream, split_host_port
 
 DEFAULT_PORT: Final = 5353
@@ -272,6 +274,8 @@ class Config:
     upstream_health: UpstreamHealthConfig = UpstreamHealthConfig()
     inflight: InflightConfig = InflightConfig()
     audit: AuditConfig = field(default_factory=AuditConfig)
+    #: The query store (observe/store.py), an audit sink beside the JSON-lines log.
+    store: StoreConfig = field(default_factory=StoreConfig)
     source: str = "embedded default"
     tls: TLSConfig = field(default_factory=TLSConfig)
     dot: DoTConfig = field(default_factory=DoTConfig)
@@ -301,6 +305,7 @@ TOP_KEYS: Final = frozenset(
         "metrics",
         "reload",
         "audit",
+        "store",
         "acl",
         "ratelimit",
         "rebinding",

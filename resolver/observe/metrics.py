@@ -29,6 +29,7 @@ from .. import __version__
 from ..core.stats import Histogram
 from ..policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
 from ..policy.timewindow import ALWAYS, NEVER
+from .store import StoreCollector
 
 if TYPE_CHECKING:
     from ..core.pipeline import Resolver
@@ -503,6 +504,7 @@ def register_service_metrics(registry: CollectorRegistry, source: ServiceSource)
     only), the freshness of remote lists and the HTTP listeners' limits."""
     ProcessCollector(namespace="resolver", registry=registry)
     registry.register(ServiceCollector(source))
+    registry.register(StoreCollector(source))
 
 
 class ServiceCollector(Collector):

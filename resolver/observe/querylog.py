@@ -44,6 +44,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -134,6 +135,9 @@ class AuditLog:
         self._pseudonyms: dict[str, str] = {}
         self._second = -1  # the whole second whose text is in _second_text
         self._second_text = ""
+        #: Given each batch on the writer thread, after it is written: the query store
+        #: (observe/store.py) takes the records from here, at no cost to the query path.
+        self.also: Callable[[list[tuple[Any, ...]]], None] | None = None
 
     @property
     def dropped(self) -> int:
@@ -246,6 +250,8 @@ class AuditLog:
                     except Exception:  # a bug here must not end the audit log for good
                         self._dropped_io += len(batch)
                         log.exception("audit log: unexpected error; %d entries lost", len(batch))
+                    if self.also is not None:
+                        self.also(batch)
         finally:
             self._close_file()
 

@@ -24,6 +24,7 @@ from ..policy.formats import normalize
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .assembly import load_options
 from .http import Handler, HTTPServer, Request, Response, error, json_response
+from .queries import query_routes
 from .tlsmetrics import TLSCollector
 
 if TYPE_CHECKING:
@@ -166,6 +167,7 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
         ("GET", "/v1/status"): status,
         ("GET", "/v1/explain"): explain_route,
         ("POST", "/v1/reload"): reload,
+        **query_routes(server),
     }
 
 

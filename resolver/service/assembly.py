@@ -32,6 +32,8 @@ from ..core.ddr import Designation, Endpoint
 from ..core.guard import Guard
 from ..core.pipeline import Clock, Resolver
 from ..observe.querylog import AuditLog
+from ..observe.store import AuditTee, QueryStore
+from ..observe.storeconfig import DEFAULT_FILE
 from ..policy import ClientGroups, LoadOptions, Policy
 from ..policy.model import synthetic_ruleset
 from ..upstream.bootstrap import Bootstrap
@@ -111,6 +113,7 @@ RESTART_ONLY: Final[tuple[tuple[str, Callable[[Config], Any]], ...]] = (
     ),
     ("metrics", lambda c: (c.metrics, c.metrics_max_connections)),
     ("audit", lambda c: c.audit),
+    ("store", lambda c: c.store),
     ("workers", lambda c: c.workers),
 )
 
@@ -238,13 +241,31 @@ def make_connections(config: TCPConfig) -> TCPConnections:
 
 
 def make_audit(config: Config, channel: Channel | None) -> AuditSink | None:
-    """The audit log (None when off); in a child worker, a relay to the primary's log."""
-    if config.audit.sink == "off":
+    """The audit sinks: the JSON-lines log, the query store, both, or None when both are
+    off; in a child worker, a relay to the primary's sinks."""
+    storing = config.store.kind != "off"
+    if config.audit.sink == "off" and not storing:
         return None
     if channel is not None:
-        return RelayAudit(config.audit, channel)
+        # The relay sends whatever the primary's sinks want ("relay": not off).
+        return RelayAudit(replace(config.audit, sink="relay"), channel)
+    store = open_store(config) if storing else None
+    if config.audit.sink == "off":
+        return store
     log.info("audit log: %s (%s)", config.audit.path or "stdout", config.audit.what)
-    return AuditLog(config.audit)
+    audit = AuditLog(config.audit)
+    return AuditTee(audit, store) if store is not None else audit
+
+
+def open_store(config: Config) -> QueryStore:
+    """The query store of ``config`` (its writer connects when started)."""
+    store = config.store
+    target = store.dsn if store.kind == "postgresql" else None
+    if target is None:
+        target = str(store.path or config.state_dir / DEFAULT_FILE)
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    log.info("query store: %s (%s)", store.kind, config.audit.what)
+    return QueryStore(store, config.audit, target, dict(config.groups))
 
 
 def load_options(config: Config) -> LoadOptions:
