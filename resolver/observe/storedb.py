@@ -14,6 +14,7 @@ The SQL is written once with ``?`` placeholders; PostgreSQL's driver gets ``%s``
 from __future__ import annotations
 
 import functools
+import importlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -225,8 +226,9 @@ class PostgresDB(Database):
     mark = "%s"
 
     def __init__(self, dsn: str, readonly: bool = False, timeout: float = 5.0) -> None:
-        import psycopg  # optional: the "postgres" extra
-
+        # Optional (the "postgres" extra), and imported by name: the compiled build
+        # type-checks this module where psycopg is not installed.
+        psycopg: Any = importlib.import_module("psycopg")
         self.conn = psycopg.connect(dsn, connect_timeout=max(1, int(timeout)), autocommit=False)
         if not readonly:
             with self.conn.transaction():
