@@ -3,8 +3,8 @@
 ``GET {path}?dns=<base64url>`` and ``POST {path}`` (``application/dns-message``) are answered
 by :meth:`Resolver.handle` with ``PROTO_DOH``; ``{path}/{id}`` names the client ``id``. The
 answer goes out as ``200`` with ``Cache-Control: max-age`` its smallest TTL; each fault gets
-its status (400, 403, 404, 405, 408, 413, 414, 415, 431). ALPN picks HTTP/2 (``h2``, the h2
-state machine) or HTTP/1.1 with keep-alive; with ``doh.plain`` (behind a TLS-terminating
+its status (400, 403, 404, 405, 408, 413, 414, 415, 431). ALPN picks HTTP/2 (``h2``, framed by
+:mod:`.h2wire`) or HTTP/1.1 with keep-alive; with ``doh.plain`` (behind a TLS-terminating
 proxy) there is no TLS and HTTP/2 is spoken when the client starts with its preface.
 
 Connections are accepted here, not by ``loop.create_server``, so that a connection counts
