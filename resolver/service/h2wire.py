@@ -334,7 +334,7 @@ class H2Server:
             return
         self.last = sid
         if len(self.streams) >= self.max_streams:
-            raise H2Error(REFUSED_STREAM, "streams", "over SETTINGS_MAX_CONCURRENT_STREAMS")
+            raise H2Error(PROTOCOL_ERROR, "streams", "over SETTINGS_MAX_CONCURRENT_STREAMS")
         self.streams[sid] = _Stream(self.initial, end)
         request, size = _request(fields)
         self.handler.h2_request(sid, request, size, end)
