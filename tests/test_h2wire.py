@@ -261,3 +261,24 @@ def test_what_is_read_is_given_back_once_half_a_window_is_read() -> None:
     assert updates == [(1, struct.pack(">L", 48000)), (0, struct.pack(">L", 48000))]
     conn.receive(frame(h2wire.DATA, 0, 1, b"x" * 16000) * 4)  # the windows were opened
     assert len([s for s in handler.seen if s[0] == "data"]) == 7
+
+
+def test_hpack_decoding_follows_the_encoders_table() -> None:
+    from resolver.service.hpackdec import DecodeError, Decoder
+
+    encoder, decoder = hpack.Encoder(), Decoder(65536)
+    for i in range(300):  # the table fills, evicts, and blocks repeat
+        fields = [*GET, ("x-long", "v" * (i % 50)), ("x-n", str(i % 7))]
+        block = encoder.encode(fields, huffman=bool(i % 2))
+        assert decoder.decode(block)[0] == fields
+        assert decoder.size <= 4096
+    sensitive = encoder.encode([hpack.NeverIndexedHeaderTuple("authorization", "secret")])
+    assert decoder.decode(sensitive)[0] == [("authorization", "secret")]
+    encoder.header_table_size = 0  # a size update first, then nothing indexed
+    assert decoder.decode(encoder.encode(GET))[0] == GET and not decoder.table
+    for bad in (b"\x80", b"\xff\xff\xff\xff\xff\xff", b"\x40\x05abc", b"\x82\x3f\xe1\x1f"):
+        with pytest.raises(DecodeError):
+            Decoder(65536).decode(bad)
+    with pytest.raises(DecodeError) as caught:
+        Decoder(100).decode(hpack.Encoder().encode([("x", "y" * 100)]))
+    assert caught.value.oversized

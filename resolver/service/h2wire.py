@@ -8,8 +8,8 @@ reads frames from bytes and writes frames into :attr:`H2Server.out`:
 - the connection preface, then SETTINGS (acknowledged; INITIAL_WINDOW_SIZE and
   MAX_FRAME_SIZE applied), PING (answered), PRIORITY (ignored), unknown types (ignored);
 - HEADERS and CONTINUATION: a header block of at most :data:`MAX_BLOCK` bytes in at most
-  :data:`MAX_CONTINUATIONS` frames, decoded by ``hpack`` (its dynamic table bounded by our
-  SETTINGS_HEADER_TABLE_SIZE, its header list by :data:`MAX_HEADER_LIST`), validated as
+  :data:`MAX_CONTINUATIONS` frames, decoded by :mod:`.hpackdec` (its dynamic table bounded
+  by our SETTINGS_HEADER_TABLE_SIZE, its header list by :data:`MAX_HEADER_LIST`), checked as
   RFC 9113 section 8.2 and 8.3 ask of a request;
 - DATA, with connection and stream flow control both ways: what a client sends is given
   back by WINDOW_UPDATE as soon as it is read (the request body bound is the caller's);
@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 from typing import Final, Protocol
 
-import hpack
+from .hpackdec import DecodeError, Decoder, Field
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_FRAME: Final = 16384  # SETTINGS_MAX_FRAME_SIZE we accept (the default)
@@ -51,9 +51,9 @@ COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 9, 11
 _HEAD: Final = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream
 _U32: Final = struct.Struct(">L")
 _SETTING: Final = struct.Struct(">HL")
-_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
+_PSEUDO: Final = frozenset({":method", ":scheme", ":authority", ":path"})
 _CONNECTION: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 )
 #: HPACK of fields we send: static-table indices, literals never indexed.
 _STATUS_200: Final = b"\x88"
@@ -164,7 +164,9 @@ class H2Server:
         self.block_flags = 0
         self.block_frames = 0
         self.closed = False  # GOAWAY sent or received
-        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self.decoder = Decoder(MAX_HEADER_LIST)
+        #: The request of a remembered block's fields (the decoder's list, by identity).
+        self.requests: dict[int, tuple[list[Field], dict[str, str]]] = {}
 
     def receive(self, data: bytes) -> bool:
         """Read ``data``; False when the client said GOAWAY. Raises :class:`H2Error`."""
@@ -309,17 +311,30 @@ class H2Server:
             self.block.clear()
             self._block(sid, self.block_flags, block)
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+    def _decode(self, block: bytes) -> tuple[list[Field], int]:
+        """The fields of ``block`` and their size; raises :class:`H2Error`."""
         try:
-            return self.decoder.decode(block, raw=True)  # type: ignore[return-value]
-        except hpack.OversizedHeaderListError:
-            raise H2Error(ENHANCE_YOUR_CALM, "headers_too_large", "header list too large") from None
-        except (hpack.HPACKError, IndexError, ValueError):
-            raise H2Error(COMPRESSION_ERROR, "malformed", "header block not HPACK") from None
+            return self.decoder.decode(block)
+        except DecodeError as exc:
+            if exc.oversized:
+                raise H2Error(ENHANCE_YOUR_CALM, "headers_too_large", str(exc)) from None
+            raise H2Error(COMPRESSION_ERROR, "malformed", str(exc)) from None
+
+    def _request(self, fields: list[Field]) -> dict[str, str]:
+        """The request of ``fields`` (checked once for a block the decoder remembers)."""
+        seen = self.requests.get(id(fields))
+        if seen is not None and seen[0] is fields:
+            return dict(seen[1])
+        request = _request(fields)
+        if len(self.requests) >= 64:
+            self.requests.clear()
+        self.requests[id(fields)] = (fields, request)
+        return dict(request)
 
     def _block(self, sid: int, flags: int, block: bytes) -> None:
         """A whole header block on ``sid``: a request, trailers, or a stream error."""
-        fields = self._decode(block)  # always: the decoder's table must follow the client's
+        # Always decoded: the decoder's table must follow the client's.
+        fields, size = self._decode(block)
         end = bool(flags & END_STREAM)
         stream = self.streams.get(sid)
         if stream is not None:  # trailers: only to end the stream, and not read
@@ -336,8 +351,7 @@ class H2Server:
         if len(self.streams) >= self.max_streams:
             raise H2Error(PROTOCOL_ERROR, "streams", "over SETTINGS_MAX_CONCURRENT_STREAMS")
         self.streams[sid] = _Stream(self.initial, end)
-        request, size = _request(fields)
-        self.handler.h2_request(sid, request, size, end)
+        self.handler.h2_request(sid, self._request(fields), size, end)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid:
@@ -465,27 +479,24 @@ class H2Server:
         return data
 
 
-def _request(fields: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], int]:
-    """A request's fields (names lower case, repeats joined) and their size (RFC 9113
-    section 6.5.2), checked as section 8.2 and 8.3 ask; raises :class:`H2Error`."""
+def _request(fields: list[Field]) -> dict[str, str]:
+    """A request's fields (repeats joined), checked as RFC 9113 section 8.2 and 8.3 ask;
+    raises :class:`H2Error`."""
     out: dict[str, str] = {}
-    size = 0
     regular = False
     for name, value in fields:
-        size += len(name) + len(value) + 32
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
+        if "\r" in value or "\n" in value or "\x00" in value:
             raise H2Error(PROTOCOL_ERROR, "malformed", "a field value with CR, LF or NUL")
-        if name[:1] == b":":
-            if regular or name not in _PSEUDO or name.decode() in out:
+        if name[:1] == ":":
+            if regular or name not in _PSEUDO or name in out:
                 raise H2Error(PROTOCOL_ERROR, "malformed", "a bad or repeated pseudo-header")
         else:
             regular = True
-            if name != name.lower() or name in _CONNECTION or not name:
+            if not name or name in _CONNECTION or name.lower() != name:
                 raise H2Error(PROTOCOL_ERROR, "malformed", "a field not allowed in HTTP/2")
-            if name == b"te" and value != b"trailers":
+            if name == "te" and value != "trailers":
                 raise H2Error(PROTOCOL_ERROR, "malformed", "te other than trailers")
-        key, text = name.decode("latin-1"), value.decode("latin-1")
-        out[key] = f"{out[key]}, {text}" if key in out else text
+        out[name] = f"{out[name]}, {value}" if name in out else value
     if not (":method" in out and ":scheme" in out and out.get(":path")):
         raise H2Error(PROTOCOL_ERROR, "malformed", "a request without :method, :scheme, :path")
-    return out, size
+    return out
