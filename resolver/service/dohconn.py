@@ -123,6 +123,7 @@ class DoHConnection(asyncio.Protocol):
         self.request_since = 0.0  # HTTP/1.1: when the request in the buffer began
         self.timer: asyncio.TimerHandle | None = None
         self.now = 0.0  # the loop's time when the read being parsed arrived
+        self.chunks: list[bytes] = []  # HTTP/2 answers of the read being parsed
 
     @property
     def idle(self) -> bool:
@@ -422,10 +423,11 @@ class DoHConnection(asyncio.Protocol):
         self._h2_respond(sid, status, headers, body)
         self.progress = self.now if self.in_parse else asyncio.get_running_loop().time()
         self.trickle = False
-        # Each answer in a write (a TLS record) of its own: dnsperf -m doh takes one answer
-        # of a record and loses the others (98% lost when the answers of a read went in one).
-        self._flush()
-        if not self.in_parse:  # else _h2_received steers once the read is done
+        if self.in_parse:  # _h2_received writes them all once the read is done
+            if self.h2 is not None and self.h2.out:
+                self.chunks.append(self.h2.take())
+        else:
+            self._flush()
             self._steer()
 
     def _h2_respond(
@@ -472,10 +474,22 @@ class DoHConnection(asyncio.Protocol):
             self.h2.reset(sid, code)
 
     def _flush(self) -> None:
-        transport, conn = self.transport, self.h2
-        if transport is None or conn is None or transport.is_closing() or not conn.out:
+        """Write what is ready: the answers of one read in one writelines call, so one
+        send, each answer still a TLS record of its own (dnsperf -m doh takes one answer
+        of a record and loses the rest: 98% lost when the answers of a read were one)."""
+        transport, conn, chunks = self.transport, self.h2, self.chunks
+        if transport is None or conn is None or transport.is_closing():
+            chunks.clear()
             return
-        transport.write(conn.take())
+        if conn.out:
+            chunks.append(conn.take())
+        if not chunks:
+            return
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)
+        chunks.clear()
         self._over_output()
 
 
