@@ -38,7 +38,7 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 from ..config import Config, Listen
@@ -53,6 +53,10 @@ from .listeners import Tasks, make_socket
 
 log = logging.getLogger("resolver.doh")
 
+#: Answers whose headers are remembered: how many at once (then they are forgotten), and
+#: up to what size (so at most 2 MB).
+REMEMBER: Final = 4096
+REMEMBER_SIZE: Final = 512
 #: The resolver's handle(): (query, client, tcp, proto, client id) -> answer.
 Handle = Callable[[bytes, str, bool, int, str], bytes | Pending | None]
 
@@ -86,6 +90,8 @@ class DoHListener:
         self.starting = 0
         self._starting: dict[object, Callable[[], bool]] = {}
         self._sockets: list[socket.socket] = []
+        #: The headers of answers sent, by their bytes after the id (see _answered).
+        self._headers: dict[bytes, list[tuple[str, str]]] = {}
 
     @property
     def tick(self) -> float:
@@ -283,8 +289,18 @@ class DoHListener:
             return self._refuse(reply, 403, "no_answer", "no answer for this client")
         if wants_padding(message):
             answer = pad_response(answer)
-        age = dohwire.max_age(answer)
-        reply(200, [("content-type", MEDIA), ("cache-control", f"max-age={age}")], answer)
+        # The headers of an answer are those of the same bytes before (its id aside): a
+        # repeat is not parsed again for its smallest TTL (a TTL that fell makes new bytes).
+        key = answer[2:]
+        headers = self._headers.get(key)
+        if headers is None:
+            age = dohwire.max_age(answer)
+            headers = [("content-type", MEDIA), ("cache-control", f"max-age={age}")]
+            if len(key) <= REMEMBER_SIZE:
+                if len(self._headers) >= REMEMBER:
+                    self._headers.clear()
+                self._headers[key] = headers
+        reply(200, headers, answer)
         return None
 
     def _refuse(

@@ -65,6 +65,10 @@ _NAMES: Final = {
 }
 
 
+#: Header blocks of answers, by their fields (at most 4,096: a few hundred KB).
+_BLOCKS: dict[tuple[object, ...], bytes] = {}
+
+
 class H2Error(Exception):
     """A connection error: GOAWAY with ``code`` is written; ``reason`` is for counting
     (``malformed``, ``streams``, ``headers_too_large``)."""
@@ -126,13 +130,18 @@ def _length(size: int) -> bytes:
 
 
 def encode_headers(status: int, headers: list[tuple[str, str]], length: int) -> bytes:
-    """The header block of an answer: ``:status``, ``headers``, content-length."""
-    block = _STATUS_200 if status == 200 else b"\x08\x03" + str(status).encode()
-    return (
-        block
-        + b"".join(_literal(n, v) for n, v in headers)
-        + _literal("content-length", str(length))
-    )
+    """The header block of an answer: ``:status``, ``headers``, content-length (the same
+    block for the same fields, which it does not depend on a table for, is remembered)."""
+    key = (status, length, *headers)
+    block = _BLOCKS.get(key)
+    if block is None:
+        block = _STATUS_200 if status == 200 else b"\x08\x03" + str(status).encode()
+        block += b"".join(_literal(n, v) for n, v in headers)
+        block += _literal("content-length", str(length))
+        if len(_BLOCKS) >= 4096:
+            _BLOCKS.clear()
+        _BLOCKS[key] = block
+    return block
 
 
 class H2Server:
