@@ -197,7 +197,12 @@ class H2Server:
                     break
                 payload = buf[pos + 9 : pos + 9 + size]
                 pos += 9 + size
-                if not self._frame(kind, flags, sid & 0x7FFFFFFF, payload):
+                if kind <= HEADERS and self.settings and not self.block_sid:  # most frames
+                    if kind == DATA:
+                        self._data(flags, sid & 0x7FFFFFFF, payload)
+                    else:
+                        self._headers(flags, sid & 0x7FFFFFFF, payload)
+                elif not self._frame(kind, flags, sid & 0x7FFFFFFF, payload):
                     self.closed = True
                     return False
         except H2Error as exc:
@@ -458,7 +463,11 @@ class H2Server:
             stream.send -= size
             self.send_window -= size
             del self.streams[sid]
-            self.out += frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, END_STREAM, sid, body)
+            out = self.out
+            out += _HEAD.pack(0, len(block), HEADERS, END_HEADERS, sid)
+            out += block
+            out += _HEAD.pack(size >> 16, size & 0xFFFF, DATA, END_STREAM, sid)
+            out += body
             return b""
         self.out += frame(HEADERS, END_HEADERS | (0 if body else END_STREAM), sid, block)
         if not body:
