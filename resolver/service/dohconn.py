@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
 from .h2wire import CANCEL, NO_ERROR, PREFACE, H2Error, H2Server
@@ -85,14 +84,18 @@ class Owner(Protocol):
     ) -> None: ...
 
 
-@dataclass
 class _Stream:
-    method: str
-    target: str
-    headers: dict[str, str]
-    started: float
-    body: bytearray = field(default_factory=bytearray)
-    ended: bool = False
+    """An HTTP/2 request being read (its body bounded by MAX_BODY) or answered."""
+
+    __slots__ = ("body", "ended", "headers", "method", "started", "target")
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], started: float) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.started = started
+        self.body = b""  # most bodies are one DATA frame: no copy then
+        self.ended = False
 
 
 class DoHConnection(asyncio.Protocol):
@@ -406,7 +409,7 @@ class DoHConnection(asyncio.Protocol):
         self.pending += 1
         reply = functools.partial(self._reply2, sid)
         self.listener.serve(
-            self.peer, stream.method, stream.target, stream.headers, bytes(stream.body), reply
+            self.peer, stream.method, stream.target, stream.headers, stream.body, reply
         )
 
     def _h2_refuse(self, sid: int, status: int, reason: str) -> None:

@@ -335,15 +335,16 @@ class H2Server:
             raise H2Error(COMPRESSION_ERROR, "malformed", str(exc)) from None
 
     def _request(self, fields: list[Field]) -> dict[str, str]:
-        """The request of ``fields`` (checked once for a block the decoder remembers)."""
+        """The request of ``fields`` (checked once for a block the decoder remembers; the
+        same dict then, which no one changes)."""
         seen = self.requests.get(id(fields))
         if seen is not None and seen[0] is fields:
-            return dict(seen[1])
+            return seen[1]
         request = _request(fields)
         if len(self.requests) >= 64:
             self.requests.clear()
         self.requests[id(fields)] = (fields, request)
-        return dict(request)
+        return request
 
     def _block(self, sid: int, flags: int, block: bytes) -> None:
         """A whole header block on ``sid``: a request, trailers, or a stream error."""
