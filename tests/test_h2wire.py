@@ -17,6 +17,8 @@ import pytest
 from resolver.service import h2wire
 from resolver.service.h2wire import H2Error, H2Server, frame
 
+from .test_doh_listener import cert, doh_server  # noqa: F401 (fixtures)
+
 PREFACE = h2wire.PREFACE
 SETTINGS = frame(h2wire.SETTINGS, 0, 0)
 GET = [(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/dns-query")]
@@ -282,3 +284,45 @@ def test_hpack_decoding_follows_the_encoders_table() -> None:
     with pytest.raises(DecodeError) as caught:
         Decoder(100).decode(hpack.Encoder().encode([("x", "y" * 100)]))
     assert caught.value.oversized
+
+
+def test_raw_frames_over_tls_get_goaway_and_the_listener_serves_on(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A hand-written client on the running listener: each abuse is a GOAWAY with its
+    code, counted by reason; the listener answers the next client."""
+    start_server = request.getfixturevalue("doh_server")
+    pair = request.getfixturevalue("cert")
+    from .test_doh_listener import (
+        _read_all,
+        client_context,
+        doh_query,
+        metric,
+        port_of,
+        tls_connect,
+    )
+
+    running = start_server()
+    context = client_context(pair[0], ["h2"])
+    post = [*GET[1:], (":method", "POST")]
+    start = PREFACE + SETTINGS
+    flood = frame(h2wire.HEADERS, 0x1, 1, block(GET)[:2])
+    flood += frame(h2wire.CONTINUATION, 0, 1) * (h2wire.MAX_CONTINUATIONS + 1)
+    abuse = frame(h2wire.HEADERS, 0x4, 1, block(post)) + frame(h2wire.DATA, 0, 1, b"x" * 16384) * 4
+    encoder = hpack.Encoder()
+    many = b"".join(frame(h2wire.HEADERS, 0x4, s, block(post, encoder)) for s in range(1, 204, 2))
+    for data, code in (
+        (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", h2wire.PROTOCOL_ERROR),
+        (start + flood, h2wire.ENHANCE_YOUR_CALM),
+        (start + abuse, h2wire.FLOW_CONTROL_ERROR),
+        (start + many, h2wire.PROTOCOL_ERROR),
+    ):
+        with tls_connect(port_of(running), context) as sock:
+            sock.sendall(data)
+            sock.settimeout(5)
+            assert goaway_code(_read_all(sock)) == code
+    for reason, count in (("malformed", 2), ("headers_too_large", 1), ("streams", 1)):
+        assert metric(running, f'resolver_doh_rejected_total{{reason="{reason}"}}') == count
+    import dns.message
+
+    assert doh_query(running, pair[0], dns.message.make_query("example.test", "A")).answer
