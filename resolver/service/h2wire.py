@@ -341,7 +341,7 @@ class H2Server:
         if seen is not None and seen[0] is fields:
             return seen[1]
         request = _request(fields)
-        if len(self.requests) >= 64:
+        if len(self.requests) >= 16:
             self.requests.clear()
         self.requests[id(fields)] = (fields, request)
         return request
@@ -366,7 +366,9 @@ class H2Server:
         if len(self.streams) >= self.max_streams:
             raise H2Error(PROTOCOL_ERROR, "streams", "over SETTINGS_MAX_CONCURRENT_STREAMS")
         self.streams[sid] = _Stream(self.initial, end)
-        self.handler.h2_request(sid, self._request(fields), size, end)
+        remembered = self.decoder.known.get(block) is not None
+        request = self._request(fields) if remembered else _request(fields)
+        self.handler.h2_request(sid, request, size, end)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid:

@@ -23,7 +23,11 @@ TABLE_SIZE: Final = 4096  # SETTINGS_HEADER_TABLE_SIZE: the default, never chang
 _STATIC: Final = tuple(
     (n.decode("latin-1"), v.decode("latin-1")) for n, v in HeaderTable.STATIC_TABLE
 )
-_REMEMBERED: Final = 64  # blocks remembered at once
+#: Blocks remembered at once, of at most REMEMBER_BLOCK bytes and fields of at most
+#: REMEMBER_LIST (so a connection's at most 48 KB).
+_REMEMBERED: Final = 16
+REMEMBER_BLOCK: Final = 512
+REMEMBER_LIST: Final = 2048
 
 
 class DecodeError(ValueError):
@@ -77,7 +81,7 @@ class Decoder:
             fields.append(field)
         if changed:
             self.known.clear()
-        else:
+        elif end <= REMEMBER_BLOCK and total <= REMEMBER_LIST:
             if len(self.known) >= _REMEMBERED:
                 self.known.clear()
             self.known[block] = (fields, total)
