@@ -3,8 +3,8 @@
 ``GET {path}?dns=<base64url>`` and ``POST {path}`` (``application/dns-message``) are answered
 by :meth:`Resolver.handle` with ``PROTO_DOH``; ``{path}/{id}`` names the client ``id``. The
 answer goes out as ``200`` with ``Cache-Control: max-age`` its smallest TTL; each fault gets
-its status (400, 403, 404, 405, 408, 413, 414, 415, 431). ALPN picks HTTP/2 (``h2``, the h2
-state machine) or HTTP/1.1 with keep-alive; with ``doh.plain`` (behind a TLS-terminating
+its status (400, 403, 404, 405, 408, 413, 414, 415, 431). ALPN picks HTTP/2 (``h2``, framed by
+:mod:`.h2wire`) or HTTP/1.1 with keep-alive; with ``doh.plain`` (behind a TLS-terminating
 proxy) there is no TLS and HTTP/2 is spoken when the client starts with its preface.
 
 Connections are accepted here, not by ``loop.create_server``, so that a connection counts
@@ -38,7 +38,7 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 from ..config import Config, Listen
@@ -54,6 +54,10 @@ from .listeners import Tasks, make_socket
 
 log = logging.getLogger("resolver.doh")
 
+#: Answers whose headers are remembered: how many at once (then they are forgotten), and
+#: up to what size (so at most 2 MB).
+REMEMBER: Final = 4096
+REMEMBER_SIZE: Final = 512
 #: The resolver's handle(): (query, client, tcp, proto, client id) -> answer.
 Handle = Callable[[bytes, str, bool, int, str], bytes | Pending | None]
 
@@ -95,6 +99,8 @@ class DoHListener:
         self.starting = 0
         self._starting: dict[object, Callable[[], bool]] = {}
         self._sockets: list[socket.socket] = []
+        #: The headers of answers sent, by their bytes after the id (see _answered).
+        self._headers: dict[bytes, list[tuple[str, str]]] = {}
 
     @property
     def tick(self) -> float:
@@ -258,6 +264,9 @@ class DoHListener:
         reply: Reply,
     ) -> None:
         """Answer one request by calling ``reply`` (now, or when the answer arrives)."""
+        if method == "POST" and target == self.path and headers.get("content-type") == MEDIA:
+            # The usual request, the same as below in fewer steps.
+            return self._query(peer, body, "", headers, reply)
         path, _, query = target.partition("?")
         client_id: str | None = ""
         if path != self.path:
@@ -283,11 +292,16 @@ class DoHListener:
             message = body
         else:
             return self._refuse(reply, 405, "method", extra=[("allow", "GET, POST")])
+        return self._query(peer, message, client_id or "", headers, reply)
+
+    def _query(
+        self, peer: str, message: bytes, client_id: str, headers: dict[str, str], reply: Reply
+    ) -> None:
         if not dohwire.is_query(message):
             return self._refuse(reply, 400, "bad_request", "not a DNS query")
         client = dohwire.forwarded_client(peer, headers.get("x-forwarded-for", ""), self.proxies)
         try:
-            result = self.handle(message, client, True, PROTO_DOH, client_id or "")
+            result = self.handle(message, client, True, PROTO_DOH, client_id)
         except Exception:  # a bug costs one answer, never the connection
             log.exception("internal error answering a DoH query")
             return reply(500, [("content-type", "text/plain")], b"internal error\n")
@@ -303,8 +317,18 @@ class DoHListener:
             return self._refuse(reply, 403, "no_answer", "no answer for this client")
         if wants_padding(message):
             answer = pad_response(answer)
-        age = dohwire.max_age(answer)
-        reply(200, [("content-type", MEDIA), ("cache-control", f"max-age={age}")], answer)
+        # The headers of an answer are those of the same bytes before (its id aside): a
+        # repeat is not parsed again for its smallest TTL (a TTL that fell makes new bytes).
+        key = answer[2:]
+        headers = self._headers.get(key)
+        if headers is None:
+            age = dohwire.max_age(answer)
+            headers = [("content-type", MEDIA), ("cache-control", f"max-age={age}")]
+            if len(key) <= REMEMBER_SIZE:
+                if len(self._headers) >= REMEMBER:
+                    self._headers.clear()
+                self._headers[key] = headers
+        reply(200, headers, answer)
         return None
 
     def _refuse(

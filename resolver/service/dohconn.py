@@ -1,4 +1,4 @@
-"""One DNS-over-HTTPS client connection: HTTP/2 (h2's state machine) or HTTP/1.1 with
+"""One DNS-over-HTTPS client connection: HTTP/2 (frames by :mod:`.h2wire`) or HTTP/1.1 with
 keep-alive, its bounds and timeouts (see :mod:`.doh` for the whole listener). What it needs
 of its listener is :class:`Owner`; what a request is answered with is the owner's
 ``serve``."""
@@ -6,19 +6,11 @@ of its listener is :class:`Owner`; what a request is answered with is the owner'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-
+from .h2wire import CANCEL, NO_ERROR, PREFACE, H2Error, H2Server
 from .http import REASONS as REASON_PHRASES
 from .listeners import OUTPUT_ABORT
 
@@ -33,7 +25,6 @@ MAX_BODY: Final = 65535
 #: HTTP/1.1 bytes held: a head, a body and one read beyond (reading pauses while busy).
 MAX_HELD: Final = MAX_TARGET + MAX_HEADERS + MAX_BODY + 256 * 1024
 MEDIA: Final = "application/dns-message"
-PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Why a connection or request was refused: the values of the ``reason`` label.
 REASONS: Final = (
     "connection_limit",  # no connection to close for a new one: refused
@@ -93,14 +84,18 @@ class Owner(Protocol):
     ) -> None: ...
 
 
-@dataclass
 class _Stream:
-    method: str
-    target: str
-    headers: dict[str, str]
-    started: float
-    body: bytearray = field(default_factory=bytearray)
-    ended: bool = False
+    """An HTTP/2 request being read (its body bounded by MAX_BODY) or answered."""
+
+    __slots__ = ("body", "ended", "headers", "method", "started", "target")
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], started: float) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.started = started
+        self.body = b""  # most bodies are one DATA frame: no copy then
+        self.ended = False
 
 
 class DoHConnection(asyncio.Protocol):
@@ -112,7 +107,7 @@ class DoHConnection(asyncio.Protocol):
         #: What the listener knew it by until it was up (see doh.DoHListener.connect).
         self.token = token
         self.transport: asyncio.Transport | None = None
-        self.h2: h2.connection.H2Connection | None = None
+        self.h2: H2Server | None = None
         self.sniff = False  # plain HTTP: the first bytes say HTTP/2 or HTTP/1.1
         self.buffer = bytearray()  # HTTP/1.1 bytes not yet a whole request
         self.busy = False  # HTTP/1.1: a request is being answered
@@ -130,6 +125,8 @@ class DoHConnection(asyncio.Protocol):
         self.trickle = False  # bytes came since then
         self.request_since = 0.0  # HTTP/1.1: when the request in the buffer began
         self.timer: asyncio.TimerHandle | None = None
+        self.now = 0.0  # the loop's time when the read being parsed arrived
+        self.chunks: list[bytes] = []  # HTTP/2 answers of the read being parsed
 
     @property
     def idle(self) -> bool:
@@ -173,7 +170,7 @@ class DoHConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self.h2 is not None:
-            self.h2.close_connection()
+            self.h2.goaway(NO_ERROR)
             self._flush()
         self._close()
 
@@ -236,7 +233,7 @@ class DoHConnection(asyncio.Protocol):
                 if not stream.ended and now - stream.started >= listener.request_timeout:
                     listener.count("slow")
                     del self.streams[sid]
-                    self._reset(sid, ErrorCodes.CANCEL)
+                    self._reset(sid, CANCEL)
             self._flush()
         if self.idle and now - self.progress >= idle:
             if self.trickle:
@@ -347,96 +344,62 @@ class DoHConnection(asyncio.Protocol):
             return True
         return False
 
-    # HTTP/2
+    # HTTP/2 (h2wire.H2Server reads and writes the frames; this is what they mean)
 
     def _start_h2(self) -> None:
-        # The headers sent are this module's own and valid: checking and normalising them
-        # cost half of h2's work to send an answer (about 50 of 110 us). What clients
-        # send is still validated.
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        conn = h2.connection.H2Connection(config=config)
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
-            },
-        )
-        conn.initiate_connection()
-        self.h2 = conn
+        self.h2 = H2Server(self, MAX_STREAMS)
         self._flush()
 
     def _h2_received(self, data: bytes) -> None:
         conn = self.h2
         assert conn is not None
+        self.now = asyncio.get_running_loop().time()
+        self.in_parse = True
         try:
-            events = conn.receive_data(data)
-        except h2.exceptions.TooManyStreamsError:
-            return self._h2_fault("streams")
-        except h2.exceptions.DenialOfServiceError:
-            return self._h2_fault("headers_too_large")
-        except h2.exceptions.ProtocolError:
-            return self._h2_fault("malformed")
-        now = asyncio.get_running_loop().time()
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self._h2_request(event, now)
-            elif isinstance(event, h2.events.DataReceived):
-                self._h2_data(event)
-            elif isinstance(event, h2.events.StreamEnded):
-                self._h2_ended(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                self.streams.pop(event.stream_id, None)
-                self._unwait(event.stream_id)
-            elif isinstance(event, h2.events.WindowUpdated):
-                self._send_waiting()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self._flush()
-                self._close()
-                return None
+            alive = conn.receive(data)
+        except H2Error as exc:
+            return self._h2_fault(exc.reason)
+        finally:
+            self.in_parse = False
         self._flush()
+        if not alive:  # the client said GOAWAY
+            return self._close()
         self._steer()
         return None
 
     def _h2_fault(self, reason: str) -> None:
         self.listener.count(reason)
-        self._flush()  # h2 has queued its GOAWAY
+        self._flush()  # its GOAWAY is written
         self._close()
 
-    def _h2_request(self, event: h2.events.RequestReceived, now: float) -> None:
-        sid = event.stream_id
-        fields: dict[str, str] = {}
-        size = 0
-        for name, value in event.headers or ():
-            key = bytes(name).decode("latin-1").lower()
-            text = bytes(value).decode("latin-1")
-            size += len(key) + len(text) + 32
-            fields[key] = f"{fields[key]}, {text}" if key in fields else text
+    def h2_request(self, sid: int, fields: dict[str, str], size: int, end: bool) -> None:
         method, target = fields.get(":method", ""), fields.get(":path", "")
-        self.streams[sid] = _Stream(method, target, fields, now)
+        self.streams[sid] = _Stream(method, target, fields, self.now)
         if size > MAX_HEADERS:
             self._h2_refuse(sid, 431, "headers_too_large")
         elif len(target) > MAX_TARGET:
             self._h2_refuse(sid, 414, "uri_too_long")
+        elif end:
+            self._h2_ended(sid)
 
-    def _h2_data(self, event: h2.events.DataReceived) -> None:
-        conn = self.h2
-        assert conn is not None
-        sid = event.stream_id
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            conn.acknowledge_received_data(event.flow_controlled_length, sid)
+    def h2_data(self, sid: int, data: bytes, end: bool) -> None:
         stream = self.streams.get(sid)
-        if stream is None or event.data is None:
+        if stream is None:
             return
-        if len(stream.body) + len(event.data) > MAX_BODY:
+        if len(stream.body) + len(data) > MAX_BODY:
             self._h2_refuse(sid, 413, "body_too_large")
             return
-        stream.body += event.data
+        stream.body += data
+        if end:
+            self._h2_ended(sid)
+
+    def h2_reset(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+        self._unwait(sid)
+
+    def h2_window(self) -> None:
+        if self.waiting:
+            self._send_waiting()
 
     def _h2_ended(self, sid: int) -> None:
         stream = self.streams.get(sid)
@@ -446,7 +409,7 @@ class DoHConnection(asyncio.Protocol):
         self.pending += 1
         reply = functools.partial(self._reply2, sid)
         self.listener.serve(
-            self.peer, stream.method, stream.target, stream.headers, bytes(stream.body), reply
+            self.peer, stream.method, stream.target, stream.headers, stream.body, reply
         )
 
     def _h2_refuse(self, sid: int, status: int, reason: str) -> None:
@@ -454,17 +417,21 @@ class DoHConnection(asyncio.Protocol):
         self.listener.count(reason)
         text = f"{status} {PHRASES[status]}\n".encode()
         self._h2_respond(sid, status, [("content-type", "text/plain")], text)
-        self._reset(sid, ErrorCodes.NO_ERROR)
+        self._reset(sid, NO_ERROR)
 
     def _reply2(self, sid: int, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.pending -= 1
         if self.transport is None:
             return
         self._h2_respond(sid, status, headers, body)
-        self.progress = asyncio.get_running_loop().time()
+        self.progress = self.now if self.in_parse else asyncio.get_running_loop().time()
         self.trickle = False
-        self._flush()
-        self._steer()
+        if self.in_parse:  # _h2_received writes them all once the read is done
+            if self.h2 is not None and self.h2.out:
+                self.chunks.append(self.h2.take())
+        else:
+            self._flush()
+            self._steer()
 
     def _h2_respond(
         self, sid: int, status: int, headers: list[tuple[str, str]], body: bytes
@@ -472,30 +439,19 @@ class DoHConnection(asyncio.Protocol):
         conn = self.h2
         if self.streams.pop(sid, None) is None or conn is None:
             return  # reset by the client meanwhile
-        fields = [(":status", str(status)), *headers, ("content-length", str(len(body)))]
-        try:
-            conn.send_headers(sid, fields, end_stream=not body)
-            if body:
-                self._send_body(sid, body)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._unwait(sid)
+        rest = conn.respond(sid, status, headers, body)
+        if rest:
+            self._hold(sid, rest)
 
-    def _send_body(self, sid: int, body: bytes) -> None:
-        conn = self.h2
-        assert conn is not None
-        while body:
-            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if room <= 0:  # the client's window is shut: hold the rest until it opens
-                if not self.waiting:
-                    self.waiting_since = asyncio.get_running_loop().time()
-                self.waiting[sid] = body
-                self.waiting_bytes += len(body)
-                if self.waiting_bytes > OUTPUT_ABORT * self.listener.max_output:
-                    self.listener.count("output")
-                    self.abort()
-                return
-            conn.send_data(sid, body[:room], end_stream=room >= len(body))
-            body = body[room:]
+    def _hold(self, sid: int, body: bytes) -> None:
+        """Keep what the client's windows hold back (bounded: over it, abort)."""
+        if not self.waiting:
+            self.waiting_since = asyncio.get_running_loop().time()
+        self.waiting[sid] = body
+        self.waiting_bytes += len(body)
+        if self.waiting_bytes > OUTPUT_ABORT * self.listener.max_output:
+            self.listener.count("output")
+            self.abort()
 
     def _unwait(self, sid: int) -> None:
         held = self.waiting.pop(sid, None)
@@ -503,30 +459,41 @@ class DoHConnection(asyncio.Protocol):
             self.waiting_bytes -= len(held)
 
     def _send_waiting(self) -> None:
+        conn = self.h2
+        assert conn is not None
         for sid in list(self.waiting):
             body = self.waiting.pop(sid)
             self.waiting_bytes -= len(body)
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self._send_body(sid, body)
-        if self.waiting:
-            return
-        self.waiting_since = 0.0
+            rest = conn.send_body(sid, body)
+            if rest:
+                self.waiting[sid] = rest
+                self.waiting_bytes += len(rest)
+        if not self.waiting:
+            self.waiting_since = 0.0
 
-    def _reset(self, sid: int, code: ErrorCodes) -> None:
+    def _reset(self, sid: int, code: int) -> None:
         self._unwait(sid)
-        if self.h2 is None:
-            return
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self.h2.reset_stream(sid, code)
+        if self.h2 is not None:
+            self.h2.reset(sid, code)
 
     def _flush(self) -> None:
-        transport, conn = self.transport, self.h2
+        """Write what is ready: the answers of one read in one writelines call, so one
+        send, each answer still a TLS record of its own (dnsperf -m doh takes one answer
+        of a record and loses the rest: 98% lost when the answers of a read were one)."""
+        transport, conn, chunks = self.transport, self.h2, self.chunks
         if transport is None or conn is None or transport.is_closing():
+            chunks.clear()
             return
-        data = conn.data_to_send()
-        if data:
-            transport.write(data)
-            self._over_output()
+        if conn.out:
+            chunks.append(conn.take())
+        if not chunks:
+            return
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)
+        chunks.clear()
+        self._over_output()
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], int, bool]:
