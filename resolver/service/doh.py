@@ -50,7 +50,7 @@ from .assembly import StartupError
 from .certs import CertError, CertStore
 from .dohconn import MEDIA, PHRASES, REASONS, DoHConnection, Reply
 from .dot import failure_reason
-from .listeners import Tasks, make_socket
+from .listeners import Tasks, forget_connection, make_socket
 
 log = logging.getLogger("resolver.doh")
 
@@ -224,13 +224,7 @@ class DoHListener:
         self.by_client.setdefault(conn.peer, {})[conn] = None
 
     def forget(self, conn: DoHConnection) -> None:
-        if conn in self.open:
-            del self.open[conn]
-            mine = self.by_client.get(conn.peer)
-            if mine is not None:
-                mine.pop(conn, None)
-                if not mine:
-                    del self.by_client[conn.peer]
+        forget_connection(self.open, self.by_client, conn, conn.peer)
 
     def stop_accepting(self) -> None:
         """Close the listening sockets and the connections not yet up."""

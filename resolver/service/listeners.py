@@ -254,13 +254,7 @@ class TCPConnections:
 
     def forget(self, conn: TCPConnection) -> None:
         """``conn`` is closed (or about to be): it no longer counts."""
-        if conn in self.open:
-            del self.open[conn]
-            mine = self.by_client.get(conn.peer)
-            if mine is not None:
-                mine.pop(conn, None)
-                if not mine:
-                    del self.by_client[conn.peer]
+        forget_connection(self.open, self.by_client, conn, conn.peer)
 
     def note_abort(self, peer: str, why: str) -> None:
         """Log an aborted connection: one line a minute at most, with how many were not."""
@@ -574,3 +568,17 @@ def bind_message(proto: str, listen: Listen, exc: OSError) -> str:
     elif exc.errno == errno.EADDRNOTAVAIL:
         hint = " (no interface of this machine has that address)"
     return f"cannot listen on {proto} {listen}: {exc.strerror or exc}{hint}"
+
+
+def forget_connection(
+    open_: dict[Any, None], by_client: dict[str, dict[Any, None]], conn: object, peer: str
+) -> None:
+    """Take ``conn`` out of a listener's connection table (every open one, and those of
+    each client address), dropping its client's entry when it was that client's last."""
+    if conn in open_:
+        del open_[conn]
+        mine = by_client.get(peer)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del by_client[peer]
