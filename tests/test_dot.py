@@ -32,7 +32,7 @@ from .helpers import server as server_helpers
 from .helpers.client import read_frame as read_plain_frame
 from .helpers.client import send_frame
 from .helpers.fakeupstream import Behaviour, FakeUpstream
-from .helpers.http import check_against_spec, http
+from .helpers.http import check_against_spec, http, scrape
 from .helpers.server import RunningServer
 from .helpers.testca import TestCA
 
@@ -403,12 +403,7 @@ def test_status_and_metrics_show_the_listeners_and_the_certificate(
     assert certificate["names"] == ["dot.test", "*.dot.test", "127.0.0.1"]
     assert 9.9 < certificate["days_left"] <= 10
     assert certificate["not_after"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-    _, text, _ = http(f"http://127.0.0.1:{server.server.metrics_port}/metrics")
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+    text, samples = scrape(server.server.metrics_port)
     assert samples['resolver_tls_handshakes_total{proto="dot"}'] == 1
     assert wait_until(lambda: server.server.certs.handshake_failures["dot", "protocol"] == 1)  # type: ignore[union-attr]
     expiry = samples["resolver_tls_certificate_expiry_timestamp_seconds"]

@@ -21,6 +21,7 @@ import pytest
 from resolver.config import DoHConfig, DoQConfig, DoTConfig, Listen, TCPConfig, TLSConfig
 
 from .helpers.http import check_against_spec, http
+from .helpers.http import scrape as scrape_metrics
 from .helpers.server import RunningServer
 from .helpers.testca import TestCA
 from .helpers.wait import wait_for
@@ -35,13 +36,7 @@ def port(server: RunningServer, proto: str) -> int:
 
 
 def scrape(server: RunningServer) -> tuple[str, dict[str, float]]:
-    _, text, _ = http(f"http://127.0.0.1:{server.server.metrics_port}/metrics")
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return text, samples
+    return scrape_metrics(server.server.metrics_port)
 
 
 @pytest.fixture

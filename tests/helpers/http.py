@@ -34,6 +34,17 @@ def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
     return status, document, ctype
 
 
+def scrape(metrics_port: int) -> tuple[str, dict[str, float]]:
+    """The text of /metrics on ``metrics_port`` and its samples by series."""
+    _, text, _ = http(f"http://127.0.0.1:{metrics_port}/metrics")
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return text, samples
+
+
 def check_against_spec(path: str, method: str, status: int, document: Any) -> None:
     """The response must be one the OpenAPI description documents, with a body its schema
     accepts (OpenAPI 3.1 schemas are JSON Schema 2020-12)."""
