@@ -4,6 +4,7 @@ a subprocess started the way an operator starts it."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,18 +21,30 @@ import dns.query
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _port_range() -> range:
+    """Where free_port picks: below the kernel's ephemeral range (32768 and up on Linux),
+    so that no port the kernel hands out for port 0 can take a picked port before the
+    test binds it; ``RESOLVER_TEST_PORTS=LOW-HIGH`` gives a pass its own slice (.ci/run
+    runs two passes side by side)."""
+    low, _, high = os.environ.get("RESOLVER_TEST_PORTS", "20000-32000").partition("-")
+    return range(int(low), int(high))
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 (at the time of asking)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return int(port)
+    ports = _port_range()
+    for _ in range(200):
+        port = random.choice(ports)
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        ):
+            try:
+                udp.bind(("127.0.0.1", port))
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no free port")
 
 
