@@ -23,9 +23,9 @@ DNS rebinding and cross-site requests (admin API): with ``allowed_hosts`` given,
 whose Host is not a loopback name or address, the address the client connected to, the
 listen address or one of ``allowed_hosts`` is refused (421): a page that rebinds its own name
 to this address still sends its own name as Host. A state-changing request (any method but
-GET, HEAD, OPTIONS) that carries an ``Origin`` header is refused (403), whatever the origin:
-the API serves no web page, so no browser has a reason to call it, and under DNS rebinding the
-attacker's page *is* same-origin, so a same-origin test alone would let it through.
+GET, HEAD, OPTIONS) with an ``Origin`` is refused (403) unless it comes from the console
+(``sessions``, docs/console.md): a valid session cookie (which stands for the token), its
+CSRF token in ``X-CSRF-Token``, and an Origin equal to the Host (checked above).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from ..defaults import DEFAULT_HTTP_MAX_CONNECTIONS
@@ -77,9 +77,12 @@ REASONS_COUNTED: Final = (
     "host",  # Host header not one of this listener's names (421)
     "origin",  # a state-changing request from a browser page (403)
     "unauthorized",  # missing or wrong bearer token (401)
+    "csrf",  # a page's state-changing request without its session's CSRF token (403)
 )
 REASONS: Final = {
     200: "OK",
+    303: "See Other",
+    304: "Not Modified",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -89,6 +92,7 @@ REASONS: Final = {
     413: "Content Too Large",
     414: "URI Too Long",
     421: "Misdirected Request",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -115,6 +119,22 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes = b""
+    #: The client's address, and whether the connection is TLS (a cookie's ``Secure``).
+    peer: str = ""
+    tls: bool = False
+    #: The console session its cookie names (``HTTPServer.sessions``), if valid.
+    session: Any = None
+
+
+class Sessions(Protocol):
+    """The console's session table (resolver/console/sessions.py). ``form_paths``: form
+    posts (login, logout) whose handler checks their own credential."""
+
+    form_paths: frozenset[str]
+
+    def find(self, cookie: str | None) -> Any: ...
+
+    def csrf_ok(self, session: Any, given: str | None) -> bool: ...
 
 
 @dataclass
@@ -140,9 +160,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 class _Refused(Exception):
     """The request is answered with an error status without going further."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason or _STATUS_REASON.get(status, "malformed")
 
 
 class _Gone(Exception):
@@ -174,9 +195,11 @@ class HTTPServer:
         name: str = "admin",
         max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS,
         allowed_hosts: Iterable[str] | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.routes = routes
         self.token = token
+        self.sessions = sessions
         self.protected = protected
         self.name = name
         self.max_connections = max(1, max_connections)
@@ -286,7 +309,7 @@ class HTTPServer:
         except _Gone:
             return None
         except _Refused as exc:
-            self._count(_STATUS_REASON.get(exc.status, "malformed"))
+            self._count(exc.reason)
             response = error(exc.status, str(exc))
             if exc.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="resolver"'
@@ -317,19 +340,38 @@ class HTTPServer:
                 f"this server does not answer for the host {host[:100]!r}; "
                 "add it to admin.allowed_hosts if it is one of its names",
             )
-        method = head.method
-        if method not in SAFE_METHODS and "origin" in headers:
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        request = Request(head.method, split.path or "/", query, headers, b"", conn.peer, conn.tls)
+        bearer = False
+        if self.token:
+            given = headers.get("authorization", "")
+            bearer = hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        if self.sessions is not None:
+            request.session = self.sessions.find(headers.get("cookie"))
+        if head.method not in SAFE_METHODS:
+            self._check_page(request, host, bearer)
+        protected = request.path.startswith(self.protected) and self.token
+        if protected and not bearer and request.session is None:
+            raise _Refused(401, "missing or wrong bearer token")
+        return request
+
+    def _check_page(self, request: Request, host: str | None, bearer: bool) -> None:
+        """A state-changing request from a web page (an Origin, or a session cookie in
+        place of the token): only the console's own, with its CSRF token."""
+        headers = request.headers
+        origin = headers.get("origin")
+        if origin is None and (request.session is None or bearer):
+            return  # curl, the CLI: no page involved
+        if self.sessions is None or (origin is not None and not _same_origin(origin, host)):
             raise _Refused(
                 403, "requests from web pages are refused (Origin header): use curl or the CLI"
             )
-        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        request = Request(method, split.path or "/", query, headers)
-        if request.path.startswith(self.protected) and self.token:
-            given = headers.get("authorization", "")
-            expected = f"Bearer {self.token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                raise _Refused(401, "missing or wrong bearer token")
-        return request
+        if request.path in self.sessions.form_paths:
+            return  # its handler checks the form's token
+        if request.session is None:
+            raise _Refused(403, "requests from web pages need a console session: log in")
+        if not self.sessions.csrf_ok(request.session, headers.get("x-csrf-token")):
+            raise _Refused(403, "missing or wrong CSRF token (X-CSRF-Token header)", "csrf")
 
     def _host_ok(self, host: str, conn: _Connection) -> bool:
         name = _normal_host(host)
@@ -392,6 +434,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.reader = asyncio.StreamReader(limit=MAX_LINE)
         self.transport: asyncio.Transport | None = None
         self.sockname: Any = None
+        self.peer = ""
+        self.tls = False
         self._scratch = memoryview(bytearray(0))
         self._writable = asyncio.Event()
         self._writable.set()
@@ -402,6 +446,9 @@ class _Connection(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.sockname = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.tls = transport.get_extra_info("sslcontext") is not None
         if not self.server._admit(self):
             # Every slot is busy answering: say so in a few bytes, read nothing.
             transport.pause_reading()
@@ -474,6 +521,14 @@ def _normal_host(host: str) -> str:
     elif host.count(":") == 1:
         host = host.partition(":")[0]
     return host.rstrip(".")
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether a page's ``Origin`` is the server it was sent to (scheme and Host)."""
+    split = urlsplit(origin.strip())
+    if host is None or split.scheme not in ("http", "https") or not split.netloc:
+        return False
+    return split.netloc.lower() == host.strip().lower()
 
 
 def _render(response: Response) -> bytes:

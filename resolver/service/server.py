@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..config import Config, Listen
+from ..console import Console
 from ..core import wire
 from ..core.account import AuditSink
 from ..core.pipeline import Clock, Resolver
@@ -181,12 +182,14 @@ class Server:
     async def _start_http(self) -> None:
         config = self.config
         if config.admin is not None:  # off loopback with a token only (assembly.check)
+            console = Console(config.admin_token)  # the web console (resolver/console/)
             server = HTTPServer(
-                admin_routes(self),
+                {**admin_routes(self), **console.routes()},
                 config.admin_token,
                 name="admin",
                 max_connections=config.admin_max_connections,
                 allowed_hosts=config.admin_allowed_hosts,
+                sessions=console.sessions,
             )
             self.admin_port = await self._listen_http(server, config.admin, "admin API")
         if config.metrics is not None:
