@@ -38,7 +38,7 @@ def _check_security_headers(answer: Answer) -> None:
     for part in ("default-src 'none'", "script-src 'self'", "frame-ancestors 'none'"):
         assert part in headers["content-security-policy"]
     assert headers["x-content-type-options"] == "nosniff"
-    assert headers["referrer-policy"] == "no-referrer"
+    assert headers["referrer-policy"] == "same-origin"  # see routes.SECURITY_HEADERS
     assert headers["x-frame-options"] == "DENY"
 
 

@@ -25,11 +25,14 @@ CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-#: Headers on every console answer.
+#: Headers on every console answer. The referrer policy is ``same-origin``, not
+#: ``no-referrer``: under ``no-referrer`` a browser sends ``Origin: null`` on the page's own
+#: form posts and fetches, and the server could no longer tell them from a foreign page's.
+#: No referrer ever leaves for another site (and reference links say ``noreferrer``).
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
 #: The files under ``/console/static/``, and their types: nothing else is ever served.
