@@ -240,7 +240,6 @@ def test_add_a_rule_in_the_page_and_see_it_blocked(console: Console, page: Watch
     if status == 404:
         pytest.skip("POST /v1/rules answers 404: rule edits (helper R's API) not on this branch")
     name = f"banned.{ZONE}"
-    assert console.running.query(name).rcode() == dns.rcode.NOERROR or True
     p = page.page
     p.click('button[data-tab="rules"]')
     p.fill('#rule-form input[name="name"]', name)
