@@ -6,6 +6,8 @@ the Origin and Host rules, and /openapi.json; all against the real server on loo
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,7 +20,7 @@ from resolver.console.routes import CSP
 from resolver.console.sessions import LoginGuard, SessionTable
 
 from .helpers.console import Answer, Browserless
-from .helpers.http import TOKEN
+from .helpers.http import TOKEN, scrape
 from .helpers.realservers import ROOT
 from .helpers.server import RunningServer
 
@@ -27,7 +29,7 @@ STATIC = ROOT / "resolver" / "console" / "static"
 
 
 def _admin(make_server: Callable[..., RunningServer], token: str | None = TOKEN) -> Any:
-    running = make_server(admin=LOOPBACK, admin_token=token)
+    running = make_server(admin=LOOPBACK, admin_token=token, metrics=LOOPBACK)
     http_server = running.server.http_servers[0]
     return running, http_server, Browserless(running.server.admin_port)
 
@@ -145,7 +147,7 @@ def test_static_files_allowlist_etag_and_no_traversal(
 def test_login_refuses_a_wrong_token_counts_and_locks_out(
     make_server: Callable[..., RunningServer],
 ) -> None:
-    _, http_server, client = _admin(make_server)
+    running, http_server, client = _admin(make_server)
     page = client.open_page()
     assert page.status == 200 and 'action="/console/login"' in page.text
     _check_security_headers(page)
@@ -160,6 +162,16 @@ def test_login_refuses_a_wrong_token_counts_and_locks_out(
     locked = client.login(TOKEN)  # even the right token waits out the lockout
     assert locked.status == 429 and int(locked.headers["retry-after"]) >= 1
     assert guard.refused == 1 and len(http_server.sessions) == 0
+    text, samples = scrape(running.server.metrics_port)
+    assert samples['resolver_console_logins_total{result="wrong"}'] == 5
+    assert samples['resolver_console_logins_total{result="locked"}'] == 1
+    assert samples["resolver_console_lockouts_total"] == 1
+    assert samples["resolver_console_sessions"] == 0
+    if shutil.which("promtool"):
+        check = subprocess.run(
+            ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def _console_guard(http_server: Any) -> LoginGuard:
@@ -191,7 +203,7 @@ def test_login_then_cookie_authorises_the_api_and_logout_ends_it(
 def test_session_table_stays_at_its_bound_under_many_logins(
     make_server: Callable[..., RunningServer],
 ) -> None:
-    _, http_server, client = _admin(make_server)
+    running, http_server, client = _admin(make_server)
     table: SessionTable = http_server.sessions
     first = None
     for _ in range(table.max_sessions + 10):
@@ -200,6 +212,9 @@ def test_session_table_stays_at_its_bound_under_many_logins(
         client.cookie = None  # a new browser each time: no session to replace
     assert len(table) == table.max_sessions
     assert table.evicted == 10 and table.created == table.max_sessions + 10
+    _, samples = scrape(running.server.metrics_port)
+    assert samples["resolver_console_sessions"] == table.max_sessions
+    assert samples['resolver_console_sessions_ended_total{reason="evicted"}'] == 10
     client.cookie = first  # the oldest was evicted
     assert client.request("GET", "/v1/status").status == 401
 

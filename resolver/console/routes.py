@@ -19,7 +19,7 @@ from typing import Final
 from urllib.parse import parse_qs
 
 from ..service.http import Handler, Request, Response, error
-from .sessions import LoginGuard, SessionTable
+from .sessions import SessionTable
 
 CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -72,7 +72,7 @@ class Console:
     def __init__(self, token: str | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.token = token or None
         self.sessions = SessionTable(clock=clock)
-        self.guard = LoginGuard(clock=clock)
+        self.guard = self.sessions.guard
         self.assets = {name: _asset(_read(name), kind) for name, kind in ASSETS.items()}
         page = _read("index.html").decode()
         for name, asset in self.assets.items():

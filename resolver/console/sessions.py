@@ -62,12 +62,15 @@ class SessionTable:
         idle: float = IDLE,
         lifetime: float = LIFETIME,
         clock: Callable[[], float] = time.monotonic,
+        guard: LoginGuard | None = None,
     ) -> None:
         self.max_sessions = max(1, max_sessions)
         self.idle = idle
         self.lifetime = lifetime
         self.clock = clock
         self._sessions: dict[str, Session] = {}  # by key, oldest created first
+        #: Wrong logins per client (the login form's bound).
+        self.guard = guard if guard is not None else LoginGuard(clock=clock)
         #: Sessions created, evicted to make room, expired, and ended by logout.
         self.created = 0
         self.evicted = 0
@@ -168,7 +171,9 @@ class LoginGuard:
         self.clock = clock
         #: client -> [failures, first failure, locked until]
         self._clients: dict[str, list[float]] = {}
-        #: Wrong logins, logins refused while locked out, lockouts, clients forgotten.
+        #: Right and wrong logins, logins refused while locked out, lockouts, clients
+        #: forgotten.
+        self.succeeded = 0
         self.failed = 0
         self.refused = 0
         self.lockouts = 0
@@ -205,4 +210,5 @@ class LoginGuard:
 
     def success(self, client: str) -> None:
         """The right token: ``client``'s failures are forgotten."""
+        self.succeeded += 1
         self._clients.pop(client, None)

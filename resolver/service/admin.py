@@ -17,6 +17,7 @@ import dns.exception
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .. import __version__
+from ..console.metrics import ConsoleCollector
 from ..core.wire import encode_name
 from ..observe.metrics import ResolverCollector, register_service_metrics
 from ..policy.explain import explain, parse_moment
@@ -253,6 +254,7 @@ def metrics_routes(server: Served) -> dict[tuple[str, str], Handler]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ResolverCollector(server))
     registry.register(TLSCollector(server))
+    registry.register(ConsoleCollector(server))
     register_service_metrics(registry, server)
 
     async def metrics(_: Request) -> Response:
