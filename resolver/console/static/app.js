@@ -115,15 +115,32 @@ function windowText(item) {
   return parts.join(" ") || "always";
 }
 
-function timelineRow(item) {
+// A live countdown cell to an item's next change of state.
+function nextCell(item, zone) {
   const due = item.next_transition && item.next_transition !== "never"
     ? Date.parse(item.next_transition) : null;
   const clock = el("span", { class: "countdown" }, "");
   if (due !== null && !Number.isNaN(due)) timers.push([clock, due]);
   else clock.textContent = "none";
-  const next = el("td", {}, clock, due ? el("div", { class: "hint" }, inZone(item.next_transition, item.timezone)) : null);
+  return el("td", {}, clock, due ? el("div", { class: "hint" }, inZone(item.next_transition, zone)) : null);
+}
+
+function referenceCell(item) {
   const url = item.reference_url || urlIn(item.reference);
-  const reference = el("td", {}, url ? safeLink(url, item.reference || url) : (item.reference || "—"));
+  return el("td", {}, url ? safeLink(url, item.reference || url) : (item.reference || "—"));
+}
+
+function timelineRuleRow(rule, zones) {
+  const zone = zones[rule.list] || null;
+  return el("tr", { "data-rule": rule.name || "" },
+    el("td", {}, rule.name || "—"), el("td", {}, rule.list), el("td", {}, stateBadge(rule.state)),
+    el("td", {}, windowText({ ...rule, timezone: zone })), nextCell(rule, zone),
+    referenceCell(rule), el("td", { class: "hint" }, rule.where || ""));
+}
+
+function timelineRow(item) {
+  const next = nextCell(item, item.timezone);
+  const reference = referenceCell(item);
   const groups = item.would_block_by_group || {};
   const groupText = Object.keys(groups).length
     ? Object.entries(groups).map(([g, n]) => `${g}: ${n}`).join(", ")
@@ -140,10 +157,12 @@ function timelineRow(item) {
 
 async function loadTimeline() {
   let lists;
+  let rules = [];
   let note = "";
   try {
     const doc = await api("/v1/timeline");
     lists = doc.lists;
+    rules = doc.rules || [];
     if (doc.rules_truncated) note = "Only the first rules with windows are shown.";
   } catch (err) {
     if (err.status !== 404) throw err;
@@ -151,7 +170,9 @@ async function loadTimeline() {
     note = "Times in UTC (this server has no /v1/timeline).";
   }
   timers = [];
+  const zones = Object.fromEntries(lists.map((l) => [l.id, l.timezone]));
   fill($("timeline-rows"), lists.map(timelineRow));
+  fill($("timeline-rules"), rules.map((r) => timelineRuleRow(r, zones)));
   $("timeline-note").textContent = note;
   tick();
   // For bench/console.py: when the page first became usable.
@@ -275,10 +296,10 @@ async function loadRules() {
   try {
     const doc = await api("/v1/rules");
     fill($("rule-rows"), (doc.rules || []).map((r) => el("tr", {},
-      el("td", {}, r.name), el("td", {}, r.list || ""),
+      el("td", {}, r.name), el("td", {}, r.list || doc.list || ""),
       el("td", {}, urlIn(r.reference) ? safeLink(urlIn(r.reference), r.reference) : (r.reference || "")),
       el("td", {}, [r.from && `from ${r.from}`, r.until && `until ${r.until}`, r.timezone].filter(Boolean).join(" ") || "always"),
-      el("td", {}, r.operator || ""),
+      el("td", {}, [r.operator, r.added_at].filter(Boolean).join(", ")),
       el("td", {}, el("button", { type: "button", on: { click: () => removeRule(r) } }, "Remove")))));
     const changes = await api("/v1/changes");
     fill($("change-rows"), (changes.changes || []).map((c) => el("tr", {},
@@ -308,7 +329,8 @@ async function addRule(event) {
   for (const [key, value] of new FormData(event.target)) if (String(value).trim()) body[key] = String(value).trim();
   try {
     const doc = await api("/v1/rules", { method: "POST", json: body });
-    $("rules-note").textContent = `Added ${body.name}${doc && doc.file ? ` to ${doc.file}` : ""}.`;
+    const file = doc && doc.change && doc.change.file;
+    $("rules-note").textContent = `Added ${body.name}${file ? ` to ${file}` : ""}.`;
     await loadRules();
   } catch (err) {
     $("rules-note").textContent = err.status === 404 ? RULES_ABSENT : err.message;
