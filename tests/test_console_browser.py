@@ -7,6 +7,7 @@ see it blocked over DNS. Screenshots go to tests/artifacts/ (or $RESOLVER_ARTIFA
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -35,6 +36,21 @@ LOOPBACK = Listen("127.0.0.1", 0)
 ZONE = "corp.test"
 
 
+#: A ban announced for a later date, watched (monitor phase) until then.
+FUTURE_BAN = f"""\
+list: future-ban
+description: A ban announced for a later date
+reference: "announced ban: https://example.org/announced-ban"
+timezone: Europe/Brussels
+active:
+  monitor_from: 2025-01-01
+  from: 2036-01-01
+action: nxdomain
+domains:
+  - watched.{ZONE}
+"""
+
+
 class Console:
     """The resolver, NSD behind it, a chromium, and one logged-in page."""
 
@@ -42,11 +58,17 @@ class Console:
         lists = folder / "blocklists"
         lists.mkdir()
         shutil.copy(ROOT / "blocklists" / "deepseek.yaml", lists / "deepseek.yaml")
+        (lists / "future.yaml").write_text(FUTURE_BAN)
         (folder / "nsd").mkdir()
         self.nsd = NSD(
             folder / "nsd",
             ZONE,
-            ["www IN A 192.0.2.10", "mail IN A 192.0.2.11", "news IN A 192.0.2.12"],
+            [
+                "www IN A 192.0.2.10",
+                "mail IN A 192.0.2.11",
+                "news IN A 192.0.2.12",
+                "watched IN A 192.0.2.13",
+            ],
         )
         config = Config(
             listen=(Listen("127.0.0.1", 0),),
@@ -166,6 +188,32 @@ def test_timeline_shows_the_deepseek_ban_enforced_since_2025_02_26(
     assert link.get_attribute("href").startswith("https://matz.belgium.be/")
     assert link.get_attribute("rel") == "noopener noreferrer"
     page.shot("console-timeline")
+
+
+def test_timeline_counts_down_to_a_ban_in_monitor_and_shows_its_impact(
+    console: Console, page: Watched
+) -> None:
+    # Answered (monitor: watched, not blocked), and counted for the client's group.
+    assert console.running.query(f"watched.{ZONE}").rcode() == dns.rcode.NOERROR
+    p = page.page
+    p.reload()  # the timeline as of now
+    row = p.wait_for_selector('tr[data-list="future-ban"]', timeout=10_000)
+    assert row is not None
+    assert row.query_selector(".state").inner_text() == "monitor"
+    first = row.query_selector(".countdown").inner_text()
+    assert re.fullmatch(r"\d+ d \d\d:\d\d:\d\d", first), first
+    p.wait_for_function(
+        f"() => document.querySelector('tr[data-list=\"future-ban\"] .countdown')"
+        f".textContent !== {json.dumps(first)}",
+        timeout=5_000,
+    )  # it runs
+    would = row.query_selector(".would").inner_text()
+    if console.api("/v1/timeline")[0] == 200:
+        assert would == "office: 1"
+        assert "2036-01-01 00:00 Europe/Brussels" in row.inner_text()
+    else:
+        assert would == "1"
+    page.shot("console-timeline-monitor")
 
 
 def test_explain_in_the_page(page: Watched) -> None:

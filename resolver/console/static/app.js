@@ -172,7 +172,8 @@ async function loadTimeline() {
   timers = [];
   const zones = Object.fromEntries(lists.map((l) => [l.id, l.timezone]));
   fill($("timeline-rows"), lists.map(timelineRow));
-  fill($("timeline-rules"), rules.map((r) => timelineRuleRow(r, zones)));
+  fill($("timeline-rules"), rules.length ? rules.map((r) => timelineRuleRow(r, zones))
+    : [el("tr", {}, el("td", { colspan: "7", class: "hint" }, "None: every rule follows its list's window."))]);
   $("timeline-note").textContent = note;
   tick();
   // For bench/console.py: when the page first became usable.
