@@ -181,9 +181,9 @@ def test_timeline_shows_the_deepseek_ban_enforced_since_2025_02_26(
     assert row.query_selector(".state").inner_text() == "enforced"
     window = row.query_selector(".window").inner_text()
     if console.api("/v1/timeline")[0] == 200:
-        assert window == "since 2025-02-26 00:00 Europe/Brussels"
+        assert window == "enforced since 2025-02-26 00:00 Europe/Brussels"
     else:  # /v1/status only: the same instant, in UTC
-        assert window == "since 2025-02-25T23:00:00+00:00 (UTC)"
+        assert window == "enforced since 2025-02-25T23:00:00+00:00 (UTC)"
     link = row.query_selector("a")
     assert link.get_attribute("href").startswith("https://matz.belgium.be/")
     assert link.get_attribute("rel") == "noopener noreferrer"
@@ -210,7 +210,10 @@ def test_timeline_counts_down_to_a_ban_in_monitor_and_shows_its_impact(
     would = row.query_selector(".would").inner_text()
     if console.api("/v1/timeline")[0] == 200:
         assert would == "office: 1"
-        assert "2036-01-01 00:00 Europe/Brussels" in row.inner_text()
+        assert row.query_selector(".window").inner_text() == (
+            "monitor from 2025-01-01 00:00 Europe/Brussels, "
+            "enforced from 2036-01-01 00:00 Europe/Brussels"
+        )
     else:
         assert would == "1"
     page.shot("console-timeline-monitor")

@@ -109,7 +109,9 @@ function stateBadge(state) {
 function windowText(item) {
   const zone = item.timezone || null;
   const parts = [];
-  if (item.enforced_from) parts.push(`since ${inZone(item.enforced_from, zone)}`);
+  if (item.monitor_from) parts.push(`monitor from ${inZone(item.monitor_from, zone)},`);
+  const started = item.state === "enforced" || item.state === "expired";
+  if (item.enforced_from) parts.push(`enforced ${started ? "since" : "from"} ${inZone(item.enforced_from, zone)}`);
   if (item.until && item.until !== "never") parts.push(`until ${inZone(item.until, zone)}`);
   if (!zone && item.enforced_from) parts.push("(UTC)");
   return parts.join(" ") || "always";
