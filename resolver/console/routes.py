@@ -155,12 +155,14 @@ class Console:
 
 
 def _form(request: Request) -> dict[str, str]:
-    """The fields of an ``application/x-www-form-urlencoded`` body (the last of each)."""
+    """The fields of an ``application/x-www-form-urlencoded`` body (the last of each);
+    none when it is not one, or has more fields than a form of ours (a body of 64 KiB
+    could otherwise make thousands)."""
     try:
-        text = request.body.decode()
-    except UnicodeDecodeError:
+        fields = parse_qs(request.body.decode(), keep_blank_values=True, max_num_fields=8)
+    except (UnicodeDecodeError, ValueError):
         return {}
-    return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
+    return {k: v[-1] for k, v in fields.items()}
 
 
 def _secure(response: Response) -> Response:
