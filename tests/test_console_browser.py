@@ -263,7 +263,17 @@ def test_search_the_query_store_after_real_queries(console: Console, page: Watch
     )
     rows = p.inner_text("#search-rows")
     assert "chat.deepseek.com" in rows and f"www.{ZONE}" not in rows
-    assert "format=csv" in p.get_attribute("#csv", "href")
+    csv_href = p.get_attribute("#csv", "href")
+    assert "format=csv" in csv_href and "cursor" not in csv_href
+    if console.api("/v1/queries/clients")[0] == 200:
+        # Which clients tried it, and were they refused: one client, two blocked.
+        p.wait_for_selector("#client-rows tr", timeout=10_000)
+        cells = [c.inner_text() for c in p.query_selector_all("#client-rows tr:first-child td")]
+        assert cells[:4] == ["127.0.0.1", "2", "2", "0"], cells
+        # The export, with the page's session cookie (as the link downloads it).
+        exported = p.request.get(console.base + csv_href)
+        assert exported.status == 200 and exported.headers["content-type"].startswith("text/csv")
+        assert "chat.deepseek.com" in exported.text() and f"www.{ZONE}" not in exported.text()
     page.shot("console-investigations")
     # The client's own queries, forwarded ones included.
     p.click("#search-rows a.client")

@@ -244,6 +244,7 @@ async function search(params, append) {
   csv.delete("cursor");
   csv.set("format", "csv");
   $("csv").href = `/v1/queries?${csv}`;
+  if (!append) await loadClients(params);
 }
 
 function byClient(client) {
@@ -253,14 +254,18 @@ function byClient(client) {
   form.requestSubmit();
 }
 
-async function loadClients() {
+// Per client within the search's filters: "which clients tried this name since that date?"
+async function loadClients(params) {
+  const filters = new URLSearchParams(params || "");
+  filters.delete("cursor");
+  filters.delete("limit");
   try {
-    const doc = await api("/v1/queries/clients");
+    const doc = await api(`/v1/queries/clients?${filters}`);
     const clients = doc.clients || [];
     fill($("client-rows"), clients.map((c) => el("tr", {},
       el("td", {}, el("a", { class: "client", href: "#", on: { click: (e) => { e.preventDefault(); byClient(c.client); } } }, c.client)),
-      el("td", { class: "num" }, c.queries ?? ""), el("td", { class: "num" }, c.blocked ?? ""),
-      el("td", { class: "num" }, c.monitored ?? ""), el("td", {}, c.last_seen || ""))));
+      el("td", { class: "num" }, c.total ?? ""), el("td", { class: "num" }, c.blocked ?? ""),
+      el("td", { class: "num" }, c.would_block ?? ""), el("td", {}, c.last_seen || ""))));
     $("clients-note").textContent = "";
   } catch (err) {
     $("clients-note").textContent = err.status === 404
@@ -342,7 +347,7 @@ async function addRule(event) {
 
 // ---- Tabs and polling ------------------------------------------------------------------
 
-const loaders = { timeline: loadTimeline, live: loadLive, investigations: loadClients, explain: null, rules: loadRules };
+const loaders = { timeline: loadTimeline, live: loadLive, investigations: () => loadClients(searchParams), explain: null, rules: loadRules };
 let current = "timeline";
 
 function guarded(fn) {
