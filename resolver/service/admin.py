@@ -25,6 +25,7 @@ from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .assembly import load_options
 from .http import Handler, HTTPServer, Request, Response, error, json_response
 from .queries import query_routes
+from .rules_api import rules_routes
 from .tlsmetrics import TLSCollector
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
         ("GET", "/v1/explain"): explain_route,
         ("POST", "/v1/reload"): reload,
         **query_routes(server),
+        **rules_routes(server),
     }
 
 

@@ -1,0 +1,608 @@
+"""Rule edits made by operators: one local list file, written by the resolver, and a
+change log of who changed what, when and why.
+
+An edit (add or remove one name) takes a lock (``fcntl.flock`` on a hidden lock file
+beside the list), reads the file, applies the change, renders the whole list again in one
+deterministic form (a header comment, then one rule per line sorted by name, so that a Git
+diff shows exactly the change), validates the result with the list loader that ``resolver
+check`` uses, and writes it atomically (temporary file, fsync, rename). The caller then
+loads the whole policy (the server's reload, or :func:`validate_policy` offline) and, when
+that fails, puts the previous content back with :func:`restore`. Each edit that took
+effect is appended to the change log (JSON lines, rotated at :data:`CHANGELOG_MAX_BYTES`,
+one old file kept).
+
+What the list format cannot carry (the operator, when the rule was added, the time zone
+its window was given in) is kept on the rule's line as a comment, ``# edit: {json}``,
+which the next edit reads back. A rule written by hand without it is kept, with those
+fields empty.
+
+Every field is bounded (:data:`MAX_REFERENCE`, :data:`MAX_OPERATOR`, ...), and so are the
+list (:data:`MAX_RULES`) and its file (:data:`MAX_FILE_BYTES`): an edit beyond a bound is
+refused with an :class:`EditError` naming the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from ..yamlload import SourceError, YMap, item_where, load_text
+from .builder import Builder, LoadOptions
+from .listfile import normalize_name, parse_list
+from .model import ALL_CLIENTS, Policy
+from .timewindow import TimeValueError, parse_instant, zone
+
+log = logging.getLogger("resolver.edits")
+
+#: Bounds of one edit's fields (characters), of the list and of its file.
+MAX_REFERENCE: Final = 1000
+MAX_OPERATOR: Final = 100
+MAX_TIMEZONE: Final = 64
+MAX_INSTANT: Final = 40
+MAX_RULES: Final = 100_000
+MAX_FILE_BYTES: Final = 64 * 1024 * 1024
+#: The change log is rotated past this size (one old file, ``.1``, is kept).
+CHANGELOG_MAX_BYTES: Final = 8 * 1024 * 1024
+#: Entries ``changes()`` returns at most.
+MAX_CHANGES: Final = 1000
+KINDS: Final = ("domain", "exact")
+MODES: Final = ("enforce", "monitor")
+#: The list sections of each kind.
+SECTIONS: Final = {"domain": "domains", "exact": "exact"}
+#: Keys of the local list file kept as they are; any other key is refused (an edit
+#: could not keep it on the one-rule-per-line form).
+KEPT_KEYS: Final = ("description", "reference", "timezone", "mode", "action", "ttl", "clients")
+_META: Final = " # edit: "
+_URL: Final = re.compile(r"https?://[^\s\"'<>]+")
+
+HEADER: Final = """\
+# Rule edits made by operators (resolver rules add/remove, POST /v1/rules).
+# Written by the resolver: one rule per line, sorted by name, so that a diff shows each
+# change. You may edit it by hand; the next edit keeps every rule and the keys above
+# `domains:`, but not comments of your own. Each rule's "# edit:" comment says who added
+# it, when, and in which time zone its window was given. The change log says why.
+"""
+
+#: Change log rotations since the process started (one log line each).
+rotations = 0
+
+
+class EditError(ValueError):
+    """An edit refused: ``field`` names the input at fault, ``status`` the HTTP status."""
+
+    def __init__(self, field_name: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field_name}: {message}" if field_name else message)
+        self.field = field_name
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Where the edits go: the list file (inside ``blocklists``), its id, the change log,
+    and how the policy is loaded (client groups...)."""
+
+    file: Path
+    list_id: str
+    changelog: Path
+    blocklists: Path
+    options: LoadOptions = field(default_factory=LoadOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule of the local list, as the API shows it."""
+
+    name: str
+    kind: str = "domain"
+    reference: str = ""
+    operator: str = ""
+    added_at: str = ""
+    start: str = ""  # "from" in the file and the API
+    until: str = ""
+    timezone: str = ""
+    mode: str = ""
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "reference": self.reference,
+            "operator": self.operator,
+            "added_at": self.added_at,
+            "from": self.start or None,
+            "until": self.until or None,
+            "timezone": self.timezone or None,
+            "mode": self.mode or None,
+        }
+
+
+@dataclass(slots=True)
+class LocalList:
+    """The local list file's content: its kept keys, and its rules by name."""
+
+    list_id: str
+    keys: dict[str, Any]
+    rules: dict[str, Rule]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """An edit written: the file's content before (None: there was no file) and after,
+    and the change as the log records it."""
+
+    before: bytes | None
+    after: bytes
+    change: dict[str, Any]
+
+
+def resolve(
+    blocklists: Path,
+    state_dir: Path,
+    file: Path | None,
+    list_id: str,
+    changelog: Path | None,
+    options: LoadOptions | None = None,
+) -> Settings:
+    """The edit settings from the config's (``edits:``, ``blocklists``, ``state_dir``);
+    EditError when the file would not be loaded as part of the policy."""
+    if file is None:
+        if not blocklists.is_dir():
+            raise EditError(
+                "edits.file",
+                f"blocklists ({blocklists}) is not a directory: set edits.file to a file "
+                "inside the lists' directory, or make blocklists a directory",
+                409,
+            )
+        file = blocklists / "local-edits.yaml"
+    top = Path(os.path.realpath(blocklists))
+    where = Path(os.path.realpath(file.parent)) / file.name
+    if blocklists.is_file() or (top != where.parent and top not in where.parents):
+        raise EditError(
+            "edits.file",
+            f"{file} is not inside the blocklists directory ({blocklists}), so the policy "
+            "would never load it",
+            409,
+        )
+    if file.suffix not in (".yaml", ".yml") or file.name.startswith("."):
+        raise EditError("edits.file", f"{file}: name it *.yaml, not hidden, so it is loaded", 409)
+    return Settings(
+        file,
+        list_id,
+        changelog or state_dir / "changes.jsonl",
+        blocklists,
+        options or LoadOptions(),
+    )
+
+
+def _text(body: Mapping[str, Any], key: str, limit: int, required: bool = False) -> str:
+    """A bounded text field of an edit: printable, no longer than ``limit``."""
+    value = body.get(key)
+    if value is None or value == "":
+        if required:
+            raise EditError(key, "required (give a non-empty value)")
+        return ""
+    if not isinstance(value, str):
+        raise EditError(key, f"expected text, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise EditError(key, "required (give a non-empty value)")
+    if len(value) > limit:
+        raise EditError(key, f"longer than {limit} characters ({len(value)})")
+    if not value.isprintable():
+        raise EditError(key, "holds a control or non-printable character")
+    return value
+
+
+def parse_rule(body: Mapping[str, Any], now: float) -> Rule:
+    """The rule an add request asks for (name, reference, operator, kind, from, until,
+    timezone, mode), validated field by field; EditError names the first field at fault."""
+    known = {"name", "reference", "operator", "kind", "from", "until", "timezone", "mode"}
+    for key in body:
+        if key not in known:
+            raise EditError(str(key)[:64], f"unknown field; expected {', '.join(sorted(known))}")
+    name = check_name(body.get("name"))
+    reference = _text(body, "reference", MAX_REFERENCE, True)
+    operator = check_operator(body)
+    kind = _text(body, "kind", 16) or "domain"
+    if kind not in KINDS:
+        raise EditError(
+            "kind", f"expected domain (the name and its subdomains) or exact, got {kind!r}"
+        )
+    mode = _text(body, "mode", 16)
+    if mode and mode not in MODES:
+        raise EditError("mode", f"expected enforce or monitor, got {mode!r}")
+    tz_name = _text(body, "timezone", MAX_TIMEZONE)
+    try:
+        tz = zone(tz_name or "UTC")
+    except TimeValueError as exc:
+        raise EditError("timezone", str(exc)) from None
+    bounds: dict[str, str] = {}
+    instants: dict[str, float] = {}
+    for key in ("from", "until"):
+        text = _text(body, key, MAX_INSTANT)
+        if text:
+            try:
+                instants[key] = parse_instant(text, tz)
+            except TimeValueError as exc:
+                raise EditError(key, str(exc)) from None
+            bounds[key] = datetime.fromtimestamp(instants[key], tz).isoformat(timespec="seconds")
+    if "from" in instants and "until" in instants and instants["from"] >= instants["until"]:
+        raise EditError("until", "'until' is not after 'from'")
+    return Rule(
+        name,
+        kind,
+        reference,
+        operator,
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        bounds.get("from", ""),
+        bounds.get("until", ""),
+        tz_name if bounds else "",
+        mode,
+    )
+
+
+def check_name(value: Any) -> str:
+    """A rule's name in canonical form; EditError (field ``name``) when it is none."""
+    if not isinstance(value, str) or not value.strip():
+        raise EditError("name", "required: a domain name such as example.com")
+    if len(value) > 300:
+        raise EditError("name", f"longer than 253 characters ({len(value)})")
+    try:
+        return normalize_name(value, None, "name")
+    except SourceError as exc:
+        raise EditError("name", exc.message) from None
+
+
+def check_operator(body: Mapping[str, Any]) -> str:
+    operator = _text(body, "operator", MAX_OPERATOR, True)
+    if "#" in operator:
+        raise EditError("operator", "may not hold '#'")
+    return operator
+
+
+# --- reading and writing the file -------------------------------------------------------
+
+
+def read_local(settings: Settings) -> tuple[bytes | None, LocalList]:
+    """The file's bytes (None when it does not exist yet) and its content."""
+    try:
+        size = settings.file.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise EditError(
+                "", f"{settings.file} is over {MAX_FILE_BYTES} bytes: edits refuse to read it", 409
+            )
+        raw = settings.file.read_bytes()
+    except FileNotFoundError:
+        return None, LocalList(settings.list_id, {}, {})
+    except OSError as exc:
+        raise EditError("", f"cannot read {settings.file}: {exc}", 409) from None
+    try:
+        text = raw.decode("utf-8")
+        doc = load_text(text, str(settings.file))
+    except (UnicodeDecodeError, SourceError) as exc:
+        raise EditError("", f"{settings.file} cannot be read: {exc}", 409) from None
+    return raw, _local_list(doc, text, settings)
+
+
+def _local_list(doc: Any, text: str, settings: Settings) -> LocalList:
+    if doc is None:
+        return LocalList(settings.list_id, {}, {})
+    where = str(settings.file)
+    if not isinstance(doc, YMap):
+        raise EditError("", f"{where}: a list file must be a YAML mapping", 409)
+    for key in doc:
+        if key not in (*KEPT_KEYS, "list", "domains", "exact"):
+            raise EditError(
+                "",
+                f"{where}: the key {key!r} cannot be kept by rule edits; move it to a list "
+                "file of its own",
+                409,
+            )
+    list_id = doc.get("list", settings.list_id)
+    if list_id != settings.list_id:
+        raise EditError(
+            "",
+            f"{where} holds list {list_id!r}, not {settings.list_id!r} (edits.list)",
+            409,
+        )
+    lines = text.splitlines()
+    rules: dict[str, Rule] = {}
+    for kind, section in SECTIONS.items():
+        items = doc.get(section) or []
+        if not isinstance(items, list):
+            raise EditError("", f"{where}: {section} is not a list", 409)
+        for index, item in enumerate(items):
+            rule = _read_rule(item, kind, lines, item_where(items, index))
+            rules.setdefault(rule.name, rule)
+    keys = {k: doc[k] for k in KEPT_KEYS if k in doc}
+    return LocalList(settings.list_id, keys, rules)
+
+
+def _read_rule(item: Any, kind: str, lines: list[str], where: Any) -> Rule:
+    meta: dict[str, Any] = {}
+    if where is not None and 0 < where.line <= len(lines):
+        line = lines[where.line - 1]
+        cut = line.rfind(_META)
+        if cut >= 0:
+            with contextlib.suppress(ValueError):
+                found = json.loads(line[cut + len(_META) :])
+                meta = found if isinstance(found, dict) else {}
+    if isinstance(item, Mapping):
+        name = str(item.get("name", ""))
+        active = item.get("active")
+        active = active if isinstance(active, Mapping) else {}
+        return Rule(
+            name.strip().rstrip(".").lower(),
+            kind,
+            str(item.get("reference", "")),
+            str(meta.get("operator", "")),
+            str(meta.get("added_at", "")),
+            str(active.get("from", "")),
+            str(active.get("until", "")),
+            str(meta.get("timezone", "")),
+            str(item.get("mode", "")),
+        )
+    return Rule(str(item).strip().rstrip(".").lower(), kind)
+
+
+def _q(value: Any) -> str:
+    """A YAML double-quoted scalar (a JSON string is one, for the printable text kept)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_rule(rule: Rule) -> str:
+    """One rule on one line, with its edit metadata as a trailing comment."""
+    parts = [f"name: {_q(rule.name)}"]
+    if rule.reference:
+        parts.append(f"reference: {_q(rule.reference)}")
+    window = [f"{k}: {_q(v)}" for k, v in (("from", rule.start), ("until", rule.until)) if v]
+    if window:
+        parts.append("active: {" + ", ".join(window) + "}")
+    if rule.mode:
+        parts.append(f"mode: {rule.mode}")
+    line = "  - {" + ", ".join(parts) + "}"
+    meta = {k: v for k, v in (("operator", rule.operator), ("added_at", rule.added_at)) if v}
+    if rule.timezone:
+        meta["timezone"] = rule.timezone
+    return line + (_META + json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else "")
+
+
+def render(local: LocalList) -> bytes:
+    """The whole file, deterministic: header, list keys, then each section sorted."""
+    out = [HEADER.rstrip("\n"), f"list: {local.list_id}"]
+    keys = {
+        "description": "Rule edits made by operators (see the change log)",
+        "timezone": "UTC",
+        **local.keys,
+    }
+    for key in KEPT_KEYS:
+        if key in keys:
+            out.append(f"{key}: {json.dumps(keys[key], ensure_ascii=False)}")
+    for kind, section in SECTIONS.items():
+        rules = sorted((r for r in local.rules.values() if r.kind == kind), key=lambda r: r.name)
+        if not rules:
+            out.append(f"{section}: []")
+            continue
+        out.append(f"{section}:")
+        out.extend(render_rule(rule) for rule in rules)
+    return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def validate_file(data: bytes, settings: Settings) -> None:
+    """The rendered file through the list loader (names, windows, time zones, modes):
+    EditError naming the field, never a file in error."""
+    try:
+        doc = load_text(data.decode("utf-8"), str(settings.file))
+        parse_list(doc, settings.file, Builder(settings.options))
+    except SourceError as exc:
+        raise EditError(exc.field or "", f"refused by the list loader: {exc}") from None
+
+
+@contextlib.contextmanager
+def locked(settings: Settings) -> Iterator[None]:
+    """One edit at a time across processes (the server, ``resolver rules --offline``)."""
+    lock_path = settings.file.parent / f".{settings.file.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: a reader (the watcher, a reload) sees
+    the old file or the new one, never half of one."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def restore(settings: Settings, before: bytes | None) -> None:
+    """Put back the file's previous content (or remove the file when there was none)."""
+    with locked(settings):
+        if before is None:
+            with contextlib.suppress(FileNotFoundError):
+                settings.file.unlink()
+        else:
+            write_atomic(settings.file, before)
+
+
+# --- the edits --------------------------------------------------------------------------
+
+
+def add(settings: Settings, rule: Rule, blocked_elsewhere: str = "") -> Applied:
+    """Add ``rule`` to the local list; EditError when it is there already, or the list
+    is full, or the result does not validate."""
+    with locked(settings):
+        before, local = read_local(settings)
+        old = local.rules.get(rule.name)
+        if old is not None:
+            raise EditError(
+                "name",
+                f"{rule.name} is already in list {settings.list_id} (as a {old.kind} rule); "
+                "remove it first to change it",
+                409,
+            )
+        if len(local.rules) >= MAX_RULES:
+            raise EditError(
+                "name", f"list {settings.list_id} holds {MAX_RULES} rules, its bound", 409
+            )
+        local.rules[rule.name] = rule
+        after = render(local)
+        _fits(after)
+        validate_file(after, settings)
+        write_atomic(settings.file, after)
+    change = _change("add", rule.name, rule.kind, rule.reference, rule.operator, settings)
+    change["window"] = {
+        "from": rule.start or None,
+        "until": rule.until or None,
+        "timezone": rule.timezone or None,
+        "mode": rule.mode or None,
+    }
+    if blocked_elsewhere:
+        change["note"] = blocked_elsewhere
+    return Applied(before, after, change)
+
+
+def remove(
+    settings: Settings, name: str, reference: str, operator: str, elsewhere: str = ""
+) -> Applied:
+    """Remove ``name`` from the local list; EditError (404) when it is not there, saying
+    which other list blocks it when ``elsewhere`` names one."""
+    with locked(settings):
+        before, local = read_local(settings)
+        rule = local.rules.pop(name, None)
+        if rule is None:
+            more = (
+                f"; it is blocked by {elsewhere}, which rule edits cannot change"
+                if elsewhere
+                else ""
+            )
+            raise EditError("name", f"{name} is not in list {settings.list_id}{more}", 404)
+        after = render(local)
+        validate_file(after, settings)
+        write_atomic(settings.file, after)
+    return Applied(before, after, _change("remove", name, rule.kind, reference, operator, settings))
+
+
+def parse_removal(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(name, reference, operator) of a remove request."""
+    for key in body:
+        if key not in ("name", "reference", "operator"):
+            raise EditError(str(key)[:64], "unknown field; expected name, reference, operator")
+    name = check_name(body.get("name"))
+    return name, _text(body, "reference", MAX_REFERENCE, True), check_operator(body)
+
+
+def _fits(data: bytes) -> None:
+    if len(data) > MAX_FILE_BYTES:
+        raise EditError("", f"the list file would be over {MAX_FILE_BYTES} bytes, its bound", 409)
+
+
+def _change(
+    action: str, name: str, kind: str, reference: str, operator: str, settings: Settings
+) -> dict[str, Any]:
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "operator": operator,
+        "action": action,
+        "name": name,
+        "kind": kind,
+        "list": settings.list_id,
+        "file": str(settings.file),
+        "reference": reference,
+    }
+
+
+def other_lists(policy: Policy, name: str, list_id: str, now: float) -> str:
+    """The lists other than ``list_id`` with a rule that names ``name`` or a parent of it,
+    as text ("list deepseek"), for a refusal or a note."""
+    every = sum(policy.groups.bits.values()) | ALL_CLIENTS
+    found = sorted({m.ruleset.blocklist.id for m in policy.matches(name, every, now)} - {list_id})
+    return ", ".join(f"list {found_id}" for found_id in found[:5])
+
+
+def reference_url(reference: str) -> str | None:
+    """The first http(s) URL in a reference text, for a link."""
+    match = _URL.search(reference)
+    return match.group(0).rstrip(".,;)") if match else None
+
+
+# --- the change log ---------------------------------------------------------------------
+
+
+def record(settings: Settings, change: dict[str, Any]) -> None:
+    """Append one change to the log, rotating it past :data:`CHANGELOG_MAX_BYTES`."""
+    global rotations
+    path = settings.changelog
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(change, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+    with locked(settings):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size + len(line) > CHANGELOG_MAX_BYTES:
+                os.replace(path, path.with_name(path.name + ".1"))
+                rotations += 1
+                log.info("change log %s rotated (kept as %s.1)", path, path.name)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def changes(settings: Settings, limit: int = 100) -> list[dict[str, Any]]:
+    """The last ``limit`` changes, newest first (the rotated file too when needed)."""
+    limit = max(1, min(limit, MAX_CHANGES))
+    out: list[dict[str, Any]] = []
+    path = settings.changelog
+    for source in (path, path.with_name(path.name + ".1")):
+        try:
+            lines = source.read_bytes().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for raw in reversed(lines):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(raw)
+                if isinstance(entry, dict):
+                    out.append(entry)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def rules(settings: Settings) -> list[Rule]:
+    """The local list's rules, sorted by name."""
+    return sorted(read_local(settings)[1].rules.values(), key=lambda r: r.name)
+
+
+def with_digests(change: dict[str, Any], before: str | None, after: str | None) -> dict[str, Any]:
+    return {**change, "policy_before": before, "policy_after": after}
+
+
+__all__ = ["Applied", "EditError", "LocalList", "Rule", "Settings", "replace"]

@@ -1,0 +1,327 @@
+"""Rule edits, the change log and the policy timeline on the admin API (behind its token).
+
+``GET /v1/rules``, ``POST /v1/rules`` (add), ``POST /v1/rules/remove``, ``GET
+/v1/changes`` and ``GET /v1/timeline``; resolver/schema/admin.openapi.json describes them.
+
+An edit is one at a time (an asyncio lock here, a file lock in :mod:`..policy.edits`
+across processes). Its file work and validation run in a thread, never on the DNS event
+loop. An edit takes effect through the server's own reload; when that reload fails, the
+file's previous content is put back and the answer is 422 with the reload's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+
+from ..policy import edits
+from ..policy.model import ALL_CLIENTS, ENFORCED
+from ..policy.timewindow import ALWAYS, NEVER, format_instant
+from ..yamlload import load_text
+from .assembly import load_options
+from .http import Handler, Request, Response, error, json_response
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..observe.metrics import Counts
+    from ..policy.model import BlockList, Policy, RuleSet
+    from .workers import Supervisor
+
+log = logging.getLogger("resolver.rules")
+
+#: Rules with their own window or mode that /v1/timeline lists at most.
+TIMELINE_RULES: Final = 500
+#: Rules GET /v1/rules returns at most (``limit``).
+MAX_RULES_LISTED: Final = edits.MAX_RULES
+#: The group name under which clients in no named group are counted.
+NO_GROUP: Final = ""
+
+_T = TypeVar("_T")
+
+
+class EditServed(Protocol):
+    """What these routes read of the running service."""
+
+    @property
+    def resolver(self) -> Any: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    @property
+    def supervisor(self) -> Supervisor | None: ...
+
+    def counts(self) -> Counts: ...
+
+    async def reload(self) -> bool: ...
+
+
+def settings_of(config: Config) -> edits.Settings:
+    """The edit settings of ``config`` (EditError when edits cannot work with it)."""
+    return edits.resolve(
+        config.blocklists,
+        config.state_dir,
+        config.edits.file,
+        config.edits.list,
+        config.edits.changelog,
+        load_options(config),
+    )
+
+
+def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise edits.EditError("", "the body is not JSON; send a JSON object") from None
+    if not isinstance(body, dict):
+        raise edits.EditError("", "the body must be a JSON object")
+    return body
+
+
+def _refusal(exc: edits.EditError) -> Response:
+    return json_response(exc.status, {"error": str(exc), "field": exc.field or None})
+
+
+def rules_routes(server: EditServed) -> dict[tuple[str, str], Handler]:
+    """The rule edit, change log and timeline routes of ``server``."""
+    lock = asyncio.Lock()
+
+    async def list_rules(request: Request) -> Response:
+        try:
+            settings = settings_of(server.config)
+            limit = _limit(request, MAX_RULES_LISTED, MAX_RULES_LISTED)
+            found = await _in_thread(partial(edits.rules, settings))
+        except edits.EditError as exc:
+            return _refusal(exc)
+        return json_response(
+            200,
+            {
+                "list": settings.list_id,
+                "file": str(settings.file),
+                "count": len(found),
+                "truncated": len(found) > limit,
+                "rules": [rule.document() for rule in found[:limit]],
+            },
+        )
+
+    async def add(request: Request) -> Response:
+        return await _edit(server, lock, "add", request)
+
+    async def remove(request: Request) -> Response:
+        return await _edit(server, lock, "remove", request)
+
+    async def changes(request: Request) -> Response:
+        try:
+            settings = settings_of(server.config)
+            limit = _limit(request, 100, edits.MAX_CHANGES)
+        except edits.EditError as exc:
+            return _refusal(exc)
+        found = await _in_thread(partial(edits.changes, settings, limit))
+        return json_response(200, {"changes": found})
+
+    async def timeline(_: Request) -> Response:
+        resolver = server.resolver
+        if resolver is None:
+            return error(503, "not started")
+        if server.supervisor is not None:
+            await server.supervisor.refresh_counts()
+        doc = await _in_thread(
+            partial(timeline_document, resolver.policy, server.counts(), server.clock())
+        )
+        return json_response(200, doc)
+
+    return {
+        ("GET", "/v1/rules"): list_rules,
+        ("POST", "/v1/rules"): add,
+        ("POST", "/v1/rules/remove"): remove,
+        ("GET", "/v1/changes"): changes,
+        ("GET", "/v1/timeline"): timeline,
+    }
+
+
+async def _in_thread(call: Callable[[], _T]) -> _T:
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Request) -> Response:
+    """One add or remove: validated, written, reloaded (undone when the reload fails),
+    then logged."""
+    resolver = server.resolver
+    if resolver is None:
+        return error(503, "not started")
+    try:
+        settings = settings_of(server.config)
+        body = _body(request)
+        now = server.clock()
+        if action == "add":
+            rule = edits.parse_rule(body, now)
+            apply = partial(
+                edits.add,
+                settings,
+                rule,
+                edits.other_lists(resolver.policy, rule.name, settings.list_id, now),
+            )
+        else:
+            name, reference, operator = edits.parse_removal(body)
+            elsewhere = edits.other_lists(resolver.policy, name, settings.list_id, now)
+            apply = partial(edits.remove, settings, name, reference, operator, elsewhere)
+    except edits.EditError as exc:
+        return _refusal(exc)
+    async with lock:
+        before = server.resolver.policy.digest
+        try:
+            applied = await _in_thread(apply)
+        except edits.EditError as exc:
+            return _refusal(exc)
+        if not await server.reload():
+            why = server.resolver.stats.last_reload_error or "the reload failed"
+            await _in_thread(partial(edits.restore, settings, applied.before))
+            log.warning("rule edit undone (%s %s): %s", action, applied.change["name"], why)
+            return error(422, f"the edit was undone: the policy did not load with it: {why}")
+        after = server.resolver.policy.digest
+        change = edits.with_digests(applied.change, before, after)
+        try:
+            await _in_thread(partial(edits.record, settings, change))
+        except OSError as exc:  # the edit holds; say that its log line is missing
+            log.error("rule edit applied, but the change log failed: %s", exc)
+            change["changelog_error"] = str(exc)
+    log.info(
+        "rule edit: %s %s in list %s by %s",
+        action,
+        change["name"],
+        settings.list_id,
+        change["operator"],
+    )
+    return json_response(201 if action == "add" else 200, {"change": change, "policy": after})
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    text = request.query.get("limit") or str(default)
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise edits.EditError("limit", f"expected a whole number from 1 to {most}")
+    return int(text)
+
+
+def _instant(value: float, blocklist: BlockList | None = None) -> str | None:
+    if value in (NEVER, ALWAYS):
+        return None
+    return format_instant(value, blocklist.timezone if blocklist is not None else None)
+
+
+def _state_fields(phases: Any, now: float, blocklist: BlockList) -> dict[str, Any]:
+    state = phases.state(now)
+    change = phases.next_change(now)
+    return {
+        "state": state,
+        "monitor_from": _instant(phases.monitor_from, blocklist)
+        if phases.monitor_from < phases.enforce_from
+        else None,
+        "enforced_from": _instant(phases.enforce_from, blocklist)
+        if phases.enforce_from < phases.end
+        else None,
+        "until": _instant(phases.end, blocklist),
+        "next_transition": _instant(change, blocklist),
+        "seconds_to_next": None if change == NEVER else round(change - now, 3),
+    }
+
+
+def by_group(policy: Policy, counts: Counts, list_id: str) -> dict[str, int]:
+    """Would-block matches of ``list_id`` per client group ("" for clients in no named
+    group; a client in two groups counts in both)."""
+    names = [(name, bit) for name, bit in policy.groups.bits.items() if bit != ALL_CLIENTS]
+    out: dict[str, int] = {}
+    for (found_id, mask), count in counts.would_block_groups.items():
+        if found_id != list_id:
+            continue
+        named = [name for name, bit in names if mask & bit]
+        for name in named or [NO_GROUP]:
+            out[name] = out.get(name, 0) + count
+    return dict(sorted(out.items()))
+
+
+def timeline_document(policy: Policy, counts: Counts, now: float) -> dict[str, Any]:
+    """What ``GET /v1/timeline`` returns: every list with its phases, its countdown and
+    what its monitor phase has seen, and the rules that carry a window or a mode of their
+    own (one entry per distinct setting, at most :data:`TIMELINE_RULES`)."""
+    lists = []
+    for blocklist in policy.lists:
+        lists.append(
+            {
+                "id": blocklist.id,
+                "description": blocklist.description,
+                "reference": blocklist.reference,
+                "reference_url": edits.reference_url(blocklist.reference),
+                "mode": blocklist.mode,
+                "timezone": blocklist.timezone.key,
+                **_state_fields(blocklist.phases, now, blocklist),
+                "rules": blocklist.rule_count,
+                "blocked": counts.blocked[blocklist.id],
+                "would_block": counts.would_block[blocklist.id],
+                "would_block_by_group": by_group(policy, counts, blocklist.id),
+            }
+        )
+    own = [rs for rs in policy.rulesets if _own_settings(rs)]
+    lines: dict[str, list[str]] = {}
+    rules = [_rule_entry(rs, now, lines) for rs in own[:TIMELINE_RULES]]
+    return {
+        "now": format_instant(now),
+        "policy": policy.digest,
+        "lists": lists,
+        "rules": rules,
+        "rules_truncated": len(own) > TIMELINE_RULES,
+    }
+
+
+def _own_settings(rs: RuleSet) -> bool:
+    """A rule set of rules with a window, a mode or a reference of their own."""
+    return rs.where is not None and (
+        rs.phases != rs.blocklist.phases or rs.reference != rs.blocklist.reference
+    )
+
+
+def _rule_entry(rs: RuleSet, now: float, lines: dict[str, list[str]]) -> dict[str, Any]:
+    blocklist = rs.blocklist
+    state = rs.phases.state(now)
+    return {
+        "list": blocklist.id,
+        "name": _name_at(rs, lines),
+        "section": rs.origin,
+        "where": str(rs.where),
+        "reference": rs.reference,
+        "reference_url": edits.reference_url(rs.reference),
+        "mode": "monitor" if rs.phases.enforce_from >= rs.phases.end else "enforce",
+        **_state_fields(rs.phases, now, blocklist),
+        "enforced": state == ENFORCED,
+    }
+
+
+def _name_at(rs: RuleSet, lines: dict[str, list[str]]) -> str | None:
+    """The name (or pattern) written at the rule set's first line, read again from its
+    file (each file read once per timeline; None when it cannot be read)."""
+    where = rs.where
+    if where is None:
+        return None
+    text = lines.get(where.file)
+    if text is None:
+        try:
+            with open(where.file, encoding="utf-8") as source:
+                text = source.read(edits.MAX_FILE_BYTES).splitlines()
+        except (OSError, UnicodeDecodeError):
+            text = []
+        lines[where.file] = text
+    if not 0 < where.line <= len(text):
+        return None
+    try:
+        item = load_text(text[where.line - 1].strip().removeprefix("- "), where.file)
+    except Exception:
+        return None
+    if isinstance(item, dict):
+        item = item.get("name", item.get("pattern"))
+    return str(item) if isinstance(item, str) else None
