@@ -19,7 +19,7 @@ import pytest
 
 from resolver.config import Listen
 from resolver.config.model import EditsConfig
-from resolver.policy import edits
+from resolver.policy import changelog, edits
 
 from .helpers.admin import call
 from .helpers.cli import run_cli
@@ -258,15 +258,15 @@ def test_edits_settings_refuse_a_file_outside_the_lists(tmp_path: Path, lists_di
 def test_the_change_log_is_rotated_at_its_bound(
     tmp_path: Path, lists_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(edits, "CHANGELOG_MAX_BYTES", 2000)
+    monkeypatch.setattr(changelog, "CHANGELOG_MAX_BYTES", 2000)
     settings = edits.resolve(lists_dir, tmp_path, None, "local", None)
-    before = edits.rotations
+    before = changelog.rotations
     for index in range(40):
-        edits.record(settings, {"index": index, "reference": "x" * 100})
-    assert edits.rotations > before
+        changelog.record(settings, {"index": index, "reference": "x" * 100})
+    assert changelog.rotations > before
     assert os.path.getsize(settings.changelog) <= 2000
     assert (tmp_path / "changes.jsonl.1").exists()
-    found = edits.changes(settings, 20)
+    found = changelog.changes(settings, 20)
     assert [c["index"] for c in found] == list(range(39, 19, -1))
 
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..config import Config, load_config
-from ..policy import edits, load_policy
+from ..policy import changelog, edits, load_policy
 from ..policy.loader import fault
 from ..yamlload import SourceError
 
@@ -59,9 +59,9 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
         why = str(exc) if isinstance(exc, SourceError) else fault(exc)
         undone = f"the edit was undone: the policy did not load: {why}"
         raise edits.EditError("", undone, 1) from None
-    change = edits.with_digests(applied.change, None, policy.digest)
+    change = changelog.with_digests(applied.change, None, policy.digest)
     change["offline"] = True
-    edits.record(settings, change)
+    changelog.record(settings, change)
     return {"change": change, "policy": policy.digest}
 
 

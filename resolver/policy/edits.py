@@ -8,8 +8,7 @@ diff shows exactly the change), validates the result with the list loader that `
 check`` uses, and writes it atomically (temporary file, fsync, rename). The caller then
 loads the whole policy (the server's reload, or :func:`validate_policy` offline) and, when
 that fails, puts the previous content back with :func:`restore`. Each edit that took
-effect is appended to the change log (JSON lines, rotated at :data:`CHANGELOG_MAX_BYTES`,
-one old file kept).
+effect is appended to the change log (:mod:`.changelog`).
 
 What the list format cannot carry (the operator, when the rule was added, the time zone
 its window was given in) is kept on the rule's line as a comment, ``# edit: {json}``,
@@ -30,7 +29,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -50,10 +49,6 @@ MAX_TIMEZONE: Final = 64
 MAX_INSTANT: Final = 40
 MAX_RULES: Final = 100_000
 MAX_FILE_BYTES: Final = 64 * 1024 * 1024
-#: The change log is rotated past this size (one old file, ``.1``, is kept).
-CHANGELOG_MAX_BYTES: Final = 8 * 1024 * 1024
-#: Entries ``changes()`` returns at most.
-MAX_CHANGES: Final = 1000
 KINDS: Final = ("domain", "exact")
 MODES: Final = ("enforce", "monitor")
 #: The list sections of each kind.
@@ -71,9 +66,6 @@ HEADER: Final = """\
 # `domains:`, but not comments of your own. Each rule's "# edit:" comment says who added
 # it, when, and in which time zone its window was given. The change log says why.
 """
-
-#: Change log rotations since the process started (one log line each).
-rotations = 0
 
 
 class EditError(ValueError):
@@ -553,56 +545,6 @@ def reference_url(reference: str) -> str | None:
     return match.group(0).rstrip(".,;)") if match else None
 
 
-# --- the change log ---------------------------------------------------------------------
-
-
-def record(settings: Settings, change: dict[str, Any]) -> None:
-    """Append one change to the log, rotating it past :data:`CHANGELOG_MAX_BYTES`."""
-    global rotations
-    path = settings.changelog
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(change, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-    with locked(settings):
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size + len(line) > CHANGELOG_MAX_BYTES:
-                os.replace(path, path.with_name(path.name + ".1"))
-                rotations += 1
-                log.info("change log %s rotated (kept as %s.1)", path, path.name)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def changes(settings: Settings, limit: int = 100) -> list[dict[str, Any]]:
-    """The last ``limit`` changes, newest first (the rotated file too when needed)."""
-    limit = max(1, min(limit, MAX_CHANGES))
-    out: list[dict[str, Any]] = []
-    path = settings.changelog
-    for source in (path, path.with_name(path.name + ".1")):
-        try:
-            lines = source.read_bytes().splitlines()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for raw in reversed(lines):
-            with contextlib.suppress(ValueError):
-                entry = json.loads(raw)
-                if isinstance(entry, dict):
-                    out.append(entry)
-            if len(out) >= limit:
-                return out
-    return out
-
-
 def rules(settings: Settings) -> list[Rule]:
     """The local list's rules, sorted by name."""
     return sorted(read_local(settings)[1].rules.values(), key=lambda r: r.name)
-
-
-def with_digests(change: dict[str, Any], before: str | None, after: str | None) -> dict[str, Any]:
-    return {**change, "policy_before": before, "policy_after": after}
-
-
-__all__ = ["Applied", "EditError", "LocalList", "Rule", "Settings", "replace"]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from ..policy import edits
+from ..policy import changelog, edits
 from ..policy.model import ALL_CLIENTS, ENFORCED
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from ..yamlload import load_text
@@ -120,10 +120,10 @@ def rules_routes(server: EditServed) -> dict[tuple[str, str], Handler]:
     async def changes(request: Request) -> Response:
         try:
             settings = settings_of(server.config)
-            limit = _limit(request, 100, edits.MAX_CHANGES)
+            limit = _limit(request, 100, changelog.MAX_CHANGES)
         except edits.EditError as exc:
             return _refusal(exc)
-        found = await _in_thread(partial(edits.changes, settings, limit))
+        found = await _in_thread(partial(changelog.changes, settings, limit))
         return json_response(200, {"changes": found})
 
     async def timeline(_: Request) -> Response:
@@ -186,9 +186,9 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
             log.warning("rule edit undone (%s %s): %s", action, applied.change["name"], why)
             return error(422, f"the edit was undone: the policy did not load with it: {why}")
         after = server.resolver.policy.digest
-        change = edits.with_digests(applied.change, before, after)
+        change = changelog.with_digests(applied.change, before, after)
         try:
-            await _in_thread(partial(edits.record, settings, change))
+            await _in_thread(partial(changelog.record, settings, change))
         except OSError as exc:  # the edit holds; say that its log line is missing
             log.error("rule edit applied, but the change log failed: %s", exc)
             change["changelog_error"] = str(exc)
