@@ -61,7 +61,7 @@ def test_add_blocks_over_dns_then_remove_resolves_again(
     assert _rcode(edited, "example.test") == dns.rcode.NXDOMAIN
     text = (lists_dir / "local-edits.yaml").read_text()
     assert text.startswith("# Rule edits made by operators")
-    assert '- {name: "example.test", reference: "Decree 7/2026' in text
+    assert '  - {"name": "example.test", "reference": "Decree 7/2026' in text
     log = (tmp_path / "state" / "changes.jsonl").read_text().splitlines()
     assert [json.loads(line)["action"] for line in log] == ["add"]
     status, listed = call(_port(edited), "GET", "/v1/rules")
@@ -172,6 +172,7 @@ def test_the_list_bound_and_many_rules(
     assert status == 409 and "30 rules" in doc["error"]
     lines = [line for line in (lists_dir / "local-edits.yaml").read_text().splitlines()]
     assert sum(line.startswith("  - {") for line in lines) == 30
+    assert edits.read_local(edits.resolve(lists_dir, lists_dir, None, "local", None))[1].fast
     assert _rcode(edited, "r29.test") == dns.rcode.NXDOMAIN
 
 
@@ -279,6 +280,7 @@ def test_a_hand_edited_file_is_kept_and_rendered_the_same(tmp_path: Path, lists_
     edits.add(settings, edits.parse_rule({**ADD, "name": "d.test"}, time.time()))
     text = settings.file.read_text()
     assert text.index('"a.test"') < text.index('"b.test"') < text.index('"d.test"')
-    assert 'reference: "agency rules"' in text and "mode: monitor" in text
+    assert 'reference: "agency rules"' in text and '"mode": "monitor"' in text
+    assert edits.read_local(settings)[1].fast  # written by the resolver: read as JSON
     again = edits.render(edits.read_local(settings)[1])
     assert again == settings.file.read_bytes()  # deterministic

@@ -47,7 +47,10 @@ MAX_REFERENCE: Final = 1000
 MAX_OPERATOR: Final = 100
 MAX_TIMEZONE: Final = 64
 MAX_INSTANT: Final = 40
-MAX_RULES: Final = 100_000
+#: Each rule is a mapping of its own (its reference at least), which the list loader reads
+#: at about 0.7 ms a rule: 10,000 rules reload in about 7 s. More names belong in a list
+#: file of their own (a domains file included).
+MAX_RULES: Final = 10_000
 MAX_FILE_BYTES: Final = 64 * 1024 * 1024
 KINDS: Final = ("domain", "exact")
 MODES: Final = ("enforce", "monitor")
@@ -124,6 +127,8 @@ class LocalList:
     list_id: str
     keys: dict[str, Any]
     rules: dict[str, Rule]
+    #: Read as the resolver wrote it (then only a new rule needs validating).
+    fast: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +284,48 @@ def read_local(settings: Settings) -> tuple[bytes | None, LocalList]:
         raise EditError("", f"cannot read {settings.file}: {exc}", 409) from None
     try:
         text = raw.decode("utf-8")
+        fast = _fast_read(text, settings)
+        if fast is not None:
+            return raw, fast
         doc = load_text(text, str(settings.file))
     except (UnicodeDecodeError, SourceError) as exc:
         raise EditError("", f"{settings.file} cannot be read: {exc}", 409) from None
     return raw, _local_list(doc, text, settings)
+
+
+def _fast_read(text: str, settings: Settings) -> LocalList | None:
+    """The file as :func:`render` writes it, read line by line as JSON (about a hundred
+    times faster than YAML); None when any line is not in that form (a file edited by
+    hand), which is then read as YAML."""
+    if not text.startswith(HEADER):
+        return None
+    local = LocalList(settings.list_id, {}, {}, fast=True)
+    kind = ""
+    for line in text[len(HEADER) :].splitlines():
+        try:
+            if line.startswith("  - {") and kind:
+                cut = line.rfind(_META)
+                item = json.loads(line[4:cut] if cut >= 0 else line[4:])
+                meta = json.loads(line[cut + len(_META) :]) if cut >= 0 else {}
+                if not isinstance(item, dict) or not isinstance(meta, dict):
+                    return None
+                rule = _rule_from(item, kind, meta)
+                local.rules.setdefault(rule.name, rule)
+                continue
+            key, _, value = line.partition(":")
+            value = value.strip()
+            if key in SECTIONS.values() and value in ("", "[]"):
+                kind = next(k for k, s in SECTIONS.items() if s == key)
+            elif key == "list" and not kind:
+                if value != settings.list_id:
+                    return None  # the YAML path says what is wrong
+            elif key in KEPT_KEYS and not kind:
+                local.keys[key] = json.loads(value)
+            else:
+                return None
+        except ValueError:
+            return None
+    return local
 
 
 def _local_list(doc: Any, text: str, settings: Settings) -> LocalList:
@@ -328,6 +371,11 @@ def _read_rule(item: Any, kind: str, lines: list[str], where: Any) -> Rule:
             with contextlib.suppress(ValueError):
                 found = json.loads(line[cut + len(_META) :])
                 meta = found if isinstance(found, dict) else {}
+    return _rule_from(item, kind, meta)
+
+
+def _rule_from(item: Any, kind: str, meta: Mapping[str, Any]) -> Rule:
+    """A rule from its list item (a name, or a mapping) and its ``# edit:`` metadata."""
     if isinstance(item, Mapping):
         name = str(item.get("name", ""))
         active = item.get("active")
@@ -352,16 +400,18 @@ def _q(value: Any) -> str:
 
 
 def render_rule(rule: Rule) -> str:
-    """One rule on one line, with its edit metadata as a trailing comment."""
-    parts = [f"name: {_q(rule.name)}"]
+    """One rule on one line, with its edit metadata as a trailing comment. The rule is a
+    JSON object, which is also a YAML flow mapping: the loader reads it as YAML, and the
+    next edit reads it back as JSON, much faster (see :func:`_fast_read`)."""
+    doc: dict[str, Any] = {"name": rule.name}
     if rule.reference:
-        parts.append(f"reference: {_q(rule.reference)}")
-    window = [f"{k}: {_q(v)}" for k, v in (("from", rule.start), ("until", rule.until)) if v]
+        doc["reference"] = rule.reference
+    window = {k: v for k, v in (("from", rule.start), ("until", rule.until)) if v}
     if window:
-        parts.append("active: {" + ", ".join(window) + "}")
+        doc["active"] = window
     if rule.mode:
-        parts.append(f"mode: {rule.mode}")
-    line = "  - {" + ", ".join(parts) + "}"
+        doc["mode"] = rule.mode
+    line = "  - " + _q(doc)
     meta = {k: v for k, v in (("operator", rule.operator), ("added_at", rule.added_at)) if v}
     if rule.timezone:
         meta["timezone"] = rule.timezone
@@ -467,7 +517,10 @@ def add(settings: Settings, rule: Rule, blocked_elsewhere: str = "") -> Applied:
         local.rules[rule.name] = rule
         after = render(local)
         _fits(after)
-        validate_file(after, settings)
+        # A file the resolver wrote was valid: the new rule alone (with the list's keys)
+        # needs the loader. A file edited by hand goes through it whole.
+        alone = LocalList(local.list_id, local.keys, {rule.name: rule})
+        validate_file(render(alone) if local.fast else after, settings)
         write_atomic(settings.file, after)
     change = _change("add", rule.name, rule.kind, rule.reference, rule.operator, settings)
     change["window"] = {
@@ -497,7 +550,8 @@ def remove(
             )
             raise EditError("name", f"{name} is not in list {settings.list_id}{more}", 404)
         after = render(local)
-        validate_file(after, settings)
+        if not local.fast:  # a file the resolver wrote stays valid without a rule
+            validate_file(after, settings)
         write_atomic(settings.file, after)
     return Applied(before, after, _change("remove", name, rule.kind, reference, operator, settings))
 
