@@ -67,9 +67,11 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
 
 def _elsewhere(settings: edits.Settings, name: str, now: float) -> str:
     """Which other lists block ``name`` (read from the whole policy, on this error only)."""
+    from ..service.rules_api import other_lists
+
     try:
         policy = load_policy(settings.blocklists, settings.options)
     except Exception:
         return ""
-    found = edits.other_lists(policy, name, settings.list_id, now)
+    found = other_lists(policy, name, settings.list_id, now)
     return f"; it is blocked by {found}, which rule edits cannot change" if found else ""

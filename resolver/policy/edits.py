@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,7 +36,6 @@ from typing import Any, Final
 from ..yamlload import SourceError, YMap, item_where, load_text
 from .builder import Builder, LoadOptions
 from .listfile import normalize_name, parse_list
-from .model import ALL_CLIENTS, Policy
 from .timewindow import TimeValueError, parse_instant, zone
 
 log = logging.getLogger("resolver.edits")
@@ -60,7 +58,6 @@ SECTIONS: Final = {"domain": "domains", "exact": "exact"}
 #: could not keep it on the one-rule-per-line form).
 KEPT_KEYS: Final = ("description", "reference", "timezone", "mode", "action", "ttl", "clients")
 _META: Final = " # edit: "
-_URL: Final = re.compile(r"https?://[^\s\"'<>]+")
 
 HEADER: Final = """\
 # Rule edits made by operators (resolver rules add/remove, POST /v1/rules).
@@ -583,20 +580,6 @@ def _change(
         "file": str(settings.file),
         "reference": reference,
     }
-
-
-def other_lists(policy: Policy, name: str, list_id: str, now: float) -> str:
-    """The lists other than ``list_id`` with a rule that names ``name`` or a parent of it,
-    as text ("list deepseek"), for a refusal or a note."""
-    every = sum(policy.groups.bits.values()) | ALL_CLIENTS
-    found = sorted({m.ruleset.blocklist.id for m in policy.matches(name, every, now)} - {list_id})
-    return ", ".join(f"list {found_id}" for found_id in found[:5])
-
-
-def reference_url(reference: str) -> str | None:
-    """The first http(s) URL in a reference text, for a link."""
-    match = _URL.search(reference)
-    return match.group(0).rstrip(".,;)") if match else None
 
 
 def rules(settings: Settings) -> list[Rule]:

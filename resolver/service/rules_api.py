@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
@@ -37,6 +38,8 @@ log = logging.getLogger("resolver.rules")
 TIMELINE_RULES: Final = 500
 #: Rules GET /v1/rules returns at most (``limit``).
 MAX_RULES_LISTED: Final = edits.MAX_RULES
+#: The first http(s) URL of a reference text, for a link.
+_URL: Final = re.compile(r"https?://[^\s\"'<>]+")
 #: The group name under which clients in no named group are counted.
 NO_GROUP: Final = ""
 
@@ -87,6 +90,20 @@ def _body(request: Request) -> dict[str, Any]:
 
 def _refusal(exc: edits.EditError) -> Response:
     return json_response(exc.status, {"error": str(exc), "field": exc.field or None})
+
+
+def other_lists(policy: Policy, name: str, list_id: str, now: float) -> str:
+    """The lists other than ``list_id`` with a rule that names ``name`` or a parent of it,
+    as text ("list deepseek"), for a refusal or a note."""
+    every = sum(policy.groups.bits.values()) | ALL_CLIENTS
+    found = sorted({m.ruleset.blocklist.id for m in policy.matches(name, every, now)} - {list_id})
+    return ", ".join(f"list {found_id}" for found_id in found[:5])
+
+
+def reference_url(reference: str) -> str | None:
+    """The first http(s) URL in a reference text, for a link."""
+    match = _URL.search(reference)
+    return match.group(0).rstrip(".,;)") if match else None
 
 
 def rules_routes(server: EditServed) -> dict[tuple[str, str], Handler]:
@@ -166,11 +183,11 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
                 edits.add,
                 settings,
                 rule,
-                edits.other_lists(resolver.policy, rule.name, settings.list_id, now),
+                other_lists(resolver.policy, rule.name, settings.list_id, now),
             )
         else:
             name, reference, operator = edits.parse_removal(body)
-            elsewhere = edits.other_lists(resolver.policy, name, settings.list_id, now)
+            elsewhere = other_lists(resolver.policy, name, settings.list_id, now)
             apply = partial(edits.remove, settings, name, reference, operator, elsewhere)
     except edits.EditError as exc:
         return _refusal(exc)
@@ -257,7 +274,7 @@ def timeline_document(policy: Policy, counts: Counts, now: float) -> dict[str, A
                 "id": blocklist.id,
                 "description": blocklist.description,
                 "reference": blocklist.reference,
-                "reference_url": edits.reference_url(blocklist.reference),
+                "reference_url": reference_url(blocklist.reference),
                 "mode": blocklist.mode,
                 "timezone": blocklist.timezone.key,
                 **_state_fields(blocklist.phases, now, blocklist),
@@ -295,7 +312,7 @@ def _rule_entry(rs: RuleSet, now: float, lines: dict[str, list[str]]) -> dict[st
         "section": rs.origin,
         "where": str(rs.where),
         "reference": rs.reference,
-        "reference_url": edits.reference_url(rs.reference),
+        "reference_url": reference_url(rs.reference),
         "mode": "monitor" if rs.phases.enforce_from >= rs.phases.end else "enforce",
         **_state_fields(rs.phases, now, blocklist),
         "enforced": state == ENFORCED,
