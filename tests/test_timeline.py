@@ -81,3 +81,21 @@ def test_timeline_states_countdowns_and_would_block_by_group(
     assert [rule["name"] for rule in rules] == ["extra.test"]
     assert rules[0]["until"] == "2027-01-01T00:00:00+00:00"
     assert rules[0]["state"] == "monitor" and doc["rules_truncated"] is False
+
+
+def test_would_block_by_group_adds_up_across_workers() -> None:
+    from collections import Counter
+
+    from resolver.observe.metrics import Counts
+    from resolver.policy.model import ClientGroups, Policy
+    from resolver.policy.table import NameTable
+    from resolver.service.rules_api import by_group
+
+    groups = ClientGroups({"office": ["10.0.0.0/8"], "lab": ["192.168.0.0/16"]})
+    office, lab = groups.bits["office"], groups.bits["lab"]
+    first = Counts(would_block_groups=Counter({("watch", 1 | office): 3, ("watch", 1): 1}))
+    second = Counts(would_block_groups=Counter({("watch", 1 | office | lab): 2}))
+    total = first + second  # what the supervisor does with the workers' counts
+    policy = Policy((), (), NameTable(), (), groups=groups)
+    assert by_group(policy, total, "watch") == {"": 1, "lab": 2, "office": 5}
+    assert by_group(policy, total, "other") == {}

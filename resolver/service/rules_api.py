@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..observe.metrics import Counts
     from ..policy.model import BlockList, Policy, RuleSet
+    from ..yamlload import Where
     from .workers import Supervisor
 
 log = logging.getLogger("resolver.rules")
@@ -285,8 +286,9 @@ def timeline_document(policy: Policy, counts: Counts, now: float) -> dict[str, A
             }
         )
     own = [rs for rs in policy.rulesets if _own_settings(rs)]
-    lines: dict[str, list[str]] = {}
-    rules = [_rule_entry(rs, now, lines) for rs in own[:TIMELINE_RULES]]
+    shown = own[:TIMELINE_RULES]
+    lines = _lines_at([rs.where for rs in shown if rs.where is not None])
+    rules = [_rule_entry(rs, now, lines) for rs in shown]
     return {
         "now": format_instant(now),
         "policy": policy.digest,
@@ -303,7 +305,7 @@ def _own_settings(rs: RuleSet) -> bool:
     )
 
 
-def _rule_entry(rs: RuleSet, now: float, lines: dict[str, list[str]]) -> dict[str, Any]:
+def _rule_entry(rs: RuleSet, now: float, lines: dict[tuple[str, int], str]) -> dict[str, Any]:
     blocklist = rs.blocklist
     state = rs.phases.state(now)
     return {
@@ -319,24 +321,36 @@ def _rule_entry(rs: RuleSet, now: float, lines: dict[str, list[str]]) -> dict[st
     }
 
 
-def _name_at(rs: RuleSet, lines: dict[str, list[str]]) -> str | None:
-    """The name (or pattern) written at the rule set's first line, read again from its
-    file (each file read once per timeline; None when it cannot be read)."""
-    where = rs.where
-    if where is None:
-        return None
-    text = lines.get(where.file)
-    if text is None:
+def _lines_at(places: list[Where]) -> dict[tuple[str, int], str]:
+    """The text of the lines at ``places``, each file read once and only as far as its
+    last line wanted (a list of a million names with one dated rule near the top costs a
+    few lines, not the whole file)."""
+    wanted: dict[str, set[int]] = {}
+    for where in places:
+        wanted.setdefault(where.file, set()).add(where.line)
+    found: dict[tuple[str, int], str] = {}
+    for file, numbers in wanted.items():
+        last = max(numbers)
         try:
-            with open(where.file, encoding="utf-8") as source:
-                text = source.read(edits.MAX_FILE_BYTES).splitlines()
-        except (OSError, UnicodeDecodeError):
-            text = []
-        lines[where.file] = text
-    if not 0 < where.line <= len(text):
+            with open(file, encoding="utf-8", errors="replace") as source:
+                for number, line in enumerate(source, 1):
+                    if number in numbers:
+                        found[(file, number)] = line[:4096]
+                    if number >= last:
+                        break
+        except OSError:
+            continue
+    return found
+
+
+def _name_at(rs: RuleSet, lines: dict[tuple[str, int], str]) -> str | None:
+    """The name (or pattern) written at the rule set's first line (None when unknown)."""
+    where = rs.where
+    text = lines.get((where.file, where.line)) if where is not None else None
+    if text is None:
         return None
     try:
-        item = load_text(text[where.line - 1].strip().removeprefix("- "), where.file)
+        item = load_text(text.strip().removeprefix("- "), where.file if where else "")
     except Exception:
         return None
     if isinstance(item, dict):
