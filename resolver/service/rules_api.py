@@ -201,6 +201,10 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
         if not await server.reload():
             why = server.resolver.stats.last_reload_error or "the reload failed"
             await _in_thread(partial(edits.restore, settings, applied.before))
+            # Workers: the first may have taken the edit while a child refused it. Loading
+            # the restored file puts every process back on the policy before the edit.
+            if server.resolver.policy.digest != before:
+                await server.reload()
             log.warning("rule edit undone (%s %s): %s", action, applied.change["name"], why)
             return error(422, f"the edit was undone: the policy did not load with it: {why}")
         after = server.resolver.policy.digest
