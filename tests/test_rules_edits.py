@@ -131,12 +131,23 @@ def test_malformed_bodies_and_the_token(edited: RunningServer) -> None:
 
 
 def test_a_failed_reload_puts_the_file_back(edited: RunningServer, lists_dir: Path) -> None:
-    # Another file takes the local list's id: the whole policy does not load with the edit.
-    (lists_dir / "zz-other.yaml").write_text("list: local\ndomains: [other.test]\n")
+    assert call(_port(edited), "POST", "/v1/rules", {**ADD, "name": "first.test"})[0] == 201
+    before = (lists_dir / "local-edits.yaml").read_bytes()
+    # Another list file breaks: the whole policy does not load with the edit.
+    (lists_dir / "zz-broken.yaml").write_text("list: broken\ndomains: [bad..name]\n")
     status, doc = call(_port(edited), "POST", "/v1/rules", ADD)
-    assert status == 422 and "already used" in doc["error"], doc
-    assert not (lists_dir / "local-edits.yaml").exists()  # there was none before
+    assert status == 422 and "zz-broken.yaml" in doc["error"] and "undone" in doc["error"]
+    assert (lists_dir / "local-edits.yaml").read_bytes() == before
     assert _rcode(edited, "example.test") == dns.rcode.NOERROR
+    assert _rcode(edited, "first.test") == dns.rcode.NXDOMAIN  # the last good policy
+
+
+def test_a_list_that_takes_the_local_id_is_named(edited: RunningServer, lists_dir: Path) -> None:
+    (lists_dir / "zz-other.yaml").write_text("list: local\ndomains: [other.test]\n")
+    assert call(_port(edited), "POST", "/v1/reload")[0] == 200
+    status, doc = call(_port(edited), "POST", "/v1/rules", ADD)
+    assert status == 409 and doc["field"] == "edits.list" and "zz-other.yaml" in doc["error"]
+    assert not (lists_dir / "local-edits.yaml").exists()
 
 
 def test_concurrent_edits_are_serialised(edited: RunningServer, lists_dir: Path) -> None:
@@ -284,3 +295,11 @@ def test_a_hand_edited_file_is_kept_and_rendered_the_same(tmp_path: Path, lists_
     assert edits.read_local(settings)[1].fast  # written by the resolver: read as JSON
     again = edits.render(edits.read_local(settings)[1])
     assert again == settings.file.read_bytes()  # deterministic
+
+
+def test_a_change_log_that_cannot_be_written_is_a_sentence(tmp_path: Path, lists_dir: Path) -> None:
+    (tmp_path / "changes.jsonl").mkdir()  # a folder where the log should be
+    settings = edits.resolve(lists_dir, tmp_path, None, "local", None)
+    with pytest.raises(edits.EditError, match="cannot write") as caught:
+        changelog.record(settings, {"action": "add"})
+    assert caught.value.status == 500

@@ -64,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
     except _Unreachable as exc:
         print(f"resolver rules: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # --offline: a file that cannot be read or written
+        print(f"resolver rules: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     _print(args, document)
     return 0
 

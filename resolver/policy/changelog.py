@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any, Final
 
-from .edits import Settings, locked
+from .edits import EditError, Settings, locked
 
 log = logging.getLogger("resolver.edits")
 
@@ -26,7 +26,10 @@ def record(settings: Settings, change: dict[str, Any]) -> None:
     """Append one change to the log, rotating it past :data:`CHANGELOG_MAX_BYTES`."""
     global rotations
     path = settings.changelog
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EditError("", f"cannot create {path.parent}: {exc.strerror}", 500) from None
     line = (json.dumps(change, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
     with locked(settings):
         with contextlib.suppress(FileNotFoundError):

@@ -450,10 +450,17 @@ def validate_file(data: bytes, settings: Settings) -> None:
 def locked(settings: Settings) -> Iterator[None]:
     """One edit at a time across processes (the server, ``resolver rules --offline``)."""
     lock_path = settings.file.parent / f".{settings.file.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        why = f"cannot create the lock file {lock_path}: {exc.strerror}"
+        raise EditError("", why, 500) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    except OSError as exc:  # a full disk, a read-only folder: a sentence, not a traceback
+        where = exc.filename or settings.file
+        raise EditError("", f"cannot write {where}: {exc.strerror or exc}", 500) from None
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -560,6 +567,20 @@ def parse_removal(body: Mapping[str, Any]) -> tuple[str, str, str]:
             raise EditError(str(key)[:64], "unknown field; expected name, reference, operator")
     name = check_name(body.get("name"))
     return name, _text(body, "reference", MAX_REFERENCE, True), check_operator(body)
+
+
+def check_id(list_ids: list[tuple[str, str]], settings: Settings) -> None:
+    """Refuse to edit when another file of the policy (``(id, file)`` of each list)
+    already uses the local list's id: the reload after the edit would fail."""
+    mine = os.path.realpath(settings.file)
+    for list_id, file in list_ids:
+        if list_id == settings.list_id and os.path.realpath(file) != mine:
+            raise EditError(
+                "edits.list",
+                f"list id {list_id!r} is already used by {file}: set edits.list to another "
+                "id in the config, or give that list another id",
+                409,
+            )
 
 
 def _fits(data: bytes) -> None:

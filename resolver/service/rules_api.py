@@ -178,6 +178,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
         settings = settings_of(server.config)
         body = _body(request)
         now = server.clock()
+        edits.check_id([(b.id, b.where.file) for b in resolver.policy.lists], settings)
         if action == "add":
             rule = edits.parse_rule(body, now)
             apply = partial(
@@ -211,7 +212,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
         change = changelog.with_digests(applied.change, before, after)
         try:
             await _in_thread(partial(changelog.record, settings, change))
-        except OSError as exc:  # the edit holds; say that its log line is missing
+        except edits.EditError as exc:  # the edit holds; say that its log line is missing
             log.error("rule edit applied, but the change log failed: %s", exc)
             change["changelog_error"] = str(exc)
     log.info(
