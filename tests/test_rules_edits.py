@@ -19,7 +19,7 @@ import pytest
 
 from resolver.config import Listen
 from resolver.config.model import EditsConfig
-from resolver.policy import changelog, edits
+from resolver.policy import changelog, editinput, edits
 
 from .helpers.admin import call
 from .helpers.cli import run_cli
@@ -288,7 +288,7 @@ def test_a_hand_edited_file_is_kept_and_rendered_the_same(tmp_path: Path, lists_
         "list: local\nreference: agency rules\ndomains:\n  - b.test\n  - a.test  # why\n"
         "exact:\n  - {name: c.test, mode: monitor}\n"
     )
-    edits.add(settings, edits.parse_rule({**ADD, "name": "d.test"}, time.time()))
+    edits.add(settings, editinput.parse_rule({**ADD, "name": "d.test"}, time.time()))
     text = settings.file.read_text()
     assert text.index('"a.test"') < text.index('"b.test"') < text.index('"d.test"')
     assert 'reference: "agency rules"' in text and '"mode": "monitor"' in text

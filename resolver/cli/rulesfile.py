@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..config import Config, load_config
-from ..policy import changelog, edits, load_policy
+from ..policy import changelog, editinput, edits, load_policy
 from ..policy.loader import fault
 from ..yamlload import SourceError
 
@@ -43,9 +43,9 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
             "timezone": args.timezone,
             "mode": args.mode,
         }
-        applied = edits.add(settings, edits.parse_rule(body, now))
+        applied = edits.add(settings, editinput.parse_rule(body, now))
     else:
-        name, reference, operator = edits.parse_removal(
+        name, reference, operator = editinput.parse_removal(
             {"name": args.name, "reference": args.reference, "operator": args.operator}
         )
         try:

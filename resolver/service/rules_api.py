@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
-from ..policy import changelog, edits
+from ..policy import changelog, editinput, edits
 from ..policy.model import ALL_CLIENTS, ENFORCED
 from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from ..yamlload import load_text
@@ -180,7 +180,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
         now = server.clock()
         edits.check_id([(b.id, b.where.file) for b in resolver.policy.lists], settings)
         if action == "add":
-            rule = edits.parse_rule(body, now)
+            rule = editinput.parse_rule(body, now)
             apply = partial(
                 edits.add,
                 settings,
@@ -188,7 +188,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
                 other_lists(resolver.policy, rule.name, settings.list_id, now),
             )
         else:
-            name, reference, operator = edits.parse_removal(body)
+            name, reference, operator = editinput.parse_removal(body)
             elsewhere = other_lists(resolver.policy, name, settings.list_id, now)
             apply = partial(edits.remove, settings, name, reference, operator, elsewhere)
     except edits.EditError as exc:
