@@ -23,7 +23,9 @@ from resolver.policy import changelog, editinput, edits
 
 from .helpers.admin import call
 from .helpers.cli import run_cli
-from .helpers.http import TOKEN
+from .helpers.client import ask
+from .helpers.http import TOKEN, urls
+from .helpers.realservers import ResolverProcess, free_port
 from .helpers.server import RunningServer
 from .helpers.wait import wait_for
 
@@ -303,3 +305,37 @@ def test_a_change_log_that_cannot_be_written_is_a_sentence(tmp_path: Path, lists
     with pytest.raises(edits.EditError, match="cannot write") as caught:
         changelog.record(settings, {"action": "add"})
     assert caught.value.status == 500
+
+
+def test_with_workers_every_process_takes_the_edit(tmp_path: Path, upstream: Any) -> None:
+    """--workers 2: a name added is blocked by every worker (SO_REUSEPORT spreads the
+    queries), and the timeline adds up the workers' would-block matches per group."""
+    config = tmp_path / "resolver.yaml"
+    config.write_text(
+        f"admin: {{listen: '127.0.0.1:{free_port()}', token: {TOKEN}}}\n"
+        f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "groups: {office: [127.0.0.0/8]}\n"
+    )
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "watch.yaml").write_text("list: watch\nmode: monitor\ndomains: [example.test]\n")
+    proc = ResolverProcess(
+        *("--config", str(config), "--blocklists", str(lists), "--listen", "127.0.0.1:0"),
+        *("--upstream", upstream.address, "--workers", "2"),
+        ready_text="workers answering on the same addresses",
+    )
+    try:
+        admin, _ = urls(proc)
+        port = int(admin.rsplit(":", 1)[1])
+        assert call(port, "POST", "/v1/rules", {**ADD, "name": "banned.test"})[0] == 201
+        names = [f"q{i}.banned.test" for i in range(40)]
+        wait_for(lambda: {ask(proc.port, n).rcode() for n in names} == {dns.rcode.NXDOMAIN}, 5)
+        for _ in range(20):
+            ask(proc.port, "www.example.test")
+        lists_seen = {e["id"]: e for e in call(port, "GET", "/v1/timeline")[1]["lists"]}
+        assert lists_seen["watch"]["would_block"] == 20
+        assert lists_seen["watch"]["would_block_by_group"] == {"office": 20}
+        assert lists_seen["local"]["state"] == "enforced"
+    finally:
+        proc.stop()
