@@ -339,3 +339,23 @@ def test_with_workers_every_process_takes_the_edit(tmp_path: Path, upstream: Any
         assert lists_seen["local"]["state"] == "enforced"
     finally:
         proc.stop()
+
+
+def test_the_real_bounds_of_the_list_and_its_file(tmp_path: Path, lists_dir: Path) -> None:
+    settings = edits.resolve(lists_dir, tmp_path, None, "local", None)
+    now = time.time()
+    full = edits.LocalList("local", {}, {})
+    for index in range(edits.MAX_RULES):
+        rule = editinput.parse_rule({**ADD, "name": f"n{index}.example"}, now)
+        full.rules[rule.name] = rule
+    settings.file.write_bytes(edits.render(full))
+    started = time.monotonic()
+    with pytest.raises(edits.EditError, match=f"holds {edits.MAX_RULES} rules"):
+        edits.add(settings, editinput.parse_rule({**ADD, "name": "one-more.example"}, now))
+    assert time.monotonic() - started < 5  # read line by line, not through YAML
+    edits.remove(settings, "n0.example", "R", "o")  # below the bound again: one fits
+    edits.add(settings, editinput.parse_rule({**ADD, "name": "one-more.example"}, now))
+    with open(settings.file, "r+b") as out:  # a file past its bound (sparse: cheap)
+        out.truncate(edits.MAX_FILE_BYTES + 1)
+    with pytest.raises(edits.EditError, match="over 67108864 bytes"):
+        edits.rules(settings)
