@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from resolver.policy import changelog, editinput, edits
 from .helpers.admin import call
 from .helpers.cli import run_cli
 from .helpers.client import ask
-from .helpers.http import TOKEN, urls
+from .helpers.http import TOKEN, scrape, urls
 from .helpers.realservers import ResolverProcess, free_port
 from .helpers.server import RunningServer
 from .helpers.wait import wait_for
@@ -39,7 +41,9 @@ ADD = {
 
 @pytest.fixture
 def edited(make_server: Callable[..., RunningServer], tmp_path: Path) -> RunningServer:
-    return make_server(admin=LOOPBACK, admin_token=TOKEN, state_dir=tmp_path / "state")
+    return make_server(
+        admin=LOOPBACK, admin_token=TOKEN, metrics=LOOPBACK, state_dir=tmp_path / "state"
+    )
 
 
 def _port(running: RunningServer) -> int:
@@ -120,6 +124,7 @@ def test_bad_input_is_refused_naming_the_field_and_the_file_is_unchanged(
 
 def test_malformed_bodies_and_the_token(edited: RunningServer) -> None:
     port = _port(edited)
+    before = scrape(edited.server.metrics_port)[1]
     assert call(port, "POST", "/v1/rules", raw=b"{not json")[0] == 400
     assert call(port, "POST", "/v1/rules", raw=b"[1, 2]")[0] == 400
     assert call(port, "POST", "/v1/rules", ADD, token=None)[0] == 401
@@ -130,6 +135,16 @@ def test_malformed_bodies_and_the_token(edited: RunningServer) -> None:
     assert call(port, "POST", "/v1/rules", ADD)[0] == 201
     status, doc = call(port, "POST", "/v1/rules", {**ADD, "kind": "exact"})
     assert status == 409 and "already in list local" in doc["error"]
+    text, after = scrape(edited.server.metrics_port)
+    for result, more in (("applied", 1), ("refused", 3), ("undone", 0)):
+        series = f'resolver_rule_edits_total{{action="add",result="{result}"}}'
+        assert after[series] - before[series] == more
+    assert "resolver_rule_changelog_rotations_total" in after
+    if shutil.which("promtool"):
+        checked = subprocess.run(
+            ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert "rule_edits" not in checked.stdout + checked.stderr
 
 
 def test_a_failed_reload_puts_the_file_back(edited: RunningServer, lists_dir: Path) -> None:

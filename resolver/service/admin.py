@@ -25,7 +25,7 @@ from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .assembly import load_options
 from .http import Handler, HTTPServer, Request, Response, error, json_response
 from .queries import query_routes
-from .rules_api import rules_routes
+from .rules_api import EditCollector, rules_routes
 from .tlsmetrics import TLSCollector
 
 if TYPE_CHECKING:
@@ -255,6 +255,7 @@ def metrics_routes(server: Served) -> dict[tuple[str, str], Handler]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ResolverCollector(server))
     registry.register(TLSCollector(server))
+    registry.register(EditCollector())
     register_service_metrics(registry, server)
 
     async def metrics(_: Request) -> Response:

@@ -15,9 +15,13 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..policy import changelog, editinput, edits
 from ..policy.model import ALL_CLIENTS, ENFORCED
@@ -45,6 +49,33 @@ _URL: Final = re.compile(r"https?://[^\s\"'<>]+")
 NO_GROUP: Final = ""
 
 _T = TypeVar("_T")
+#: How edits ended, by (action, result): applied, refused (bad input, a bound, a
+#: conflict: nothing written), undone (written, the reload failed, put back).
+EDIT_RESULTS: Final = ("applied", "refused", "undone")
+edit_counts: Counter[tuple[str, str]] = Counter(
+    {(action, result): 0 for action in ("add", "remove") for result in EDIT_RESULTS}
+)
+
+
+class EditCollector(Collector):
+    """``resolver_rule_edits_total{action,result}`` and
+    ``resolver_rule_changelog_rotations_total`` (this process: edits go to the first)."""
+
+    def collect(self) -> Iterator[Metric]:
+        edits_family = CounterMetricFamily(
+            "resolver_rule_edits",
+            "Rule edits through the admin API, by action and how they ended (applied, "
+            "refused with nothing written, undone because the reload failed).",
+            labels=["action", "result"],
+        )
+        for (action, result), count in sorted(edit_counts.items()):
+            edits_family.add_metric([action, result], count)
+        yield edits_family
+        yield CounterMetricFamily(
+            "resolver_rule_changelog_rotations",
+            "Times the change log of rule edits was rotated (past 8 MiB; one old file kept).",
+            value=changelog.rotations,
+        )
 
 
 class EditServed(Protocol):
@@ -192,14 +223,17 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
             elsewhere = other_lists(resolver.policy, name, settings.list_id, now)
             apply = partial(edits.remove, settings, name, reference, operator, elsewhere)
     except edits.EditError as exc:
+        edit_counts[(action, "refused")] += 1
         return _refusal(exc)
     async with lock:
         before = server.resolver.policy.digest
         try:
             applied = await _in_thread(apply)
         except edits.EditError as exc:
+            edit_counts[(action, "refused")] += 1
             return _refusal(exc)
         if not await server.reload():
+            edit_counts[(action, "undone")] += 1
             why = server.resolver.stats.last_reload_error or "the reload failed"
             await _in_thread(partial(edits.restore, settings, applied.before))
             # Workers: the first may have taken the edit while a child refused it. Loading
@@ -208,6 +242,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
                 await server.reload()
             log.warning("rule edit undone (%s %s): %s", action, applied.change["name"], why)
             return error(422, f"the edit was undone: the policy did not load with it: {why}")
+        edit_counts[(action, "applied")] += 1
         after = server.resolver.policy.digest
         change = changelog.with_digests(applied.change, before, after)
         try:
