@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import sqlite3
+import ssl
 import sys
 import time
 import urllib.parse
@@ -16,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.query
 import dns.rcode
 
 from resolver.cli.audit import main as audit_main
-from resolver.config import Listen
+from resolver.config import DoTConfig, Listen, TLSConfig
 from resolver.observe.querylog import AuditConfig
 from resolver.observe.store import QueryStore
 from resolver.observe.storeconfig import StoreConfig
@@ -27,6 +30,7 @@ from resolver.observe.storedb import SQLITE_VERSION, Search
 
 from .helpers.http import TOKEN, check_against_spec, http
 from .helpers.server import RunningServer
+from .helpers.testca import TestCA
 from .helpers.wait import wait_for
 
 LOOPBACK = Listen("127.0.0.1", 0)
@@ -97,6 +101,12 @@ def test_client_ids_are_pseudonymised_and_searched_as_such(tmp_path: Path) -> No
     assert store.search(Search(client_id=row["client_id"])) == [row]
 
 
+def _rows(url: str) -> int:
+    """Rows a search finds (0 while the store's file is not made yet: 503)."""
+    status, doc, _ = http(url, token=TOKEN)
+    return len(doc["queries"]) if status == 200 else 0
+
+
 def _get(running: RunningServer, path: str, **params: Any) -> tuple[int, Any, str, Any]:
     url = f"http://127.0.0.1:{running.server.admin_port}{path}?{urllib.parse.urlencode(params)}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -122,7 +132,7 @@ def test_csv_export_and_per_client_counts(
     for _ in range(2):
         assert running.query("example.test").rcode() == dns.rcode.NOERROR  # would block
     url = f"http://127.0.0.1:{running.server.admin_port}/v1/queries?limit=1000"
-    wait_for(lambda: len(http(url, token=TOKEN)[1]["queries"]) >= 4, 10)
+    wait_for(lambda: _rows(url) >= 4, 10)
 
     status, body, ctype, headers = _get(running, "/v1/queries", format="csv", limit=1000)
     assert status == 200 and ctype.startswith("text/csv")
@@ -146,3 +156,36 @@ def test_csv_export_and_per_client_counts(
     assert since == {"clients": []}
     assert http(url.replace("/v1/queries?limit=1000", "/v1/queries/clients?limit=0"),
                 token=TOKEN)[0] == 400  # fmt: skip
+
+
+def test_the_client_id_of_a_dot_client_reaches_the_store(
+    make_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    ca = TestCA(tmp_path)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    ca.issue(cert, key, names=("dns.example.test", "*.dns.example.test", "127.0.0.1"))
+    running = make_server(
+        tls=TLSConfig(cert=cert, key=key, client_id_domain="dns.example.test"),
+        dot=DoTConfig(listen=(Listen("127.0.0.1", 0),)),
+        audit=AuditConfig(what="all"),
+        store=StoreConfig(kind="sqlite", path=tmp_path / "q.sqlite3"),
+        admin=LOOPBACK,
+        admin_token=TOKEN,
+    )
+    dot = next(b.port for b in running.server.bound if b.proto == "dot")
+    context = ssl.create_default_context(cafile=str(ca.path))
+    query = dns.message.make_query("example.test", "A")
+    reply = dns.query.tls(query, "127.0.0.1", port=dot, timeout=5, ssl_context=context,
+                          server_hostname="laptop-7.dns.example.test")  # fmt: skip
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert running.query("www.example.test").rcode() == dns.rcode.NOERROR  # no id
+    base = f"http://127.0.0.1:{running.server.admin_port}/v1/queries"
+    wait_for(lambda: _rows(f"{base}?limit=10") >= 2, 10)
+    status, doc, _ = http(f"{base}?client_id=laptop-7", token=TOKEN)
+    check_against_spec("/v1/queries", "GET", status, doc)
+    assert [(r["qname"], r["client_id"], r["proto"]) for r in doc["queries"]] == [
+        ("example.test.", "laptop-7", "dot")
+    ]
+    _, body, _, _ = _get(running, "/v1/queries", format="csv", client_id="laptop-7")
+    table = list(csv.reader(io.StringIO(body)))
+    assert table[1][table[0].index("client_id")] == "laptop-7"
