@@ -85,6 +85,11 @@ def test_add_blocks_over_dns_then_remove_resolves_again(
     # Removing it again: not in the list. A name another list blocks: said so.
     status, doc = call(_port(edited), "POST", "/v1/rules/remove", removal)
     assert status == 404 and doc["field"] == "name"
+    call(_port(edited), "POST", "/v1/rules", {**ADD, "name": "parent.test"})
+    status, doc = call(
+        _port(edited), "POST", "/v1/rules/remove", {**removal, "name": "a.parent.test"}
+    )
+    assert status == 404 and "the rule for parent.test in this list covers it" in doc["error"]
     gone = {**removal, "name": "chat.deepseek.com"}
     status, doc = call(_port(edited), "POST", "/v1/rules/remove", gone)
     assert status == 404 and "list deepseek" in doc["error"]
@@ -374,3 +379,17 @@ def test_the_real_bounds_of_the_list_and_its_file(tmp_path: Path, lists_dir: Pat
         out.truncate(edits.MAX_FILE_BYTES + 1)
     with pytest.raises(edits.EditError, match="over 67108864 bytes"):
         edits.rules(settings)
+
+
+def test_edits_refused_when_the_lists_are_one_file(
+    make_server: Callable[..., RunningServer], lists_dir: Path, tmp_path: Path
+) -> None:
+    running = make_server(
+        blocklists=lists_dir / "deepseek.yaml", admin=LOOPBACK, admin_token=TOKEN,
+        state_dir=tmp_path / "state",
+    )  # fmt: skip
+    status, doc = call(running.server.admin_port, "GET", "/v1/rules")
+    assert status == 409 and doc["field"] == "edits.file" and "not a directory" in doc["error"]
+    status, doc = call(running.server.admin_port, "POST", "/v1/rules", ADD)
+    assert status == 409 and doc["field"] == "edits.file"
+    assert call(running.server.admin_port, "GET", "/v1/timeline")[0] == 200  # still served

@@ -451,6 +451,9 @@ def add(settings: Settings, rule: Rule, blocked_elsewhere: str = "") -> Applied:
     return Applied(before, after, change)
 
 
+_NONE: Final = Rule("", kind="")
+
+
 def remove(
     settings: Settings, name: str, reference: str, operator: str, elsewhere: str = ""
 ) -> Applied:
@@ -460,11 +463,12 @@ def remove(
         before, local = read_local(settings)
         rule = local.rules.pop(name, None)
         if rule is None:
-            more = (
-                f"; it is blocked by {elsewhere}, which rule edits cannot change"
-                if elsewhere
-                else ""
-            )
+            labels = name.split(".")
+            parents = (".".join(labels[i:]) for i in range(1, len(labels)))
+            parent = next((p for p in parents if local.rules.get(p, _NONE).kind == "domain"), "")
+            more = f"; the rule for {parent} in this list covers it" if parent else ""
+            if elsewhere:
+                more += f"; it is blocked by {elsewhere}, which rule edits cannot change"
             raise EditError("name", f"{name} is not in list {settings.list_id}{more}", 404)
         after = render(local)
         if not local.fast:  # a file the resolver wrote stays valid without a rule
