@@ -352,3 +352,40 @@ def load_config_text(folder: Path, text: str) -> Any:
     path = folder / "other.yaml"
     path.write_text(text)
     return load_config(path)
+
+
+def test_a_postgresql_table_of_version_1_gets_the_client_id_column(
+    cluster: postgres.Cluster,
+) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS queries")
+        conn.execute(
+            "CREATE TABLE queries (id BIGSERIAL PRIMARY KEY, t DOUBLE PRECISION NOT NULL, "
+            "client TEXT NOT NULL, groups TEXT NOT NULL, proto TEXT NOT NULL, "
+            'qname TEXT NOT NULL, rname TEXT COLLATE "C" NOT NULL, qtype TEXT NOT NULL, '
+            "rcode TEXT NOT NULL, decision TEXT NOT NULL, list TEXT, rule TEXT, "
+            "reference TEXT, upstream TEXT, duration_ms DOUBLE PRECISION)"
+        )
+        conn.execute(
+            "INSERT INTO queries (t, client, groups, proto, qname, rname, qtype, rcode, "
+            "decision) VALUES (%s, 'c', ',', 'udp', 'a.test.', 'test.a.', 'A', 'NOERROR', "
+            "'forwarded')",
+            (time.time() - 60,),
+        )
+    # Read as it is (read-only): the old row.
+    assert [r["qname"] for r in QueryStore(
+        StoreConfig(kind="postgresql"), AuditConfig(what="all"), cluster.dsn
+    ).search(Search(limit=5))] == ["a.test."]  # fmt: skip
+    store = QueryStore(StoreConfig(kind="postgresql"), AuditConfig(what="all"), cluster.dsn)
+    store.record(time.time(), "c", "doh", "b.test.", "A", "NOERROR", "forwarded", None, None,
+                 None, None, 0.001, "phone-2")  # fmt: skip
+    store.close()
+    rows = store.search(Search(limit=5))
+    assert [(r["qname"], r.get("client_id")) for r in rows] == [
+        ("b.test.", "phone-2"),
+        ("a.test.", None),
+    ]
+    assert [r["qname"] for r in store.search(Search(client_id="phone-2"))] == ["b.test."]
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE queries")  # the other tests start from an empty database

@@ -239,8 +239,7 @@ def _sources(
     list_id: str | None,
 ) -> Iterator[tuple[float, str, str, str, str, str] | None]:
     """The entries of every file, of standard input and of the store; None for a line of
-    a file that is not an entry (a line of standard input that is not one is skipped).
-    (The store keeps no client id yet: its entries have none.)"""
+    a file that is not an entry (a line of standard input that is not one is skipped)."""
     for path in _unique(paths):
         quiet = str(path) == STDIN
         for line in sys.stdin.buffer if quiet else _lines(path):
@@ -252,8 +251,7 @@ def _sources(
     if store is not None:
         db = open_database(store, readonly=True)
         try:
-            for when, who, qname, decision, listed in db.entries(REPORTED, since, until, list_id):
-                yield when, who, qname, decision, listed, ""
+            yield from db.entries(REPORTED, since, until, list_id)
         finally:
             db.close()
 

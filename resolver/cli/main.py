@@ -24,6 +24,7 @@ from ..policy.explain import explain, parse_moment, render_text
 from ..policy.loader import fault
 from ..policy.model import DOMAIN, SUBDOMAINS
 from ..yamlload import SourceError
+from .rules import add_parser as rules_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="*", type=Path, help="list files or directories")
 
     _add_healthcheck(sub)
+    rules_parser(sub)
 
     explain = sub.add_parser("explain", help="what the policy does with a name, and why")
     explain.add_argument("name", help="the domain name to explain")
@@ -167,6 +169,10 @@ def _command(argv: list[str]) -> int:
         return _explain(args)
     if args.command == "healthcheck":
         return _healthcheck(args)
+    if args.command == "rules":
+        from .rules import main as rules_main
+
+        return rules_main(args)
     return _check(args)
 
 

@@ -77,6 +77,7 @@ from .model import (
     resolv_conf_upstreams,
 )
 from .sinks import audit_section as _audit
+from .sinks import edits_section as _edits
 from .sinks import store_section as _store
 
 
@@ -157,6 +158,7 @@ def read_config(path: Path) -> tuple[Config, list[SourceError]]:
         inflight=get(lambda: _inflight(section("inflight", INFLIGHT_KEYS)), base.inflight),
         audit=get(lambda: _audit(doc, path), base.audit),
         store=get(lambda: _store(doc, path), base.store),
+        edits=get(lambda: _edits(doc, path), base.edits),
         **_encrypted_settings(collect, doc, path),
         source=str(path),
         default_listen=not listen,

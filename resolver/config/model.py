@@ -153,6 +153,17 @@ class ReloadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EditsConfig:
+    """Where rule edits made by operators go (``edits:``; resolver/policy/edits.py). None:
+    the default (``local-edits.yaml`` in the blocklists folder, ``changes.jsonl`` in
+    ``state_dir``)."""
+
+    file: Path | None = None
+    list: str = "local"
+    changelog: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteConfig:
     #: Whether include.url may fetch from loopback, link-local or unspecified addresses.
     allow_private: bool = False
@@ -276,6 +287,8 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     #: The query store (observe/store.py), an audit sink beside the JSON-lines log.
     store: StoreConfig = field(default_factory=StoreConfig)
+    #: Rule edits by operators (the API's /v1/rules, ``resolver rules``).
+    edits: EditsConfig = EditsConfig()
     source: str = "embedded default"
     tls: TLSConfig = field(default_factory=TLSConfig)
     dot: DoTConfig = field(default_factory=DoTConfig)
@@ -306,6 +319,7 @@ TOP_KEYS: Final = frozenset(
         "reload",
         "audit",
         "store",
+        "edits",
         "acl",
         "ratelimit",
         "rebinding",
@@ -327,6 +341,7 @@ TOP_KEYS: Final = frozenset(
 REBINDING_KEYS: Final = frozenset(RebindingConfig.__dataclass_fields__)
 ACL_KEYS: Final = frozenset(AclConfig.__dataclass_fields__)
 RATELIMIT_KEYS: Final = frozenset(RateLimitConfig.__dataclass_fields__)
+EDITS_KEYS: Final = frozenset(EditsConfig.__dataclass_fields__)
 ADMIN_KEYS: Final = frozenset({"listen", "token", "max_connections", "allowed_hosts"})
 METRICS_KEYS: Final = frozenset({"listen", "max_connections"})
 RELOAD_KEYS: Final = frozenset(ReloadConfig.__dataclass_fields__)

@@ -26,6 +26,8 @@ log = logging.getLogger("resolver.chain")
 
 #: Lists whose "would block" log lines are spaced out (a backstop; lists are few).
 _MONITOR_LINES_MAX: Final = 10_000
+#: (list, group mask) pairs counted apart (Stats.would_block_groups); beyond, mask 0.
+WOULD_BLOCK_GROUPS_MAX: Final = 4096
 
 
 class AuditSink(Protocol):
@@ -165,12 +167,20 @@ class Accounts:
             self._infos[shared] = info
         return info
 
-    def count_would_block(self, rs: RuleSet) -> None:
+    def count_would_block(self, rs: RuleSet, mask: int = 1) -> None:
         """Count a would-block match when it is decided, before the cache or the upstream:
         whatever the upstream then does (a timeout, SERVFAIL), the monitor phase's count
         is complete. Its audit entry is written with the answer, which keeps the decision
         "monitored" whatever the upstream did (see Resolver._failed)."""
-        self.stats.would_block[rs.blocklist.id] += 1
+        list_id = rs.blocklist.id
+        self.stats.would_block[list_id] += 1
+        # Per client group too (the groups as a mask, named when read): bounded by the
+        # lists and the group combinations seen, with a backstop.
+        groups = self.stats.would_block_groups
+        key = (list_id, mask)
+        if key not in groups and len(groups) >= WOULD_BLOCK_GROUPS_MAX:
+            key = (list_id, 0)
+        groups[key] += 1
 
 
 def qtype_text(qtype: int) -> str:

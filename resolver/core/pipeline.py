@@ -331,7 +331,8 @@ class Resolver(MemoViews):
             # memoised (ctx.until stays 0), so that every such query is seen.
             ctx.decision = MONITORED
             ctx.monitored = monitored
-            self._accounts.count_would_block(monitored)
+            mask = ctx.mask if policy.uses_groups else policy.groups.mask_of(ctx.client)
+            self._accounts.count_would_block(monitored, mask)
             self._accounts.log_would_block(q, ctx.client, monitored)
         elif apex < 0:
             ctx.decision = ALLOWED

@@ -114,6 +114,10 @@ class Stats:
         self.durations: dict[str, Histogram] = {d: Histogram() for d in DECISIONS}
         self.blocked: Counter[str] = Counter()
         self.would_block: Counter[str] = Counter()
+        #: Would-block matches by (list, the client's group mask): the monitor phase's
+        #: impact per client group. Bounded: past WOULD_BLOCK_GROUPS_MAX keys, a new
+        #: combination is counted under mask 0 (groups unknown).
+        self.would_block_groups: Counter[tuple[str, int]] = Counter()
         self.reloads: Counter[str] = Counter()
         self.last_reload_success = 0.0
         self.last_reload_failed = False

@@ -96,6 +96,8 @@ class Counts:
     dot_connections: int = 0
     dot_handshaking: int = 0
     doh_connections: int = 0
+    #: Would-block matches by (list, client group mask), for /v1/timeline.
+    would_block_groups: Counter[tuple[str, int]] = field(default_factory=Counter)
 
     @property
     def answered(self) -> int:
@@ -127,7 +129,7 @@ class Counts:
 SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type in ("int", int))
 #: The encrypted listeners' counters by label, added up across workers.
 TALLIES: Final = ("tls_handshakes", "tls_handshake_failures", "doh_rejected", "dot_evicted",
-                  "dot_aborted")  # fmt: skip
+                  "dot_aborted", "would_block_groups")  # fmt: skip
 
 
 def counts_of(resolver: Resolver) -> Counts:
@@ -143,6 +145,7 @@ def counts_of(resolver: Resolver) -> Counts:
         Counter(stats.stopped),
         {k: h.merged(None) for k, h in forwarder.durations.items()},
         Counter(forwarder.errors),
+        would_block_groups=Counter(stats.would_block_groups),
         cache_hits=stats.cache_hits,
         stale=stats.stale,
         cache_entries=len(cache),
@@ -531,7 +534,8 @@ class ServiceCollector(Collector):
             "resolver_http_rejected",
             "HTTP connections and requests refused, by listener and reason: connection_limit "
             "(every slot busy), evicted (a slow request closed to make room), timeout, "
-            "too_large, malformed, host (DNS rebinding), origin (a web page), unauthorized.",
+            "too_large, malformed, host (DNS rebinding), origin (a web page), unauthorized, "
+            "csrf (a page's change without its session's CSRF token).",
             labels=["server", "reason"],
         )
         for http in source.http_servers:

@@ -140,17 +140,24 @@ class QueryStore:
         self._stopping.set()  # a writer still waiting for the database gives up now
         self._thread.join(1.0)
 
-    def search(self, search: Search) -> list[dict[str, Any]]:
+    def search(self, search: Search, per_client: bool = False) -> list[dict[str, Any]]:
         """Rows matching ``search`` (newest first), on a connection of its own; a client
         given as an address is pseudonymised first when the store holds pseudonyms."""
         client = search.client
         if client is not None and self.key is not None and not client.startswith("anon-"):
             search = replace(search, client=pseudonym(self.key, client))
+        client_id = search.client_id
+        if client_id is not None and self.key is not None and not client_id.startswith("anon-"):
+            search = replace(search, client_id=pseudonym(self.key, client_id))
         db = open_database(self.target, readonly=True)
         try:
-            return db.search(search)
+            return db.clients(search) if per_client else db.search(search)
         finally:
             db.close()
+
+    def clients(self, search: Search) -> list[dict[str, Any]]:
+        """Per-client counts within ``search``'s filters (see Database.clients)."""
+        return self.search(search, per_client=True)
 
     # The writer thread.
 
@@ -282,8 +289,11 @@ class QueryStore:
                 self._rnames.clear()
             rname = self._rnames[qname] = reversed_name(qname)
         ms = round(duration * 1000.0, 3) if duration is not None else None
+        client_id = entry[12] if len(entry) > 12 else None
+        if client_id is not None and self.key is not None:
+            client_id = pseudonym(self.key, client_id)  # an id names a device as an address does
         return (when, known[0], known[1], proto, qname, rname, qtype, rcode,
-                decision, list_id, rule, reference, upstream, ms)  # fmt: skip
+                decision, list_id, rule, reference, upstream, ms, client_id)  # fmt: skip
 
     def _client(self, client: str) -> tuple[str, str]:
         """The client as stored (its pseudonym with a key) and its groups (``,a,b,``)."""

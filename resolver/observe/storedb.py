@@ -39,13 +39,14 @@ COLUMNS: Final = (
     "reference",
     "upstream",
     "duration_ms",
+    "client_id",
 )
 _SQLITE_SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS queries (
         id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL, client TEXT NOT NULL,
         groups TEXT NOT NULL, proto TEXT NOT NULL, qname TEXT NOT NULL, rname TEXT NOT NULL,
         qtype TEXT NOT NULL, rcode TEXT NOT NULL, decision TEXT NOT NULL, list TEXT,
-        rule TEXT, reference TEXT, upstream TEXT, duration_ms REAL)""",
+        rule TEXT, reference TEXT, upstream TEXT, duration_ms REAL, client_id TEXT)""",
 )
 _PG_SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS queries (
@@ -53,7 +54,9 @@ _PG_SCHEMA: Final = (
         groups TEXT NOT NULL, proto TEXT NOT NULL, qname TEXT NOT NULL,
         rname TEXT COLLATE "C" NOT NULL, qtype TEXT NOT NULL, rcode TEXT NOT NULL,
         decision TEXT NOT NULL, list TEXT, rule TEXT, reference TEXT, upstream TEXT,
-        duration_ms DOUBLE PRECISION)""",
+        duration_ms DOUBLE PRECISION, client_id TEXT)""",
+    # Version 2 added client_id: a table made by version 1 gets it (NULL in old rows).
+    "ALTER TABLE queries ADD COLUMN IF NOT EXISTS client_id TEXT",
 )
 _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS queries_t ON queries (t)",
@@ -61,8 +64,11 @@ _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS queries_list ON queries (list, id)",
     "CREATE INDEX IF NOT EXISTS queries_decision ON queries (decision, id)",
     "CREATE INDEX IF NOT EXISTS queries_rname ON queries (rname)",
+    "CREATE INDEX IF NOT EXISTS queries_client_id ON queries (client_id, id)",
 )
-#: Rows in one SQLite INSERT (times 14 columns, under SQLite's 32,766 parameters).
+#: The SQLite file's schema version (PRAGMA user_version): 1 had no client_id column.
+SQLITE_VERSION: Final = 2
+#: Rows in one SQLite INSERT (times 15 columns, under SQLite's 32,766 parameters).
 _ROWS_PER_INSERT: Final = 2000
 #: Rows a search returns at most, whatever ``limit`` asks.
 MAX_LIMIT: Final = 1000
@@ -83,6 +89,7 @@ class Search:
     """The filters of one search; None means any. ``before``: rows with a smaller id."""
 
     client: str | None = None
+    client_id: str | None = None
     name: str | None = None
     list_id: str | None = None
     decision: str | None = None
@@ -99,6 +106,7 @@ def where(search: Search) -> tuple[str, list[Any]]:
     params: list[Any] = []
     for column, value in (
         ("client", search.client),
+        ("client_id", search.client_id),
         ("list", search.list_id),
         ("decision", search.decision),
     ):
@@ -133,6 +141,8 @@ class Database:
     conn: Any
     #: The driver's placeholder (the SQL here is written with ``?``).
     mark = "?"
+    #: The columns searches select: an old file read as it is (read-only) lacks client_id.
+    selected: tuple[str, ...] = COLUMNS
 
     def _tx(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
@@ -163,10 +173,34 @@ class Database:
     def search(self, search: Search) -> list[dict[str, Any]]:
         """The rows ``search`` selects, newest first."""
         clause, params = where(search)
-        sql = f"SELECT id,{','.join(COLUMNS)} FROM queries{clause} ORDER BY id DESC LIMIT ?"
+        columns = ",".join(c if c in self.selected else f"NULL AS {c}" for c in COLUMNS)
+        sql = f"SELECT id,{columns} FROM queries{clause} ORDER BY id DESC LIMIT ?"
         with self._tx():
             rows = self.conn.execute(self._sql(sql), (*params, search.limit)).fetchall()
         return [_row(values) for values in rows]
+
+    def clients(self, search: Search) -> list[dict[str, Any]]:
+        """Per client (as stored) within ``search``'s filters: total rows, blocked and
+        would-block (monitored) rows and the last time seen, busiest first."""
+        clause, params = where(search)
+        sql = (
+            "SELECT client, COUNT(*), "
+            "SUM(CASE WHEN decision = 'blocked' THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN decision = 'monitored' THEN 1 ELSE 0 END), MAX(t) "
+            f"FROM queries{clause} GROUP BY client ORDER BY COUNT(*) DESC, client LIMIT ?"
+        )
+        with self._tx():
+            rows = self.conn.execute(self._sql(sql), (*params, search.limit)).fetchall()
+        return [
+            {
+                "client": client,
+                "total": int(total),
+                "blocked": int(blocked or 0),
+                "would_block": int(monitored or 0),
+                "last_seen": format_instant(last),
+            }
+            for client, total, blocked, monitored, last in rows
+        ]
 
     def entries(
         self,
@@ -174,10 +208,10 @@ class Database:
         since: float | None,
         until: float | None,
         list_id: str | None,
-    ) -> Iterator[tuple[float, str, str, str, str]]:
-        """(time, client, qname, decision, list) of the rows with these decisions, oldest
-        first, fetched a chunk at a time."""
-        sql, params = _entries_sql(decisions, since, until, list_id)
+    ) -> Iterator[tuple[float, str, str, str, str, str]]:
+        """(time, client, qname, decision, list, client id) of the rows with these
+        decisions, oldest first, fetched a chunk at a time."""
+        sql, params = _entries_sql(decisions, since, until, list_id, "client_id" in self.selected)
         with self._tx(), closing(self._cursor()) as cursor:
             cursor.execute(self._sql(sql), params)
             while rows := cursor.fetchmany(10_000):
@@ -200,9 +234,26 @@ class SqliteDB(Database):
             # WAL with NORMAL: a crash of the host may lose the last batches, never corrupt.
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.conn:
-                for statement in (*_SQLITE_SCHEMA, *_INDEXES):
+                for statement in _SQLITE_SCHEMA:
+                    self.conn.execute(statement)
+                self._migrate()
+                for statement in _INDEXES:
                     self.conn.execute(statement)
         self.conn.execute("PRAGMA busy_timeout=5000")
+        if readonly:
+            found = {row[1] for row in self.conn.execute("PRAGMA table_info(queries)")}
+            self.selected = tuple(c for c in COLUMNS if c in found)
+
+    def _migrate(self) -> None:
+        """Bring a file made by an older version up to :data:`SQLITE_VERSION` (in the
+        transaction that creates the schema: all or nothing)."""
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SQLITE_VERSION:
+            return
+        found = {row[1] for row in self.conn.execute("PRAGMA table_info(queries)")}
+        if "client_id" not in found:
+            self.conn.execute("ALTER TABLE queries ADD COLUMN client_id TEXT")
+        self.conn.execute(f"PRAGMA user_version={SQLITE_VERSION}")
 
     def _tx(self) -> AbstractContextManager[Any]:
         return self.conn  # type: ignore[no-any-return]
@@ -236,6 +287,11 @@ class PostgresDB(Database):
                 self.conn.execute("SELECT pg_advisory_xact_lock(4242020)")
                 for statement in (*_PG_SCHEMA, *_INDEXES):
                     self.conn.execute(statement)
+        else:
+            rows = self.conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'queries'"
+            ).fetchall()
+            self.selected = tuple(c for c in COLUMNS if c in {row[0] for row in rows})
         self.conn.commit()
 
     def _tx(self) -> AbstractContextManager[Any]:
@@ -259,12 +315,20 @@ def _insert_sql(rows: int) -> str:
 
 
 def _entries_sql(
-    decisions: Sequence[str], since: float | None, until: float | None, list_id: str | None
+    decisions: Sequence[str],
+    since: float | None,
+    until: float | None,
+    list_id: str | None,
+    with_id: bool = True,
 ) -> tuple[str, list[Any]]:
     clause, params = where(Search(list_id=list_id, since=since, until=until))
     marks = ",".join("?" * len(decisions))
     clause += (" AND " if clause else " WHERE ") + f"decision IN ({marks})"
-    sql = f"SELECT t, client, qname, decision, COALESCE(list, '-') FROM queries{clause} ORDER BY id"
+    client_id = "COALESCE(client_id, '')" if with_id else "''"
+    sql = (
+        f"SELECT t, client, qname, decision, COALESCE(list, '-'), {client_id} "
+        f"FROM queries{clause} ORDER BY id"
+    )
     return sql, [*params, *decisions]
 
 

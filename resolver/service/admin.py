@@ -26,6 +26,7 @@ from ..policy.timewindow import ALWAYS, NEVER, format_instant
 from .assembly import load_options
 from .http import Handler, HTTPServer, Request, Response, error, json_response
 from .queries import query_routes
+from .rules_api import EditCollector, rules_routes
 from .tlsmetrics import TLSCollector
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def admin_routes(server: Served) -> dict[tuple[str, str], Handler]:
         ("GET", "/v1/explain"): explain_route,
         ("POST", "/v1/reload"): reload,
         **query_routes(server),
+        **rules_routes(server),
     }
 
 
@@ -255,6 +257,7 @@ def metrics_routes(server: Served) -> dict[tuple[str, str], Handler]:
     registry.register(ResolverCollector(server))
     registry.register(TLSCollector(server))
     registry.register(ConsoleCollector(server))
+    registry.register(EditCollector())
     register_service_metrics(registry, server)
 
     async def metrics(_: Request) -> Response:

@@ -1,8 +1,7 @@
 """A small HTTP/1.1 server on the resolver's event loop, for the admin API and /metrics.
 
-Deliberately minimal: one request per connection (``Connection: close``), and an optional
-bearer token for the paths that change or reveal state. It runs on the same loop as DNS, so
-a handler must never block.
+One request per connection (``Connection: close``), and an optional bearer token (or a
+console session) for the paths that change or reveal state. A handler must never block.
 
 What a hostile client can make it hold is bounded:
 
@@ -16,8 +15,7 @@ What a hostile client can make it hold is bounded:
   ``MAX_BODY`` bytes (413), within ``READ_TIMEOUT``;
 - the answer must be taken within ``WRITE_TIMEOUT``, or the connection is dropped.
 
-Every refusal is counted in :attr:`HTTPServer.rejected` by a reason from ``REASONS_COUNTED``
-(exported as ``resolver_http_rejected_total``).
+Every refusal is counted by a reason from ``REASONS_COUNTED`` (resolver_http_rejected_total).
 
 DNS rebinding and cross-site requests (admin API): with ``allowed_hosts`` given, a request
 whose Host is not a loopback name or address, the address the client connected to, the
@@ -81,6 +79,7 @@ REASONS_COUNTED: Final = (
 )
 REASONS: Final = {
     200: "OK",
+    201: "Created",
     303: "See Other",
     304: "Not Modified",
     400: "Bad Request",
@@ -92,6 +91,7 @@ REASONS: Final = {
     413: "Content Too Large",
     414: "URI Too Long",
     421: "Misdirected Request",
+    422: "Unprocessable Content",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

@@ -1,10 +1,13 @@
 """``GET /v1/queries``: the query store's search, on the admin API (behind its token).
 
 Filters: ``client`` (an address, pseudonymised when the store holds pseudonyms, or a
-pseudonym), ``name`` (that name and every name under it), ``list``, ``decision``,
-``group``, ``since`` and ``until`` (ISO 8601 or a date), ``limit`` (1 to 1000). Results
-come newest first; ``next_cursor``, when present, is passed as ``cursor`` for the next
-page (keyset pagination: the cursor is the last row's id, opaque to the caller).
+pseudonym), ``client_id`` (an encrypted client's id, likewise), ``name`` (that name and
+every name under it), ``list``, ``decision``, ``group``, ``since`` and ``until`` (ISO 8601
+or a date), ``limit`` (1 to 1000). Results come newest first; ``next_cursor``, when
+present, is passed as ``cursor`` for the next page (keyset pagination: the cursor is the
+last row's id, opaque to the caller).
+``format=csv`` returns the same page as a CSV attachment. ``GET /v1/queries/clients``
+counts per client (total, blocked, would-block, last seen) within ``since``/``until``.
 
 The search runs in a thread on a connection of its own, so that a slow query never stalls
 the DNS event loop, and the writer is never held up by a reader (SQLite WAL, PostgreSQL).
@@ -15,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import csv
+import io
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ..core.outcome import DECISIONS
 from ..observe.store import find_store
-from ..observe.storedb import MAX_LIMIT, Search
+from ..observe.storedb import COLUMNS, MAX_LIMIT, Search
 from .http import Handler, Request, Response, error, json_response
 
 
@@ -68,6 +73,7 @@ def parse_search(query: dict[str, str]) -> Search:
     cursor = query.get("cursor")
     return Search(
         client=query.get("client") or None,
+        client_id=query.get("client_id") or None,
         name=query.get("name") or None,
         list_id=query.get("list") or None,
         decision=decision,
@@ -79,10 +85,33 @@ def parse_search(query: dict[str, str]) -> Search:
     )
 
 
+#: The CSV export's columns, in order (the JSON rows' keys).
+CSV_COLUMNS: Final = ("id", "time", *(c for c in COLUMNS if c not in ("t", "rname")))
+#: First characters a spreadsheet reads as a formula (CSV injection): such a field gets a
+#: leading apostrophe. A query name is chosen by whoever sends the query.
+_FORMULA: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def to_csv(rows: list[dict[str, Any]]) -> bytes:
+    """Rows of a search as CSV with a header row (groups separated by spaces)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        fields = []
+        for column in CSV_COLUMNS:
+            value = row.get(column, "")
+            text = " ".join(value) if isinstance(value, list) else str(value)
+            fields.append("'" + text if text.startswith(_FORMULA) else text)
+        writer.writerow(fields)
+    return out.getvalue().encode("utf-8")
+
+
 def query_routes(server: _Served) -> dict[tuple[str, str], Handler]:
     """The query store's routes (answering 404 while no store is configured)."""
 
-    async def queries(request: Request) -> Response:
+    async def run(request: Request, per_client: bool) -> list[dict[str, Any]] | Response:
+        """The rows a request asks for, or the error response."""
         resolver = server.resolver
         store = find_store(resolver.audit if resolver is not None else None)
         if store is None:
@@ -91,11 +120,29 @@ def query_routes(server: _Served) -> dict[tuple[str, str], Handler]:
             search = parse_search(request.query)
         except ValueError as exc:
             return error(400, str(exc))
+        loop = asyncio.get_running_loop()
         try:
-            rows = await asyncio.get_running_loop().run_in_executor(None, store.search, search)
+            rows = await loop.run_in_executor(None, store.search, search, per_client)
         except Exception as exc:  # the database is away, or the file not made yet
             return error(503, f"the query store cannot be read: {exc}")
-        last = rows[-1]["id"] if len(rows) == search.limit else None
+        return rows
+
+    async def queries(request: Request) -> Response:
+        form = request.query.get("format") or "json"
+        if form not in ("json", "csv"):
+            return error(400, f"format: expected json or csv, got {form[:20]!r}")
+        rows = await run(request, False)
+        if isinstance(rows, Response):
+            return rows
+        if form == "csv":
+            return Response(
+                200,
+                to_csv(rows),
+                "text/csv; charset=utf-8",
+                {"Content-Disposition": 'attachment; filename="queries.csv"'},
+            )
+        limit = int(request.query.get("limit") or "100")
+        last = rows[-1]["id"] if len(rows) == limit else None
         return json_response(
             200,
             {
@@ -104,4 +151,10 @@ def query_routes(server: _Served) -> dict[tuple[str, str], Handler]:
             },
         )
 
-    return {("GET", "/v1/queries"): queries}
+    async def clients(request: Request) -> Response:
+        rows = await run(request, True)
+        if isinstance(rows, Response):
+            return rows
+        return json_response(200, {"clients": rows})
+
+    return {("GET", "/v1/queries"): queries, ("GET", "/v1/queries/clients"): clients}
