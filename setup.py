@@ -11,15 +11,22 @@ source, to C extensions that Python imports in their place:
 ``compile`` extra.) A forwarded miss then takes 46% fewer instructions
 (bench/instructions.py) and about a fifth less CPU: 1.04x Unbound's in one run, where the
 interpreted build is 0.84x (bench/README.md). The container image is built this way.
-Everything else is configured in pyproject.toml; without the variable this file adds
-nothing.
+
+One C extension is built in every build, plain or compiled, where a C compiler and the
+Python headers are there: ``resolver._fastudp`` (resolver/_fastudp.c), the batched UDP
+listener's memo-hit loop, which answers repeated questions without entering the
+interpreter per datagram (Linux only: it calls recvmmsg and sendmmsg). It is optional:
+when it does not build, the install goes on without it and the listener runs its Python
+loop (service/udpbatch.py says which one runs, in the log). Everything else is configured
+in pyproject.toml.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 #: The per-query path: wire format, policy lookup, cache, the query pipeline and its parts
 #: (context, memo, answer inspection, answers, accounting, stages, outcome, stats), pending
@@ -61,10 +68,19 @@ COMPILED = [
     "resolver/core/memoview.py",
 ]
 
-ext_modules = []
+ext_modules: list[Extension] = []
+if sys.platform.startswith("linux"):
+    ext_modules.append(
+        Extension(
+            "resolver._fastudp",
+            ["resolver/_fastudp.c"],
+            extra_compile_args=["-O2", "-std=gnu11"],
+            optional=True,  # no compiler, no headers: the Python loop serves
+        )
+    )
 if os.environ.get("RESOLVER_COMPILE") == "1":
     from mypyc.build import mypycify
 
-    ext_modules = mypycify(COMPILED, opt_level="3")
+    ext_modules += mypycify(COMPILED, opt_level="3")
 
 setup(ext_modules=ext_modules)
