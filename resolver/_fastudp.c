@@ -65,13 +65,14 @@ typedef struct {
 } Job;
 
 /* Answer datagram i into send slot `*ready`, or hand it back. 1 answered, 0 handed
-   back, 2 a pause (answered, noted in slow), -1 an error. */
+   back, 3 handed back and not in the memo (Python need not look again), 2 a pause
+   (answered, noted in slow), -1 an error. */
 static int
 answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
 {
     Py_ssize_t size = in->msg_len;
     if (size <= 2)
-        return 0;
+        return 3;
     const char *data = (const char *)in->msg_hdr.msg_iov->iov_base;
     PyObject *key = PyBytes_FromStringAndSize(data + 2, size - 2);
     if (key == NULL)
@@ -79,7 +80,7 @@ answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
     PyObject *hit = PyDict_GetItemWithError(job->memo, key); /* borrowed */
     Py_DECREF(key);
     if (hit == NULL)
-        return PyErr_Occurred() ? -1 : 0;
+        return PyErr_Occurred() ? -1 : 3;
     double started = monotonic();
     if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3)
         return 0;
@@ -137,11 +138,12 @@ get_buffer(PyObject *obj, Py_buffer *view, const char *format, Py_ssize_t items)
 PyDoc_STRVAR(serve_doc,
 "serve(fd, recv_msgs, send_msgs, slots, rounds, send_size, memo, clients, hosts,\n"
 "      counts, times, now, bound, misses, slow_slots, slow_times, send)\n"
-"-> (received, ready, sent, errno, missed, slow, rounds)\n\n"
+"-> (received, ready, sent, errno, missed, absent, slow, rounds)\n\n"
 "Read, answer from the memo and send, as the module's comment says. `received` is the\n"
 "last recvmmsg's result (-1 with errno on failure), `ready` the answers in send slots\n"
 "0.., `sent` how many of them went out (only tried when `send` is true and nothing was\n"
-"handed back), `missed` the datagram indices in `misses`, `slow` the pauses in\n"
+"handed back), `missed` the datagram indices at the start of `misses`, `absent` those\n"
+"not in the memo at its end (the last first), `slow` the pauses in\n"
 "`slow_slots`/`slow_times`, `rounds` the reads made.");
 
 static PyObject *
@@ -185,11 +187,11 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         goto done;
 
     int received = 0, err = 0;
-    Py_ssize_t ready = 0, sent = 0, missed = 0, nslow = 0, round = 0;
+    Py_ssize_t ready = 0, sent = 0, missed = 0, absent = 0, nslow = 0, round = 0;
     uint16_t *misses = (uint16_t *)job.misses.buf;
     while (round < rounds) {
         round++;
-        ready = sent = missed = nslow = 0;
+        ready = sent = missed = absent = nslow = 0;
         received = recvmmsg(fd, recv_msgs, (unsigned int)slots, MSG_DONTWAIT, NULL);
         if (received <= 0) {
             err = received < 0 ? errno : 0;
@@ -201,10 +203,12 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             if (done == 0)
                 misses[missed++] = (uint16_t)i;
+            else if (done == 3)
+                misses[slots - ++absent] = (uint16_t)i;
             else
                 ready++;
         }
-        if (missed || nslow || !send)
+        if (missed || absent || nslow || !send)
             break; /* Python's turn: it answers these, then sends the batch */
         while (sent < ready) {
             int n = sendmmsg(fd, send_msgs + sent, (unsigned int)(ready - sent), 0);
@@ -220,7 +224,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         if (sent < ready || received < slots)
             break;
     }
-    result = Py_BuildValue("(inninnn)", received, ready, sent, err, missed, nslow, round);
+    result = Py_BuildValue("(inninnnn)", received, ready, sent, err, missed, absent, nslow, round);
 done:
     if (job.counts.obj) PyBuffer_Release(&job.counts);
     if (job.times.obj) PyBuffer_Release(&job.times);

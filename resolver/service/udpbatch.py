@@ -388,7 +388,7 @@ class BatchListener(UDPListener):
         b = self._buffers
         rounds = ROUNDS
         while rounds > 0:
-            count, ready, sent, code, missed, slow, used = serve(
+            count, ready, sent, code, missed, absent, slow, used = serve(
                 *(self._fd, b.recv_ptr, b.send_ptr, b.slots, rounds, SEND_SIZE),
                 *(memo, clients, b._hosts, fast.fast_counts, fast.fast_times),
                 *(fast.clock(), FAST_BOUND, b.misses, b.slow_slots, b.slow_times),
@@ -405,15 +405,17 @@ class BatchListener(UDPListener):
                 fast.slots[b.slow_slots[k]].count(fast.stats, PROTO_UDP, b.slow_times[k])
             if missed:
                 ready = self._answer(b.misses[:missed], ready)
+            if absent:  # not in the memo: straight to the pipeline, in the order they came
+                ready = self._answer(reversed(b.misses[b.slots - absent :]), ready, False)
             if sent < ready:
                 self._send_batch(ready, sent)
             if count < b.slots:
                 return
 
-    def _answer(self, indices: Iterable[int], ready: int) -> int:
+    def _answer(self, indices: Iterable[int], ready: int, lookup: bool = True) -> int:
         """Answer the received datagrams ``indices`` (the memo's fast path, or the
-        pipeline); answers go in the send slots from ``ready`` on; return how many are
-        there then."""
+        pipeline; only the pipeline without ``lookup``); answers go in the send slots
+        from ``ready`` on; return how many are there then."""
         b = self._buffers
         received, outgoing = b.received, b.outgoing
         lengths, len_at, recv_stride = b.recv_words, b.len_at, b.recv_stride
@@ -422,7 +424,7 @@ class BatchListener(UDPListener):
         names_base = b.names_base
         handle = self.handle
         fast = self.fast
-        memo = fast.fast_memo if fast is not None else None
+        memo = fast.fast_memo if fast is not None and lookup else None
         clients = fast.fast_clients if fast is not None else EVERYONE
         everyone = clients is EVERYONE
         for i in indices:
