@@ -32,12 +32,12 @@ from setuptools import Extension, setup
 #: (context, memo, answer inspection, answers, accounting, stages, outcome, stats), pending
 #: answers, metrics, forwarding (endpoints, the transport protocol and its errors, health,
 #: strategies, the UDP and TCP transports), blocked answers, and the access list and rate
-#: limit every query passes. Left interpreted: the batched UDP listener (mostly ctypes
-#: calls, which compiling does not speed up), and DNS over TLS and HTTPS
-#: (upstream/tls.py, upstream/https.py): the DoH connection and transport subclass the TLS
-#: ones, which an interpreted class cannot do to a compiled one (and https.py stands on h2,
-#: pure Python). They implement the transport protocol of upstream/base.py structurally,
-#: subclassing nothing compiled.
+#: limit every query passes. Left interpreted: the batched UDP listener (ctypes calls and,
+#: for memo hits, the C loop of resolver/_fastudp.c below: compiling would not speed it
+#: up), and DNS over TLS and HTTPS (upstream/tls.py, upstream/https.py): the DoH
+#: connection and transport subclass the TLS ones, which an interpreted class cannot do to
+#: a compiled one (and https.py stands on h2, pure Python). They implement the transport
+#: protocol of upstream/base.py structurally, subclassing nothing compiled.
 COMPILED = [
     "resolver/core/wire.py",
     "resolver/core/records.py",

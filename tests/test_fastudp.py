@@ -177,8 +177,12 @@ def test_the_access_list_is_asked_for_every_sender(engine: str) -> None:
 
 
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
-def test_ipv6_senders_get_their_answers(engine: str) -> None:
+@pytest.mark.parametrize("acl", [False, True], ids=["everyone", "access-list"])
+def test_ipv6_senders_get_their_answers(engine: str, acl: bool) -> None:
+    """With an access list the C loop leaves IPv6 senders to the Python one."""
     source = Source(names=4)
+    if acl:
+        source.memo.fast_clients = {"::1"}
     handler = Pipeline()
     queries = [question(qid, qid % 4) for qid in range(150)]
     got = asyncio.run(exchange(source, handler, queries, host="::1"))
@@ -219,6 +223,28 @@ def test_malformed_datagrams_get_the_same_treatment_and_memory_stays_flat(engine
     assert rss(collect=True) - before < 8 * MiB
     source.memo.fold()
     assert source.memo.fast_hits == 31 * 20
+
+
+def test_a_failing_c_loop_hands_the_listener_to_the_python_loop(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(udpbatch, "_SERVE", broken)
+    source = Source(names=2)
+    queries = [question(qid, qid % 2) for qid in range(100)]
+
+    async def main() -> tuple[list[bytes], Any]:
+        got = await exchange(source, Pipeline(), queries, expect=100)
+        more = await exchange(source, Pipeline(), queries)  # a second listener, again
+        return got, more
+
+    with caplog.at_level("ERROR", logger="resolver.transport"):
+        got, more = asyncio.run(main())
+    # (A C loop that failed after reading would lose that batch; this one read nothing.)
+    assert len(got) == len(more) == 100
+    assert caplog.text.count("the C loop failed") == 2  # once a listener
 
 
 _WITHOUT = """
