@@ -23,6 +23,11 @@ Usage::
     python3 bench/instructions.py --queries 1000 --workloads misses
     python3 bench/instructions.py --json /tmp/ir.json
     python3 bench/instructions.py --compiled           # the mypyc build (setup.py)
+    python3 bench/instructions.py --python-loop        # without the C loop of UDP batches
+
+The C loop (resolver/_fastudp.c, which answers memo hits in UDP batches) runs when it is
+built: ``--compiled`` builds it with the rest; for the interpreted build, build it in place
+first (``python3 setup.py build_ext --inplace``; the resolver's log says which loop runs).
 
 Needs ``valgrind``, ``nsd`` and ``dnsperf`` (Debian packages of the same names); prints
 what to install and exits 2 when one is missing.
@@ -52,8 +57,9 @@ TOOLS = {
 }
 WORKLOADS = ("blocked", "hits", "distinct", "misses")
 HIT_SET = 100
-#: Every name once, one client, 50 outstanding, 10 s before one counts as lost.
-DNSPERF_FLAGS = ("-n", "1", "-c", "1", "-q", "50", "-t", "10")
+#: Every name once, one client, 10 s before one counts as lost (and, by default, 50
+#: outstanding: see --outstanding).
+DNSPERF_FLAGS = ("-n", "1", "-c", "1", "-t", "10")
 
 
 class CountedResolver(cb.Resolver):
@@ -63,9 +69,14 @@ class CountedResolver(cb.Resolver):
     ready_timeout = 300.0  # the interpreter runs some 50 times slower under Valgrind
 
     compiled = False
+    #: Without the C loop of UDP batches (RESOLVER_FASTUDP=0): the Python one answers.
+    python_loop = False
 
     def command(self) -> tuple[list[str], Path, dict[str, str] | None]:
         argv, cwd, env = super().command()
+        if self.python_loop:
+            assert env is not None
+            env = dict(env, RESOLVER_FASTUDP="0")
         if self.compiled:
             cwd = cb.compiled_tree(self.dir / "tree")
             assert env is not None
@@ -92,11 +103,15 @@ class CountedResolver(cb.Resolver):
         return sorted(self.dir.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
 
 
-def dnsperf(port: int, names: list[str], path: Path) -> int:
-    """Send every name once (10 s timeout each, 50 outstanding); the number answered."""
+def dnsperf(port: int, names: list[str], path: Path, outstanding: int = 50) -> int:
+    """Send every name once (10 s timeout each, ``outstanding`` at a time); the number
+    answered."""
     path.write_text("".join(f"{n} A\n" for n in names))
     out = subprocess.run(
-        [*("dnsperf", "-s", cb.LOOPBACK, "-p", str(port), "-d", str(path)), *DNSPERF_FLAGS],
+        [
+            *("dnsperf", "-s", cb.LOOPBACK, "-p", str(port), "-d", str(path)),
+            *(*DNSPERF_FLAGS, "-q", str(outstanding)),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -105,12 +120,16 @@ def dnsperf(port: int, names: list[str], path: Path) -> int:
 
 
 def counted(
-    server: CountedResolver, names: list[str], work: Path, keep: Path | None = None
+    server: CountedResolver,
+    names: list[str],
+    work: Path,
+    keep: Path | None = None,
+    outstanding: int = 50,
 ) -> tuple[float, int]:
     """Instructions per answered query while ``names`` are asked; and how many were. The
     profile is copied to ``keep`` when given."""
     server.control("--instr=on")
-    answered = dnsperf(server.port, names, work)
+    answered = dnsperf(server.port, names, work, outstanding)
     server.control("--instr=off")
     before = len(server.dumps())
     server.control("--dump")
@@ -136,6 +155,17 @@ def main() -> int:
         action="store_true",
         help="the build with setup.py's modules compiled by mypyc (needs "
         "pip install '.[fast,compile]' and a C compiler)",
+    )
+    ap.add_argument(
+        "--python-loop",
+        action="store_true",
+        help="answer UDP batches with the Python loop, not resolver/_fastudp.c",
+    )
+    ap.add_argument(
+        "--outstanding",
+        type=int,
+        default=50,
+        help="queries dnsperf keeps in flight (1: a quiet server, one query an event)",
     )
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument(
@@ -166,6 +196,7 @@ def main() -> int:
         ctx.upstream_port = nsd.port
         server = CountedResolver(ctx)
         server.compiled = args.compiled
+        server.python_loop = args.python_loop
         results: dict[str, dict[str, float]] = {}
         try:
             nsd.start()
@@ -190,7 +221,9 @@ def main() -> int:
                 if args.keep:
                     Path(args.keep).mkdir(parents=True, exist_ok=True)
                     keep = Path(args.keep) / f"{name}.callgrind"
-                per_query, answered = counted(server, plans[name], work / f"{name}.txt", keep)
+                per_query, answered = counted(
+                    server, plans[name], work / f"{name}.txt", keep, args.outstanding
+                )
                 results[name] = {"instructions_per_query": round(per_query), "answered": answered}
                 cb.log(f"{name}: {per_query:,.0f} instructions a query ({answered}/{n} answered)")
         finally:

@@ -22,6 +22,7 @@ hold no object the garbage collector tracks (see :data:`Memo`).
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable, Container
 from time import perf_counter
 from typing import Final
@@ -185,6 +186,12 @@ class AnswerMemo:
         #: The Info objects of the UDP memo's entries that the fast path may count (their
         #: fast counts are added to the stats by fold()).
         self.fast_infos: dict[Info, None] = {}
+        #: For the C fast path (resolver/_fastudp.c), by slot like ``slots``: the answers
+        #: it sent for the entries of each Info (-1 for an Info it must leave to Python:
+        #: one the audit log sees), and their summed durations; fold() adds them to the
+        #: Info's own fast counts. Plain arrays, which C reads and writes without Python.
+        self.fast_counts: array[int] = array("q")
+        self.fast_times: array[float] = array("d")
         #: For the UDP listeners' fast path (fast_answer): the UDP memo when a memo hit
         #: needs nothing but the access list to be answered, that is no rate limit and no
         #: client groups; otherwise None. And the clients that the access list lets in.
@@ -219,8 +226,15 @@ class AnswerMemo:
     def fold(self) -> None:
         """Add the answers the fast path sent since the last call to the counters."""
         stats = self.stats
+        counts, times = self.fast_counts, self.fast_times
         hits = 0
         for info in self.fast_infos:
+            slot = info.slot
+            if counts[slot] > 0:  # answers of the C fast path (see fast_counts)
+                info.fast += counts[slot]
+                info.fast_time += times[slot]
+                counts[slot] = 0
+                times[slot] = 0.0
             hits += info.fold(stats)
         self.fast_hits += hits
 
@@ -255,6 +269,8 @@ class AnswerMemo:
         for info in self.slots:
             info.slot = -1
         self.slots.clear()  # in place: the fast path holds this list
+        del self.fast_counts[:]
+        del self.fast_times[:]
 
     def remember(
         self, tcp: bool, body: bytes, answer: bytes, until: float, now: float, info: Info
@@ -291,6 +307,8 @@ class AnswerMemo:
             self.clear()
         info.slot = len(slots)
         slots.append(info)
+        self.fast_counts.append(-1 if info.logged else 0)
+        self.fast_times.append(0.0)
         return info.slot
 
     def forget(self, tcp: bool, body: bytes) -> None:

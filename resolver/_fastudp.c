@@ -1,0 +1,252 @@
+/* The batched UDP listener's memo-hit loop in C (resolver/service/udpbatch.py).
+
+   One call reads up to `slots` datagrams with recvmmsg into the listener's buffers (the
+   mmsghdr arrays that udpbatch.Buffers built), answers each one the memo can answer
+   without Python (the same checks as AnswerMemo.fast_answer and the listener's access
+   check), and sends the answers with sendmmsg; it goes on for up to `rounds` reads while
+   every datagram was answered and every read was full. Whatever it cannot decide is
+   handed back: the indices of those datagrams (the listener runs its Python path on
+   them), and the answers it could not send (the listener queues them).
+
+   No Python code runs in here: the memo is a dict of bytes keys (looked up with the
+   bytes of a datagram after its ID), the access list a set of str (looked up through the
+   listener's IPv4 address cache, a dict of int to str); the GIL is held throughout (every
+   system call is non-blocking). The per-entry counts go into two arrays indexed by the
+   entry's slot (AnswerMemo.fast_counts, a count or -1 for an entry the fast path must not
+   answer, and AnswerMemo.fast_times), which AnswerMemo.fold adds to the counters. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define MAX_SLOTS 1024
+
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Whether the sender of `hdr` is let in: 1 yes, 0 ask Python (an IPv6 sender, or an IPv4
+   one not in the address cache yet, or not allowed: Python refuses it), -1 an error. */
+static int
+allowed(struct msghdr *hdr, PyObject *clients, PyObject *hosts)
+{
+    if (clients == Py_None)
+        return 1;
+    struct sockaddr *sa = (struct sockaddr *)hdr->msg_name;
+    if (sa->sa_family != AF_INET)
+        return 0;
+    uint32_t value;
+    memcpy(&value, (char *)sa + 4, 4); /* sin_addr, native order as udpbatch reads it */
+    PyObject *key = PyLong_FromUnsignedLong(value);
+    if (key == NULL)
+        return -1;
+    PyObject *host = PyDict_GetItemWithError(hosts, key); /* borrowed */
+    Py_DECREF(key);
+    if (host == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return PySet_Contains(clients, host);
+}
+
+typedef struct {
+    PyObject *memo, *clients, *hosts;
+    Py_buffer counts, times; /* int64 per slot, double per slot */
+    Py_buffer misses;        /* uint16 per datagram */
+    Py_buffer slow_slots, slow_times; /* int64, double per datagram: pauses */
+    double now, bound;
+    Py_ssize_t send_size;
+} Job;
+
+/* Answer datagram i into send slot `*ready`, or hand it back. 1 answered, 0 handed
+   back, 3 handed back and not in the memo (Python need not look again), 2 a pause
+   (answered, noted in slow), -1 an error. */
+static int
+answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
+{
+    Py_ssize_t size = in->msg_len;
+    if (size <= 2)
+        return 3;
+    const char *data = (const char *)in->msg_hdr.msg_iov->iov_base;
+    PyObject *key = PyBytes_FromStringAndSize(data + 2, size - 2);
+    if (key == NULL)
+        return -1;
+    PyObject *hit = PyDict_GetItemWithError(job->memo, key); /* borrowed */
+    Py_DECREF(key);
+    if (hit == NULL)
+        return PyErr_Occurred() ? -1 : 3;
+    double started = monotonic();
+    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3)
+        return 0;
+    PyObject *body = PyTuple_GET_ITEM(hit, 0);
+    PyObject *until = PyTuple_GET_ITEM(hit, 1);
+    PyObject *slot_obj = PyTuple_GET_ITEM(hit, 2);
+    if (!PyBytes_CheckExact(body) || !PyFloat_CheckExact(until) || !PyLong_CheckExact(slot_obj))
+        return 0;
+    Py_ssize_t slot = PyLong_AsSsize_t(slot_obj);
+    if (slot < 0 || slot >= job->counts.len / 8 || slot >= job->times.len / 8) {
+        PyErr_Clear();
+        return 0;
+    }
+    int64_t *counts = (int64_t *)job->counts.buf;
+    if (counts[slot] < 0 || job->now >= PyFloat_AS_DOUBLE(until))
+        return 0; /* an answer the audit log must see, or expired: Python's */
+    Py_ssize_t length = PyBytes_GET_SIZE(body);
+    if (length + 2 > job->send_size)
+        return 0; /* sent on its own by Python */
+    int access = allowed(&in->msg_hdr, job->clients, job->hosts);
+    if (access <= 0)
+        return access;
+    char *slot_out = (char *)out->msg_hdr.msg_iov->iov_base;
+    slot_out[0] = data[0];
+    slot_out[1] = data[1];
+    memcpy(slot_out + 2, PyBytes_AS_STRING(body), (size_t)length);
+    out->msg_hdr.msg_iov->iov_len = (size_t)length + 2;
+    out->msg_hdr.msg_name = in->msg_hdr.msg_name;
+    double elapsed = monotonic() - started;
+    if (elapsed < job->bound) {
+        counts[slot] += 1;
+        ((double *)job->times.buf)[slot] += elapsed;
+        return 1;
+    }
+    ((int64_t *)job->slow_slots.buf)[*nslow] = slot;
+    ((double *)job->slow_times.buf)[*nslow] = elapsed;
+    *nslow += 1;
+    return 2;
+}
+
+static int
+get_buffer(PyObject *obj, Py_buffer *view, const char *format, Py_ssize_t items)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->format == NULL || strcmp(view->format, format) != 0 || view->len < items * view->itemsize) {
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        PyErr_Format(PyExc_ValueError, "expected a writable '%s' array of %zd items", format, items);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(serve_doc,
+"serve(fd, recv_msgs, send_msgs, slots, rounds, send_size, memo, clients, hosts,\n"
+"      counts, times, now, bound, misses, slow_slots, slow_times, send)\n"
+"-> (received, ready, sent, errno, missed, absent, slow, rounds)\n\n"
+"Read, answer from the memo and send, as the module's comment says. `received` is the\n"
+"last recvmmsg's result (-1 with errno on failure), `ready` the answers in send slots\n"
+"0.., `sent` how many of them went out (only tried when `send` is true and nothing was\n"
+"handed back), `missed` the datagram indices at the start of `misses`, `absent` those\n"
+"not in the memo at its end (the last first), `slow` the pauses in\n"
+"`slow_slots`/`slow_times`, `rounds` the reads made.");
+
+static PyObject *
+serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "serve() takes 17 arguments");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    struct mmsghdr *recv_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(args[1]);
+    struct mmsghdr *send_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(args[2]);
+    Py_ssize_t slots = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t rounds = PyLong_AsSsize_t(args[4]);
+    Job job;
+    memset(&job, 0, sizeof(job));
+    job.send_size = PyLong_AsSsize_t(args[5]);
+    job.memo = args[6];
+    job.clients = args[7];
+    job.hosts = args[8];
+    job.now = PyFloat_AsDouble(args[11]);
+    job.bound = PyFloat_AsDouble(args[12]);
+    int send = PyObject_IsTrue(args[16]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (slots <= 0 || slots > MAX_SLOTS || rounds <= 0 || recv_msgs == NULL || send_msgs == NULL) {
+        PyErr_SetString(PyExc_ValueError, "bad slots, rounds or buffers");
+        return NULL;
+    }
+    if (!PyDict_CheckExact(job.memo) || !PyDict_CheckExact(job.hosts)
+        || (job.clients != Py_None && !PyAnySet_Check(job.clients))) {
+        PyErr_SetString(PyExc_TypeError, "memo and hosts must be dicts, clients a set or None");
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (get_buffer(args[9], &job.counts, "q", 0) < 0
+        || get_buffer(args[10], &job.times, "d", 0) < 0
+        || get_buffer(args[13], &job.misses, "H", slots) < 0
+        || get_buffer(args[14], &job.slow_slots, "q", slots) < 0
+        || get_buffer(args[15], &job.slow_times, "d", slots) < 0)
+        goto done;
+
+    int received = 0, err = 0;
+    Py_ssize_t ready = 0, sent = 0, missed = 0, absent = 0, nslow = 0, round = 0;
+    uint16_t *misses = (uint16_t *)job.misses.buf;
+    while (round < rounds) {
+        round++;
+        ready = sent = missed = absent = nslow = 0;
+        received = recvmmsg(fd, recv_msgs, (unsigned int)slots, MSG_DONTWAIT, NULL);
+        if (received <= 0) {
+            err = received < 0 ? errno : 0;
+            break;
+        }
+        for (int i = 0; i < received; i++) {
+            int done = answer_one(&job, &recv_msgs[i], &send_msgs[ready], &nslow);
+            if (done < 0)
+                goto done;
+            if (done == 0)
+                misses[missed++] = (uint16_t)i;
+            else if (done == 3)
+                misses[slots - ++absent] = (uint16_t)i;
+            else
+                ready++;
+        }
+        if (missed || absent || nslow || !send)
+            break; /* Python's turn: it answers these, then sends the batch */
+        while (sent < ready) {
+            int n = sendmmsg(fd, send_msgs + sent, (unsigned int)(ready - sent), 0);
+            if (n > 0) {
+                sent += n;
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            err = n < 0 ? errno : 0;
+            break;
+        }
+        if (sent < ready || received < slots)
+            break;
+    }
+    result = Py_BuildValue("(inninnnn)", received, ready, sent, err, missed, absent, nslow, round);
+done:
+    if (job.counts.obj) PyBuffer_Release(&job.counts);
+    if (job.times.obj) PyBuffer_Release(&job.times);
+    if (job.misses.obj) PyBuffer_Release(&job.misses);
+    if (job.slow_slots.obj) PyBuffer_Release(&job.slow_slots);
+    if (job.slow_times.obj) PyBuffer_Release(&job.slow_times);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "resolver._fastudp",
+    "The batched UDP listener's memo-hit loop in C (see resolver/service/udpbatch.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastudp(void)
+{
+    return PyModule_Create(&module);
+}
