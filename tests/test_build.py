@@ -16,6 +16,9 @@ from resolver.service.server import build
 from .helpers.realservers import ROOT, ResolverProcess
 
 EXPECT_COMPILED = os.environ.get("RESOLVER_EXPECT_COMPILED") == "1"
+#: Set by CI, where a compiler exists: the C loop of UDP memo hits must have been built
+#: (tests/test_fastudp.py skips its C cases without it, which must not pass unnoticed).
+EXPECT_FASTUDP = os.environ.get("RESOLVER_EXPECT_FASTUDP") == "1"
 
 
 def compiled_modules() -> list[str]:
@@ -38,6 +41,15 @@ def test_every_listed_module_is_of_the_build_this_run_expects() -> None:
         else:
             assert path.endswith(".py"), f"{name} is not the source: {path}"
     assert build() == ("compiled modules" if EXPECT_COMPILED else "interpreted")
+
+
+def test_the_udp_fast_loop_is_built_where_ci_expects_it() -> None:
+    from resolver.service import udpbatch
+
+    if not EXPECT_FASTUDP:
+        return
+    assert importlib.import_module("resolver._fastudp").__file__
+    assert udpbatch.ENGINE == "c"
 
 
 def test_the_ready_line_names_the_build() -> None:
