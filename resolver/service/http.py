@@ -37,10 +37,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from ..defaults import DEFAULT_HTTP_MAX_CONNECTIONS
+from .httpstatus import REASONS
 
 log = logging.getLogger("resolver.http")
 
@@ -77,27 +79,6 @@ REASONS_COUNTED: Final = (
     "unauthorized",  # missing or wrong bearer token (401)
     "csrf",  # a page's state-changing request without its session's CSRF token (403)
 )
-REASONS: Final = {
-    200: "OK",
-    201: "Created",
-    303: "See Other",
-    304: "Not Modified",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    421: "Misdirected Request",
-    422: "Unprocessable Content",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-}
 #: The counted reason of each status this server refuses with by itself.
 _STATUS_REASON: Final = {
     400: "malformed",
@@ -281,6 +262,8 @@ class HTTPServer:
         try:
             response = await self._respond(conn)
             if response is not None:
+                if conn.method == "HEAD":  # never a body, errors included (RFC 9110 §9.3.2)
+                    response = _no_body(response)
                 self._reading.pop(conn, None)
                 if not await conn.send(_render(response), self.write_timeout):
                     self._count("timeout")
@@ -298,6 +281,7 @@ class HTTPServer:
             try:
                 async with asyncio.timeout(self.read_timeout):
                     head = await _read_head(reader)
+                    conn.method = head.method
             except TimeoutError:
                 raise _Refused(408, "request not received in time") from None
             request = self._check(head, conn)
@@ -392,7 +376,10 @@ class HTTPServer:
         handler = self.routes.get((request.method, request.path))
         if handler is not None:
             return handler
+        if request.method == "HEAD" and ("GET", request.path) in self.routes:
+            return partial(_head, self.routes[("GET", request.path)])  # RFC 9110 §9.3.2
         allowed = [m for m, p in self.routes if p == request.path]
+        allowed += ["HEAD"] if "GET" in allowed and "HEAD" not in allowed else []
         if allowed:
             response = error(405, f"use {', '.join(allowed)} for {request.path}")
             response.headers["Allow"] = ", ".join(allowed)
@@ -436,6 +423,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.sockname: Any = None
         self.peer = ""
         self.tls = False
+        self.method = ""  # the request's, once read
         self._scratch = memoryview(bytearray(0))
         self._writable = asyncio.Event()
         self._writable.set()
@@ -511,6 +499,18 @@ class _Connection(asyncio.BufferedProtocol):
         self.server._forget(self)
         if self.transport is not None:
             self.transport.abort()
+
+
+async def _head(get: Handler, request: Request) -> Response:
+    """HEAD of a GET route: the GET's answer (``_serve`` drops its body)."""
+    return await get(request)
+
+
+def _no_body(response: Response) -> Response:
+    """The answer's status and headers, its Content-Length included, without its body."""
+    response.headers["Content-Length"] = str(len(response.body))
+    response.body = b""
+    return response
 
 
 def _normal_host(host: str) -> str:
