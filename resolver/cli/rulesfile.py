@@ -42,6 +42,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
             "until": args.until,
             "timezone": args.timezone,
             "mode": args.mode,
+            "allow_tld": args.allow_tld,
         }
         applied = edits.add(settings, editinput.parse_rule(body, now))
     else:
@@ -55,7 +56,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
     try:
         policy = load_policy(config.blocklists, settings.options)
     except Exception as exc:
-        edits.restore(settings, applied.before)
+        edits.restore(settings, applied)
         why = str(exc) if isinstance(exc, SourceError) else fault(exc)
         undone = f"the edit was undone: the policy did not load: {why}"
         raise edits.EditError("", undone, 1) from None

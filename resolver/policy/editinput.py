@@ -46,10 +46,14 @@ def parse_rule(body: Mapping[str, Any], now: float) -> Rule:
     """The rule an add request asks for (name, reference, operator, kind, from, until,
     timezone, mode), validated field by field; EditError names the first field at fault."""
     known = {"name", "reference", "operator", "kind", "from", "until", "timezone", "mode"}
+    known |= {"allow_tld"}
     for key in body:
         if key not in known:
             raise EditError(str(key)[:64], f"unknown field; expected {', '.join(sorted(known))}")
     name = check_name(body.get("name"))
+    allow_tld = body.get("allow_tld", False)
+    if not isinstance(allow_tld, bool):
+        raise EditError("allow_tld", f"expected true or false, got {allow_tld!r}")
     reference = _text(body, "reference", MAX_REFERENCE, True)
     operator = check_operator(body)
     kind = _text(body, "kind", 16) or "domain"
@@ -77,6 +81,12 @@ def parse_rule(body: Mapping[str, Any], now: float) -> Rule:
             bounds[key] = datetime.fromtimestamp(instants[key], tz).isoformat(timespec="seconds")
     if "from" in instants and "until" in instants and instants["from"] >= instants["until"]:
         raise EditError("until", "'until' is not after 'from'")
+    if "." not in name and kind == "domain" and not allow_tld:
+        raise EditError(
+            "name",
+            f"{name} is a top-level domain: a domain rule for it blocks every name under it; "
+            "if that is meant, say so with allow_tld: true (resolver rules add --allow-tld)",
+        )
     return Rule(
         name,
         kind,
@@ -96,6 +106,12 @@ def check_name(value: Any) -> str:
         raise EditError("name", "required: a domain name such as example.com")
     if len(value) > 300:
         raise EditError("name", f"longer than 253 characters ({len(value)})")
+    if value.strip().startswith("*."):
+        raise EditError(
+            "name",
+            f"give {value.strip()[2:]!r}, not a wildcard: a domain rule covers the name and "
+            "every name under it (kind exact: the name only)",
+        )
     try:
         return normalize_name(value, None, "name")
     except SourceError as exc:

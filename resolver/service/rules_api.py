@@ -235,7 +235,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
         if not await server.reload():
             edit_counts[(action, "undone")] += 1
             why = server.resolver.stats.last_reload_error or "the reload failed"
-            await _in_thread(partial(edits.restore, settings, applied.before))
+            await _in_thread(partial(edits.restore, settings, applied))
             # Workers: the first may have taken the edit while a child refused it. Loading
             # the restored file puts every process back on the policy before the edit.
             if server.resolver.policy.digest != before:

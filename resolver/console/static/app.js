@@ -335,10 +335,12 @@ async function addRule(event) {
   event.preventDefault();
   const body = {};
   for (const [key, value] of new FormData(event.target)) if (String(value).trim()) body[key] = String(value).trim();
+  if (body.allow_tld) body.allow_tld = true;  // the checkbox: a JSON boolean
   try {
     const doc = await api("/v1/rules", { method: "POST", json: body });
-    const file = doc && doc.change && doc.change.file;
-    $("rules-note").textContent = `Added ${body.name}${file ? ` to ${file}` : ""}.`;
+    const change = (doc && doc.change) || {};
+    const warning = change.warning ? ` Warning: ${change.warning}.` : "";
+    $("rules-note").textContent = `Added ${body.name}${change.file ? ` to ${change.file}` : ""}.${warning}`;
     await loadRules();
   } catch (err) {
     $("rules-note").textContent = err.status === 404 ? RULES_ABSENT : err.message;
