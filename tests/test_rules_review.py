@@ -189,3 +189,44 @@ def test_offline_cli_and_api_edits_of_one_file_at_once_keep_every_edit(
     assert names == want
     log = [json.loads(line) for line in (tmp_path / "state" / "changes.jsonl").open()]
     assert {entry["name"] for entry in log} == want
+
+
+def _check(config: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("check", "--config", str(config))
+
+
+def test_check_reports_edits_settings_that_cannot_work(tmp_path: Path, lists_dir: Path) -> None:
+    base = f"blocklists: {lists_dir}\nstate_dir: {tmp_path / 'state'}\nupstreams: [192.0.2.1]\n"
+    config = tmp_path / "resolver.yaml"
+    # The list id of another list file: every edit would fail its reload.
+    config.write_text(base + "edits:\n  list: deepseek\n")
+    done = _check(config)
+    assert done.returncode == 1
+    assert "rule edits: edits.list: list id 'deepseek' is already used by" in done.stderr
+    assert "1 error(s)" in done.stderr
+    # A folder that does not exist, and a local list that edits cannot read.
+    config.write_text(base + f"edits:\n  file: {lists_dir / 'gone' / 'local.yaml'}\n")
+    done = _check(config)
+    assert done.returncode == 1 and f"the folder {lists_dir / 'gone'} does not exist" in done.stderr
+    (lists_dir / "mine.yaml").write_text("list: local\nsomething: else\ndomains: []\n")
+    config.write_text(base + f"edits:\n  file: {lists_dir / 'mine.yaml'}\n")
+    done = _check(config)
+    assert done.returncode == 1 and "cannot be kept by rule edits" in done.stderr
+    (lists_dir / "mine.yaml").unlink()
+    # Not set in the config: the same findings are warnings, and check passes.
+    (lists_dir / "other.yaml").write_text("list: local\ndomains: [x.test]\n")
+    config.write_text(base)
+    done = _check(config)
+    assert done.returncode == 0, done.stderr
+    assert "warning: " in done.stderr and "list id 'local' is already used by" in done.stderr
+    (lists_dir / "other.yaml").unlink()
+    clean = _check(config)
+    assert clean.returncode == 0 and "rule edits" not in clean.stderr, clean.stderr
+    if os.geteuid() != 0:  # root writes anywhere (but on a read-only mount: EROFS)
+        lists_dir.chmod(0o555)
+        try:
+            config.write_text(base + "edits:\n  list: mine\n")
+            done = _check(config)
+            assert done.returncode == 1 and "is not writable" in done.stderr
+        finally:
+            lists_dir.chmod(0o755)
