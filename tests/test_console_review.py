@@ -8,9 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from resolver.config import Listen
+from resolver.console.sessions import LoginGuard
 
 from .helpers.console import Browserless
-from .helpers.http import TOKEN
+from .helpers.http import TOKEN, scrape
 from .helpers.server import RunningServer
 
 LOOPBACK = Listen("127.0.0.1", 0)
@@ -46,3 +47,49 @@ def test_head_answers_for_every_get_route_without_a_body(
     listed = client.request("PUT", "/console", headers=bearer)
     assert listed.status == 405 and listed.headers["allow"] == "GET, HEAD"
     assert ("HEAD", "/console") not in http_server.routes  # one GET route serves both
+
+
+def test_wrong_bearer_tokens_count_with_wrong_logins_and_lock_out(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """The login form's lockout is no bound if /v1/* takes guesses in a header."""
+    running, http_server, client = _admin(make_server)
+    guard = http_server.sessions.guard
+    for attempt in range(5):
+        wrong = client.request("GET", "/v1/status", headers={"Authorization": f"Bearer x{attempt}"})
+        assert wrong.status == 401, attempt
+    assert guard.failed == 5 and guard.lockouts == 1
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    locked = client.request("GET", "/v1/status", headers=right)  # even the right one waits
+    assert locked.status == 429 and int(locked.headers["retry-after"]) >= 1
+    assert client.form("/console/login", {"token": TOKEN}).status == 429  # one lockout
+    # The probes stay open: a token sent to a path that needs none is not checked.
+    assert client.request("GET", "/healthz", headers={"Authorization": "Bearer x"}).status == 200
+    assert http_server.rejected["unauthorized"] >= 6
+    _, samples = scrape(running.server.metrics_port)
+    assert samples['resolver_console_logins_total{result="wrong"}'] == 5
+    assert samples["resolver_console_lockouts_total"] == 1
+    assert samples["resolver_console_global_lockouts_total"] == 0
+
+
+def test_login_guard_counts_ipv6_per_64_and_all_clients_together() -> None:
+    now = [0.0]
+    guard = LoginGuard(
+        max_failures=3, window=100, lockout=30, clock=lambda: now[0], max_failures_all=10
+    )
+    for host in range(1, 4):  # three addresses of one /64: one client
+        guard.failure(f"2001:db8:1:2::{host}")
+    assert guard.locked("2001:db8:1:2::ffff") > 0
+    assert guard.locked("2001:db8:1:3::1") == 0  # the next /64 is another client
+    assert guard.locked("::ffff:192.0.2.1") == 0
+    guard.failure("::ffff:192.0.2.1")  # an IPv4-mapped address is its IPv4 address
+    guard.failure("192.0.2.1")
+    guard.failure("192.0.2.1")
+    assert guard.locked("192.0.2.1") > 0
+    # Many addresses, one guesser: past 10 wrong tokens in all, everyone waits.
+    for index in range(4):
+        guard.failure(f"198.51.100.{index}")
+    assert guard.global_lockouts == 1
+    assert guard.locked("203.0.113.9") > 0
+    now[0] += 31
+    assert guard.locked("203.0.113.9") == 0 and guard.locked("192.0.2.1") == 0

@@ -59,3 +59,9 @@ class ConsoleCollector(Collector):
             "Clients locked out of the console's login after too many wrong tokens.",
             value=sum(t.guard.lockouts for t in tables),
         )
+        yield CounterMetricFamily(
+            "resolver_console_global_lockouts",
+            "Times every client was locked out of the login and the bearer token at once, "
+            "after too many wrong tokens from many clients together.",
+            value=sum(t.guard.global_lockouts for t in tables),
+        )
