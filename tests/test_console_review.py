@@ -5,6 +5,7 @@ change, wrong bearer tokens counted with the login form's, and more (docs/consol
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from resolver.config import Listen
@@ -93,3 +94,30 @@ def test_login_guard_counts_ipv6_per_64_and_all_clients_together() -> None:
     assert guard.locked("203.0.113.9") > 0
     now[0] += 31
     assert guard.locked("203.0.113.9") == 0 and guard.locked("192.0.2.1") == 0
+
+
+def test_a_reload_with_a_new_token_ends_every_session_and_the_old_token(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running, http_server, client = _admin(make_server)
+    assert client.login(TOKEN).status == 303 and client.csrf
+    assert client.request("GET", "/v1/status").status == 200  # by the session cookie
+    server = running.server
+    new = "a-brand-new-token-0123456789"
+    server.reread = lambda: replace(server.config, admin_token=new)
+    assert running.call(server.reload())
+    assert client.request("GET", "/v1/status").status == 401  # the session ended
+    assert "Wrong" not in client.open_page().text and 'name="token"' in client.open_page().text
+    old = client.request("GET", "/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert old.status == 401
+    fresh = client.request("GET", "/v1/status", headers={"Authorization": f"Bearer {new}"})
+    assert fresh.status == 200
+    assert client.login(new).status == 303 and client.request("GET", "/v1/status").status == 200
+    assert http_server.sessions.revoked == 1
+    # Removing the token waits for a restart: a reload never leaves the API open.
+    server.reread = lambda: replace(server.config, admin_token=None)
+    assert running.call(server.reload())
+    assert client.request("GET", "/v1/status", cookie=False).status == 401
+    assert client.request("GET", "/v1/status").status == 200  # the session stays
+    _, samples = scrape(server.metrics_port)
+    assert samples['resolver_console_sessions_ended_total{reason="revoked"}'] == 1

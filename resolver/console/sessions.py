@@ -85,6 +85,7 @@ class SessionTable:
         self.evicted = 0
         self.expired = 0
         self.ended = 0
+        self.revoked = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -130,6 +131,11 @@ class SessionTable:
         """Log out: the session is forgotten."""
         if self._sessions.pop(session.key, None) is not None:
             self.ended += 1
+
+    def revoke_all(self) -> None:
+        """End every session (the admin token changed)."""
+        self.revoked += len(self._sessions)
+        self._sessions.clear()
 
     def cookie(self, value: str, tls: bool) -> str:
         """The ``Set-Cookie`` value that gives the browser its session."""
