@@ -230,3 +230,10 @@ def test_check_reports_edits_settings_that_cannot_work(tmp_path: Path, lists_dir
             assert done.returncode == 1 and "is not writable" in done.stderr
         finally:
             lists_dir.chmod(0o755)
+
+
+def test_a_body_nested_too_deep_is_a_400_not_a_traceback(edited: RunningServer) -> None:
+    port = int(edited.server.admin_port)
+    for body in (b"[" * 60_000, b'{"a":' * 10_000 + b"1" + b"}" * 10_000):
+        status, doc = call(port, "POST", "/v1/rules", raw=body, check=False)
+        assert status == 400 and "not JSON" in doc["error"], (status, doc)

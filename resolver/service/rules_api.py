@@ -113,7 +113,7 @@ def settings_of(config: Config) -> edits.Settings:
 def _body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(request.body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # [[[[... nested too deep
         raise edits.EditError("", "the body is not JSON; send a JSON object") from None
     if not isinstance(body, dict):
         raise edits.EditError("", "the body must be a JSON object")
