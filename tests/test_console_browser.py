@@ -413,3 +413,32 @@ def test_hostile_names_and_texts_are_shown_as_text_never_run(
     assert p.evaluate("window.__xss") is None
     assert dialogs == []
     page.shot("console-hostile-names")
+
+
+def test_removing_a_rule_in_the_page_records_its_own_basis(console: Console, page: Watched) -> None:
+    """The change log says why each change was made: a removal is not logged with the
+    reference the rule was added with."""
+    name = f"lifted.{ZONE}"
+    status, _ = console.api("/v1/rules", {"name": name, "reference": "Decree 7", "operator": "ana"})
+    if status == 404:
+        pytest.skip("POST /v1/rules answers 404: rule edits not on this branch")
+    assert status == 201
+    p = page.page
+    p.click('button[data-tab="rules"]')
+    row = f'#rule-rows tr:has(td:text-is("{name}"))'
+    p.wait_for_selector(row, timeout=10_000)
+    p.fill('#rule-form input[name="operator"]', "ben")
+    p.click(f"{row} button")  # no basis given: refused in the page, nothing sent
+    assert p.inner_text("#rules-note").startswith(f"To remove {name}, give")
+    p.fill('#rule-form input[name="reference"]', "Decree 7")  # the adding basis again
+    p.click(f"{row} button")
+    assert p.inner_text("#rules-note").startswith(f"To remove {name}, give")
+    p.fill('#rule-form input[name="reference"]', "lifted by Decree 8/2026")
+    p.click(f"{row} button")
+    p.wait_for_function(
+        f"() => document.getElementById('rules-note').textContent === 'Removed {name}.'",
+        timeout=10_000,
+    )
+    changes = console.api("/v1/changes")[1]["changes"]
+    assert changes[0]["action"] == "remove" and changes[0]["name"] == name
+    assert changes[0]["reference"] == "lifted by Decree 8/2026" and changes[0]["operator"] == "ben"

@@ -319,11 +319,18 @@ async function loadRules() {
   }
 }
 
+// A removal has a basis of its own (the decision that lifts the ban), never the one the
+// rule was added with: the change log must say why each change was made.
 async function removeRule(rule) {
-  const operator = $("rule-form").elements.operator.value.trim();
-  if (!operator) { $("rules-note").textContent = "Give your name in Operator to remove a rule."; return; }
+  const fields = $("rule-form").elements;
+  const operator = fields.operator.value.trim();
+  const reference = fields.reference.value.trim();
+  if (!operator || !reference || reference === rule.reference) {
+    $("rules-note").textContent = `To remove ${rule.name}, give your name in Operator and the basis for lifting it in Reference.`;
+    return;
+  }
   try {
-    await api("/v1/rules/remove", { method: "POST", json: { name: rule.name, reference: rule.reference, operator } });
+    await api("/v1/rules/remove", { method: "POST", json: { name: rule.name, reference, operator } });
     $("rules-note").textContent = `Removed ${rule.name}.`;
     await loadRules();
   } catch (err) {
