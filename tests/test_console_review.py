@@ -121,3 +121,25 @@ def test_a_reload_with_a_new_token_ends_every_session_and_the_old_token(
     assert client.request("GET", "/v1/status").status == 200  # the session stays
     _, samples = scrape(server.metrics_port)
     assert samples['resolver_console_sessions_ended_total{reason="revoked"}'] == 1
+
+
+def test_no_header_value_can_end_its_line() -> None:
+    """Whatever a handler echoes into a header (a file name, a reason) cannot add one."""
+    from resolver.service.http import Response, _render
+
+    rendered = _render(
+        Response(
+            200,
+            b"body",
+            "text/csv",
+            {
+                "Content-Disposition": 'attachment; filename="q.csv"\r\nSet-Cookie: evil=1',
+                "X-Name": "caf\u00e9 \u65e5\u672c\n\x00",
+            },
+        )
+    )
+    head, _, body = rendered.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert body == b"body" and not any(line.startswith(b"Set-Cookie") for line in lines)
+    assert b'Content-Disposition: attachment; filename="q.csv"Set-Cookie: evil=1' in lines
+    assert b"X-Name: caf\xe9 ??" in lines

@@ -516,5 +516,10 @@ def _render(response: Response) -> bytes:
         "X-Content-Type-Options": "nosniff",
         **response.headers,
     }
-    head += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+    # A value never ends the header line (CR, LF, NUL dropped: no header injection
+    # whatever a handler echoes), and what latin-1 cannot carry becomes "?".
+    head += [f"{k}: {str(v).translate(_UNSAFE)}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + response.body
+
+
+_UNSAFE: Final = dict.fromkeys((0, 10, 13))
