@@ -409,7 +409,9 @@ def test_hostile_names_and_texts_are_shown_as_text_never_run(
     links = p.eval_on_selector_all(
         "#rule-rows a", "links => links.map(a => [a.href, a.rel, a.textContent])"
     )
-    assert links and all(href == "https://example.org/ok" for href, _, _ in links), links
+    hostile_links = [link for link in links if "__xss" in link[2]]
+    assert hostile_links and all(h == "https://example.org/ok" for h, _, _ in hostile_links), links
+    assert all(rel == "noopener noreferrer" for _, rel, _ in links)
     assert p.evaluate("window.__xss") is None
     assert dialogs == []
     page.shot("console-hostile-names")
