@@ -49,6 +49,12 @@ def test_names_are_canonical_idn_is_punycode_and_a_wildcard_says_what_to_give() 
     assert _rule(name="Chat.Example.TEST.").name == "chat.example.test"
     assert _rule(name="bücher.example").name == "xn--bcher-kva.example"
     assert _rule(name="xn--bcher-kva.example").name == "xn--bcher-kva.example"
+    # IDNA 2003 (the loader's) would block someone else's name: fass.de for faß.de
+    # (xn--fa-hia.de under IDNA 2008), example.com for a name with a zero-width space.
+    for typed, read in (("faß.de", "fass.de"), ("ex\u200bample.test", "example.test")):
+        with pytest.raises(edits.EditError, match=f"would be blocked as {read}, not as typed"):
+            _rule(name=typed)
+    assert _rule(name="xn--fa-hia.de").name == "xn--fa-hia.de"  # the A-label meant
     with pytest.raises(edits.EditError, match=r"give 'example\.test', not a wildcard"):
         _rule(name="*.example.test")
     for root in (".", " . ", ""):

@@ -4,6 +4,7 @@ checked, an :class:`~.edits.EditError` naming the first field at fault."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -113,9 +114,45 @@ def check_name(value: Any) -> str:
             "every name under it (kind exact: the name only)",
         )
     try:
-        return normalize_name(value, None, "name")
+        name = normalize_name(value, None, "name")
     except SourceError as exc:
         raise EditError("name", exc.message) from None
+    _same_name(value.strip().rstrip("."), name)
+    return name
+
+
+def _same_name(given: str, name: str) -> None:
+    """Refuse an internationalised name that IDNA 2003 (the list loader's) reads as
+    another name: 'ß' becomes 'ss' there (faß.de is blocked as fass.de, someone else's,
+    while browsers and registries, on IDNA 2008, ask for xn--fa-hia.de), and an invisible
+    character (a zero-width space) vanishes. The operator then gives the A-label meant."""
+    if given.isascii():
+        return
+    wanted = unicodedata.normalize("NFC", given.lower())
+    try:
+        read = name.encode("ascii").decode("idna")
+    except UnicodeError:
+        read = ""
+    if read == wanted:
+        return
+    shown = name if not read or read == name else f"{read} ({name})"
+    raise EditError(
+        "name",
+        f"{given!r} would be blocked as {shown}, not as typed{_idna2008(given, name)}: give "
+        "the name you mean in ASCII (an internationalised name in its xn-- form)",
+    )
+
+
+def _idna2008(given: str, name: str) -> str:
+    """What IDNA 2008 (the optional ``idna`` package, not a dependency) makes of ``given``,
+    as a note, when it differs from ``name``."""
+    try:
+        import idna
+
+        other = idna.encode(given, uts46=True).decode("ascii")
+    except Exception:  # absent, or not a name under IDNA 2008 either
+        return ""
+    return f"; browsers and registries (IDNA 2008) read it as {other}" if other != name else ""
 
 
 def check_operator(body: Mapping[str, Any]) -> str:
