@@ -242,6 +242,7 @@ async function search(params, append) {
   $("search-note").textContent = `${$("search-rows").children.length} queries shown`;
   const csv = new URLSearchParams(params);
   csv.delete("cursor");
+  csv.delete("limit");  // every matching row, not the page shown (the server bounds it)
   csv.set("format", "csv");
   $("csv").href = `/v1/queries?${csv}`;
   if (!append) await loadClients(params);
