@@ -264,7 +264,7 @@ def test_search_the_query_store_after_real_queries(console: Console, page: Watch
     rows = p.inner_text("#search-rows")
     assert "chat.deepseek.com" in rows and f"www.{ZONE}" not in rows
     csv_href = p.get_attribute("#csv", "href")
-    assert "format=csv" in csv_href and "cursor" not in csv_href
+    assert "format=csv" in csv_href and "cursor" not in csv_href and "limit" not in csv_href
     if console.api("/v1/queries/clients")[0] == 200:
         # Which clients tried it, and were they refused: one client, two blocked.
         p.wait_for_selector("#client-rows tr", timeout=10_000)
@@ -332,3 +332,115 @@ def test_add_a_rule_in_the_page_and_see_it_blocked(console: Console, page: Watch
         timeout=10_000,
     )
     page.shot("console-rules")
+
+
+#: Labels a DNS client may send (any octet is allowed in a label): markup, a quote, a
+#: right-to-left override (U+202E, as its UTF-8 bytes), and a label of 63 octets.
+HOSTILE_LABELS = (
+    b"<img/src=x/onerror=window.__xss=1>",
+    b"<script>window.__xss=2</script>",
+    b"'\"><svg/onload=window.__xss=3>",
+    "\u202egnp.exe".encode(),
+    b"a" * 63,
+)
+
+
+def test_hostile_names_and_texts_are_shown_as_text_never_run(
+    console: Console, page: Watched
+) -> None:
+    """XSS: query names from the store, a rule's reference and operator and the change
+    log go into the page as text; no script runs, no dialog opens, and links are only
+    http(s) (a javascript: or data: URL in a reference stays text)."""
+    import dns.name
+
+    p = page.page
+    dialogs: list[str] = []
+    p.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    zone = dns.name.from_text(ZONE)
+    for label in HOSTILE_LABELS:
+        name = dns.name.Name((label, *zone.labels))
+        console.running.send(dns.message.make_query(name, "A"))
+    hostile = "javascript:window.__xss=4 data:text/html,<script>window.__xss=5</script>"
+    status, _ = console.api(
+        "/v1/rules",
+        {
+            "name": f"xss.{ZONE}",
+            "reference": f"{hostile} <img src=x onerror=window.__xss=6> https://example.org/ok",
+            "operator": "<b onmouseover=window.__xss=7>mallory</b>",
+        },
+    )
+    if status == 404:
+        pytest.skip("POST /v1/rules answers 404: rule edits not on this branch")
+    assert status == 201
+    console.wait_rows(len(HOSTILE_LABELS))
+    p.reload()
+    p.wait_for_selector("body[data-ready='yes']", timeout=10_000)
+    p.wait_for_selector(f'tr[data-rule="xss.{ZONE}"]', timeout=10_000)
+    p.click('button[data-tab="investigations"]')
+    p.fill('#search input[name="name"]', ZONE)
+    p.click('#search button[type="submit"]')
+    p.wait_for_function(
+        "() => document.getElementById('search-rows').textContent.includes('__xss=1')",
+        timeout=10_000,
+    )
+    shown = p.inner_text("#search-rows")
+    # As the store writes them (dig's escapes): markup verbatim as text, the quote, a dot and
+    # every non-ASCII octet escaped, so no right-to-left override reaches the page.
+    assert f"<img/src=x/onerror=window\\.__xss=1>.{ZONE}." in shown  # a dot in a label: \.
+    assert "<script>window\\.__xss=2</script>" in shown
+    assert "\\226\\128\\174gnp\\.exe" in shown and "\u202e" not in shown
+    assert "a" * 63 in shown
+    p.click('button[data-tab="rules"]')
+    p.wait_for_function(
+        f"() => document.getElementById('change-rows').textContent.includes('xss.{ZONE}')",
+        timeout=10_000,
+    )
+    assert "<b onmouseover=window.__xss=7>mallory</b>" in p.inner_text("#rule-rows")
+    for tab in ("timeline", "rules", "investigations"):
+        p.click(f'button[data-tab="{tab}"]')
+        p.hover("body")
+        hrefs = p.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+        bad = [h for h in hrefs if not h.startswith(("http://", "https://"))]
+        assert bad == [], bad
+        # Markup from the data made no element: the page's own only.
+        assert (
+            p.eval_on_selector_all("main img, main script, main svg, main b", "e => e.length") == 0
+        )
+    links = p.eval_on_selector_all(
+        "#rule-rows a", "links => links.map(a => [a.href, a.rel, a.textContent])"
+    )
+    hostile_links = [link for link in links if "__xss" in link[2]]
+    assert hostile_links and all(h == "https://example.org/ok" for h, _, _ in hostile_links), links
+    assert all(rel == "noopener noreferrer" for _, rel, _ in links)
+    assert p.evaluate("window.__xss") is None
+    assert dialogs == []
+    page.shot("console-hostile-names")
+
+
+def test_removing_a_rule_in_the_page_records_its_own_basis(console: Console, page: Watched) -> None:
+    """The change log says why each change was made: a removal is not logged with the
+    reference the rule was added with."""
+    name = f"lifted.{ZONE}"
+    status, _ = console.api("/v1/rules", {"name": name, "reference": "Decree 7", "operator": "ana"})
+    if status == 404:
+        pytest.skip("POST /v1/rules answers 404: rule edits not on this branch")
+    assert status == 201
+    p = page.page
+    p.click('button[data-tab="rules"]')
+    row = f'#rule-rows tr:has(td:text-is("{name}"))'
+    p.wait_for_selector(row, timeout=10_000)
+    p.fill('#rule-form input[name="operator"]', "ben")
+    p.click(f"{row} button")  # no basis given: refused in the page, nothing sent
+    assert p.inner_text("#rules-note").startswith(f"To remove {name}, give")
+    p.fill('#rule-form input[name="reference"]', "Decree 7")  # the adding basis again
+    p.click(f"{row} button")
+    assert p.inner_text("#rules-note").startswith(f"To remove {name}, give")
+    p.fill('#rule-form input[name="reference"]', "lifted by Decree 8/2026")
+    p.click(f"{row} button")
+    p.wait_for_function(
+        f"() => document.getElementById('rules-note').textContent === 'Removed {name}.'",
+        timeout=10_000,
+    )
+    changes = console.api("/v1/changes")[1]["changes"]
+    assert changes[0]["action"] == "remove" and changes[0]["name"] == name
+    assert changes[0]["reference"] == "lifted by Decree 8/2026" and changes[0]["operator"] == "ben"

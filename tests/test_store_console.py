@@ -20,6 +20,7 @@ from typing import Any
 import dns.message
 import dns.query
 import dns.rcode
+import pytest
 
 from resolver.cli.audit import main as audit_main
 from resolver.config import DoTConfig, Listen, TLSConfig
@@ -27,6 +28,7 @@ from resolver.observe.querylog import AuditConfig
 from resolver.observe.store import QueryStore
 from resolver.observe.storeconfig import StoreConfig
 from resolver.observe.storedb import SQLITE_VERSION, Search
+from resolver.service import queries
 
 from .helpers.http import TOKEN, check_against_spec, http
 from .helpers.server import RunningServer
@@ -113,6 +115,36 @@ def _get(running: RunningServer, path: str, **params: Any) -> tuple[int, Any, st
     with urllib.request.urlopen(request, timeout=10) as response:
         body = response.read().decode()
         return response.status, body, response.headers.get("Content-Type"), response.headers
+
+
+def test_csv_export_without_limit_holds_every_row_up_to_its_bound(
+    make_server: Callable[..., RunningServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console's export link is every matching row, not the page on screen (100 by
+    default): paged through the store by keyset, bounded, and saying when it was cut."""
+    running = make_server(
+        audit=AuditConfig(what="all"),
+        store=StoreConfig(kind="sqlite", path=tmp_path / "q.sqlite3"),
+        admin=LOOPBACK,
+        admin_token=TOKEN,
+    )
+    for index in range(7):
+        running.query(f"n{index}.example.test")
+    url = f"http://127.0.0.1:{running.server.admin_port}/v1/queries?limit=1000"
+    wait_for(lambda: _rows(url) >= 7, 10)
+    monkeypatch.setattr(queries, "EXPORT_PAGE", 2)  # pages of 2 rows
+    _, body, _, headers = _get(running, "/v1/queries", format="csv", name="example.test")
+    table = list(csv.reader(io.StringIO(body)))
+    qname = table[0].index("qname")
+    assert [row[qname] for row in table[1:]] == [f"n{i}.example.test." for i in range(6, -1, -1)]
+    assert headers.get("X-Export-Truncated") is None
+    monkeypatch.setattr(queries, "MAX_EXPORT_ROWS", 5)
+    _, body, _, headers = _get(running, "/v1/queries", format="csv", name="example.test")
+    assert len(list(csv.reader(io.StringIO(body)))) == 1 + 5
+    assert headers["X-Export-Truncated"] == "true"
+    # With a limit, the page it names, as before.
+    _, body, _, headers = _get(running, "/v1/queries", format="csv", limit=3)
+    assert len(list(csv.reader(io.StringIO(body)))) == 1 + 3 and "X-Export-Truncated" not in headers
 
 
 def test_csv_export_and_per_client_counts(

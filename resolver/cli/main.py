@@ -19,12 +19,14 @@ import dns.exception
 from .. import __version__
 from ..config import DEFAULT_LISTEN, Config, finish, load_config
 from ..config.load import read_config
+from ..config.model import EditsConfig
 from ..policy import ClientGroups, LoadOptions, Policy, load_policy
 from ..policy.explain import explain, parse_moment, render_text
 from ..policy.loader import fault
 from ..policy.model import DOMAIN, SUBDOMAINS
 from ..yamlload import SourceError
 from .rules import add_parser as rules_parser
+from .rulesfile import edit_problems
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -264,11 +266,13 @@ def _check(args: argparse.Namespace) -> int:
 
     errors: list[str] = []
     config = Config()
+    lists: list[tuple[str, str]] | None = None  # (id, file) of each list, with --config
     if args.config:
         try:
             config, found = read_config(args.config)
+            config, lists = finish(config), []
             errors += [str(error) for error in found]
-            errors += [f"{args.config}: {p}" for p in startup_problems(finish(config))]
+            errors += [f"{args.config}: {p}" for p in startup_problems(config)]
         except SourceError as exc:
             errors += _each(exc)
         except ValueError as exc:
@@ -288,6 +292,15 @@ def _check(args: argparse.Namespace) -> int:
         for warning in (*policy.warnings, *shadowed(policy)):
             print(warning, file=sys.stderr)
         print(f"{path}: ok: {policy.summary(now)}")
+        if lists is not None:
+            lists += [(b.id, b.where.file) for b in policy.lists]
+    if lists is not None:  # rule edits: errors when edits: is set, else warnings
+        found_edits = [f"{args.config}: {p}" for p in edit_problems(config, lists)]
+        if config.edits != EditsConfig():
+            errors += found_edits
+        else:
+            for problem in found_edits:
+                print(f"warning: {problem}", file=sys.stderr)
     for error in errors:
         print(error, file=sys.stderr)
     if errors:

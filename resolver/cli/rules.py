@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     add.add_argument("--timezone", metavar="TZ", help="the zone of --from/--until (default UTC)")
     add.add_argument("--mode", choices=edits.MODES, help="enforce (default) or monitor")
     add.add_argument("--kind", choices=edits.KINDS, default="domain", help="domain or exact")
+    add.add_argument(
+        "--allow-tld", action="store_true", help="allow a top-level domain (blocks all under it)"
+    )
     show.add_argument("--json", action="store_true", help="print the rules as JSON")
     for parser in (add, remove, show):
         parser.add_argument(
@@ -83,6 +86,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.action == "add":
         body["kind"] = args.kind
+        if args.allow_tld:
+            body["allow_tld"] = True
         for key, value in (
             ("from", args.start),
             ("until", args.until),
@@ -133,6 +138,8 @@ def _call(method: str, url: str, token: str | None, body: Any) -> dict[str, Any]
 def _print(args: argparse.Namespace, document: dict[str, Any]) -> None:
     if args.action != "list":
         change = document.get("change", {})
+        if change.get("warning"):
+            print(f"resolver rules: warning: {change['warning']}", file=sys.stderr)
         print(
             f"{change.get('action', args.action)} {change.get('name', args.name)} "
             f"in list {change.get('list', '?')} by {change.get('operator', '?')}"

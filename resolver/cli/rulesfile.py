@@ -5,7 +5,9 @@ does not load, the file's previous content is put back."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
@@ -42,6 +44,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
             "until": args.until,
             "timezone": args.timezone,
             "mode": args.mode,
+            "allow_tld": args.allow_tld,
         }
         applied = edits.add(settings, editinput.parse_rule(body, now))
     else:
@@ -55,7 +58,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
     try:
         policy = load_policy(config.blocklists, settings.options)
     except Exception as exc:
-        edits.restore(settings, applied.before)
+        edits.restore(settings, applied)
         why = str(exc) if isinstance(exc, SourceError) else fault(exc)
         undone = f"the edit was undone: the policy did not load: {why}"
         raise edits.EditError("", undone, 1) from None
@@ -75,3 +78,41 @@ def _elsewhere(settings: edits.Settings, name: str, now: float) -> str:
         return ""
     found = other_lists(policy, name, settings.list_id, now)
     return f"; it is blocked by {found}, which rule edits cannot change" if found else ""
+
+
+def edit_problems(config: Config, lists: list[tuple[str, str]]) -> list[str]:
+    """What would make rule edits fail with ``config`` (``resolver check``): edits
+    settings that cannot work, a lists folder or change-log folder that cannot be written,
+    a list id that another list file (``lists``: (id, file) of each) already uses, a local
+    list file that edits cannot read."""
+    from ..service.rules_api import settings_of
+
+    try:
+        settings = settings_of(config)
+        edits.check_id(lists, settings)
+        edits.read_local(settings)
+    except edits.EditError as exc:
+        return [f"rule edits: {exc}"]
+    out = []
+    folder = settings.file.parent
+    if not folder.is_dir():
+        out.append(f"rule edits: edits.file: the folder {folder} does not exist")
+    elif not os.access(folder, os.W_OK | os.X_OK):  # EROFS too, for root
+        out.append(
+            f"rule edits: edits.file: the folder {folder} is not writable by this user, so "
+            "every edit would be refused; see docs/console.md (a ConfigMap is read-only)"
+        )
+    log_folder = _existing(settings.changelog.parent)
+    if not os.access(log_folder, os.W_OK | os.X_OK):
+        out.append(
+            f"rule edits: edits.changelog: {settings.changelog} cannot be written ({log_folder} "
+            "is not writable by this user)"
+        )
+    return out
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (where it would be created)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path

@@ -37,12 +37,13 @@ class ConsoleCollector(Collector):
         sessions = CounterMetricFamily(
             "resolver_console_sessions_ended",
             "Console sessions ended, by reason: evicted (the table was full), expired "
-            "(idle or past their lifetime), logout.",
+            "(idle or past their lifetime), logout, revoked (the admin token changed).",
             labels=["reason"],
         )
         sessions.add_metric(["evicted"], sum(t.evicted for t in tables))
         sessions.add_metric(["expired"], sum(t.expired for t in tables))
         sessions.add_metric(["logout"], sum(t.ended for t in tables))
+        sessions.add_metric(["revoked"], sum(t.revoked for t in tables))
         yield sessions
         logins = CounterMetricFamily(
             "resolver_console_logins",
@@ -58,4 +59,10 @@ class ConsoleCollector(Collector):
             "resolver_console_lockouts",
             "Clients locked out of the console's login after too many wrong tokens.",
             value=sum(t.guard.lockouts for t in tables),
+        )
+        yield CounterMetricFamily(
+            "resolver_console_global_lockouts",
+            "Times every client was locked out of the login and the bearer token at once, "
+            "after too many wrong tokens from many clients together.",
+            value=sum(t.guard.global_lockouts for t in tables),
         )

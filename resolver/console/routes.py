@@ -77,12 +77,20 @@ class Console:
         page = _read("index.html").decode()
         for name, asset in self.assets.items():
             page = page.replace("{{" + name + "}}", asset.etag.strip('"'))
+        self._template = page
         self._page = page.replace("{{login}}", "yes" if self.token else "no")
         self._login = _read("login.html").decode()
         self.openapi = _asset(
             (resources.files("resolver") / "schema" / "admin.openapi.json").read_bytes(),
             "application/json",
         )
+
+    def rotate(self, token: str) -> None:
+        """A new admin token (a reload of the config): every session ends, since each
+        was opened with the old token, which may be the one that leaked."""
+        self.token = token
+        self._page = self._template.replace("{{login}}", "yes")
+        self.sessions.revoke_all()
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         """The console's routes, to merge into the admin listener's."""

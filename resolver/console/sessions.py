@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
+
+log = logging.getLogger("resolver.console")
 
 #: The session cookie's name.
 COOKIE: Final = "resolver_console"
@@ -33,6 +37,11 @@ MAX_FAILURES: Final = 5
 FAILURE_WINDOW: Final = 300.0
 LOCKOUT: Final = 60.0
 MAX_CLIENTS: Final = 1024
+#: Wrong tokens from all clients together within ``FAILURE_WINDOW`` before every client
+#: without a session is locked out for ``LOCKOUT`` (many addresses, one guesser).
+MAX_FAILURES_ALL: Final = 100
+#: IPv6 clients are counted per /64: one host holds a whole /64.
+IPV6_PREFIX: Final = 64
 #: The paths whose form posts carry their own credential (the token, or the CSRF field).
 FORM_PATHS: Final = frozenset({"/console/login", "/console/logout"})
 
@@ -76,6 +85,7 @@ class SessionTable:
         self.evicted = 0
         self.expired = 0
         self.ended = 0
+        self.revoked = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -122,6 +132,11 @@ class SessionTable:
         if self._sessions.pop(session.key, None) is not None:
             self.ended += 1
 
+    def revoke_all(self) -> None:
+        """End every session (the admin token changed)."""
+        self.revoked += len(self._sessions)
+        self._sessions.clear()
+
     def cookie(self, value: str, tls: bool) -> str:
         """The ``Set-Cookie`` value that gives the browser its session."""
         return _cookie(f"{COOKIE}={value}", int(self.lifetime), tls)
@@ -150,11 +165,28 @@ def cookie_value(header: str | None, name: str) -> str | None:
     return None
 
 
+def client_key(address: str) -> str:
+    """The key a client's wrong tokens are counted under: its IPv4 address, or its IPv6
+    /64 (a host that holds a /64 could otherwise try 5 tokens from each of 2**64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{IPV6_PREFIX}", strict=False))
+    return str(ip)
+
+
 class LoginGuard:
-    """Wrong logins per client address: after ``max_failures`` within ``window`` seconds
-    the client is locked out for ``lockout`` seconds. At most ``max_clients`` are
-    remembered (the oldest forgotten first, counted), so a flood of addresses costs a
-    bounded table."""
+    """Wrong tokens (the login form, a bearer token) per client (an IPv4 address, an IPv6
+    /64): after ``max_failures`` within ``window`` seconds the client is locked out for
+    ``lockout`` seconds. At most ``max_clients`` are remembered (the oldest forgotten
+    first, counted), so a flood of addresses costs a bounded table; and past
+    ``max_failures_all`` wrong tokens from all clients within ``window``, every client is
+    locked out for ``lockout`` (an attacker with many addresses gets that many guesses
+    per window, not five per address; sessions already open keep working)."""
 
     def __init__(
         self,
@@ -163,14 +195,20 @@ class LoginGuard:
         lockout: float = LOCKOUT,
         max_clients: int = MAX_CLIENTS,
         clock: Callable[[], float] = time.monotonic,
+        max_failures_all: int = MAX_FAILURES_ALL,
     ) -> None:
         self.max_failures = max(1, max_failures)
         self.window = window
         self.lockout = lockout
         self.max_clients = max(1, max_clients)
+        self.max_failures_all = max(1, max_failures_all)
         self.clock = clock
         #: client -> [failures, first failure, locked until]
         self._clients: dict[str, list[float]] = {}
+        #: All clients together: [failures, first failure, locked until].
+        self._all = [0.0, 0.0, 0.0]
+        #: Times every client was locked out at once.
+        self.global_lockouts = 0
         #: Right and wrong logins, logins refused while locked out, lockouts, clients
         #: forgotten.
         self.succeeded = 0
@@ -184,8 +222,9 @@ class LoginGuard:
 
     def locked(self, client: str) -> float:
         """Seconds ``client`` remains locked out (0: it may try); a try refused is counted."""
-        entry = self._clients.get(client)
-        left = entry[2] - self.clock() if entry else 0.0
+        entry = self._clients.get(client_key(client))
+        now = self.clock()
+        left = max(entry[2] - now if entry else 0.0, self._all[2] - now)
         if left > 0:
             self.refused += 1
             return left
@@ -195,6 +234,8 @@ class LoginGuard:
         """A wrong token from ``client``."""
         self.failed += 1
         now = self.clock()
+        self._count_all(now)
+        client = client_key(client)
         entry = self._clients.get(client)
         if entry is None or now - entry[1] > self.window:
             if entry is None and len(self._clients) >= self.max_clients:
@@ -211,4 +252,20 @@ class LoginGuard:
     def success(self, client: str) -> None:
         """The right token: ``client``'s failures are forgotten."""
         self.succeeded += 1
-        self._clients.pop(client, None)
+        self._clients.pop(client_key(client), None)
+
+    def _count_all(self, now: float) -> None:
+        total = self._all
+        if now - total[1] > self.window:
+            total[0], total[1] = 0.0, now
+        total[0] += 1
+        if total[0] >= self.max_failures_all:
+            total[0], total[1], total[2] = 0.0, now, now + self.lockout
+            self.global_lockouts += 1
+            log.warning(
+                "%d wrong admin tokens within %.0f s from many clients: every login and "
+                "bearer token is refused for %.0f s (open console sessions keep working)",
+                self.max_failures_all,
+                self.window,
+                self.lockout,
+            )

@@ -4,6 +4,7 @@ checked, an :class:`~.edits.EditError` naming the first field at fault."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -46,10 +47,14 @@ def parse_rule(body: Mapping[str, Any], now: float) -> Rule:
     """The rule an add request asks for (name, reference, operator, kind, from, until,
     timezone, mode), validated field by field; EditError names the first field at fault."""
     known = {"name", "reference", "operator", "kind", "from", "until", "timezone", "mode"}
+    known |= {"allow_tld"}
     for key in body:
         if key not in known:
             raise EditError(str(key)[:64], f"unknown field; expected {', '.join(sorted(known))}")
     name = check_name(body.get("name"))
+    allow_tld = body.get("allow_tld", False)
+    if not isinstance(allow_tld, bool):
+        raise EditError("allow_tld", f"expected true or false, got {allow_tld!r}")
     reference = _text(body, "reference", MAX_REFERENCE, True)
     operator = check_operator(body)
     kind = _text(body, "kind", 16) or "domain"
@@ -77,6 +82,12 @@ def parse_rule(body: Mapping[str, Any], now: float) -> Rule:
             bounds[key] = datetime.fromtimestamp(instants[key], tz).isoformat(timespec="seconds")
     if "from" in instants and "until" in instants and instants["from"] >= instants["until"]:
         raise EditError("until", "'until' is not after 'from'")
+    if "." not in name and kind == "domain" and not allow_tld:
+        raise EditError(
+            "name",
+            f"{name} is a top-level domain: a domain rule for it blocks every name under it; "
+            "if that is meant, say so with allow_tld: true (resolver rules add --allow-tld)",
+        )
     return Rule(
         name,
         kind,
@@ -96,10 +107,52 @@ def check_name(value: Any) -> str:
         raise EditError("name", "required: a domain name such as example.com")
     if len(value) > 300:
         raise EditError("name", f"longer than 253 characters ({len(value)})")
+    if value.strip().startswith("*."):
+        raise EditError(
+            "name",
+            f"give {value.strip()[2:]!r}, not a wildcard: a domain rule covers the name and "
+            "every name under it (kind exact: the name only)",
+        )
     try:
-        return normalize_name(value, None, "name")
+        name = normalize_name(value, None, "name")
     except SourceError as exc:
         raise EditError("name", exc.message) from None
+    _same_name(value.strip().rstrip("."), name)
+    return name
+
+
+def _same_name(given: str, name: str) -> None:
+    """Refuse an internationalised name that IDNA 2003 (the list loader's) reads as
+    another name: 'ß' becomes 'ss' there (faß.de is blocked as fass.de, someone else's,
+    while browsers and registries, on IDNA 2008, ask for xn--fa-hia.de), and an invisible
+    character (a zero-width space) vanishes. The operator then gives the A-label meant."""
+    if given.isascii():
+        return
+    wanted = unicodedata.normalize("NFC", given.lower())
+    try:
+        read = name.encode("ascii").decode("idna")
+    except UnicodeError:
+        read = ""
+    if read == wanted:
+        return
+    shown = name if not read or read == name else f"{read} ({name})"
+    raise EditError(
+        "name",
+        f"{given!r} would be blocked as {shown}, not as typed{_idna2008(given, name)}: give "
+        "the name you mean in ASCII (an internationalised name in its xn-- form)",
+    )
+
+
+def _idna2008(given: str, name: str) -> str:
+    """What IDNA 2008 (the optional ``idna`` package, not a dependency) makes of ``given``,
+    as a note, when it differs from ``name``."""
+    try:
+        import idna
+
+        other = idna.encode(given, uts46=True).decode("ascii")
+    except Exception:  # absent, or not a name under IDNA 2008 either
+        return ""
+    return f"; browsers and registries (IDNA 2008) read it as {other}" if other != name else ""
 
 
 def check_operator(body: Mapping[str, Any]) -> str:

@@ -130,11 +130,13 @@ class LocalList:
 @dataclass(frozen=True, slots=True)
 class Applied:
     """An edit written: the file's content before (None: there was no file) and after,
-    and the change as the log records it."""
+    the change as the log records it, and the rule added or removed (for :func:`restore`
+    when another edit came after it)."""
 
     before: bytes | None
     after: bytes
     change: dict[str, Any]
+    rule: Rule | None = None
 
 
 def resolve(
@@ -167,6 +169,14 @@ def resolve(
         )
     if file.suffix not in (".yaml", ".yml") or file.name.startswith("."):
         raise EditError("edits.file", f"{file}: name it *.yaml, not hidden, so it is loaded", 409)
+    if file.is_symlink():
+        raise EditError(
+            "edits.file",
+            f"{file} is a symbolic link (to {os.readlink(file)}): an edit replaces the file, "
+            "which would break the link; point edits.file at the file itself, inside the "
+            "blocklists directory",
+            409,
+        )
     return Settings(
         file,
         list_id,
@@ -364,7 +374,7 @@ def locked(settings: Settings) -> Iterator[None]:
     """One edit at a time across processes (the server, ``resolver rules --offline``)."""
     lock_path = settings.file.parent / f".{settings.file.name}.lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         why = f"cannot create the lock file {lock_path}: {exc.strerror}"
         raise EditError("", why, 500) from None
@@ -382,7 +392,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` all at once: a reader (the watcher, a reload) sees
     the old file or the new one, never half of one."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by a crash; and never written through a link planted there
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -401,14 +413,31 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.close(folder)
 
 
-def restore(settings: Settings, before: bytes | None) -> None:
-    """Put back the file's previous content (or remove the file when there was none)."""
+def restore(settings: Settings, applied: Applied) -> None:
+    """Undo ``applied``: put back the file's previous content (or remove the file when
+    there was none). When another edit (``resolver rules --offline``, the API) changed the
+    file since, only this edit is undone (its rule taken out again, or put back), so that
+    the other edit is not lost."""
     with locked(settings):
-        if before is None:
-            with contextlib.suppress(FileNotFoundError):
-                settings.file.unlink()
+        try:
+            now: bytes | None = settings.file.read_bytes()
+        except FileNotFoundError:
+            now = None
+        if now == applied.after or applied.rule is None:
+            if applied.before is None:
+                with contextlib.suppress(FileNotFoundError):
+                    settings.file.unlink()
+            else:
+                write_atomic(settings.file, applied.before)
+            return
+        _, local = read_local(settings)
+        rule = applied.rule
+        if applied.change["action"] == "add":
+            if local.rules.get(rule.name) == rule:
+                del local.rules[rule.name]
         else:
-            write_atomic(settings.file, before)
+            local.rules.setdefault(rule.name, rule)
+        write_atomic(settings.file, render(local))
 
 
 # --- the edits --------------------------------------------------------------------------
@@ -448,7 +477,9 @@ def add(settings: Settings, rule: Rule, blocked_elsewhere: str = "") -> Applied:
     }
     if blocked_elsewhere:
         change["note"] = blocked_elsewhere
-    return Applied(before, after, change)
+    if "." not in rule.name and rule.kind == "domain":
+        change["warning"] = f"every name under the top-level domain {rule.name} is blocked"
+    return Applied(before, after, change, rule)
 
 
 _NONE: Final = Rule("", kind="")
@@ -474,7 +505,8 @@ def remove(
         if not local.fast:  # a file the resolver wrote stays valid without a rule
             validate_file(after, settings)
         write_atomic(settings.file, after)
-    return Applied(before, after, _change("remove", name, rule.kind, reference, operator, settings))
+    change = _change("remove", name, rule.kind, reference, operator, settings)
+    return Applied(before, after, change, rule)
 
 
 def check_id(list_ids: list[tuple[str, str]], settings: Settings) -> None:

@@ -109,7 +109,8 @@ RESTART_ONLY: Final[tuple[tuple[str, Callable[[Config], Any]], ...]] = (
     ("udp", lambda c: c.udp),
     (
         "admin",
-        lambda c: (c.admin, c.admin_token, c.admin_max_connections, c.admin_allowed_hosts),
+        # admin_token: a new one takes effect at once (Server._new_admin_token).
+        lambda c: (c.admin, c.admin_max_connections, c.admin_allowed_hosts),
     ),
     ("metrics", lambda c: (c.metrics, c.metrics_max_connections)),
     ("audit", lambda c: c.audit),

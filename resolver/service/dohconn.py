@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 from .h2wire import CANCEL, NO_ERROR, PREFACE, H2Error, H2Server
-from .http import REASONS as REASON_PHRASES
+from .httpstatus import REASONS as REASON_PHRASES
 from .listeners import OUTPUT_ABORT
 
 #: Called with (status, headers, body) when a request's answer is ready.

@@ -8,7 +8,7 @@ What a hostile client can make it hold is bounded:
 - at most ``max_connections`` connections at once; when full, the oldest connection still
   sending its request is closed to make room (a slow sender cannot lock the probes out),
   and only when every connection is being answered is the new one refused (503);
-- the request line (``MAX_LINE``) and the headers (``MAX_HEADER_BYTES`` in all,
+- the request line (``MAX_LINE``) and the headers (``MAX_HEADER_BYTES`` in all, httpread.py,
   ``MAX_HEADERS`` lines) within ``READ_TIMEOUT`` seconds: 414, 431, 408;
 - the request is routed, its Host and Origin checked, and its token checked, all before a
   byte of body is read; a body is read only for methods that take one, and only up to
@@ -37,18 +37,16 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 from ..defaults import DEFAULT_HTTP_MAX_CONNECTIONS
+from .httpread import MAX_LINE, Gone, Head, Refused, read_head
+from .httpstatus import REASONS
 
 log = logging.getLogger("resolver.http")
 
-#: The request line: method, target (with its query) and version.
-MAX_LINE: Final = 8192
-#: All header lines together, and how many of them.
-MAX_HEADER_BYTES: Final = 8192
-MAX_HEADERS: Final = 100
 #: A request body, for the methods that may have one (POST); GET and HEAD take none.
 MAX_BODY: Final = 64 * 1024
 #: Bytes received from the socket at once, into a buffer each connection keeps.
@@ -61,8 +59,6 @@ WRITE_TIMEOUT: Final = 10.0
 WARN_INTERVAL: Final = 60.0
 #: Methods that change nothing: allowed with an Origin header.
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-#: Headers that must not appear twice (RFC 9110/9112: a request with two is malformed).
-SINGLE_HEADERS: Final = frozenset({"host", "content-length", "authorization", "origin"})
 #: Host names that always mean this machine (RFC 6761 §6.3: ``.localhost`` is loopback).
 LOCAL_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 #: Why a connection or request was refused: the values of the ``reason`` label.
@@ -77,39 +73,6 @@ REASONS_COUNTED: Final = (
     "unauthorized",  # missing or wrong bearer token (401)
     "csrf",  # a page's state-changing request without its session's CSRF token (403)
 )
-REASONS: Final = {
-    200: "OK",
-    201: "Created",
-    303: "See Other",
-    304: "Not Modified",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    421: "Misdirected Request",
-    422: "Unprocessable Content",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    503: "Service Unavailable",
-}
-#: The counted reason of each status this server refuses with by itself.
-_STATUS_REASON: Final = {
-    400: "malformed",
-    401: "unauthorized",
-    403: "origin",
-    408: "timeout",
-    413: "too_large",
-    414: "too_large",
-    421: "host",
-    431: "too_large",
-    501: "malformed",
-}
 
 
 @dataclass
@@ -131,6 +94,8 @@ class Sessions(Protocol):
     posts (login, logout) whose handler checks their own credential."""
 
     form_paths: frozenset[str]
+    #: Wrong tokens per client (console/sessions.py LoginGuard: locked, failure).
+    guard: Any
 
     def find(self, cookie: str | None) -> Any: ...
 
@@ -155,27 +120,6 @@ def error(status: int, message: str) -> Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-class _Refused(Exception):
-    """The request is answered with an error status without going further."""
-
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason or _STATUS_REASON.get(status, "malformed")
-
-
-class _Gone(Exception):
-    """The client closed the connection before sending a whole request: nothing to answer."""
-
-
-@dataclass
-class _Head:
-    method: str
-    target: str
-    version: str
-    headers: dict[str, str]
 
 
 class HTTPServer:
@@ -281,6 +225,8 @@ class HTTPServer:
         try:
             response = await self._respond(conn)
             if response is not None:
+                if conn.method == "HEAD":  # never a body, errors included (RFC 9110 §9.3.2)
+                    response = _no_body(response)
                 self._reading.pop(conn, None)
                 if not await conn.send(_render(response), self.write_timeout):
                     self._count("timeout")
@@ -297,22 +243,25 @@ class HTTPServer:
         try:
             try:
                 async with asyncio.timeout(self.read_timeout):
-                    head = await _read_head(reader)
+                    head = await read_head(reader)
+                    conn.method = head.method
             except TimeoutError:
-                raise _Refused(408, "request not received in time") from None
+                raise Refused(408, "request not received in time") from None
             request = self._check(head, conn)
             self._reading.pop(conn, None)  # a request in hand: no longer evictable
             handler = self._route(request)
             if isinstance(handler, Response):
                 return handler
             request.body = await self._read_body(reader, request)
-        except _Gone:
+        except Gone:
             return None
-        except _Refused as exc:
+        except Refused as exc:
             self._count(exc.reason)
             response = error(exc.status, str(exc))
             if exc.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="resolver"'
+            if exc.retry:
+                response.headers["Retry-After"] = str(int(exc.retry) + 1)
             return response
         try:
             return await handler(request)
@@ -322,7 +271,7 @@ class HTTPServer:
             )
             return error(500, "internal error; see the resolver's log")
 
-    def _check(self, head: _Head, conn: _Connection) -> Request:
+    def _check(self, head: Head, conn: _Connection) -> Request:
         """Host, Origin and token, in that order; the request without its body."""
         headers = head.headers
         split = urlsplit(head.target)
@@ -331,29 +280,39 @@ class HTTPServer:
         elif split.scheme.lower() in ("http", "https") and split.netloc:
             host = split.netloc  # absolute-form: its authority is the Host (RFC 9112 §3.2.2)
         else:
-            raise _Refused(400, "malformed request target")
+            raise Refused(400, "malformed request target")
         if host is None and head.version != "HTTP/1.0":
-            raise _Refused(400, "no Host header")  # RFC 9112 §3.2
+            raise Refused(400, "no Host header")  # RFC 9112 §3.2
         if self.allowed_hosts is not None and host is not None and not self._host_ok(host, conn):
-            raise _Refused(
+            raise Refused(
                 421,
                 f"this server does not answer for the host {host[:100]!r}; "
                 "add it to admin.allowed_hosts if it is one of its names",
             )
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         request = Request(head.method, split.path or "/", query, headers, b"", conn.peer, conn.tls)
-        bearer = False
-        if self.token:
-            given = headers.get("authorization", "")
-            bearer = hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        protected = request.path.startswith(self.protected) and self.token
+        given = headers.get("authorization")
+        bearer = bool(protected and given is not None and self._bearer(str(given), conn.peer))
         if self.sessions is not None:
             request.session = self.sessions.find(headers.get("cookie"))
         if head.method not in SAFE_METHODS:
             self._check_page(request, host, bearer)
-        protected = request.path.startswith(self.protected) and self.token
         if protected and not bearer and request.session is None:
-            raise _Refused(401, "missing or wrong bearer token")
+            raise Refused(401, "missing or wrong bearer token")
         return request
+
+    def _bearer(self, given: str, peer: str) -> bool:
+        """Whether ``given`` is the bearer token; wrong ones count with the console's wrong
+        logins (the same lockout, or this header would be a way around it)."""
+        guard = self.sessions.guard if self.sessions is not None else None
+        wait = guard.locked(peer) if guard is not None else 0.0
+        if wait:
+            raise Refused(429, "too many wrong tokens: wait and try again", retry=wait)
+        right = hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        if not right and guard is not None:
+            guard.failure(peer)
+        return right
 
     def _check_page(self, request: Request, host: str | None, bearer: bool) -> None:
         """A state-changing request from a web page (an Origin, or a session cookie in
@@ -363,15 +322,15 @@ class HTTPServer:
         if origin is None and (request.session is None or bearer):
             return  # curl, the CLI: no page involved
         if self.sessions is None or (origin is not None and not _same_origin(origin, host)):
-            raise _Refused(
+            raise Refused(
                 403, "requests from web pages are refused (Origin header): use curl or the CLI"
             )
         if request.path in self.sessions.form_paths:
             return  # its handler checks the form's token
         if request.session is None:
-            raise _Refused(403, "requests from web pages need a console session: log in")
+            raise Refused(403, "requests from web pages need a console session: log in")
         if not self.sessions.csrf_ok(request.session, headers.get("x-csrf-token")):
-            raise _Refused(403, "missing or wrong CSRF token (X-CSRF-Token header)", "csrf")
+            raise Refused(403, "missing or wrong CSRF token (X-CSRF-Token header)", "csrf")
 
     def _host_ok(self, host: str, conn: _Connection) -> bool:
         name = _normal_host(host)
@@ -392,7 +351,10 @@ class HTTPServer:
         handler = self.routes.get((request.method, request.path))
         if handler is not None:
             return handler
+        if request.method == "HEAD" and ("GET", request.path) in self.routes:
+            return partial(_head, self.routes[("GET", request.path)])  # RFC 9110 §9.3.2
         allowed = [m for m, p in self.routes if p == request.path]
+        allowed += ["HEAD"] if "GET" in allowed and "HEAD" not in allowed else []
         if allowed:
             response = error(405, f"use {', '.join(allowed)} for {request.path}")
             response.headers["Allow"] = ", ".join(allowed)
@@ -402,22 +364,22 @@ class HTTPServer:
     async def _read_body(self, reader: asyncio.StreamReader, request: Request) -> bytes:
         headers = request.headers
         if "transfer-encoding" in headers:
-            raise _Refused(501, "Transfer-Encoding is not supported; send Content-Length")
+            raise Refused(501, "Transfer-Encoding is not supported; send Content-Length")
         length = headers.get("content-length", "0")
         if not length.isdigit() or len(length) > 12:
-            raise _Refused(400, "bad Content-Length")
+            raise Refused(400, "bad Content-Length")
         size = int(length)
         limit = 0 if request.method in ("GET", "HEAD") else MAX_BODY
         if size > limit:
-            raise _Refused(413, f"body too large: {request.method} takes at most {limit} bytes")
+            raise Refused(413, f"body too large: {request.method} takes at most {limit} bytes")
         if not size:
             return b""
         try:
             return await asyncio.wait_for(reader.readexactly(size), self.read_timeout)
         except TimeoutError:
-            raise _Refused(408, "body not received in time") from None
+            raise Refused(408, "body not received in time") from None
         except asyncio.IncompleteReadError:
-            raise _Gone from None
+            raise Gone from None
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -436,6 +398,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.sockname: Any = None
         self.peer = ""
         self.tls = False
+        self.method = ""  # the request's, once read
         self._scratch = memoryview(bytearray(0))
         self._writable = asyncio.Event()
         self._writable.set()
@@ -513,6 +476,18 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
+async def _head(get: Handler, request: Request) -> Response:
+    """HEAD of a GET route: the GET's answer (``_serve`` drops its body)."""
+    return await get(request)
+
+
+def _no_body(response: Response) -> Response:
+    """The answer's status and headers, its Content-Length included, without its body."""
+    response.headers["Content-Length"] = str(len(response.body))
+    response.body = b""
+    return response
+
+
 def _normal_host(host: str) -> str:
     """``host`` (a Host header or a configured name) without port, brackets, final dot."""
     host = host.strip().lower()
@@ -541,60 +516,10 @@ def _render(response: Response) -> bytes:
         "X-Content-Type-Options": "nosniff",
         **response.headers,
     }
-    head += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+    # A value never ends the header line (CR, LF, NUL dropped: no header injection
+    # whatever a handler echoes), and what latin-1 cannot carry becomes "?".
+    head += [f"{k}: {str(v).translate(_UNSAFE)}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + response.body
 
 
-#: Why a request line or the headers were refused as too long (status, message).
-_LINE_TOO_LONG: Final = (414, f"request line over {MAX_LINE} bytes")
-_HEAD_TOO_LARGE: Final = (
-    431,
-    f"request headers over {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} lines",
-)
-
-
-async def _read_line(reader: asyncio.StreamReader, too_long: tuple[int, str]) -> bytes:
-    # Exceptions are made where they are raised, never kept in a variable: one held by a
-    # frame its traceback refers to is a reference cycle, which would keep the reader and
-    # its buffer until the next (rare: see server.GC_YOUNG) garbage collection.
-    try:
-        return await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        raise _Refused(*too_long) from None
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial.strip():
-            raise _Refused(400, "the request ended early") from None
-        raise _Gone from None
-
-
-async def _read_head(reader: asyncio.StreamReader) -> _Head:
-    """The request line and headers, within ``MAX_LINE``, ``MAX_HEADER_BYTES`` and
-    ``MAX_HEADERS``; no byte of body."""
-    line = await _read_line(reader, _LINE_TOO_LONG)
-    parts = line.decode("latin-1").split()
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _Refused(400, "malformed request line")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    total = 0
-    count = 0
-    while True:
-        raw = await _read_line(reader, _HEAD_TOO_LARGE)
-        total += len(raw)
-        if total > MAX_HEADER_BYTES:
-            raise _Refused(*_HEAD_TOO_LARGE)
-        text = raw.decode("latin-1").rstrip("\r\n")
-        if not text:
-            break
-        count += 1
-        if count > MAX_HEADERS:
-            raise _Refused(*_HEAD_TOO_LARGE)
-        name, sep, value = text.partition(":")
-        # No space before the colon, no line folding (RFC 9112 §5.1, §5.2).
-        if not sep or not name or name != name.strip() or " " in name or "\t" in name:
-            raise _Refused(400, "malformed header")
-        key = name.lower()
-        if key in headers and key in SINGLE_HEADERS:
-            raise _Refused(400, f"more than one {name} header")
-        headers[key] = value.strip()
-    return _Head(method.upper(), target, version, headers)
+_UNSAFE: Final = dict.fromkeys((0, 10, 13))

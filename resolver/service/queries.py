@@ -6,7 +6,9 @@ every name under it), ``list``, ``decision``, ``group``, ``since`` and ``until``
 or a date), ``limit`` (1 to 1000). Results come newest first; ``next_cursor``, when
 present, is passed as ``cursor`` for the next page (keyset pagination: the cursor is the
 last row's id, opaque to the caller).
-``format=csv`` returns the same page as a CSV attachment. ``GET /v1/queries/clients``
+``format=csv`` returns the same page as a CSV attachment when ``limit`` is given, and
+without ``limit`` every matching row, newest first, up to :data:`MAX_EXPORT_ROWS`
+(``X-Export-Truncated: true`` when there were more). ``GET /v1/queries/clients``
 counts per client (total, blocked, would-block, last seen) within ``since``/``until``.
 
 The search runs in a thread on a connection of its own, so that a slow query never stalls
@@ -20,13 +22,17 @@ import base64
 import binascii
 import csv
 import io
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from ..core.outcome import DECISIONS
 from ..observe.store import find_store
 from ..observe.storedb import COLUMNS, MAX_LIMIT, Search
 from .http import Handler, Request, Response, error, json_response
+
+_R = TypeVar("_R")
 
 
 class _Served(Protocol):
@@ -85,6 +91,28 @@ def parse_search(query: dict[str, str]) -> Search:
     )
 
 
+#: Rows a CSV export without ``limit`` holds at most (about 8 MB of CSV, built in memory).
+MAX_EXPORT_ROWS: Final = 50_000
+#: Rows an export reads from the store at once.
+EXPORT_PAGE: Final = MAX_LIMIT
+
+
+def export_rows(store: Any, search: Search) -> tuple[list[dict[str, Any]], bool]:
+    """Every row ``search`` matches, page after page (keyset), up to
+    :data:`MAX_EXPORT_ROWS`; and whether there were more. Runs in a thread."""
+    most = MAX_EXPORT_ROWS
+    rows: list[dict[str, Any]] = []
+    page_search = replace(search, limit=EXPORT_PAGE)
+    while len(rows) < most:
+        page = store.search(page_search, False)
+        rows += page
+        if len(page) < EXPORT_PAGE:
+            return rows[:most], False
+        page_search = replace(page_search, before=page[-1]["id"])
+    more = bool(store.search(replace(page_search, limit=1), False))
+    return rows[:most], more or len(rows) > most
+
+
 #: The CSV export's columns, in order (the JSON rows' keys).
 CSV_COLUMNS: Final = ("id", "time", *(c for c in COLUMNS if c not in ("t", "rname")))
 #: First characters a spreadsheet reads as a formula (CSV injection): such a field gets a
@@ -107,11 +135,22 @@ def to_csv(rows: list[dict[str, Any]]) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
+def _page(store: Any, search: Search) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = store.search(search, False)
+    return rows
+
+
+def _per_client(store: Any, search: Search) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = store.search(search, True)
+    return rows
+
+
 def query_routes(server: _Served) -> dict[tuple[str, str], Handler]:
     """The query store's routes (answering 404 while no store is configured)."""
 
-    async def run(request: Request, per_client: bool) -> list[dict[str, Any]] | Response:
-        """The rows a request asks for, or the error response."""
+    async def run(request: Request, fetch: Callable[[Any, Search], _R]) -> _R | Response:
+        """What ``fetch(store, search)`` finds for a request (in a thread), or the error
+        response."""
         resolver = server.resolver
         store = find_store(resolver.audit if resolver is not None else None)
         if store is None:
@@ -122,25 +161,28 @@ def query_routes(server: _Served) -> dict[tuple[str, str], Handler]:
             return error(400, str(exc))
         loop = asyncio.get_running_loop()
         try:
-            rows = await loop.run_in_executor(None, store.search, search, per_client)
+            return await loop.run_in_executor(None, fetch, store, search)
         except Exception as exc:  # the database is away, or the file not made yet
             return error(503, f"the query store cannot be read: {exc}")
-        return rows
 
     async def queries(request: Request) -> Response:
         form = request.query.get("format") or "json"
         if form not in ("json", "csv"):
             return error(400, f"format: expected json or csv, got {form[:20]!r}")
-        rows = await run(request, False)
+        if form == "csv" and not request.query.get("limit"):  # every row: an export
+            found = await run(request, export_rows)
+            if isinstance(found, Response):
+                return found
+            headers = {"Content-Disposition": 'attachment; filename="queries.csv"'}
+            if found[1]:
+                headers["X-Export-Truncated"] = "true"
+            return Response(200, to_csv(found[0]), "text/csv; charset=utf-8", headers)
+        rows = await run(request, _page)
         if isinstance(rows, Response):
             return rows
         if form == "csv":
-            return Response(
-                200,
-                to_csv(rows),
-                "text/csv; charset=utf-8",
-                {"Content-Disposition": 'attachment; filename="queries.csv"'},
-            )
+            headers = {"Content-Disposition": 'attachment; filename="queries.csv"'}
+            return Response(200, to_csv(rows), "text/csv; charset=utf-8", headers)
         limit = int(request.query.get("limit") or "100")
         last = rows[-1]["id"] if len(rows) == limit else None
         return json_response(
@@ -152,7 +194,7 @@ def query_routes(server: _Served) -> dict[tuple[str, str], Handler]:
         )
 
     async def clients(request: Request) -> Response:
-        rows = await run(request, True)
+        rows = await run(request, _per_client)
         if isinstance(rows, Response):
             return rows
         return json_response(200, {"clients": rows})

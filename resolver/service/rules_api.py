@@ -113,7 +113,7 @@ def settings_of(config: Config) -> edits.Settings:
 def _body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(request.body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # [[[[... nested too deep
         raise edits.EditError("", "the body is not JSON; send a JSON object") from None
     if not isinstance(body, dict):
         raise edits.EditError("", "the body must be a JSON object")
@@ -235,7 +235,7 @@ async def _edit(server: EditServed, lock: asyncio.Lock, action: str, request: Re
         if not await server.reload():
             edit_counts[(action, "undone")] += 1
             why = server.resolver.stats.last_reload_error or "the reload failed"
-            await _in_thread(partial(edits.restore, settings, applied.before))
+            await _in_thread(partial(edits.restore, settings, applied))
             # Workers: the first may have taken the edit while a child refused it. Loading
             # the restored file puts every process back on the policy before the edit.
             if server.resolver.policy.digest != before:

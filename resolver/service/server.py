@@ -83,6 +83,7 @@ class Server:
         self.reread = reread
         self.started_at = time.time()
         self._http: list[HTTPServer] = []
+        self.console: Console | None = None  # the admin listener's web console
         self.admin_port = 0
         self.metrics_port = 0
         self.tasks = Tasks()
@@ -182,7 +183,7 @@ class Server:
     async def _start_http(self) -> None:
         config = self.config
         if config.admin is not None:  # off loopback with a token only (assembly.check)
-            console = Console(config.admin_token)  # the web console (resolver/console/)
+            console = self.console = Console(config.admin_token)  # resolver/console/
             server = HTTPServer(
                 {**admin_routes(self), **console.routes()},
                 config.admin_token,
@@ -329,6 +330,7 @@ class Server:
                 log.error("reload failed, keeping policy %s: %s", resolver.policy.digest, why)
                 return False
             reconfigure(resolver, previous, self.config)
+            self._new_admin_token(self.config.admin_token)
             resolver.policy = policy  # one assignment: each query sees one policy or the other
             stats.reloads["success"] += 1
             stats.lists_removed += removed
@@ -337,6 +339,21 @@ class Server:
             if self.supervisor is not None:
                 return await self.supervisor.reload(policy.digest)
             return True
+
+    def _new_admin_token(self, token: str | None) -> None:
+        """A reload's admin token: another token takes effect at once and ends every
+        console session; removing it waits for a restart (the API could be open)."""
+        console = self.console
+        if console is None or token == console.token:
+            return
+        if token is None:
+            log.warning("config: admin.token removed; that takes effect after a restart only")
+            return
+        console.rotate(token)
+        for http in self._http:
+            if http.sessions is console.sessions:
+                http.token = token
+        log.info("admin token changed: the new one is in force, every console session ended")
 
     def _lost_lists(self, old: Policy, new: Policy) -> int:
         """How many lists ``new`` drops; raise :class:`StartupError` if it drops them all.

@@ -242,6 +242,7 @@ async function search(params, append) {
   $("search-note").textContent = `${$("search-rows").children.length} queries shown`;
   const csv = new URLSearchParams(params);
   csv.delete("cursor");
+  csv.delete("limit");  // every matching row, not the page shown (the server bounds it)
   csv.set("format", "csv");
   $("csv").href = `/v1/queries?${csv}`;
   if (!append) await loadClients(params);
@@ -319,11 +320,18 @@ async function loadRules() {
   }
 }
 
+// A removal has a basis of its own (the decision that lifts the ban), never the one the
+// rule was added with: the change log must say why each change was made.
 async function removeRule(rule) {
-  const operator = $("rule-form").elements.operator.value.trim();
-  if (!operator) { $("rules-note").textContent = "Give your name in Operator to remove a rule."; return; }
+  const fields = $("rule-form").elements;
+  const operator = fields.operator.value.trim();
+  const reference = fields.reference.value.trim();
+  if (!operator || !reference || reference === rule.reference) {
+    $("rules-note").textContent = `To remove ${rule.name}, give your name in Operator and the basis for lifting it in Reference.`;
+    return;
+  }
   try {
-    await api("/v1/rules/remove", { method: "POST", json: { name: rule.name, reference: rule.reference, operator } });
+    await api("/v1/rules/remove", { method: "POST", json: { name: rule.name, reference, operator } });
     $("rules-note").textContent = `Removed ${rule.name}.`;
     await loadRules();
   } catch (err) {
@@ -335,10 +343,12 @@ async function addRule(event) {
   event.preventDefault();
   const body = {};
   for (const [key, value] of new FormData(event.target)) if (String(value).trim()) body[key] = String(value).trim();
+  if (body.allow_tld) body.allow_tld = true;  // the checkbox: a JSON boolean
   try {
     const doc = await api("/v1/rules", { method: "POST", json: body });
-    const file = doc && doc.change && doc.change.file;
-    $("rules-note").textContent = `Added ${body.name}${file ? ` to ${file}` : ""}.`;
+    const change = (doc && doc.change) || {};
+    const warning = change.warning ? ` Warning: ${change.warning}.` : "";
+    $("rules-note").textContent = `Added ${body.name}${change.file ? ` to ${change.file}` : ""}.${warning}`;
     await loadRules();
   } catch (err) {
     $("rules-note").textContent = err.status === 404 ? RULES_ABSENT : err.message;
