@@ -92,6 +92,8 @@ def test_login_guard_counts_ipv6_per_64_and_all_clients_together() -> None:
         guard.failure(f"198.51.100.{index}")
     assert guard.global_lockouts == 1
     assert guard.locked("203.0.113.9") > 0
+    # The host's own operators (the CLI on loopback) are not locked out by others' guesses.
+    assert guard.locked("127.0.0.1") == 0 and guard.locked("::1") == 0
     now[0] += 31
     assert guard.locked("203.0.113.9") == 0 and guard.locked("192.0.2.1") == 0
 

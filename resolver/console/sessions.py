@@ -179,6 +179,13 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class LoginGuard:
     """Wrong tokens (the login form, a bearer token) per client (an IPv4 address, an IPv6
     /64): after ``max_failures`` within ``window`` seconds the client is locked out for
@@ -186,7 +193,8 @@ class LoginGuard:
     first, counted), so a flood of addresses costs a bounded table; and past
     ``max_failures_all`` wrong tokens from all clients within ``window``, every client is
     locked out for ``lockout`` (an attacker with many addresses gets that many guesses
-    per window, not five per address; sessions already open keep working)."""
+    per window, not five per address; sessions already open keep working, and so do
+    loopback clients, the host's own operators and CLI, locked out only one by one)."""
 
     def __init__(
         self,
@@ -224,7 +232,9 @@ class LoginGuard:
         """Seconds ``client`` remains locked out (0: it may try); a try refused is counted."""
         entry = self._clients.get(client_key(client))
         now = self.clock()
-        left = max(entry[2] - now if entry else 0.0, self._all[2] - now)
+        left = entry[2] - now if entry else 0.0
+        if not _loopback(client):  # the host's own operators (the CLI) keep their way in
+            left = max(left, self._all[2] - now)
         if left > 0:
             self.refused += 1
             return left
