@@ -547,12 +547,17 @@ class Server(abc.ABC):
         log(f"{self.name} ready on {LOOPBACK}:{self.port} (pid {self.pid}) in {load_s:.2f}s")
         quota = self.ctx.cpu_quota
         if quota is not None and self.quota_applies:
-            if not wait_until(lambda: len(process_tree(self.pid)) >= self.workers, 30):
-                raise BenchError(f"{self.name}: fewer than {self.workers} processes")
+            want = self.processes()
+            if not wait_until(lambda: len(process_tree(self.pid)) >= want, 30):
+                raise BenchError(f"{self.name}: fewer than {want} processes")
             pids = [p.pid for p in process_tree(self.pid)]
             confine(pids, quota, self.name, self.cgroups)
             log(f"{self.name}: {len(pids)} processes, each limited to {quota:g} CPU")
         return load_s
+
+    def processes(self) -> int:
+        """The processes it runs once started (--cpu-quota confines them all at once)."""
+        return self.workers
 
     def check_confined(self) -> None:
         """With --cpu-quota: fail if a process (a restarted worker) escaped its quota."""
@@ -785,6 +790,12 @@ class Resolver(Peer):
             *workers,
             *self.ctx.resolver_args,
         )
+
+    def processes(self) -> int:
+        # Each worker forks its policy builder (policy/isolated.py) at its first load: a
+        # worker's builder that came after the confining was once taken for a restarted
+        # worker, and the whole row failed.
+        return 2 * self.workers
 
     def version(self) -> str:
         init = (REPO_ROOT / "resolver" / "__init__.py").read_text()
