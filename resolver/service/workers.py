@@ -2,7 +2,9 @@
 
 The process started by ``resolver serve`` is worker 0, the *primary*: it binds first, then
 starts workers 1..N-1 as child processes (``python -m resolver serve ... --worker-child``)
-that bind the same addresses with SO_REUSEPORT, so the kernel spreads queries across them.
+that bind the same addresses with SO_REUSEPORT, so the kernel spreads queries across them:
+each UDP datagram to a worker picked at random (:func:`spread_datagrams`), not by a hash
+of the client's address and port, so that a few busy clients load every worker alike.
 Each worker loads the policy itself and keeps its own cache.
 
 Only the primary does what must happen once: the admin API and /metrics, the audit log
