@@ -448,6 +448,11 @@ def confine(pids: Sequence[int], quota: float, label: str, made: list[Path]) -> 
             (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
             (group / "cpu.cfs_quota_us").write_text(str(round(quota * CFS_PERIOD_US)))
             (group / "cgroup.procs").write_text(str(pid))
+        except ProcessLookupError:
+            # Gone already (the policy builder's short-lived child of one load): nothing
+            # left to limit.
+            group.rmdir()
+            made.remove(group)
         except OSError as e:
             raise BenchError(f"cannot limit pid {pid} to {quota:g} CPU in {group}: {e}") from e
 
