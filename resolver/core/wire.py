@@ -60,11 +60,13 @@ EDE_STALE: Final = 3
 EDNS_PAYLOAD: Final = 1232
 MAX_NAME: Final = 255
 
-_HEADER = struct.Struct("!6H")
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
-_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
-_TWO_U16 = struct.Struct("!HH")
+# (Final: the compiled build then reads them as static values, not from the module's dict
+# at every use.)
+_HEADER: Final = struct.Struct("!6H")
+_U16: Final = struct.Struct("!H")
+_U32: Final = struct.Struct("!I")
+_RR_FIXED: Final = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_TWO_U16: Final = struct.Struct("!HH")
 
 # Response flags copied from the query: opcode, RD and CD (RFC 1035 4.1.1, RFC 4035 3.2.2).
 _COPIED_FLAGS: Final = OPCODE_MASK | FLAG_RD | FLAG_CD
@@ -223,6 +225,14 @@ def parse_query(data: bytes) -> Query:
     n = len(data)
     if n < 12:
         raise Unanswerable("shorter than a DNS header")
+    # (Typed: what struct returns is Any, on which the compiled build does no native
+    # arithmetic or comparison.)
+    qid: int
+    flags: int
+    qdcount: int
+    ancount: int
+    nscount: int
+    arcount: int
     qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     if flags & FLAG_QR:
         raise Unanswerable("a response, not a query")
@@ -491,6 +501,12 @@ def _reply_header(data: bytes, qid: int, question: bytes) -> tuple[int, int, int
     question are those of the query we sent; else raise :class:`Mismatch`."""
     if len(data) < 12:
         raise Mismatch("shorter than a DNS header")
+    rid: int
+    flags: int
+    qdcount: int
+    ancount: int
+    nscount: int
+    arcount: int
     rid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     if rid != qid or not flags & FLAG_QR:
         raise Mismatch("ID or QR does not match")
@@ -534,6 +550,11 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
     kept_ar = 0
     answers = ancount
     both = ancount + nscount
+    # (Typed, as in parse_query: native arithmetic and comparisons in the compiled build.)
+    rtype: int
+    ttl: int
+    rdlen: int
+    minimum: int
     for index in range(both + arcount):
         rstart = off
         first = data[off] if off < n else 1
