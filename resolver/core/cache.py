@@ -322,7 +322,7 @@ class Cache:
         if blob is None:
             self.misses += 1
             return None
-        expires = _EXPIRES.unpack_from(blob, 8)[0]
+        expires: float = _EXPIRES.unpack_from(blob, 8)[0]  # (typed: native compares)
         if expires <= now:
             if now - expires >= self.serve_stale:
                 self._drop(data, key)  # kept while it may still serve stale (RFC 8767)
@@ -354,7 +354,7 @@ class Cache:
         blob = self._shards[hash(key) & self._mask].get(key)
         if blob is None:
             return None
-        expires = _EXPIRES.unpack_from(blob, 8)[0]
+        expires: float = _EXPIRES.unpack_from(blob, 8)[0]  # (typed: native compares)
         if expires > now or now - expires >= self.serve_stale:
             return None
         return Entry.unpack(blob, key)
