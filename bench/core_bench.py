@@ -6,6 +6,18 @@ One command (issue 8)::
     python3 bench/core_bench.py --json core.json        # ~4-5 min; --quick: ~2 min
     python3 bench/core_bench.py --full --json core.json # ~5 min: adds the 1,000,000-name scale runs
 
+Issue 21's figures (as root for --cpu-quota; the cgroup v1 cpu controller)::
+
+    # workers: two against one, each process held to 0.4 CPU (0.2 where dnsperf, NSD and
+    # the rest keep the machine near 100% busy: then the machine, not the quota, binds)
+    python3 bench/core_bench.py --servers resolver,resolver-w2 --workloads blocked,repeated \
+        --cpu-quota 0.4 --baselines resolver --latency-duration 0 --scale-sizes '' \
+        --startup-runs 0 --rounds 3
+    # p99 at a fixed 50,000 qps, the resolver and Unbound in the same run
+    python3 bench/core_bench.py --servers resolver,resolver-compiled,unbound \
+        --workloads blocked,repeated --baselines unbound --latency-qps 50000 \
+        --scale-sizes '' --startup-runs 0 --rounds 3
+
 What it measures
 ----------------
 An NSD instance serves a generated zone ``bench.test.`` (``h<i>.bench.test A``, TTL 3600;
