@@ -225,15 +225,9 @@ def parse_query(data: bytes) -> Query:
     n = len(data)
     if n < 12:
         raise Unanswerable("shorter than a DNS header")
-    # (Typed: what struct returns is Any, on which the compiled build does no native
-    # arithmetic or comparison.)
-    qid: int
-    flags: int
-    qdcount: int
-    ancount: int
-    nscount: int
-    arcount: int
-    qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    # (Typed: struct returns Any, on which the compiled build does no native arithmetic.)
+    head: tuple[int, int, int, int, int, int] = _HEADER.unpack_from(data)
+    qid, flags, qdcount, ancount, nscount, arcount = head
     if flags & FLAG_QR:
         raise Unanswerable("a response, not a query")
     q = Query()
@@ -501,13 +495,8 @@ def _reply_header(data: bytes, qid: int, question: bytes) -> tuple[int, int, int
     question are those of the query we sent; else raise :class:`Mismatch`."""
     if len(data) < 12:
         raise Mismatch("shorter than a DNS header")
-    rid: int
-    flags: int
-    qdcount: int
-    ancount: int
-    nscount: int
-    arcount: int
-    rid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    head: tuple[int, int, int, int, int, int] = _HEADER.unpack_from(data)  # (typed: native)
+    rid, flags, qdcount, ancount, nscount, arcount = head
     if rid != qid or not flags & FLAG_QR:
         raise Mismatch("ID or QR does not match")
     if qdcount != 1:
@@ -550,11 +539,6 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
     kept_ar = 0
     answers = ancount
     both = ancount + nscount
-    # (Typed, as in parse_query: native arithmetic and comparisons in the compiled build.)
-    rtype: int
-    ttl: int
-    rdlen: int
-    minimum: int
     for index in range(both + arcount):
         rstart = off
         first = data[off] if off < n else 1
@@ -566,7 +550,8 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
             off = skip_name(data, off)
         if off + 10 > n:
             raise FormatError("record header runs past the end of the reply")
-        rtype, _rclass, ttl, rdlen = _RR_FIXED.unpack_from(data, off)
+        fixed: tuple[int, int, int, int] = _RR_FIXED.unpack_from(data, off)  # (as above)
+        rtype, _rclass, ttl, rdlen = fixed
         ttl_at = off + 4 - qend
         rdata = off + 10
         off = rdata + rdlen
@@ -596,7 +581,7 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
                 s.chain.append(read_name(data, rdata)[0].lower())
         elif index < both:
             if rtype == TYPE_SOA and rdlen >= 22:
-                minimum = _U32.unpack_from(data, off - 4)[0]
+                minimum: int = _U32.unpack_from(data, off - 4)[0]
                 neg = min(ttl, minimum)
                 if negative_ttl is None or neg < negative_ttl:
                     negative_ttl = neg
