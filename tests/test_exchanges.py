@@ -16,6 +16,7 @@ from resolver.core.wire import Scan, parse_query
 from resolver.upstream.base import query_id, upstream_query
 from resolver.upstream.endpoints import Upstream
 from resolver.upstream.forwarder import Forwarder
+from resolver.upstream.udp import Exchange
 
 
 def ask(forwarder: Forwarder, up: Upstream, qid: int, finish: Callable[..., None]) -> None:
@@ -23,7 +24,8 @@ def ask(forwarder: Forwarder, up: Upstream, qid: int, finish: Callable[..., None
     q = parse_query(dns.message.make_query("example.test", "A").to_wire())
     question = q.key + q.question[-4:]
     loop = asyncio.get_running_loop()
-    forwarder.udp.send(loop, up, upstream_query(qid, q, True), qid, question, 5.0, finish)
+    exchange = Exchange(forwarder, up, qid, question, 5.0, finish)
+    forwarder.udp.start(loop, exchange, upstream_query(qid, q, True))
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def test_timeouts_fire_on_time_whatever_the_order(silent: socket.socket) -> None
         done = asyncio.Event()
 
         def finisher(name: str):  # type: ignore[no-untyped-def]
-            def finish(scan: Scan | None, failure: str, detail: str) -> None:
+            def finish(_ex: Exchange, scan: Scan | None, failure: str, detail: str) -> None:
                 assert scan is None
                 ended.append((name, round(loop.time() - started, 1), failure))
                 if len(ended) == 4:
@@ -61,7 +63,8 @@ def test_timeouts_fire_on_time_whatever_the_order(silent: socket.socket) -> None
         for name, timeout in (("a", 0.6), ("b", 0.6), ("short", 0.2), ("c", 0.8)):
             qid = query_id()
             wire = upstream_query(qid, q, True)
-            forwarder.udp.send(loop, up, wire, qid, question, timeout, finisher(name))
+            exchange = Exchange(forwarder, up, qid, question, timeout, finisher(name))
+            forwarder.udp.start(loop, exchange, wire)
             await asyncio.sleep(0)
         await asyncio.wait_for(done.wait(), 3)
         watch = forwarder.udp.watch
@@ -85,7 +88,12 @@ def test_close_closes_the_sockets_still_waiting(silent: socket.socket) -> None:
 
     async def scenario() -> None:
         for _ in range(3):
-            ask(forwarder, up, query_id(), lambda scan, failure, detail: finished.append(failure))
+            ask(
+                forwarder,
+                up,
+                query_id(),
+                lambda _ex, scan, failure, detail: finished.append(failure),
+            )
         watch = forwarder.udp.watch
         assert watch is not None and len(watch.waiting) == 3
         socks = [exchange.sock for exchange in watch.waiting.values()]
@@ -113,7 +121,7 @@ def test_questions_of_one_turn_leave_together_and_a_failed_send_ends_its_exchang
                 forwarder,
                 up,
                 qid,
-                lambda scan, failure, detail, i=qid: finished.append((i, failure)),
+                lambda _ex, scan, failure, detail, i=qid: finished.append((i, failure)),
             )
         with pytest.raises(BlockingIOError):
             silent.recv(512)  # nothing sent yet: the questions wait for the turn's end
@@ -122,6 +130,7 @@ def test_questions_of_one_turn_leave_together_and_a_failed_send_ends_its_exchang
         # One of them cannot be sent (its socket shut for writing): it ends at once as a
         # network failure; the others go out.
         broken = next(e for e in watch.waiting.values() if e.qid == qids[2])
+        assert broken.sock is not None
         broken.sock.shutdown(socket.SHUT_WR)
         await asyncio.sleep(0.05)
         got = set()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
 import dns.rcode
 import pytest
 
@@ -95,6 +97,25 @@ def test_every_worker_answers_and_is_counted(workers: tuple[ResolverProcess, Pat
     wait_for(lambda: audit.exists() and len(audit.read_text().splitlines()) == 60)
     logged = {json.loads(line)["qname"] for line in audit.read_text().splitlines()}
     assert logged == {n + "." for n in names} or logged == set(names)
+
+
+def test_one_client_socket_is_spread_over_every_worker(
+    workers: tuple[ResolverProcess, Path, Path],
+) -> None:
+    """The primary has the kernel pick a worker per datagram at random, not by a hash
+    of the client's address and port: one busy client socket loads them all."""
+    proc, _, _ = workers
+    before = [w["answers"] for w in status(proc)["workers"]]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(("127.0.0.1", proc.port))
+        for i in range(60):
+            sock.send(dns.message.make_query(f"s{i}.deepseek.com", "A").to_wire())
+            assert dns.message.from_wire(sock.recv(4096)).rcode() == dns.rcode.NXDOMAIN
+    after = [w["answers"] for w in status(proc)["workers"]]
+    spread = [b - a for a, b in zip(before, after, strict=True)]
+    assert sum(spread) == 60
+    assert all(n > 0 for n in spread), spread  # 3 x (2/3)^60: never by chance
 
 
 def test_an_edit_reaches_every_worker(workers: tuple[ResolverProcess, Path, Path]) -> None:

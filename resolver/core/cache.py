@@ -39,12 +39,28 @@ _LARGEST_SHARE: Final = 16
 _HEAD: Final = struct.Struct("<ddHHHHHHHHH")
 _TTL_STRUCTS: dict[int, struct.Struct] = {}
 _EXPIRES: Final = struct.Struct("<d")
+#: The length byte of each name and address in a packed entry, made once.
+_LENGTHS: Final = tuple(bytes((n,)) for n in range(256))
+#: Upstream labels as packed (a label per configured upstream; bounded all the same).
+_LABELS: dict[str, bytes] = {}
+_LABELS_MAX: Final = 1024
 
 
 def _ttl_struct(n: int) -> struct.Struct:
     found = _TTL_STRUCTS.get(n)
     if found is None:
         found = _TTL_STRUCTS[n] = struct.Struct(f"<{n}H{n}I")
+    return found
+
+
+_PACKERS: dict[int, struct.Struct] = {}
+
+
+def _packer(n: int) -> struct.Struct:
+    """The head and ``n`` TTL offsets and TTLs, as one struct."""
+    found = _PACKERS.get(n)
+    if found is None:
+        found = _PACKERS[n] = struct.Struct(_HEAD.format + f"{n}H{n}I")
     return found
 
 
@@ -117,9 +133,14 @@ class Entry:
     def pack(self) -> bytes:
         """The entry as one bytes object (see the module docstring); unpack() reverses it."""
         n = len(self.ttl_offsets)
-        upstream = self.upstream.encode()
+        upstream = _LABELS.get(self.upstream)
+        if upstream is None:
+            if len(_LABELS) >= _LABELS_MAX:
+                _LABELS.clear()
+            upstream = _LABELS[self.upstream] = self.upstream.encode()
+        # The head and the TTLs in one call of one struct (the layout unpack() reads).
         parts = [
-            _HEAD.pack(
+            _packer(n).pack(
                 self.stored,
                 self.expires,
                 self.flags,
@@ -131,11 +152,15 @@ class Entry:
                 len(self.chain),
                 len(self.addresses),
                 len(upstream),
-            ),
-            _ttl_struct(n).pack(*self.ttl_offsets, *self.ttls),
+                *self.ttl_offsets,
+                *self.ttls,
+            )
         ]
-        for item in (*self.chain, *self.addresses):
-            parts.append(bytes((len(item),)))
+        for item in self.chain:
+            parts.append(_LENGTHS[len(item)])
+            parts.append(item)
+        for item in self.addresses:
+            parts.append(_LENGTHS[len(item)])
             parts.append(item)
         parts.append(upstream)
         parts.append(self.body)
@@ -297,7 +322,7 @@ class Cache:
         if blob is None:
             self.misses += 1
             return None
-        expires = _EXPIRES.unpack_from(blob, 8)[0]
+        expires: float = _EXPIRES.unpack_from(blob, 8)[0]  # (typed: native compares)
         if expires <= now:
             if now - expires >= self.serve_stale:
                 self._drop(data, key)  # kept while it may still serve stale (RFC 8767)
@@ -329,7 +354,7 @@ class Cache:
         blob = self._shards[hash(key) & self._mask].get(key)
         if blob is None:
             return None
-        expires = _EXPIRES.unpack_from(blob, 8)[0]
+        expires: float = _EXPIRES.unpack_from(blob, 8)[0]  # (typed: native compares)
         if expires > now or now - expires >= self.serve_stale:
             return None
         return Entry.unpack(blob, key)

@@ -9,6 +9,7 @@ which the interpreted build pays for on every query that passes the memo.)
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 from ..policy.model import RuleSet
@@ -16,6 +17,7 @@ from ..policy.timewindow import NEVER
 from .cache import Entry
 from .memo import Info
 from .outcome import CACHED
+from .pending import Pending
 from .wire import Query
 
 #: The largest answer over TCP (and the limit that tells answers.fit a query came over TCP).
@@ -58,6 +60,14 @@ class Context:
     #: stage that made it declares. 0 (the default): not memoised.
     info: Info | None = None
     until: float = 0.0
+    #: A query that goes upstream (Resolver._forward): its answer to come, the timer that
+    #: serves ``stale`` when upstreams are slow, whether it was answered already, and the
+    #: ``valid_until`` its fetch caps the cache entry at. (Here rather than in closures:
+    #: the context is the one object the upstream's reply is handed back with.)
+    pending: Pending | None = None
+    timer: asyncio.TimerHandle | None = None
+    settled: bool = False
+    fetch_until: float = NEVER
 
 
 def new_context(

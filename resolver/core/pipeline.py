@@ -56,7 +56,6 @@ from .wire import (
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     FormatError,
-    Query,
     Scan,
     Unanswerable,
     decode_name,
@@ -75,8 +74,6 @@ log = logging.getLogger("resolver.chain")
 Clock = Callable[[], float]
 Result = bytes | Pending | None
 
-#: Lists whose "would block" log lines are spaced out (a backstop; lists are few).
-_MONITOR_LINES_MAX: Final = 10_000
 _STOPPED: Final = {REFUSE: "acl", DENY_DROP: "acl", DROP: "dropped", TRUNCATE: "truncated"}
 #: Where an entry being served comes from (see Resolver._serve).
 _CACHED: Final = 0
@@ -98,7 +95,10 @@ class Resolver(MemoViews):
         self.cache = cache
         self.forwarder = forwarder
         self._clock = clock
-        self._inflight: dict[bytes, list[Callable[[Entry | None], None]]] = {}
+        #: Fetches on their way upstream, by cache key: the queries waiting for each.
+        self._inflight: dict[bytes, list[Context]] = {}
+        #: What the forwarder calls back with a reply (bound once, not once a miss).
+        self._landed_cb: Callable[[Context, Scan | None], None] = self._landed
         self._stats = Stats()
         #: The answer memo, which the UDP listeners' fast path reads too.
         self.memo = AnswerMemo(self._stats, clock)
@@ -384,7 +384,7 @@ class Resolver(MemoViews):
         """A cache hit, accounted for, and how long it may stay in the memo."""
         q, now, valid_until = ctx.q, ctx.now, ctx.valid_until
         if self.cache.wants_prefetch(entry, now):
-            self._fetch(q, ctx.key, valid_until)  # lands in the cache by itself
+            self._fetch(ctx, False)  # lands in the cache by itself
         # A transition (of this name or one its answer passes through) before the entry's
         # end is one its TTLs do not know of (a reload since): no TTL may reach past it.
         capped = valid_until < entry.expires
@@ -438,44 +438,47 @@ class Resolver(MemoViews):
 
     def _forward(self, ctx: Context) -> Pending:
         """The answer from upstream, checked and accounted for, without a task or a
-        future: the forwarder calls back with the reply, and the answer goes to the
-        listener at once. With ``ctx.stale`` (an expired entry, RFC 8767), that one is
-        served when no answer comes within the client response timer, or none at all;
-        the fetch goes on meanwhile and refreshes the cache when it lands."""
-        answer = Pending()
-        timer: asyncio.TimerHandle | None = None
-        settled = False
-
-        def settle(entry: Entry | None) -> None:
-            nonlocal settled
-            if settled:
-                return  # the stale answer went out already; the fetch refreshed the cache
-            settled = True
-            self.waiting -= 1  # counted by _admit, when the query was handed over
-            held = self._held.get(ctx.client, 0) - 1
-            if held > 0:
-                self._held[ctx.client] = held
-            else:
-                self._held.pop(ctx.client, None)
-            if timer is not None:
-                timer.cancel()
-            if answer.done():
-                return  # cancelled when shutdown ran out of time
-            try:
-                if entry is not None:
-                    reply = self._serve(ctx, entry, _FRESH)
-                elif ctx.stale is not None:
-                    reply = self._serve(ctx, ctx.stale, _STALE)
-                else:
-                    reply = self._failed(ctx)
-                answer.deliver(reply)
-            except Exception as exc:
-                answer.fail(exc)
-
+        future: the forwarder hands the reply back with ``ctx`` (_landed), and the answer
+        goes to the listener at once. With ``ctx.stale`` (an expired entry, RFC 8767),
+        that one is served when no answer comes within the client response timer, or
+        none at all; the fetch goes on meanwhile and refreshes the cache when it lands.
+        (What settling needs is in the context: no closure and cells per miss.)"""
+        answer = ctx.pending = Pending()
         if ctx.stale is not None:
-            timer = asyncio.get_running_loop().call_later(self.stale_timer, settle, None)
-        self._fetch(ctx.q, ctx.key, ctx.valid_until, settle)
+            ctx.timer = asyncio.get_running_loop().call_later(
+                self.stale_timer, self._settle, ctx, None
+            )
+        self._fetch(ctx, True)
         return answer
+
+    def _settle(self, ctx: Context, entry: Entry | None) -> None:
+        """Answer a query handed to _forward, once: from ``entry`` (None: none came)."""
+        if ctx.settled:
+            return  # the stale answer went out already; the fetch refreshed the cache
+        ctx.settled = True
+        self.waiting -= 1  # counted by _admit, when the query was handed over
+        client = ctx.client
+        held = self._held.get(client, 0) - 1
+        if held > 0:
+            self._held[client] = held
+        else:
+            self._held.pop(client, None)
+        timer = ctx.timer
+        if timer is not None:
+            timer.cancel()
+        answer = ctx.pending
+        if answer is None or answer.done():
+            return  # cancelled when shutdown ran out of time
+        try:
+            if entry is not None:
+                reply = self._serve(ctx, entry, _FRESH)
+            elif ctx.stale is not None:
+                reply = self._serve(ctx, ctx.stale, _STALE)
+            else:
+                reply = self._failed(ctx)
+            answer.deliver(reply)
+        except Exception as exc:
+            answer.fail(exc)
 
     def _failed(self, ctx: Context) -> bytes:
         """SERVFAIL: no upstream answered."""
@@ -561,39 +564,38 @@ class Resolver(MemoViews):
         )
         return answer
 
-    def _fetch(
-        self,
-        q: Query,
-        key: bytes,
-        valid_until: float,
-        then: Callable[[Entry | None], None] | None = None,
-    ) -> None:
-        """Fetch the upstream answer for ``q`` and admit it to the cache; then call
-        ``then`` with the entry (None: no answer), in the same turn of the event loop.
+    def _fetch(self, ctx: Context, wait: bool) -> None:
+        """Fetch the upstream answer for ``ctx.q`` and admit it to the cache, capped at
+        ``ctx.valid_until``; then, ``wait``, settle ``ctx`` with the entry (None: no
+        answer), in the same turn of the event loop (a prefetch waits for nothing).
         Identical questions already on their way upstream share one fetch."""
+        key = ctx.key
         waiters = self._inflight.get(key)
         if waiters is not None:
-            if then is not None:
-                waiters.append(then)
+            if wait:
+                waiters.append(ctx)
             return
-        waiters = self._inflight[key] = [then] if then is not None else []
+        self._inflight[key] = [ctx] if wait else []
+        ctx.fetch_until = ctx.valid_until
+        self.forwarder.begin(ctx.q, self._landed_cb, ctx)
 
-        def done(scan: Scan | None) -> None:
-            del self._inflight[key]
-            entry = None
-            try:
-                if scan is not None:
-                    scan = for_client(scan, q.question, q.qtype, q.do)
-                    now = self._clock()
-                    until = valid_until
-                    if scan.chain or (scan.addresses and self._policy.networks):
-                        until = min(until, answer_changes(self._policy, scan, now))
-                    entry = self.cache.admit(key, scan, now, until)
-            finally:
-                for waiter in waiters:
-                    waiter(entry)
-
-        self.forwarder.begin(q, done)
+    def _landed(self, ctx: Context, scan: Scan | None) -> None:
+        """The reply to the fetch ``ctx`` started (None: none), cached, to its waiters."""
+        key = ctx.key
+        waiters = self._inflight.pop(key)
+        entry = None
+        try:
+            if scan is not None:
+                q = ctx.q
+                scan = for_client(scan, q.question, q.qtype, q.do)
+                now = self._clock()
+                until = ctx.fetch_until
+                if scan.chain or (scan.addresses and self._policy.networks):
+                    until = min(until, answer_changes(self._policy, scan, now))
+                entry = self.cache.admit(key, scan, now, until)
+        finally:
+            for waiter in waiters:
+                self._settle(waiter, entry)
 
 
 _cache_key = cache_key  # (the name the benchmarks import)

@@ -41,7 +41,7 @@ from .encrypted import Encrypted
 from .http import HTTPServer
 from .listeners import Tasks, TCPConnection, UDPListener, bind_message, make_socket
 from .watch import FileWatcher, RemoteRefresher
-from .workers import RelayAudit, Supervisor, WorkerLink
+from .workers import RelayAudit, Supervisor, WorkerLink, spread_datagrams
 
 __all__ = ["Bound", "Server", "StartupError", "build", "run", "settle_memory"]
 
@@ -396,6 +396,8 @@ class Server:
                 if self._skip_missing_ipv6(listen, exc):
                     return
                 raise StartupError(bind_message("udp", listen, exc)) from None
+            if self.link is None:
+                spread_datagrams(udp_sock, self.config.workers)
             actual = udp_sock.getsockname()[1]
             try:
                 tcp_sock = make_socket(listen.host, actual, socket.SOCK_STREAM, shared)

@@ -2,7 +2,9 @@
 
 The process started by ``resolver serve`` is worker 0, the *primary*: it binds first, then
 starts workers 1..N-1 as child processes (``python -m resolver serve ... --worker-child``)
-that bind the same addresses with SO_REUSEPORT, so the kernel spreads queries across them.
+that bind the same addresses with SO_REUSEPORT, so the kernel spreads queries across them:
+each UDP datagram to a worker picked at random (:func:`spread_datagrams`), not by a hash
+of the client's address and port, so that a few busy clients load every worker alike.
 Each worker loads the policy itself and keeps its own cache.
 
 Only the primary does what must happen once: the admin API and /metrics, the audit log
@@ -34,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..observe.metrics import Counts
 from ..observe.querylog import BLOCKED_DECISIONS, DECISIONS, AuditConfig
@@ -55,6 +57,42 @@ RESTART_BACKOFF = (1.0, 30.0)
 #: Audit entries a child sends in one message, and how often it sends them.
 AUDIT_BATCH = 512
 AUDIT_INTERVAL = 0.2
+
+
+#: setsockopt(SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF) (Linux 4.5), and the classic BPF
+#: instructions of the program it attaches: A = a random number; A %= workers; return A.
+_SO_ATTACH_REUSEPORT_CBPF: Final = 51
+_BPF_LD_RANDOM: Final = (0x20, 0, 0, (-0x1000 + 56) & 0xFFFFFFFF)  # LD|W|ABS, SKF_AD_RANDOM
+_BPF_MOD_K: Final = 0x94  # ALU|MOD|K
+_BPF_RET_A: Final = (0x16, 0, 0, 0)  # RET|A
+
+
+def spread_datagrams(sock: socket.socket, workers: int) -> bool:
+    """Have the kernel hand each datagram to one of the ``workers`` sockets of the
+    reuse-port group ``sock`` belongs to at random, not by a hash of the sender's address
+    and port: a few busy clients (a NAT, a forwarding resolver, a load generator's four
+    sockets) then load every worker alike, where the hash gave one worker three flows
+    of four as often as not, and the workers' sum was that busiest one's share of it.
+    (DNS over UDP needs no affinity: each query stands alone, and the answer leaves
+    from the same address and port whichever worker sends it.) While fewer than
+    ``workers`` sockets are in the group, the kernel falls back to its hash for the
+    numbers beyond them. False (nothing changed) where the system does not take it."""
+    if workers < 2 or not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    import ctypes  # (here: only a primary with workers needs it)
+
+    program = b"".join(
+        struct.pack("=HBBI", *insn)
+        for insn in (_BPF_LD_RANDOM, (_BPF_MOD_K, 0, 0, workers), _BPF_RET_A)
+    )
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(buffer))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        log.info("datagrams spread across workers by the kernel's hash: %s", exc)
+        return False
+    return True
 
 
 class Channel:

@@ -12,12 +12,16 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ..core.stats import Histogram, rcode_label
 from ..core.wire import (
+    FLAG_AD,
+    FLAG_CD,
     FLAG_RD,
     FLAG_TC,
+    OPT_DO,
+    OPT_PLAIN,
     RCODE_FORMERR,
     RCODE_NOTIMP,
     RCODE_REFUSED,
@@ -45,12 +49,11 @@ from .base import (
     Transport,
     UpstreamError,
     query_id,
-    upstream_query,
 )
 from .endpoints import Upstream
 from .health import Health
 from .strategies import Strategy, strategy_named
-from .udp import UDPTransport
+from .udp import Exchange, Finish, UDPTransport
 
 log = logging.getLogger("resolver.upstream")
 
@@ -105,6 +108,8 @@ class Forwarder:
         for scheme, make in REGISTRY.items():
             if scheme != "udp":
                 self.transports[scheme] = make(self)
+        #: How begin()'s exchanges end (bound once, not once a query).
+        self._udp_done_cb: Finish = self._udp_done
         #: The loop begin() last ran on (see there).
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -229,14 +234,16 @@ class Forwarder:
 
     # Resolution: the callback fast path, then retries within the deadline.
 
-    def begin(self, q: Query, done: Callable[[Scan | None], None]) -> None:
-        """Resolve ``q``, then call ``done`` with what :meth:`resolve` would return.
+    def begin(self, q: Query, done: Callable[[Any, Scan | None], None], arg: Any) -> None:
+        """Resolve ``q``, then call ``done(arg, scan)`` with what :meth:`resolve` would
+        return.
 
         The common case costs no task and no coroutine: one UDP exchange with the first
         upstream, driven by callbacks (a task and its coroutines cost more CPU than the
-        exchange itself). Anything else (another strategy or transport, an upstream in
-        trouble, a timeout, a truncated or EDNS-refusing reply) goes on in a task running
-        :meth:`resolve`, within the same deadline.
+        exchange itself), with no closure either: the exchange carries what its end
+        needs (see :meth:`_udp_done`). Anything else (another strategy or transport, an
+        upstream in trouble, a timeout, a truncated or EDNS-refusing reply) goes on in a
+        task running :meth:`resolve`, within the same deadline.
         """
         loop = self._loop
         if loop is None or not loop.is_running():
@@ -247,41 +254,53 @@ class Forwarder:
         # (A later upstream that failed once stays "troubled" until it is asked again;
         # that must not send every query down the slow path.)
         if not self._simple or up.transport != "udp" or up.label in self.health.troubled:
-            self._go_on(q, deadline, 0, done)
+            self._go_on(q, deadline, 0, done, arg)
             return
-        started = time.perf_counter()
-
-        def finish(scan: Scan | None, failure: str, _detail: str) -> None:
-            if scan is None:
-                self._failed(up, failure)
-                self._go_on(q, deadline, 1, done)
-            elif scan.flags & FLAG_TC or scan.rcode in (RCODE_FORMERR, RCODE_NOTIMP):
-                self._go_on(q, deadline, 0, done, scan)  # on to TCP, or to plain DNS
-            else:
-                good = self._accept(up, scan, started)
-                if good is None:
-                    self._go_on(q, deadline, 1, done)
-                else:
-                    done(good)
-
         qid = query_id()
+        # (upstream_query, inline: the question is needed on its own too.)
         question = q.key + q.question[-4:]
-        wire = upstream_query(qid, q, True)
-        self.udp.send(loop, up, wire, qid, question, min(self.timeout, self.deadline), finish)
+        flags = FLAG_RD | (q.flags & (FLAG_CD | FLAG_AD))
+        wire = header(qid, flags, 1, 0, 0, 1) + question + (OPT_DO if q.do else OPT_PLAIN)
+        exchange = Exchange(
+            self, up, qid, question, min(self.timeout, self.deadline), self._udp_done_cb
+        )
+        exchange.q = q
+        exchange.deadline = deadline
+        exchange.done = done
+        exchange.arg = arg
+        exchange.started = time.perf_counter()
+        self.udp.start(loop, exchange, wire)
+
+    def _udp_done(self, exchange: Exchange, scan: Scan | None, failure: str, _detail: str) -> None:
+        """The end of begin()'s exchange: the answer to ``done``, or on to resolve()."""
+        up, q, done, arg = exchange.up, exchange.q, exchange.done, exchange.arg
+        assert q is not None and done is not None  # (begin() sets both)
+        if scan is None:
+            self._failed(up, failure)
+            self._go_on(q, exchange.deadline, 1, done, arg)
+        elif scan.flags & FLAG_TC or scan.rcode in (RCODE_FORMERR, RCODE_NOTIMP):
+            self._go_on(q, exchange.deadline, 0, done, arg, scan)  # on to TCP, or plain DNS
+        else:
+            good = self._accept(up, scan, exchange.started)
+            if good is None:
+                self._go_on(q, exchange.deadline, 1, done, arg)
+            else:
+                done(arg, good)
 
     def _go_on(
         self,
         q: Query,
         deadline: float,
         first: int,
-        done: Callable[[Scan | None], None],
+        done: Callable[[Any, Scan | None], None],
+        arg: Any,
         reply: Scan | None = None,
     ) -> None:
         task = asyncio.ensure_future(self.resolve(q, deadline, first, reply))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(
-            lambda t: done(None if t.cancelled() or t.exception() else t.result())
+            lambda t: done(arg, None if t.cancelled() or t.exception() else t.result())
         )
 
     async def resolve(

@@ -13,7 +13,7 @@ import _socket
 import asyncio
 import select
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ..core.wire import (
     FLAG_TC,
@@ -41,18 +41,29 @@ from .tcp import TCPTransport
 _MAX_UDP: Final = 65535
 
 
+#: How an exchange ends: ``finish(exchange, scan, failure, detail)``, once.
+Finish = Callable[["Exchange", Scan | None, str, str], None]
+
+
 class Exchange:
     """One UDP question to one upstream from a socket of its own, until its reply or its
-    timeout; then ``finish(scan, failure, detail)`` is called once."""
+    timeout; then ``finish(exchange, scan, failure, detail)`` is called once. The
+    forwarder's callback path keeps what it needs then in the exchange itself (``q``,
+    ``deadline``, ``started``, ``done``, ``arg``), rather than in a closure per query."""
 
     __slots__ = (
+        "arg",
+        "deadline",
+        "done",
         "expires",
         "fd",
         "finish",
         "owner",
+        "q",
         "qid",
         "question",
         "sock",
+        "started",
         "timeout",
         "timer",
         "up",
@@ -63,16 +74,15 @@ class Exchange:
         self,
         owner: Owner,
         up: Upstream,
-        sock: _socket.socket,
         qid: int,
         question: bytes,
         timeout: float,
-        finish: Callable[[Scan | None, str, str], None],
+        finish: Finish,
     ) -> None:
         self.owner = owner
         self.up = up
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.sock: _socket.socket | None = None
+        self.fd = -1
         self.qid = qid
         self.question = question
         self.timeout = timeout
@@ -80,9 +90,16 @@ class Exchange:
         self.expires = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.watch: ReadWatch | None = None
+        self.q: Query | None = None
+        self.deadline = 0.0
+        self.started = 0.0
+        self.done: Callable[[Any, Scan | None], None] | None = None
+        self.arg: Any = None
 
     def readable(self) -> None:
         sock = self.sock
+        if sock is None:
+            return
         while True:
             try:
                 data = sock.recv(_MAX_UDP)
@@ -107,8 +124,9 @@ class Exchange:
         if watch is None:
             return  # ended already
         watch.forget(self)
-        self.sock.close()  # which takes it out of the epoll set too
-        self.finish(scan, failure, detail)
+        if self.sock is not None:
+            self.sock.close()  # which takes it out of the epoll set too
+        self.finish(self, scan, failure, detail)
 
 
 class ReadWatch:
@@ -177,7 +195,8 @@ class ReadWatch:
             self._timer = None
         for exchange in list(self.waiting.values()):
             self.forget(exchange)
-            exchange.sock.close()
+            if exchange.sock is not None:
+                exchange.sock.close()
         if self.epoll is not None and not self.epoll.closed:
             self.loop.remove_reader(self.epoll.fileno())
             self.epoll.close()
@@ -199,7 +218,8 @@ class ReadWatch:
             if exchange.watch is None:
                 continue  # ended before it was sent (shutdown)
             try:
-                exchange.sock.send(wire)
+                if exchange.sock is not None:
+                    exchange.sock.send(wire)
             except OSError as exc:
                 exchange.end(None, NETWORK, str(exc))
 
@@ -222,45 +242,39 @@ class UDPTransport:
         #: The exchanges waiting for a reply, on the loop they run on.
         self.watch: ReadWatch | None = None
 
-    def send(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        up: Upstream,
-        wire: bytes,
-        qid: int,
-        question: bytes,
-        timeout: float,
-        finish: Callable[[Scan | None, str, str], None],
-    ) -> None:
-        """Send ``wire`` from a fresh socket (a new random port, RFC 5452) and call
-        ``finish`` once: with the reply, or with None, the error kind and its detail.
+    def start(self, loop: asyncio.AbstractEventLoop, exchange: Exchange, wire: bytes) -> None:
+        """Send ``wire`` from a fresh socket (a new random port, RFC 5452) and end
+        ``exchange`` once: with the reply, or with None, the error kind and its detail.
         Replies with another ID or question are ignored (counted), not taken."""
+        up = exchange.up
         try:
             # The C socket type, non-blocking from the start: socket.socket's Python-level
             # __init__ and close bookkeeping cost about 3 us per query, for nothing used.
             sock = _socket.socket(up.family, _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK)
         except OSError as exc:  # out of file descriptors, say: a failed exchange
-            finish(None, NETWORK, str(exc))
+            exchange.finish(exchange, None, NETWORK, str(exc))
             return
         try:
             sock.connect((up.host, up.port))
         except OSError as exc:
             sock.close()
-            finish(None, NETWORK, str(exc))
+            exchange.finish(exchange, None, NETWORK, str(exc))
             return
+        exchange.sock = sock
+        exchange.fd = sock.fileno()
         watch = self.watch
         if watch is None or watch.loop is not loop:
             watch = self.watch = ReadWatch(loop)
-        watch.add(Exchange(self.owner, up, sock, qid, question, timeout, finish), wire)
+        watch.add(exchange, wire)
 
     async def ask(
         self, up: Upstream, wire: bytes, qid: int, question: bytes, timeout: float
     ) -> Scan:
-        """:meth:`send`, awaited: the reply, or :class:`UpstreamError`."""
+        """One exchange, awaited: the reply, or :class:`UpstreamError`."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Scan] = loop.create_future()
 
-        def finish(scan: Scan | None, failure: str, detail: str) -> None:
+        def finish(_exchange: Exchange, scan: Scan | None, failure: str, detail: str) -> None:
             if done.done():
                 return  # the caller gave up (cancelled)
             if scan is None:
@@ -268,7 +282,7 @@ class UDPTransport:
             else:
                 done.set_result(scan)
 
-        self.send(loop, up, wire, qid, question, timeout, finish)
+        self.start(loop, Exchange(self.owner, up, qid, question, timeout, finish), wire)
         return await done
 
     async def exchange(
