@@ -441,8 +441,7 @@ class Resolver(MemoViews):
         future: the forwarder hands the reply back with ``ctx`` (_landed), and the answer
         goes to the listener at once. With ``ctx.stale`` (an expired entry, RFC 8767),
         that one is served when no answer comes within the client response timer, or
-        none at all; the fetch goes on meanwhile and refreshes the cache when it lands.
-        (What settling needs is in the context: no closure and cells per miss.)"""
+        none at all; the fetch goes on and refreshes the cache. (No closure per miss.)"""
         answer = ctx.pending = Pending()
         if ctx.stale is not None:
             ctx.timer = asyncio.get_running_loop().call_later(
