@@ -224,9 +224,15 @@ def test_every_fault_gets_its_status(
     ]
     for method, target, kw, status, reason in cases:
         before = metric(running, f'resolver_doh_rejected_total{{reason="{reason}"}}')
-        reply = https(running, cert[0], method, target, **kw)
-        reply.read()
-        assert reply.status == status, (method, target[:40], reply.status)
+        try:
+            reply = https(running, cert[0], method, target, **kw)
+        except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+            # An oversized body: the listener may answer 413 and close before the client
+            # has written all of it; the refusal is then seen only in the counter below.
+            assert status == 413, (method, target[:40])
+        else:
+            reply.read()
+            assert reply.status == status, (method, target[:40], reply.status)
         if status == 405:
             assert reply.getheader("allow") == "GET, POST"
         after = metric(running, f'resolver_doh_rejected_total{{reason="{reason}"}}')
