@@ -357,3 +357,24 @@ def test_the_c_dotted_name_is_the_python_one(name: str) -> None:
     assert native(key, offs) == model._dotted(key, offs)
     with pytest.raises(IndexError):
         native(key, (0, len(key) + 5))
+
+
+def test_the_c_send_skips_an_answer_the_system_refuses_and_sends_the_rest() -> None:
+    if udpbatch._SEND is None:
+        pytest.skip("resolver._fastudp is not built (or RESOLVER_FASTUDP=0)")
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        port = rx.getsockname()[1]
+        raw = socket.AF_INET.to_bytes(2, sys.byteorder) + port.to_bytes(2, "big")
+        raw = (raw + socket.inet_aton("127.0.0.1")).ljust(28, b"\0")  # a sockaddr slot
+        answers = [(b"one", raw), (b"x" * 70000, raw), (b"two", raw)]  # too large: EMSGSIZE
+        assert udpbatch._SEND(tx.fileno(), answers) == (3, 0)
+        assert [rx.recv(100), rx.recv(100)] == [b"one", b"two"]
+        with pytest.raises(TypeError):
+            udpbatch._SEND(tx.fileno(), [(b"one", b"short")])
+    finally:
+        rx.close()
+        tx.close()
