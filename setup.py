@@ -39,6 +39,7 @@ from setuptools import Extension, setup
 #: a compiled one (and https.py stands on h2, pure Python). They implement the transport
 #: protocol of upstream/base.py structurally, subclassing nothing compiled.
 COMPILED = [
+    "resolver/core/octets.py",
     "resolver/core/wire.py",
     "resolver/core/records.py",
     "resolver/policy/table.py",

@@ -20,10 +20,12 @@
 
 #include <errno.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
 
 #define MAX_SLOTS 1024
+#define NAME_SIZE 28 /* sizeof(struct sockaddr_in6), a sockaddr slot (udpbatch) */
 
 static double
 monotonic(void)
@@ -62,7 +64,40 @@ typedef struct {
     Py_buffer slow_slots, slow_times; /* int64, double per datagram: pauses */
     double now, bound;
     Py_ssize_t send_size;
+    PyObject *fresh; /* list: (datagram, host or None, sockaddr, index) of those handed back */
 } Job;
+
+/* Hand datagram i (not in the memo) to Python as it will need it: its bytes, its
+   sender's host where the address cache has it (None: Python looks), its raw sockaddr
+   (the address of a later answer) and its index (its sockaddr slot). 0, or -1 an error. */
+static int
+hand_over(Job *job, struct mmsghdr *in, int i)
+{
+    struct sockaddr *sa = (struct sockaddr *)in->msg_hdr.msg_name;
+    PyObject *host = Py_None;
+    if (sa->sa_family == AF_INET) {
+        uint32_t value;
+        memcpy(&value, (char *)sa + 4, 4);
+        PyObject *key = PyLong_FromUnsignedLong(value);
+        if (key == NULL)
+            return -1;
+        host = PyDict_GetItemWithError(job->hosts, key); /* borrowed */
+        Py_DECREF(key);
+        if (host == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            host = Py_None;
+        }
+    }
+    PyObject *item = Py_BuildValue(
+        "(y#Oy#i)", (const char *)in->msg_hdr.msg_iov->iov_base, (Py_ssize_t)in->msg_len,
+        host, (const char *)sa, (Py_ssize_t)NAME_SIZE, i);
+    if (item == NULL)
+        return -1;
+    int failed = PyList_Append(job->fresh, item);
+    Py_DECREF(item);
+    return failed;
+}
 
 /* Answer datagram i into send slot `*ready`, or hand it back. 1 answered, 0 handed
    back, 3 handed back and not in the memo (Python need not look again), 2 a pause
@@ -137,20 +172,21 @@ get_buffer(PyObject *obj, Py_buffer *view, const char *format, Py_ssize_t items)
 
 PyDoc_STRVAR(serve_doc,
 "serve(fd, recv_msgs, send_msgs, slots, rounds, send_size, memo, clients, hosts,\n"
-"      counts, times, now, bound, misses, slow_slots, slow_times, send)\n"
+"      counts, times, now, bound, misses, slow_slots, slow_times, send, fresh)\n"
 "-> (received, ready, sent, errno, missed, absent, slow, rounds)\n\n"
 "Read, answer from the memo and send, as the module's comment says. `received` is the\n"
 "last recvmmsg's result (-1 with errno on failure), `ready` the answers in send slots\n"
 "0.., `sent` how many of them went out (only tried when `send` is true and nothing was\n"
 "handed back), `missed` the datagram indices at the start of `misses`, `absent` those\n"
-"not in the memo at its end (the last first), `slow` the pauses in\n"
+"not in the memo, appended to the list `fresh` as (datagram, host or None, sockaddr,\n"
+"index) in the order they came, `slow` the pauses in\n"
 "`slow_slots`/`slow_times`, `rounds` the reads made.");
 
 static PyObject *
 serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "serve() takes 17 arguments");
+    if (nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "serve() takes 18 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
@@ -167,6 +203,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     job.now = PyFloat_AsDouble(args[11]);
     job.bound = PyFloat_AsDouble(args[12]);
     int send = PyObject_IsTrue(args[16]);
+    job.fresh = args[17];
     if (PyErr_Occurred())
         return NULL;
     if (slots <= 0 || slots > MAX_SLOTS || rounds <= 0 || recv_msgs == NULL || send_msgs == NULL) {
@@ -174,8 +211,9 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (!PyDict_CheckExact(job.memo) || !PyDict_CheckExact(job.hosts)
-        || (job.clients != Py_None && !PyAnySet_Check(job.clients))) {
-        PyErr_SetString(PyExc_TypeError, "memo and hosts must be dicts, clients a set or None");
+        || (job.clients != Py_None && !PyAnySet_Check(job.clients)) || !PyList_CheckExact(job.fresh)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "memo and hosts must be dicts, clients a set or None, fresh a list");
         return NULL;
     }
     PyObject *result = NULL;
@@ -203,8 +241,11 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             if (done == 0)
                 misses[missed++] = (uint16_t)i;
-            else if (done == 3)
-                misses[slots - ++absent] = (uint16_t)i;
+            else if (done == 3) {
+                if (hand_over(&job, &recv_msgs[i], i) < 0)
+                    goto done;
+                absent++;
+            }
             else
                 ready++;
         }
@@ -234,8 +275,118 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(dotted_doc,
+"dotted(key, labels) -> bytes\n\n"
+"policy.model.dotted in C: the dotted lower-case form of the wire name `key`, label\n"
+"offsets `labels` unchanged (a length byte becomes the dot before its label, a dot\n"
+"inside a label 0xFF). A copy the policy makes for every query it decides.");
+
+static PyObject *
+dotted(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "dotted() takes a bytes key and a tuple of offsets");
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t n = size > 1 ? size - 2 : 0;
+    if (n < 0)
+        n = 0; /* a two-byte key: key[1:-1] is empty, as in Python */
+    PyObject *text = PyBytes_FromStringAndSize(size > 1 ? PyBytes_AS_STRING(args[0]) + 1 : "", n);
+    if (text == NULL)
+        return NULL;
+    char *buf = PyBytes_AS_STRING(text);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (buf[i] == '.')
+            buf[i] = (char)0xFF;
+    Py_ssize_t count = PyTuple_GET_SIZE(args[1]);
+    for (Py_ssize_t k = 1; k < count; k++) {
+        Py_ssize_t off = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[1], k));
+        if (off == -1 && PyErr_Occurred()) {
+            Py_DECREF(text);
+            return NULL;
+        }
+        if (off < 1 || off > n) {
+            Py_DECREF(text);
+            PyErr_SetString(PyExc_IndexError, "a label offset outside the name");
+            return NULL;
+        }
+        buf[off - 1] = '.';
+    }
+    return text;
+}
+
+PyDoc_STRVAR(send_doc,
+"send(fd, answers) -> (sent, errno)\n\n"
+"Send the answers of `answers`, a list of (answer, sockaddr) tuples, each to its raw\n"
+"sockaddr, with sendmmsg from the bytes where they are (no copy into slots). An answer\n"
+"the system refuses for itself (its address, its size) is skipped and counted as sent;\n"
+"the first failure that concerns the socket (EAGAIN, ENOBUFS, a refusal) stops the\n"
+"sending: `sent` answers went out (or were skipped), `errno` says why the rest did not.");
+
+#define SEND_BATCH 64
+
+static PyObject *
+send_answers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "send() takes a descriptor and a list");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *answers = args[1];
+    Py_ssize_t total = PyList_GET_SIZE(answers), sent = 0;
+    int err = 0;
+    struct mmsghdr msgs[SEND_BATCH];
+    struct iovec iovs[SEND_BATCH];
+    while (sent < total && err == 0) {
+        Py_ssize_t count = total - sent < SEND_BATCH ? total - sent : SEND_BATCH;
+        memset(msgs, 0, sizeof(msgs[0]) * (size_t)count);
+        for (Py_ssize_t k = 0; k < count; k++) {
+            PyObject *item = PyList_GET_ITEM(answers, sent + k);
+            if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2
+                || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 0))
+                || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 1))
+                || PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 1)) < (Py_ssize_t)sizeof(struct sockaddr_in)) {
+                PyErr_SetString(PyExc_TypeError, "answers must be (bytes, sockaddr bytes) tuples");
+                return NULL;
+            }
+            PyObject *answer = PyTuple_GET_ITEM(item, 0), *name = PyTuple_GET_ITEM(item, 1);
+            iovs[k].iov_base = PyBytes_AS_STRING(answer);
+            iovs[k].iov_len = (size_t)PyBytes_GET_SIZE(answer);
+            msgs[k].msg_hdr.msg_iov = &iovs[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+            msgs[k].msg_hdr.msg_name = PyBytes_AS_STRING(name);
+            msgs[k].msg_hdr.msg_namelen = (socklen_t)PyBytes_GET_SIZE(name);
+        }
+        Py_ssize_t done = 0;
+        while (done < count) {
+            int n = sendmmsg(fd, msgs + done, (unsigned int)(count - done), 0);
+            if (n > 0) {
+                done += n;
+                continue;
+            }
+            int code = n < 0 ? errno : EAGAIN;
+            if (code == EINTR)
+                continue;
+            if (code == EAGAIN || code == EWOULDBLOCK || code == ENOBUFS || code == ENOSYS
+                || code == EPERM || code == EACCES) {
+                err = code; /* the socket's trouble: the rest waits (or is dropped) */
+                break;
+            }
+            done += 1; /* this answer's own trouble: dropped, as one sendto would be */
+        }
+        sent += done;
+    }
+    return Py_BuildValue("(ni)", sent, err);
+}
+
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
+    {"send", (PyCFunction)(void (*)(void))send_answers, METH_FASTCALL, send_doc},
+    {"dotted", (PyCFunction)(void (*)(void))dotted, METH_FASTCALL, dotted_doc},
     {NULL, NULL, 0, NULL},
 };
 

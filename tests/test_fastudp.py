@@ -333,3 +333,48 @@ def test_a_long_run_of_hits_leaves_memory_flat(engine: str) -> None:
         assert sum(source.memo.fast_counts) > 20_000
     source.memo.fold()
     assert source.memo.fast_hits == 220 * 200
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "com", "www.example.com", "a.b.c.d.e.f.g.h", "x" * 63 + ".y"],
+)
+def test_the_c_dotted_name_is_the_python_one(name: str) -> None:
+    from resolver.policy import model
+
+    native = model.dotted
+    if native is model._dotted:
+        pytest.skip("resolver._fastudp is not built")
+    labels = [part.encode() for part in name.split(".") if part]
+    if labels:
+        labels[0] = labels[0].replace(b"x", b".", 2)  # a dot inside a label, legal on the wire
+    key = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    offsets, at = [], 0
+    for label in labels:
+        offsets.append(at)
+        at += len(label) + 1
+    offs = tuple(offsets) or (0,)
+    assert native(key, offs) == model._dotted(key, offs)
+    with pytest.raises(IndexError):
+        native(key, (0, len(key) + 5))
+
+
+def test_the_c_send_skips_an_answer_the_system_refuses_and_sends_the_rest() -> None:
+    if udpbatch._SEND is None:
+        pytest.skip("resolver._fastudp is not built (or RESOLVER_FASTUDP=0)")
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        port = rx.getsockname()[1]
+        raw = socket.AF_INET.to_bytes(2, sys.byteorder) + port.to_bytes(2, "big")
+        raw = (raw + socket.inet_aton("127.0.0.1")).ljust(28, b"\0")  # a sockaddr slot
+        answers = [(b"one", raw), (b"x" * 70000, raw), (b"two", raw)]  # too large: EMSGSIZE
+        assert udpbatch._SEND(tx.fileno(), answers) == (3, 0)
+        assert [rx.recv(100), rx.recv(100)] == [b"one", b"two"]
+        with pytest.raises(TypeError):
+            udpbatch._SEND(tx.fileno(), [(b"one", b"short")])
+    finally:
+        rx.close()
+        tx.close()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from .octets import NATIVE, Fixed, Header, header_words, rr_fixed
+
 # Record types and classes the resolver itself needs by number.
 TYPE_A: Final = 1
 TYPE_NS: Final = 2
@@ -66,6 +68,7 @@ _HEADER: Final = struct.Struct("!6H")
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
 _RR_FIXED: Final = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_RR: Final = struct.Struct("!H2xIH")  # type, ttl, rdlength (octets.Fixed)
 _TWO_U16: Final = struct.Struct("!HH")
 
 # Response flags copied from the query: opcode, RD and CD (RFC 1035 4.1.1, RFC 4035 3.2.2).
@@ -226,7 +229,7 @@ def parse_query(data: bytes) -> Query:
     if n < 12:
         raise Unanswerable("shorter than a DNS header")
     # (Typed: struct returns Any, on which the compiled build does no native arithmetic.)
-    head: tuple[int, int, int, int, int, int] = _HEADER.unpack_from(data)
+    head: Header = header_words(data) if NATIVE else _HEADER.unpack_from(data)
     qid, flags, qdcount, ancount, nscount, arcount = head
     if flags & FLAG_QR:
         raise Unanswerable("a response, not a query")
@@ -495,7 +498,7 @@ def _reply_header(data: bytes, qid: int, question: bytes) -> tuple[int, int, int
     question are those of the query we sent; else raise :class:`Mismatch`."""
     if len(data) < 12:
         raise Mismatch("shorter than a DNS header")
-    head: tuple[int, int, int, int, int, int] = _HEADER.unpack_from(data)  # (typed: native)
+    head: Header = header_words(data) if NATIVE else _HEADER.unpack_from(data)  # (as above)
     rid, flags, qdcount, ancount, nscount, arcount = head
     if rid != qid or not flags & FLAG_QR:
         raise Mismatch("ID or QR does not match")
@@ -550,8 +553,8 @@ def scan_response(data: bytes, qid: int, question: bytes) -> Scan:
             off = skip_name(data, off)
         if off + 10 > n:
             raise FormatError("record header runs past the end of the reply")
-        fixed: tuple[int, int, int, int] = _RR_FIXED.unpack_from(data, off)  # (as above)
-        rtype, _rclass, ttl, rdlen = fixed
+        rr: Fixed = rr_fixed(data, off) if NATIVE else _RR.unpack_from(data, off)  # (as above)
+        rtype, ttl, rdlen = rr
         ttl_at = off + 4 - qend
         rdata = off + 10
         off = rdata + rdlen

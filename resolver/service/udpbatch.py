@@ -5,13 +5,7 @@ kernel's: one recvmsg and one sendmsg a query, each a system call. Under load th
 holds many queries at once; reading up to :data:`SLOTS` of them with one recvmmsg and
 sending their answers with one sendmmsg takes about a fifth off the CPU of a query
 (bench/core_bench.py). Python's socket module has neither call, so they go through ctypes
-into the C library, on buffers made once per listener:
-
-- the received datagrams land in fixed slots of one anonymous memory map (64 KiB each, as
-  large as a UDP datagram can be; only the pages written to take memory), and their
-  senders' addresses in an array of sockaddr slots;
-- answers are copied into slots of a second map, each sent to the address its query came
-  from, read from the same sockaddr slot without conversion.
+into the C library, on buffers made once per listener (service/udpslots.py).
 
 The sender's address becomes a Python tuple only when something needs it: the access list
 (an IPv4 address is looked up in a small cache by its 32-bit value) or the full path of
@@ -41,28 +35,27 @@ import ctypes.util
 import errno
 import importlib
 import logging
-import mmap
 import os
 import socket
 import sys
-from array import array
 from collections import deque
 from collections.abc import Container, Iterable
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from ..core.guard import EVERYONE
 from ..core.memo import FAST_BOUND, AnswerMemo, Memo
 from ..core.stats import PROTO_UDP
 from .listeners import FastSource, Handler, Tasks, UDPListener
+from .udpslots import MAX_ADDRESSES as MAX_ADDRESSES
+from .udpslots import NAME_SIZE as _NAME_SIZE
+from .udpslots import RECV_SIZE as RECV_SIZE
+from .udpslots import SEND_SIZE as SEND_SIZE
+from .udpslots import SLOTS as SLOTS
+from .udpslots import Buffers as Buffers
+from .udpslots import sockaddr_tuple as sockaddr_tuple
 
 log = logging.getLogger("resolver.transport")
 
-#: Datagrams read (and answers sent) per system call.
-SLOTS: Final = 64
-#: Bytes a received datagram may have: the largest UDP payload.
-RECV_SIZE: Final = 65536
-#: Bytes an answer may have to be sent from its slot; a larger one is sent on its own.
-SEND_SIZE: Final = 4096
 #: recvmmsg calls per readable event: a flood holds the loop for about 1 ms at most
 #: before upstream replies and TCP get their turn (the loop's own UDP transport reads up
 #: to 32 datagrams an event).
@@ -70,8 +63,6 @@ ROUNDS: Final = 2
 #: Answers that may wait for room in the socket's send buffer; beyond, they are dropped
 #: (the client asks again), as a full queue anywhere on the path would.
 MAX_QUEUED: Final = 4096
-#: Entries of the IPv4 address cache (cleared when full).
-MAX_ADDRESSES: Final = 65536
 
 #: Datagrams read one by one in an event while the socket is quiet (see BatchListener);
 #: a batch pays for itself from about three datagrams on.
@@ -79,27 +70,6 @@ _PLAIN_READS: Final = 4
 _MSG_DONTWAIT: Final = 0x40
 #: What a system that does not let the process make a call answers.
 _REFUSED: Final = (errno.ENOSYS, errno.EPERM, errno.EACCES)
-_NAME_SIZE: Final = 28  # sizeof(struct sockaddr_in6), which holds a sockaddr_in too
-
-
-class _IOVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_void_p),
-        ("namelen", ctypes.c_uint32),
-        ("iov", ctypes.c_void_p),
-        ("iovlen", ctypes.c_size_t),
-        ("control", ctypes.c_void_p),
-        ("controllen", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("hdr", _MsgHdr), ("len", ctypes.c_uint)]
 
 
 def _libc() -> Any:
@@ -120,18 +90,22 @@ def _libc() -> Any:
 _LIBC: Final = _libc()
 
 
-def _fast_loop() -> Any:
-    """The C loop's entry point (resolver/_fastudp.c), or None: not built (no compiler
-    at install time), not Linux, or turned off with RESOLVER_FASTUDP=0."""
+def _fast_module() -> Any:
+    """resolver._fastudp (the C loop and its sendmmsg of later answers), or None: not
+    built (no compiler at install time), not Linux, or turned off with RESOLVER_FASTUDP=0."""
     if _LIBC is None or os.environ.get("RESOLVER_FASTUDP", "1") == "0":
         return None
     try:
-        return importlib.import_module("resolver._fastudp").serve
+        return importlib.import_module("resolver._fastudp")
     except ImportError:
         return None
 
 
-_SERVE: Final = _fast_loop()
+_FAST: Final = _fast_module()
+#: The C loop's entry point, or None.
+_SERVE: Final = getattr(_FAST, "serve", None)
+#: The C sendmmsg of answers from their own bytes to their raw addresses, or None.
+_SEND: Final = getattr(_FAST, "send", None)
 #: Which loop answers memo hits in batches: "c" (resolver._fastudp) or "python".
 ENGINE: Final = "c" if _SERVE is not None else "python"
 
@@ -139,142 +113,6 @@ ENGINE: Final = "c" if _SERVE is not None else "python"
 def available() -> bool:
     """True where recvmmsg and sendmmsg can be called (Linux)."""
     return _LIBC is not None
-
-
-def _words(array: Any, code: Literal["B", "H", "I", "Q"]) -> memoryview[int]:
-    """A ctypes array as a memoryview of native bytes or words."""
-    return memoryview(array).cast("B").cast(code)
-
-
-def sockaddr_tuple(raw: bytes) -> Any:
-    """A raw sockaddr_in or sockaddr_in6 as the socket module gives it."""
-    port = int.from_bytes(raw[2:4], "big")
-    if int.from_bytes(raw[0:2], sys.byteorder) == socket.AF_INET:
-        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
-    flowinfo = int.from_bytes(raw[4:8], "big")
-    host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-    scope = int.from_bytes(raw[24:28], sys.byteorder)
-    if scope:
-        try:
-            host = f"{host}%{socket.if_indextoname(scope)}"
-        except OSError:
-            host = f"{host}%{scope}"
-    return (host, port, flowinfo, scope)
-
-
-class Buffers:
-    """The slots of one listener: received datagrams and their senders, answers to send.
-
-    Slot ``i`` of the receive side is datagram ``i`` of the last recvmmsg; the send side
-    is filled from slot 0 on with the answers of that batch, each pointing at the sockaddr
-    slot of its query."""
-
-    def __init__(self, slots: int = SLOTS) -> None:
-        self.slots = slots
-        self._recv_map = mmap.mmap(-1, slots * RECV_SIZE)
-        self._send_map = mmap.mmap(-1, slots * SEND_SIZE)
-        self.received = memoryview(self._recv_map)
-        self.outgoing = memoryview(self._send_map)
-        self.names = (ctypes.c_char * (slots * _NAME_SIZE))()
-        #: Addresses of answers sent after their batch (from upstream): their own slots.
-        self.later_names = (ctypes.c_char * (slots * _NAME_SIZE))()
-        self._recv_iov = (_IOVec * slots)()
-        self._send_iov = (_IOVec * slots)()
-        self.recv_msgs = (_MMsgHdr * slots)()
-        self.send_msgs = (_MMsgHdr * slots)()
-        recv_base = ctypes.addressof(ctypes.c_char.from_buffer(self._recv_map))
-        send_base = ctypes.addressof(ctypes.c_char.from_buffer(self._send_map))
-        self.names_base = ctypes.addressof(self.names)
-        self.later_base = ctypes.addressof(self.later_names)
-        for i in range(slots):
-            self._recv_iov[i].base = recv_base + i * RECV_SIZE
-            self._recv_iov[i].len = RECV_SIZE
-            recv = self.recv_msgs[i].hdr
-            recv.name = self.names_base + i * _NAME_SIZE
-            recv.namelen = _NAME_SIZE
-            recv.iov = ctypes.addressof(self._recv_iov[i])
-            recv.iovlen = 1
-            self._send_iov[i].base = send_base + i * SEND_SIZE
-            send = self.send_msgs[i].hdr
-            send.namelen = _NAME_SIZE  # the kernel reads as much as the family needs
-            send.iov = ctypes.addressof(self._send_iov[i])
-            send.iovlen = 1
-        self.recv_ptr = ctypes.addressof(self.recv_msgs)
-        self.send_ptr = ctypes.addressof(self.send_msgs)
-        self.msg_size = ctypes.sizeof(_MMsgHdr)
-        # Word views for the per-datagram reads and writes (a ctypes attribute costs ten
-        # times as much): received lengths, send addresses, send lengths, sockaddr words.
-        self.recv_words = _words(self.recv_msgs, "I")
-        self.len_at = _MMsgHdr.len.offset // 4
-        self.recv_stride = self.msg_size // 4
-        self.send_words = _words(self.send_msgs, "Q")
-        self.name_at = _MsgHdr.name.offset // 8
-        self.send_stride = self.msg_size // 8
-        self.iov_words = _words(self._send_iov, "Q")
-        self.iov_len_at = _IOVec.len.offset // 8
-        self.iov_stride = ctypes.sizeof(_IOVec) // 8
-        self.name_bytes = _words(self.names, "B")
-        self.later_bytes = _words(self.later_names, "B")
-        self.name_halves = _words(self.names, "H")
-        self.name_words = _words(self.names, "I")
-        #: IPv4 senders by the 32-bit value of their address, as strings.
-        self._hosts: dict[int, str] = {}
-        #: What the C loop hands back: indices of datagrams it left, its pauses.
-        self.misses = array("H", bytes(2 * slots))
-        self.slow_slots = array("q", bytes(8 * slots))
-        self.slow_times = array("d", bytes(8 * slots))
-
-    def put(self, k: int, answer: bytes, name: int) -> bool:
-        """Put ``answer`` in send slot ``k``, to the sockaddr at address ``name``; False
-        when it is too large for a slot (it is then sent on its own)."""
-        end = len(answer)
-        if end > SEND_SIZE:
-            return False
-        out = k * SEND_SIZE
-        self.outgoing[out : out + end] = answer
-        self.iov_words[k * self.iov_stride + self.iov_len_at] = end
-        self.send_words[k * self.send_stride + self.name_at] = name
-        return True
-
-    def length(self, i: int) -> int:
-        return int(self.recv_words[i * self.recv_stride + self.len_at])
-
-    def host(self, i: int) -> str:
-        """The sender of datagram ``i``, as a string (IPv4 ones from a cache)."""
-        if self.name_halves[i * (_NAME_SIZE // 2)] != socket.AF_INET:
-            return str(self.address(i)[0])
-        value = self.name_words[i * (_NAME_SIZE // 4) + 1]
-        host = self._hosts.get(value)
-        if host is None:
-            if len(self._hosts) >= MAX_ADDRESSES:
-                self._hosts.clear()
-            host = self._hosts[value] = socket.inet_ntop(
-                socket.AF_INET, value.to_bytes(4, sys.byteorder)
-            )
-        return host
-
-    def address(self, i: int) -> Any:
-        """The sender of datagram ``i`` as the socket module gives it: (host, port) for
-        IPv4, (host, port, flowinfo, scope_id) for IPv6."""
-        at = i * (_NAME_SIZE // 2)
-        if self.name_halves[at] == socket.AF_INET:
-            return (self.host(i), socket.ntohs(self.name_halves[at + 1]))
-        start = i * _NAME_SIZE
-        return sockaddr_tuple(bytes(self.name_bytes[start : start + _NAME_SIZE]))
-
-    def sockaddr(self, i: int) -> bytes:
-        """The sender of datagram ``i`` as it came: a raw sockaddr."""
-        start = i * _NAME_SIZE
-        return bytes(self.name_bytes[start : start + _NAME_SIZE])
-
-    def close(self) -> None:
-        for view in (
-            *(self.received, self.outgoing, self.recv_words, self.send_words, self.iov_words),
-            *(self.name_bytes, self.name_halves, self.name_words, self.later_bytes),
-        ):
-            view.release()
-        self._recv_map.close()
-        self._send_map.close()
 
 
 class BatchListener(UDPListener):
@@ -318,8 +156,10 @@ class BatchListener(UDPListener):
         self.closed = False
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._readable)
-        #: The C loop's entry point (None: the Python loop answers every batch).
+        #: The C loop's entry point (None: the Python loop answers every batch), and the
+        #: C sendmmsg of later answers that comes with it.
         self._serve = _SERVE
+        self._send = _SEND if _SERVE is not None else None
         loop = "C (resolver._fastudp)" if ENGINE == "c" else "Python"
         host = sock.getsockname()[0]
         log.info("UDP on %s: batches, memo hits answered by the %s loop", host, loop)
@@ -394,10 +234,12 @@ class BatchListener(UDPListener):
                     *(memo, allowed, b._hosts, fast.fast_counts, fast.fast_times),
                     *(fast.clock(), FAST_BOUND, b.misses, b.slow_slots, b.slow_times),
                     not self._queue,  # (earlier answers wait: these queue behind them)
+                    b.fresh,
                 )
             except Exception:  # (out of memory, say): the batch is lost, never the listener
                 log.exception("UDP: the C loop failed; the Python loop answers from now on")
                 self._serve = None
+                b.fresh.clear()
                 return
             rounds -= used
             self._busy = count >= _PLAIN_READS
@@ -408,28 +250,27 @@ class BatchListener(UDPListener):
             for k in range(slow):
                 fast.fast_hits += 1
                 fast.slots[b.slow_slots[k]].count(fast.stats, PROTO_UDP, b.slow_times[k])
-            if missed:
+            if missed:  # (with those not in the memo, in b.fresh already)
                 ready = self._answer(b.misses[:missed], ready)
-            if absent:  # not in the memo: straight to the pipeline, in the order they came
-                ready = self._answer(reversed(b.misses[b.slots - absent :]), ready, False)
+            elif absent:  # not in the memo: straight to the pipeline, in the order they came
+                ready = self._fresh(ready)
             if sent < ready:
                 self._send_batch(ready, sent)
             if count < b.slots:
                 return
 
-    def _answer(self, indices: Iterable[int], ready: int, lookup: bool = True) -> int:
-        """Answer the received datagrams ``indices`` (the memo's fast path, or the
-        pipeline; only the pipeline without ``lookup``); answers go in the send slots
-        from ``ready`` on; return how many are there then."""
+    def _answer(self, indices: Iterable[int], ready: int) -> int:
+        """Answer the received datagrams ``indices`` from the memo, or hand them to the
+        pipeline with those in ``b.fresh`` already; answers go in the send slots from
+        ``ready`` on; return how many are there then."""
         b = self._buffers
         received, outgoing = b.received, b.outgoing
         lengths, len_at, recv_stride = b.recv_words, b.len_at, b.recv_stride
         send_words, name_at, send_stride = b.send_words, b.name_at, b.send_stride
         iov_words, iov_len_at, iov_stride = b.iov_words, b.iov_len_at, b.iov_stride
-        names_base = b.names_base
-        handle = self.handle
+        names_base, fresh = b.names_base, b.fresh
         fast = self.fast
-        memo = fast.fast_memo if fast is not None and lookup else None
+        memo = fast.fast_memo if fast is not None else None
         clients = fast.fast_clients if fast is not None else EVERYONE
         everyone = clients is EVERYONE
         for i in indices:
@@ -461,6 +302,20 @@ class BatchListener(UDPListener):
                             self._sendto(first + body, b.address(i))
                         continue
                 data = bytes(received[start : start + size])
+                fresh.append((data, host, b.sockaddr(i), i))
+            except Exception:  # a bug must cost one answer, never the listener
+                log.exception("internal error answering a UDP query")
+        return self._fresh(ready)
+
+    def _fresh(self, ready: int) -> int:
+        """Answer the datagrams that the C loop found in no memo entry, handed over as
+        (datagram, host or None, sockaddr, index): the pipeline's. Answers go in the send
+        slots from ``ready`` on; return how many are there then."""
+        b = self._buffers
+        fresh, b.fresh = b.fresh, []
+        handle, later, held, names_base = self.handle, self._later, self.tasks.held, b.names_base
+        for data, host, sockaddr, i in fresh:
+            try:
                 result = handle(data, host if host is not None else b.host(i), False)
             except Exception:  # a bug must cost one answer, never the listener
                 log.exception("internal error answering a UDP query")
@@ -471,9 +326,9 @@ class BatchListener(UDPListener):
                 if b.put(ready, result, names_base + i * _NAME_SIZE):
                     ready += 1
                 else:
-                    self._sendto(result, b.address(i))
+                    self._sendto(result, sockaddr_tuple(sockaddr))
                 continue
-            result.then(self._later, b.sockaddr(i), self.tasks.held)  # a Pending answer
+            result.then(later, sockaddr, held)  # a Pending answer
         return ready
 
     def _send_batch(self, ready: int, sent: int = 0) -> None:
@@ -525,6 +380,15 @@ class BatchListener(UDPListener):
         """Send the answers that came since the last flush."""
         waiting, self._waiting = self._waiting, []
         if self.closed or not waiting:
+            return
+        if self._send is not None and self._batching and not self._queue:
+            # From the answers' own bytes, without the send slots (resolver/_fastudp.c).
+            sent, code = self._send(self._fd, waiting)
+            if sent < len(waiting):
+                if code in _REFUSED:
+                    self._give_up("sendmmsg", code)
+                for answer, sockaddr in waiting[sent:]:  # sent as the socket takes them
+                    self._enqueue(answer, sockaddr_tuple(sockaddr))
             return
         b = self._buffers
         ready = 0

@@ -37,14 +37,16 @@ class Upstream:
     #: SHA-256 hashes (base64) of SubjectPublicKeyInfos, one of which the server's
     #: certificate must carry, on top of its verification (RFC 7858 4.2, RFC 7469).
     pins: tuple[str, ...] = ()
-    #: Computed once (the query path reads them for every miss): the address family, and
-    #: the label of metrics, logs and status.
+    #: Computed once (the query path reads them for every miss): the address family, the
+    #: (host, port) that sockets connect to, and the label of metrics, logs and status.
     family: socket.AddressFamily = field(init=False, compare=False, repr=False)
+    address: tuple[str, int] = field(init=False, compare=False, repr=False)
     label: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         v6 = ":" in self.host
         object.__setattr__(self, "family", socket.AF_INET6 if v6 else socket.AF_INET)
+        object.__setattr__(self, "address", (self.host, self.port))
         hostport = f"[{self.host}]:{self.port}" if v6 else f"{self.host}:{self.port}"
         if self.transport == "udp":
             label = hostport

@@ -39,6 +39,11 @@ from .endpoints import Upstream
 from .tcp import TCPTransport
 
 _MAX_UDP: Final = 65535
+# (Final values read once: module attributes of _socket and select are dictionary lookups
+# at every use in the compiled build, three of them a query.)
+_SOCKET: Final = _socket.socket
+_DATAGRAM: Final = _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK
+_EPOLLIN: Final = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
 
 
 #: How an exchange ends: ``finish(exchange, scan, failure, detail)``, once.
@@ -166,7 +171,7 @@ class ReadWatch:
         if self.epoll is None:
             loop.add_reader(fd, exchange.readable)
         else:
-            self.epoll.register(fd, select.EPOLLIN)
+            self.epoll.register(fd, _EPOLLIN)
         self.waiting[fd] = exchange
         if expires >= self._last:
             self._last = expires
@@ -250,12 +255,12 @@ class UDPTransport:
         try:
             # The C socket type, non-blocking from the start: socket.socket's Python-level
             # __init__ and close bookkeeping cost about 3 us per query, for nothing used.
-            sock = _socket.socket(up.family, _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK)
+            sock = _SOCKET(up.family, _DATAGRAM)
         except OSError as exc:  # out of file descriptors, say: a failed exchange
             exchange.finish(exchange, None, NETWORK, str(exc))
             return
         try:
-            sock.connect((up.host, up.port))
+            sock.connect(up.address)
         except OSError as exc:
             sock.close()
             exchange.finish(exchange, None, NETWORK, str(exc))
