@@ -1,7 +1,7 @@
 /* The batched UDP listener's memo-hit loop in C (resolver/service/udpbatch.py).
 
    One call reads up to `slots` datagrams with recvmmsg into the listener's buffers (the
-   mmsghdr arrays that udpbatch.Buffers built), answers each one the memo can answer
+   mmsghdr arrays that udpslots.Buffers built), answers each one the memo can answer
    without Python (the same checks as AnswerMemo.fast_answer and the listener's access
    check), and sends the answers with sendmmsg; it goes on for up to `rounds` reads while
    every datagram was answered and every read was full. Whatever it cannot decide is

@@ -46,13 +46,8 @@ from ..core.guard import EVERYONE
 from ..core.memo import FAST_BOUND, AnswerMemo, Memo
 from ..core.stats import PROTO_UDP
 from .listeners import FastSource, Handler, Tasks, UDPListener
-from .udpslots import MAX_ADDRESSES as MAX_ADDRESSES
 from .udpslots import NAME_SIZE as _NAME_SIZE
-from .udpslots import RECV_SIZE as RECV_SIZE
-from .udpslots import SEND_SIZE as SEND_SIZE
-from .udpslots import SLOTS as SLOTS
-from .udpslots import Buffers as Buffers
-from .udpslots import sockaddr_tuple as sockaddr_tuple
+from .udpslots import RECV_SIZE, SEND_SIZE, SLOTS, Buffers, sockaddr_tuple
 
 log = logging.getLogger("resolver.transport")
 
