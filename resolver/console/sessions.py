@@ -247,16 +247,12 @@ class LoginGuard:
         self._count_all(now)
         client = client_key(client)
         entry = self._clients.get(client)
-        if entry is None or now - entry[1] > self.window:
-            if entry is None and len(self._clients) >= self.max_clients:
+        if entry is None:
+            if len(self._clients) >= self.max_clients:
                 del self._clients[next(iter(self._clients))]
                 self.forgotten += 1
             entry = self._clients[client] = [0.0, now, 0.0]
-        entry[0] += 1
-        if entry[0] >= self.max_failures:
-            entry[2] = now + self.lockout
-            entry[0] = 0
-            entry[1] = now
+        if self._strike(entry, now, self.max_failures):
             self.lockouts += 1
 
     def success(self, client: str) -> None:
@@ -264,13 +260,19 @@ class LoginGuard:
         self.succeeded += 1
         self._clients.pop(client_key(client), None)
 
+    def _strike(self, entry: list[float], now: float, limit: int) -> bool:
+        """One wrong token on ``entry`` ([failures, window start, locked until]), a
+        client's or all clients'; True when it locks (``limit`` within the window)."""
+        if now - entry[1] > self.window:
+            entry[0], entry[1] = 0.0, now
+        entry[0] += 1
+        if entry[0] < limit:
+            return False
+        entry[0], entry[1], entry[2] = 0.0, now, now + self.lockout
+        return True
+
     def _count_all(self, now: float) -> None:
-        total = self._all
-        if now - total[1] > self.window:
-            total[0], total[1] = 0.0, now
-        total[0] += 1
-        if total[0] >= self.max_failures_all:
-            total[0], total[1], total[2] = 0.0, now, now + self.lockout
+        if self._strike(self._all, now, self.max_failures_all):
             self.global_lockouts += 1
             log.warning(
                 "%d wrong admin tokens within %.0f s from many clients: every login and "
