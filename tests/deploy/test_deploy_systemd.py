@@ -174,19 +174,26 @@ def test_unit_and_host_config_agree() -> None:
     assert config["metrics"]["listen"].startswith("127.0.0.1:")
 
 
+def check_installed(root: Path) -> subprocess.CompletedProcess[str]:
+    """``resolver check`` of ``root``/etc/resolver/resolver.yaml (written by the caller),
+    with the shipped lists copied beside it, as installed."""
+    etc = root / "etc" / "resolver"
+    shutil.copytree(ROOT / "blocklists", etc / "blocklists")
+    return subprocess.run(
+        [sys.executable, "-m", "resolver", "check", "--config", str(etc / "resolver.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+    )
+
+
 def test_host_config_passes_check(tmp_path: Path) -> None:
     """As installed: /etc/resolver/resolver.yaml with the shipped lists beside it."""
     etc = tmp_path / "etc" / "resolver"
     etc.mkdir(parents=True)
     shutil.copy(HOST_CONFIG, etc / "resolver.yaml")
-    shutil.copytree(ROOT / "blocklists", etc / "blocklists")
-    result = subprocess.run(
-        [sys.executable, "-m", "resolver", "check", "--config", str(etc / "resolver.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    result = check_installed(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{etc / 'blocklists'}: ok: " in result.stdout
 
@@ -261,12 +268,5 @@ def test_host_config_with_encrypted_dns_passes_check(tmp_path: Path) -> None:
     etc = tmp_path / "etc" / "resolver"
     etc.mkdir(parents=True)
     (etc / "resolver.yaml").write_text(yaml.safe_dump(encrypted_config()))
-    shutil.copytree(ROOT / "blocklists", etc / "blocklists")
-    result = subprocess.run(
-        [sys.executable, "-m", "resolver", "check", "--config", str(etc / "resolver.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    result = check_installed(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
