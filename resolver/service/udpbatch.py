@@ -224,10 +224,24 @@ class BatchListener(UDPListener):
         rounds = ROUNDS
         while rounds > 0:
             try:
+                # (A plain call: star-unpacked groups would build a list and a tuple an event.)
                 count, ready, sent, code, missed, absent, slow, used = serve(
-                    *(self._fd, b.recv_ptr, b.send_ptr, b.slots, rounds, SEND_SIZE),
-                    *(memo, allowed, b._hosts, fast.fast_counts, fast.fast_times),
-                    *(fast.clock(), FAST_BOUND, b.misses, b.slow_slots, b.slow_times),
+                    self._fd,
+                    b.recv_ptr,
+                    b.send_ptr,
+                    b.slots,
+                    rounds,
+                    SEND_SIZE,
+                    memo,
+                    allowed,
+                    b._hosts,
+                    fast.fast_counts,
+                    fast.fast_times,
+                    fast.clock(),
+                    FAST_BOUND,
+                    b.misses,
+                    b.slow_slots,
+                    b.slow_times,
                     not self._queue,  # (earlier answers wait: these queue behind them)
                     b.fresh,
                 )
