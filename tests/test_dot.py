@@ -487,20 +487,24 @@ def test_a_dot_client_that_never_reads_is_aborted(
     sock = client_context(ca).wrap_socket(raw, server_hostname="dot.test")
     wire = dns.message.make_query("deepseek.com", "TXT").to_wire()
     chunk = (struct.pack("!H", len(wire)) + wire) * 50
+    listeners = server.server.dot
+    assert listeners is not None
+    table = listeners.connections
+    assert wait_until(lambda: len(table.open) == 1, 5.0)  # the handshake is done server side
     sock.setblocking(False)
     started = time.monotonic()
     sent = 0
-    while time.monotonic() - started < 4.0 and sent < 2_000_000:  # bounded in bytes and time
+    # Send until the server's own output buffer is full. The answers are small and the
+    # kernel's send buffer can take a megabyte or more of them first: on a loaded machine a
+    # fixed amount of sending may never get there. Bounded in bytes and time all the same.
+    while not table.paused_output and time.monotonic() - started < 10.0 and sent < 16_000_000:
         try:
             sent += sock.send(chunk)
         except (ssl.SSLWantWriteError, BlockingIOError):
             time.sleep(0.01)
         except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
             break
-    listeners = server.server.dot
-    assert listeners is not None
-    assert wait_until(lambda: not listeners.connections.open, 6.0)
-    table = listeners.connections
+    assert wait_until(lambda: not table.open, 6.0)
     assert table.paused_output + table.paused_pipeline >= 1
     assert table.aborted_stalled + table.aborted_output >= 1
     sock.close()
