@@ -74,7 +74,8 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "resolver._fastudp",
-            ["resolver/_fastudp.c"],
+            ["resolver/_fastudp.c", "resolver/_fastblock.c"],
+            depends=["resolver/_fastblock.h"],
             extra_compile_args=["-O2", "-std=gnu11"],
             optional=True,  # no compiler, no headers: the Python loop serves
         )

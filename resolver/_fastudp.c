@@ -24,6 +24,8 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "_fastblock.h"
+
 #define MAX_SLOTS 1024
 #define NAME_SIZE 28 /* sizeof(struct sockaddr_in6), a sockaddr slot (udpbatch) */
 
@@ -65,6 +67,8 @@ typedef struct {
     double now, bound;
     Py_ssize_t send_size;
     PyObject *fresh; /* list: (datagram, host or None, sockaddr, index) of those handed back */
+    Blocks blocks;   /* blocked names not in the memo (_fastblock.c), when on */
+    Py_ssize_t decided; /* answers made that way */
 } Job;
 
 /* Hand datagram i (not in the memo) to Python as it will need it: its bytes, its
@@ -99,6 +103,49 @@ hand_over(Job *job, struct mmsghdr *in, int i)
     return failed;
 }
 
+/* Count an answer of the Info in `slot` sent by the C loop, `elapsed` seconds after it
+   came: 1, or 2 for a pause (counted by Python, one by one, from slow_slots). */
+static int
+counted(Job *job, Py_ssize_t slot, double elapsed, Py_ssize_t *nslow)
+{
+    if (elapsed < job->bound) {
+        ((int64_t *)job->counts.buf)[slot] += 1;
+        ((double *)job->times.buf)[slot] += elapsed;
+        return 1;
+    }
+    ((int64_t *)job->slow_slots.buf)[*nslow] = slot;
+    ((double *)job->slow_times.buf)[*nslow] = elapsed;
+    *nslow += 1;
+    return 2;
+}
+
+/* A datagram the memo does not hold: answered here when a list blocks it and
+   _fastblock.c can answer it (see there), into send slot `out`; 1 or 2 as counted()
+   says, 3 Python's (not in the memo), -1 an error. */
+static int
+answer_blocked(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
+{
+    if (!job->blocks.on)
+        return 3;
+    double started = monotonic();
+    int access = allowed(&in->msg_hdr, job->clients, job->hosts);
+    if (access <= 0)
+        return access < 0 ? -1 : 3;
+    Py_ssize_t slot = -1;
+    Py_ssize_t length = blocks_answer(
+        &job->blocks, (const unsigned char *)in->msg_hdr.msg_iov->iov_base, (Py_ssize_t)in->msg_len,
+        job->now, (unsigned char *)out->msg_hdr.msg_iov->iov_base, job->send_size, &slot);
+    if (length <= 0)
+        return length < 0 ? -1 : 3;
+    if (slot < 0 || slot >= job->counts.len / 8 || slot >= job->times.len / 8
+        || ((int64_t *)job->counts.buf)[slot] < 0)
+        return 3; /* (a slot of an earlier memo, or an Info the audit log sees) */
+    out->msg_hdr.msg_iov->iov_len = (size_t)length;
+    out->msg_hdr.msg_name = in->msg_hdr.msg_name;
+    job->decided++;
+    return counted(job, slot, monotonic() - started, nslow);
+}
+
 /* Answer datagram i into send slot `*ready`, or hand it back. 1 answered, 0 handed
    back, 3 handed back and not in the memo (Python need not look again), 2 a pause
    (answered, noted in slow), -1 an error. */
@@ -115,7 +162,7 @@ answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
     PyObject *hit = PyDict_GetItemWithError(job->memo, key); /* borrowed */
     Py_DECREF(key);
     if (hit == NULL)
-        return PyErr_Occurred() ? -1 : 3;
+        return PyErr_Occurred() ? -1 : answer_blocked(job, in, out, nslow);
     double started = monotonic();
     if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3)
         return 0;
@@ -144,16 +191,7 @@ answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
     memcpy(slot_out + 2, PyBytes_AS_STRING(body), (size_t)length);
     out->msg_hdr.msg_iov->iov_len = (size_t)length + 2;
     out->msg_hdr.msg_name = in->msg_hdr.msg_name;
-    double elapsed = monotonic() - started;
-    if (elapsed < job->bound) {
-        counts[slot] += 1;
-        ((double *)job->times.buf)[slot] += elapsed;
-        return 1;
-    }
-    ((int64_t *)job->slow_slots.buf)[*nslow] = slot;
-    ((double *)job->slow_times.buf)[*nslow] = elapsed;
-    *nslow += 1;
-    return 2;
+    return counted(job, slot, monotonic() - started, nslow);
 }
 
 static int
@@ -172,21 +210,23 @@ get_buffer(PyObject *obj, Py_buffer *view, const char *format, Py_ssize_t items)
 
 PyDoc_STRVAR(serve_doc,
 "serve(fd, recv_msgs, send_msgs, slots, rounds, send_size, memo, clients, hosts,\n"
-"      counts, times, now, bound, misses, slow_slots, slow_times, send, fresh)\n"
-"-> (received, ready, sent, errno, missed, absent, slow, rounds)\n\n"
+"      counts, times, now, bound, misses, slow_slots, slow_times, send, fresh, blocks)\n"
+"-> (received, ready, sent, errno, missed, absent, slow, rounds, decided)\n\n"
 "Read, answer from the memo and send, as the module's comment says. `received` is the\n"
 "last recvmmsg's result (-1 with errno on failure), `ready` the answers in send slots\n"
 "0.., `sent` how many of them went out (only tried when `send` is true and nothing was\n"
 "handed back), `missed` the datagram indices at the start of `misses`, `absent` those\n"
 "not in the memo, appended to the list `fresh` as (datagram, host or None, sockaddr,\n"
 "index) in the order they came, `slow` the pauses in\n"
-"`slow_slots`/`slow_times`, `rounds` the reads made.");
+"`slow_slots`/`slow_times`, `rounds` the reads made. `blocks`: a view of the policy\n"
+"(core/blockview.py) with which blocked names not in the memo are answered, or None;\n"
+"`decided` how many were answered that way (counted in their Info's slot too).");
 
 static PyObject *
 serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 18) {
-        PyErr_SetString(PyExc_TypeError, "serve() takes 18 arguments");
+    if (nargs != 19) {
+        PyErr_SetString(PyExc_TypeError, "serve() takes 19 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
@@ -221,7 +261,8 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         || get_buffer(args[10], &job.times, "d", 0) < 0
         || get_buffer(args[13], &job.misses, "H", slots) < 0
         || get_buffer(args[14], &job.slow_slots, "q", slots) < 0
-        || get_buffer(args[15], &job.slow_times, "d", slots) < 0)
+        || get_buffer(args[15], &job.slow_times, "d", slots) < 0
+        || blocks_open(&job.blocks, args[18]) < 0)
         goto done;
 
     int received = 0, err = 0;
@@ -265,13 +306,15 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         if (sent < ready || received < slots)
             break;
     }
-    result = Py_BuildValue("(inninnnn)", received, ready, sent, err, missed, absent, nslow, round);
+    result = Py_BuildValue("(inninnnnn)", received, ready, sent, err, missed, absent, nslow, round,
+                           job.decided);
 done:
     if (job.counts.obj) PyBuffer_Release(&job.counts);
     if (job.times.obj) PyBuffer_Release(&job.times);
     if (job.misses.obj) PyBuffer_Release(&job.misses);
     if (job.slow_slots.obj) PyBuffer_Release(&job.slow_slots);
     if (job.slow_times.obj) PyBuffer_Release(&job.slow_times);
+    blocks_close(&job.blocks);
     return result;
 }
 
@@ -383,7 +426,39 @@ send_answers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
     return Py_BuildValue("(ni)", sent, err);
 }
 
+PyDoc_STRVAR(blocked_doc,
+"blocked(blocks, datagram, now) -> (answer, slot) or None\n\n"
+"What the C loop answers to `datagram` when the memo does not hold it: the blocked\n"
+"answer from `blocks` (core/blockview.py) and the Info slot it is counted in, or None\n"
+"when Python answers it. For tests, which compare it with Python's answer.");
+
+static PyObject *
+blocked(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "blocked() takes a view, a bytes datagram and a time");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[2]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    Blocks blocks;
+    if (blocks_open(&blocks, args[0]) < 0)
+        return NULL;
+    unsigned char out[4096];
+    Py_ssize_t slot = -1;
+    Py_ssize_t length = blocks_answer(&blocks, (const unsigned char *)PyBytes_AS_STRING(args[1]),
+                                      PyBytes_GET_SIZE(args[1]), now, out, sizeof(out), &slot);
+    blocks_close(&blocks);
+    if (length < 0)
+        return NULL;
+    if (length == 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(y#n)", (const char *)out, length, slot);
+}
+
 static PyMethodDef methods[] = {
+    {"blocked", (PyCFunction)(void (*)(void))blocked, METH_FASTCALL, blocked_doc},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
     {"send", (PyCFunction)(void (*)(void))send_answers, METH_FASTCALL, send_doc},
     {"dotted", (PyCFunction)(void (*)(void))dotted, METH_FASTCALL, dotted_doc},

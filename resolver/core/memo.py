@@ -47,6 +47,8 @@ _EVICT_SHARE: Final = 16
 _SLOTS_MAX: Final = 4 * _MEMO_MAX
 #: Info objects shared by answers alike, at most (see account.Accounts.info).
 INFOS_MAX: Final = _MEMO_MAX
+#: Kinds of blocked answer the C fast path may count (see AnswerMemo.note_block).
+_BLOCK_SLOTS_MAX: Final = 4096
 #: Fast-path answers slower than this (the first latency bucket) are counted one by one.
 FAST_BOUND: Final = BUCKETS[0]
 
@@ -181,6 +183,10 @@ class AnswerMemo:
         #: path never reads as a query the fast path missed.
         self.hits = 0
         self.fast_hits = 0
+        #: Of the fast path's answers, those the C loop decided itself (blocked names not
+        #: in the memo, core/blockview.py): counted in their Info like the memo's hits,
+        #: but no memo hits.
+        self.fast_decided = 0
         #: The Info objects that memo entries refer to, by slot (see Memo).
         self.slots: list[Info] = []
         #: The Info objects of the UDP memo's entries that the fast path may count (their
@@ -197,6 +203,11 @@ class AnswerMemo:
         #: client groups; otherwise None. And the clients that the access list lets in.
         self.fast_memo: Memo | None = None
         self.fast_clients: Container[str] = EVERYONE
+        #: For the C fast path's blocked answers (core/blockview.py): the policy's view
+        #: when it can decide names alone, else None; and the slot of the Info each kind
+        #: of blocked answer (blockview.slot_key) is counted in, as Python made them.
+        self.fast_blocks: object = None
+        self.block_slots: dict[int, int] = {}
 
     def fast_answer(self, body: bytes) -> bytes | None:
         """The answer (after the ID) to a UDP query whose bytes after the ID are ``body``,
@@ -269,6 +280,7 @@ class AnswerMemo:
         for info in self.slots:
             info.slot = -1
         self.slots.clear()  # in place: the fast path holds this list
+        self.block_slots.clear()  # (in place too: the policy's view holds it)
         del self.fast_counts[:]
         del self.fast_times[:]
 
@@ -297,6 +309,20 @@ class AnswerMemo:
         sizes[tcp] = used
         if not tcp and not info.logged:
             self.fast_infos[info] = None
+
+    def note_block(self, key: int, info: Info) -> None:
+        """Let the C fast path count its blocked answers of kind ``key``
+        (blockview.slot_key) in ``info``, which Python has just made for one."""
+        if info.logged:
+            return  # every one of those is Python's: the audit log sees it
+        slot = info.slot
+        if slot < 0:
+            slot = self._slot(info)
+        self.fast_infos[info] = None
+        slots = self.block_slots
+        if len(slots) >= _BLOCK_SLOTS_MAX:
+            slots.clear()  # (kinds are rule sets x types x rcodes: a backstop)
+        slots[key] = slot
 
     def _slot(self, info: Info) -> int:
         """A slot for ``info``, which memo entries then refer to. Slots are not reused:

@@ -23,8 +23,9 @@ class MemoViews:
     @property
     def memo_hits(self) -> int:
         """Answers from the memo, the fast path's included."""
-        self.memo.fold()
-        return self.memo.hits + self.memo.fast_hits
+        memo = self.memo
+        memo.fold()
+        return memo.hits + memo.fast_hits - memo.fast_decided
 
     def fold(self) -> None:
         """Add the answers the UDP fast path sent since the last call to the counters."""

@@ -35,12 +35,13 @@ from ..defaults import DEFAULT_INFLIGHT_MAX, DEFAULT_STALE_TIMER
 from ..policy.model import ALL_CLIENTS, Policy, RuleSet
 from ..policy.timewindow import NEVER
 from ..upstream.forwarder import Forwarder
+from . import blockview
 from .account import Accounts
 from .answers import busy, fit, render, tick
 from .cache import Cache, Entry
 from .context import Context, new_context
 from .ddr import RESOLVER_ARPA, Designation, served
-from .guard import DENY_DROP, DROP, EVERYONE, REFUSE, TRUNCATE, Guard
+from .guard import DENY_DROP, DROP, REFUSE, TRUNCATE, Guard
 from .inspect import ALL_GROUPS, answer_changes, behind, inspects
 from .memo import AnswerMemo, Info, memo_key
 from .memoview import MemoViews
@@ -140,6 +141,7 @@ class Resolver(MemoViews):
     @audit.setter
     def audit(self, audit: AuditSink | None) -> None:
         self._accounts.audit = audit
+        self._fast_path()
 
     @property
     def monitor_log_interval(self) -> float:
@@ -183,13 +185,8 @@ class Resolver(MemoViews):
         self._fast_path()
 
     def _fast_path(self) -> None:
-        """What the listeners' fast path may answer (see AnswerMemo.fast_memo): the memo
-        hit of a query that needs nothing but the access list, so only with no rate limit
-        and no client groups."""
-        guard = self._guard
-        plain = not self._policy.uses_groups and (guard is None or not guard.rate)
-        self.memo.fast_memo = self.memo.dicts[False] if plain else None
-        self.memo.fast_clients = EVERYONE if guard is None else guard.allowed
+        """Set what the listeners' fast path may answer (blockview.fast_path)."""
+        blockview.fast_path(self.memo, self._policy, self._guard, self._accounts.audit)
 
     async def close(self) -> None:
         """Stop upstream work still going on, prefetches included (at shutdown, after the
@@ -321,8 +318,11 @@ class Resolver(MemoViews):
         ctx.valid_until = valid_until
         if rule is not None:
             answer = fit(blocked_answer(q, rule, apex, now), q, ctx.limit)
-            info = ctx.info = self._accounts.info(q, BLOCKED, answer[3] & 0xF, rule, apex)
+            rcode = answer[3] & 0xF
+            info = ctx.info = self._accounts.info(q, BLOCKED, rcode, rule, apex)
             self._accounts.account(info, ctx.proto, ctx.client, ctx.started, ctx.client_id)
+            if self.memo.fast_blocks is not None:  # the C loop answers the next alike
+                self.memo.note_block(blockview.slot_key(rule.index, q.qtype, rcode), info)
             # The TTL is the list's until the window's end comes closer than that TTL.
             ctx.until = min(valid_until, rule.t2 - rule.blocklist.ttl)
             return answer

@@ -33,6 +33,7 @@ from .wire import (
 )
 
 _HEADER: Final = struct.Struct("!6H")
+_U32: Final = struct.Struct("!I")
 _ANSWER_FLAGS: Final = FLAG_QR | FLAG_RA
 _COPIED_FLAGS: Final = OPCODE_MASK | FLAG_RD | FLAG_CD  # as wire.response_flags copies
 _MNAME: Final = encode_name("blocked.invalid")
@@ -48,13 +49,19 @@ _SOAS: dict[tuple[str, int, int], bytes] = {}
 _SOAS_MAX: Final = 4096
 
 
+def soa_prefix(list_id: str) -> bytes:
+    """The RDATA of a blocked answer's SOA for list ``list_id``, less its last field (the
+    negative TTL, which is the answer's TTL)."""
+    return soa_rdata(_MNAME, encode_name(f"{list_id}.blocked.invalid"), 1, 0)[:-4]
+
+
 def _soa(list_id: str, ttl: int, apex: int) -> bytes:
     key = (list_id, ttl, apex)
     record = _SOAS.get(key)
     if record is None:
         if len(_SOAS) >= _SOAS_MAX:
             _SOAS.clear()
-        rdata = soa_rdata(_MNAME, encode_name(f"{list_id}.blocked.invalid"), 1, ttl)
+        rdata = soa_prefix(list_id) + _U32.pack(ttl)
         record = _SOAS[key] = rr(pointer(12 + apex), TYPE_SOA, ttl, rdata)
     return record
 

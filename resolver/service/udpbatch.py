@@ -225,7 +225,7 @@ class BatchListener(UDPListener):
         while rounds > 0:
             try:
                 # (A plain call: star-unpacked groups would build a list and a tuple an event.)
-                count, ready, sent, code, missed, absent, slow, used = serve(
+                count, ready, sent, code, missed, absent, slow, used, decided = serve(
                     self._fd,
                     b.recv_ptr,
                     b.send_ptr,
@@ -244,6 +244,7 @@ class BatchListener(UDPListener):
                     b.slow_times,
                     not self._queue,  # (earlier answers wait: these queue behind them)
                     b.fresh,
+                    fast.fast_blocks,
                 )
             except Exception:  # (out of memory, say): the batch is lost, never the listener
                 log.exception("UDP: the C loop failed; the Python loop answers from now on")
@@ -251,6 +252,7 @@ class BatchListener(UDPListener):
                 b.fresh.clear()
                 return
             rounds -= used
+            fast.fast_decided += decided
             self._busy = count >= _PLAIN_READS
             if count <= 0:  # (a refusal ends the batches: see _recv_error)
                 if count < 0:

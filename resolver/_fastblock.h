@@ -1,0 +1,31 @@
+/* Blocked names answered in C (resolver/_fastblock.c), for the UDP loop of _fastudp.c.
+   The Python side that builds what these read: resolver/core/blockview.py. */
+
+#ifndef RESOLVER_FASTBLOCK_H
+#define RESOLVER_FASTBLOCK_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+typedef struct {
+    int on;                              /* 0: no view (None), nothing is answered here */
+    Py_buffer keys, values, times, flags; /* 'Q', 'I', 'd' x3 a row, 'q' x2 a row */
+    const unsigned char *depths;         /* 32 bytes: bit n set when some name has n labels */
+    PyObject *multi, *answers, *slots;   /* tuple of tuples, tuple of tuples, dict */
+    int64_t exact, subdomains, allow;    /* the flag bits (policy/formats) */
+    Py_ssize_t rows, size;               /* rule sets; table slots (a power of two) */
+} Blocks;
+
+/* Read the view (a blockview.View tuple, or None); 0, or -1 with an exception set. */
+int blocks_open(Blocks *b, PyObject *view);
+void blocks_close(Blocks *b);
+
+/* The answer to the query `data` (its whole datagram) when a rule set blocks it and
+   everything about it is plain: written to `out` (at most `room` bytes), its length
+   returned, and the Info slot that counts it in *slot. 0: Python's to answer (not
+   blocked, not plain, an answer not yet seen, too large); -1: an error. */
+Py_ssize_t blocks_answer(Blocks *b, const unsigned char *data, Py_ssize_t size, double now,
+                         unsigned char *out, Py_ssize_t room, Py_ssize_t *slot);
+
+#endif
