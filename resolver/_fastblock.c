@@ -10,7 +10,8 @@
    monitor phase, not listed), type ANY and the other meta types, an answer too large for
    the client's UDP size, and a kind of answer (rule set, type, rcode) whose Info Python
    has not made yet: blockview registers it the first time Python answers one, and from
-   then on the C loop counts such answers in that Info's slot. */
+   then on the C loop counts such answers in that Info's slot. The answer goes into the
+   memo too (_fastudp.c, remember), until the instant blocks_answer says. */
 
 #include "_fastblock.h"
 
@@ -47,17 +48,19 @@ blocks_open(Blocks *b, PyObject *view)
     memset(b, 0, sizeof(*b));
     if (view == Py_None)
         return 0;
-    if (!PyTuple_CheckExact(view) || PyTuple_GET_SIZE(view) != 9) {
-        PyErr_SetString(PyExc_TypeError, "blocks: expected a tuple of 9 (blockview.View)");
+    if (!PyTuple_CheckExact(view) || PyTuple_GET_SIZE(view) != 10) {
+        PyErr_SetString(PyExc_TypeError, "blocks: expected a tuple of 10 (blockview.View)");
         return -1;
     }
     PyObject *depths = PyTuple_GET_ITEM(view, 2), *consts = PyTuple_GET_ITEM(view, 8);
     b->multi = PyTuple_GET_ITEM(view, 5);
     b->answers = PyTuple_GET_ITEM(view, 6);
     b->slots = PyTuple_GET_ITEM(view, 7);
+    b->sizes = PyTuple_GET_ITEM(view, 9);
     if (!PyBytes_CheckExact(depths) || PyBytes_GET_SIZE(depths) != 32 || !PyTuple_CheckExact(b->multi)
         || !PyTuple_CheckExact(b->answers) || !PyDict_CheckExact(b->slots)
-        || !PyTuple_CheckExact(consts) || PyTuple_GET_SIZE(consts) != 3) {
+        || !PyList_CheckExact(b->sizes) || PyList_GET_SIZE(b->sizes) < 1
+        || !PyTuple_CheckExact(consts) || PyTuple_GET_SIZE(consts) != 4) {
         PyErr_SetString(PyExc_TypeError, "blocks: a part of the view is not what it should be");
         return -1;
     }
@@ -65,6 +68,7 @@ blocks_open(Blocks *b, PyObject *view)
     b->exact = PyLong_AsLongLong(PyTuple_GET_ITEM(consts, 0));
     b->subdomains = PyLong_AsLongLong(PyTuple_GET_ITEM(consts, 1));
     b->allow = PyLong_AsLongLong(PyTuple_GET_ITEM(consts, 2));
+    b->overhead = PyLong_AsSsize_t(PyTuple_GET_ITEM(consts, 3));
     if (PyErr_Occurred())
         return -1;
     if (open_array(PyTuple_GET_ITEM(view, 0), &b->keys, "Q") < 0
@@ -120,6 +124,7 @@ lookup(Blocks *b, const unsigned char *name, Py_ssize_t length)
 typedef struct {
     Py_ssize_t block, where; /* the rule set that blocks (-1: none), its label offset */
     int allowed;
+    double until; /* the next instant at which any of this changes */
 } Verdict;
 
 /* One rule set of a name found at label offset `off` (Policy.decide's inner loop). */
@@ -130,10 +135,14 @@ weigh(Blocks *b, Py_ssize_t row, int64_t need, Py_ssize_t off, double now, Verdi
         return;
     const int64_t *flags = (const int64_t *)b->flags.buf + 2 * row;
     const double *t = (const double *)b->times.buf + 3 * row;
-    if (!(flags[0] & need) || !flags[1])
+    if (!(flags[0] & need) || !flags[1] || now >= t[2])
         return;
-    if (now < t[1] || now >= t[2])
-        return; /* pending, monitored or over: not a block now */
+    /* pending until t0, monitored until t1 (neither blocks now), enforced until t2 */
+    double next = now < t[0] ? t[0] : now < t[1] ? t[1] : t[2];
+    if (next < v->until)
+        v->until = next;
+    if (now < t[1])
+        return;
     if (flags[0] & b->allow)
         v->allowed = 1;
     else if (v->block < 0) {
@@ -151,6 +160,7 @@ decide(Blocks *b, const unsigned char *text, Py_ssize_t length, const Py_ssize_t
     v->block = -1;
     v->where = 0;
     v->allowed = 0;
+    v->until = Py_HUGE_VAL;
     int64_t need = b->exact;
     Py_ssize_t depth = count;
     for (Py_ssize_t k = 0; k < count; k++, depth--) {
@@ -218,7 +228,7 @@ put_rr(unsigned char *p, unsigned int owner, unsigned int rtype, uint32_t ttl,
 
 Py_ssize_t
 blocks_answer(Blocks *b, const unsigned char *data, Py_ssize_t size, double now,
-              unsigned char *out, Py_ssize_t room, Py_ssize_t *slot)
+              unsigned char *out, Py_ssize_t room, Py_ssize_t *slot, double *until)
 {
     if (!b->on || size < 17)
         return 0;
@@ -296,7 +306,9 @@ blocks_answer(Blocks *b, const unsigned char *data, Py_ssize_t size, double now,
     if (PyErr_Occurred())
         return -1;
     PyObject *soa = PyTuple_GET_ITEM(row, 2), *opt = PyTuple_GET_ITEM(row, dnssec_ok ? 6 : 5);
-    double left = ((const double *)b->times.buf)[3 * v.block + 2] - now;
+    double end = ((const double *)b->times.buf)[3 * v.block + 2], left = end - now;
+    /* (Resolver._decide: the memo keeps it until the window's end is a TTL away) */
+    *until = v.until < end - (double)list_ttl ? v.until : end - (double)list_ttl;
     uint32_t ttl = (uint32_t)list_ttl;
     if (left < (double)list_ttl)
         ttl = left > 0 ? (uint32_t)left : 0;

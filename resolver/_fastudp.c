@@ -69,6 +69,7 @@ typedef struct {
     PyObject *fresh; /* list: (datagram, host or None, sockaddr, index) of those handed back */
     Blocks blocks;   /* blocked names not in the memo (_fastblock.c), when on */
     Py_ssize_t decided; /* answers made that way */
+    Py_ssize_t max_entries, max_bytes; /* the memo's bounds (AnswerMemo) */
 } Job;
 
 /* Hand datagram i (not in the memo) to Python as it will need it: its bytes, its
@@ -119,11 +120,39 @@ counted(Job *job, Py_ssize_t slot, double elapsed, Py_ssize_t *nslow)
     return 2;
 }
 
-/* A datagram the memo does not hold: answered here when a list blocks it and
-   _fastblock.c can answer it (see there), into send slot `out`; 1 or 2 as counted()
-   says, 3 Python's (not in the memo), -1 an error. */
+/* Keep a blocked answer made here in the memo under `key`, as AnswerMemo.remember does
+   when there is room (its repeats are then memo hits): 1, or 0 when there is none (the
+   eviction is Python's: it answers this one), -1 an error. */
 static int
-answer_blocked(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
+remember(Job *job, PyObject *key, const char *answer, Py_ssize_t length, double until,
+         Py_ssize_t slot)
+{
+    if (until <= job->now)
+        return 1; /* not to be kept (remember() keeps nothing either) */
+    Py_ssize_t used = PyLong_AsSsize_t(PyList_GET_ITEM(job->blocks.sizes, 0));
+    if (used == -1 && PyErr_Occurred())
+        return -1;
+    used += 2 * length + job->blocks.overhead;
+    if (used * 2 > job->max_bytes || PyDict_GET_SIZE(job->memo) >= job->max_entries)
+        return 0;
+    PyObject *value = Py_BuildValue("(y#dn)", answer + 2, length - 2, until, slot);
+    if (value == NULL)
+        return -1;
+    int failed = PyDict_SetItem(job->memo, key, value);
+    Py_DECREF(value);
+    PyObject *total = failed ? NULL : PyLong_FromSsize_t(used);
+    if (total == NULL)
+        return -1;
+    PyList_SetItem(job->blocks.sizes, 0, total); /* (steals it) */
+    return 1;
+}
+
+/* A datagram the memo does not hold (its key `key`): answered here when a list blocks
+   it and _fastblock.c can answer it (see there), into send slot `out`, and kept in the
+   memo; 1 or 2 as counted() says, 3 Python's (not in the memo), -1 an error. */
+static int
+answer_blocked(Job *job, PyObject *key, struct mmsghdr *in, struct mmsghdr *out,
+               Py_ssize_t *nslow)
 {
     if (!job->blocks.on)
         return 3;
@@ -132,14 +161,19 @@ answer_blocked(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *ns
     if (access <= 0)
         return access < 0 ? -1 : 3;
     Py_ssize_t slot = -1;
+    double until = 0.0;
+    char *answer = (char *)out->msg_hdr.msg_iov->iov_base;
     Py_ssize_t length = blocks_answer(
         &job->blocks, (const unsigned char *)in->msg_hdr.msg_iov->iov_base, (Py_ssize_t)in->msg_len,
-        job->now, (unsigned char *)out->msg_hdr.msg_iov->iov_base, job->send_size, &slot);
+        job->now, (unsigned char *)answer, job->send_size, &slot, &until);
     if (length <= 0)
         return length < 0 ? -1 : 3;
     if (slot < 0 || slot >= job->counts.len / 8 || slot >= job->times.len / 8
         || ((int64_t *)job->counts.buf)[slot] < 0)
         return 3; /* (a slot of an earlier memo, or an Info the audit log sees) */
+    int kept = remember(job, key, answer, length, until, slot);
+    if (kept <= 0)
+        return kept < 0 ? -1 : 3;
     out->msg_hdr.msg_iov->iov_len = (size_t)length;
     out->msg_hdr.msg_name = in->msg_hdr.msg_name;
     job->decided++;
@@ -160,9 +194,12 @@ answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
     if (key == NULL)
         return -1;
     PyObject *hit = PyDict_GetItemWithError(job->memo, key); /* borrowed */
+    if (hit == NULL) {
+        int done = PyErr_Occurred() ? -1 : answer_blocked(job, key, in, out, nslow);
+        Py_DECREF(key);
+        return done;
+    }
     Py_DECREF(key);
-    if (hit == NULL)
-        return PyErr_Occurred() ? -1 : answer_blocked(job, in, out, nslow);
     double started = monotonic();
     if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) < 3)
         return 0;
@@ -210,7 +247,8 @@ get_buffer(PyObject *obj, Py_buffer *view, const char *format, Py_ssize_t items)
 
 PyDoc_STRVAR(serve_doc,
 "serve(fd, recv_msgs, send_msgs, slots, rounds, send_size, memo, clients, hosts,\n"
-"      counts, times, now, bound, misses, slow_slots, slow_times, send, fresh, blocks)\n"
+"      counts, times, now, bound, misses, slow_slots, slow_times, send, fresh, blocks,\n"
+"      max_entries, max_bytes)\n"
 "-> (received, ready, sent, errno, missed, absent, slow, rounds, decided)\n\n"
 "Read, answer from the memo and send, as the module's comment says. `received` is the\n"
 "last recvmmsg's result (-1 with errno on failure), `ready` the answers in send slots\n"
@@ -219,14 +257,15 @@ PyDoc_STRVAR(serve_doc,
 "not in the memo, appended to the list `fresh` as (datagram, host or None, sockaddr,\n"
 "index) in the order they came, `slow` the pauses in\n"
 "`slow_slots`/`slow_times`, `rounds` the reads made. `blocks`: a view of the policy\n"
-"(core/blockview.py) with which blocked names not in the memo are answered, or None;\n"
-"`decided` how many were answered that way (counted in their Info's slot too).");
+"(core/blockview.py) with which blocked names not in the memo are answered and kept\n"
+"in it (within the memo's `max_entries` and `max_bytes`), or None; `decided` how many\n"
+"were answered that way (counted in their Info's slot too).");
 
 static PyObject *
 serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 19) {
-        PyErr_SetString(PyExc_TypeError, "serve() takes 19 arguments");
+    if (nargs != 21) {
+        PyErr_SetString(PyExc_TypeError, "serve() takes 21 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
@@ -244,6 +283,8 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     job.bound = PyFloat_AsDouble(args[12]);
     int send = PyObject_IsTrue(args[16]);
     job.fresh = args[17];
+    job.max_entries = PyLong_AsSsize_t(args[19]);
+    job.max_bytes = PyLong_AsSsize_t(args[20]);
     if (PyErr_Occurred())
         return NULL;
     if (slots <= 0 || slots > MAX_SLOTS || rounds <= 0 || recv_msgs == NULL || send_msgs == NULL) {
@@ -447,8 +488,10 @@ blocked(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     unsigned char out[4096];
     Py_ssize_t slot = -1;
+    double until = 0.0;
     Py_ssize_t length = blocks_answer(&blocks, (const unsigned char *)PyBytes_AS_STRING(args[1]),
-                                      PyBytes_GET_SIZE(args[1]), now, out, sizeof(out), &slot);
+                                      PyBytes_GET_SIZE(args[1]), now, out, sizeof(out), &slot,
+                                      &until);
     blocks_close(&blocks);
     if (length < 0)
         return NULL;

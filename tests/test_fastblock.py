@@ -223,26 +223,21 @@ def test_malformed_or_odd_queries_are_left_to_python(
     assert fastudp.blocked(view, mangle(data), NOW) is None
 
 
-def test_a_burst_of_distinct_blocked_names_is_answered_in_c_and_counted(
-    make_server: Callable[..., RunningServer],
-) -> None:
-    if importlib.import_module("resolver.service.udpbatch").ENGINE != "c":
-        pytest.skip("the C loop is off (RESOLVER_FASTUDP=0)")
-    running = make_server()
-    running.query("first.deepseek.com", "A")  # Python's: the kind is then known
-    resolver = running.resolver
-    before = resolver.stats.blocked.get("deepseek", 0)
-    hits_before = resolver.memo_hits
-    count = 400
+def burst(running: RunningServer, count: int) -> list[bytes]:
+    """Send ``q<i>.deepseek.com`` A for i < count at once (so that the server finds a
+    backlog and reads it in batches), check that each gets NXDOMAIN with its own ID and
+    question; return the queries."""
+    queries = []
+    for i in range(count):
+        query = dns.message.make_query(f"q{i}.deepseek.com", "A", use_edns=False)
+        query.id = i
+        queries.append(query.to_wire())
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     client.settimeout(5.0)
     try:
-        # Sent at once, so that the server finds a backlog and reads it in batches.
-        for i in range(count):
-            query = dns.message.make_query(f"q{i}.deepseek.com", "A", use_edns=False)
-            query.id = i
-            client.sendto(query.to_wire(), (running.host, running.port))
+        for data in queries:
+            client.sendto(data, (running.host, running.port))
         seen: set[int] = set()
         deadline = time.monotonic() + 10.0
         while len(seen) < count and time.monotonic() < deadline:
@@ -253,8 +248,52 @@ def test_a_burst_of_distinct_blocked_names_is_answered_in_c_and_counted(
     finally:
         client.close()
     assert len(seen) == count
+    return queries
+
+
+def c_loop_server(make_server: Callable[..., RunningServer]) -> RunningServer:
+    if importlib.import_module("resolver.service.udpbatch").ENGINE != "c":
+        pytest.skip("the C loop is off (RESOLVER_FASTUDP=0)")
+    running = make_server()
+    running.query("first.deepseek.com", "A", use_edns=False)  # Python's: the kind is known
+    return running
+
+
+def test_a_burst_of_distinct_blocked_names_is_answered_in_c_and_counted(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = c_loop_server(make_server)
+    resolver = running.resolver
+    before = resolver.stats.blocked.get("deepseek", 0)
+    hits_before = resolver.memo_hits
+    count = 400
+    burst(running, count)
     memo = resolver.memo
     assert memo.fast_decided > 0  # some of them came in batches, which C answered
     assert resolver.stats.blocked["deepseek"] - before == count
-    # Decided in C, not remembered: not memo hits.
+    # Decided in C (and then kept in the memo): not memo hits.
     assert resolver.memo_hits == hits_before
+
+
+def test_what_c_answers_is_kept_in_the_memo_as_the_pipeline_keeps_it(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    running = c_loop_server(make_server)
+    resolver = running.resolver
+    memo = resolver.memo
+    first = dns.message.make_query("first.deepseek.com", "A", use_edns=False).to_wire()
+    kept_by_python = memo.dicts[False][first[2:]]
+    count = 300
+    queries = burst(running, count)
+    decided = memo.fast_decided
+    assert decided > 0
+    kept = [memo.dicts[False].get(data[2:]) for data in queries]
+    assert all(entry is not None for entry in kept)  # by C or by Python, each one
+    for entry in kept:
+        assert entry is not None
+        # Same answer but for the name, same instant of expiry, same Info.
+        assert entry[1:] == kept_by_python[1:]
+    hits_before = resolver.memo_hits
+    burst(running, count)  # the same names again: memo hits now, nothing decided anew
+    assert resolver.memo_hits - hits_before == count
+    assert memo.fast_decided == decided

@@ -14,7 +14,9 @@ Python whatever it is not sure of (see _fastblock.c), and counts what it answers
 Info that Python made for the first answer of the same kind (rule set, type, rcode): the
 memo's ``block_slots`` map that kind to the Info's slot, which Python fills as it answers
 (AnswerMemo.note_block). So the counters and the latency histogram stay whole, and an
-answer the audit log must see is never made in C (its Info has no slot there).
+answer the audit log must see is never made in C (its Info has no slot there). What it
+answers it keeps in the memo, as the pipeline would, while the memo has room (making room
+is Python's: without, Python answers), so that a repeat is a memo hit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 from ..policy.formats import ALLOW, EXACT, SUBDOMAINS
 from ..policy.model import ALL_CLIENTS, Policy
 from .guard import EVERYONE, Guard
-from .memo import AnswerMemo
+from .memo import MEMO_OVERHEAD, AnswerMemo
 from .outcome import BLOCKED
 from .sinkhole import soa_prefix
 
@@ -39,7 +41,7 @@ KINDS: Final = {"nxdomain": 0, "nodata": 1, "refused": 2, "null": 3, "sinkhole":
 #: 'd' (t0, t1, t2 a rule set), flags 'q' (flags, applies to "all" a rule set), multi
 #: (rule set indices a multi value), answers (kind, TTL, SOA RDATA less its minimum, A
 #: addresses, AAAA addresses, OPT, OPT with DO a rule set), block slots, (EXACT,
-#: SUBDOMAINS, ALLOW)).
+#: SUBDOMAINS, ALLOW, a memo entry's overhead), the memo's sizes).
 View = tuple[
     "array[int]",
     "array[int]",
@@ -49,7 +51,8 @@ View = tuple[
     tuple[tuple[int, ...], ...],
     tuple[tuple[int, int, bytes, bytes, bytes, bytes, bytes], ...],
     dict[int, int],
-    tuple[int, int, int],
+    tuple[int, int, int, int],
+    list[int],
 ]
 
 
@@ -64,12 +67,14 @@ def fast_path(
     memo.fast_memo = memo.dicts[False] if plain else None
     memo.fast_clients = EVERYONE if guard is None else guard.allowed
     logged = audit is not None and audit.wants(BLOCKED)
-    memo.fast_blocks = build(policy, memo.block_slots) if plain and not logged else None
+    memo.fast_blocks = build(policy, memo) if plain and not logged else None
 
 
-def build(policy: Policy, slots: dict[int, int]) -> View | None:
-    """The view of ``policy`` (None when the C loop cannot decide its names alone);
-    ``slots`` is the memo's ``block_slots``, which the view shares."""
+def build(policy: Policy, memo: AnswerMemo) -> View | None:
+    """The view of ``policy`` (None when the C loop cannot decide its names alone); it
+    shares ``memo``'s ``block_slots`` and ``sizes``: the C loop keeps its answers in the
+    memo while it has room (AnswerMemo.remember's bounds), so that their repeats are memo
+    hits."""
     if policy.patterns or policy.uses_groups:
         return None
     index: dict[int, int] = {}
@@ -105,8 +110,9 @@ def build(policy: Policy, slots: dict[int, int]) -> View | None:
         flags,
         multi,
         tuple(answers),
-        slots,
-        (EXACT, SUBDOMAINS, ALLOW),
+        memo.block_slots,
+        (EXACT, SUBDOMAINS, ALLOW, MEMO_OVERHEAD),
+        memo.sizes,
     )
 
 

@@ -37,7 +37,7 @@ _MEMO_MAX: Final = DEFAULT_MEMO_MAX_ENTRIES
 #: What a memo entry takes beyond the bytes of its key and answer: the dict's slot, the
 #: value's tuple, its float and the two bytes objects' headers (measured: about 190),
 #: and the 8 bytes of a client group mask a key may hold beyond its answer's length.
-_MEMO_OVERHEAD: Final = 200
+MEMO_OVERHEAD: Final = 200
 #: Memo entries evicted at once, as a share of the memo (1/16): the oldest in insertion
 #: order, in one pass over the start of the dict, which stays cheap and keeps the
 #: dict's table from filling with holes at its front.
@@ -170,7 +170,7 @@ class AnswerMemo:
         self.clock = clock
         #: The UDP and the TCP memo (indexed by ``tcp``).
         self.dicts: tuple[Memo, Memo] = ({}, {})
-        #: Bytes the UDP and the TCP memo take (keys, answers and _MEMO_OVERHEAD each).
+        #: Bytes the UDP and the TCP memo take (keys, answers and MEMO_OVERHEAD each).
         self.sizes = [0, 0]
         #: The bounds: entries per transport, bytes of both together (half each).
         self.max_entries = DEFAULT_MEMO_MAX_ENTRIES
@@ -184,8 +184,8 @@ class AnswerMemo:
         self.hits = 0
         self.fast_hits = 0
         #: Of the fast path's answers, those the C loop decided itself (blocked names not
-        #: in the memo, core/blockview.py): counted in their Info like the memo's hits,
-        #: but no memo hits.
+        #: in the memo yet, core/blockview.py, which it then keeps there): counted in their
+        #: Info like the memo's hits, but no memo hits.
         self.fast_decided = 0
         #: The Info objects that memo entries refer to, by slot (see Memo).
         self.slots: list[Info] = []
@@ -295,8 +295,9 @@ class AnswerMemo:
             slot = self._slot(info)  # (before the sizes: it may empty the memo)
         memo = self.dicts[tcp]
         # A key is never longer than its answer (which repeats its question and OPT), so
-        # twice the answer's bytes count for both (and save a len() per entry).
-        size = 2 * len(answer) + _MEMO_OVERHEAD
+        # twice the answer's bytes count for both (and save a len() per entry). (The C
+        # loop counts the blocked answers it keeps alike: resolver/_fastudp.c, remember.)
+        size = 2 * len(answer) + MEMO_OVERHEAD
         sizes = self.sizes
         used = sizes[tcp] + size
         # Each transport's memo takes half the bytes at most: TCP's large answers never
@@ -340,7 +341,7 @@ class AnswerMemo:
     def forget(self, tcp: bool, body: bytes) -> None:
         """Drop an expired memo entry."""
         value = self.dicts[tcp].pop(body)
-        self.sizes[tcp] -= 2 * len(value[0]) + 4 + _MEMO_OVERHEAD
+        self.sizes[tcp] -= 2 * len(value[0]) + 4 + MEMO_OVERHEAD
 
     def _make_room(self, memo: Memo, tcp: bool, size: int) -> bool:
         """Whether an entry of ``size`` bytes may join ``memo`` (the ``tcp`` one), after
@@ -363,7 +364,7 @@ class AnswerMemo:
                     break
             freed = 0
             for key in doomed:
-                freed += 2 * len(memo.pop(key)[0]) + 4 + _MEMO_OVERHEAD
+                freed += 2 * len(memo.pop(key)[0]) + 4 + MEMO_OVERHEAD
             sizes[tcp] -= freed
             self.evictions += len(doomed)
         return True

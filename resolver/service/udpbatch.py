@@ -248,6 +248,8 @@ class BatchListener(UDPListener):
                     not self._queue,  # (earlier answers wait: these queue behind them)
                     b.fresh,
                     fast.fast_blocks,
+                    fast.max_entries,
+                    fast.max_bytes,
                 )
             except Exception:  # (out of memory, say): the batch is lost, never the listener
                 log.exception("UDP: the C loop failed; the Python loop answers from now on")
