@@ -28,6 +28,16 @@
 
 enum { KIND_NXDOMAIN, KIND_NODATA, KIND_REFUSED, KIND_NULL, KIND_SINKHOLE };
 
+/* An octet of a label as policy.model.dotted keeps it: lower case, a dot 0xFF. */
+static unsigned char folded[256];
+
+void
+blocks_init(void)
+{
+    for (int c = 0; c < 256; c++)
+        folded[c] = (unsigned char)(c >= 'A' && c <= 'Z' ? c + 32 : c == '.' ? 0xFF : c);
+}
+
 static int
 open_array(PyObject *obj, Py_buffer *view, const char *format)
 {
@@ -46,6 +56,7 @@ int
 blocks_open(Blocks *b, PyObject *view)
 {
     memset(b, 0, sizeof(*b));
+    b->last_kind = -1;
     if (view == Py_None)
         return 0;
     if (!PyTuple_CheckExact(view) || PyTuple_GET_SIZE(view) != 10) {
@@ -256,14 +267,8 @@ blocks_answer(Blocks *b, const unsigned char *data, Py_ssize_t size, double now,
             return 0;
         if (off > 12)
             text[off - 13] = '.';
-        for (unsigned int i = 0; i < length; i++) {
-            unsigned char c = data[off + 1 + i];
-            if (c >= 'A' && c <= 'Z')
-                c = (unsigned char)(c + 32);
-            else if (c == '.')
-                c = 0xFF;
-            text[off - 12 + i] = c;
-        }
+        for (unsigned int i = 0; i < length; i++)
+            text[off - 12 + i] = folded[data[off + 1 + i]];
         off += 1 + length;
     }
     if (count == 0)
@@ -346,16 +351,24 @@ blocks_answer(Blocks *b, const unsigned char *data, Py_ssize_t size, double now,
     if (length > limit || length > room)
         return 0; /* answers.fit's work: Python's */
 
-    PyObject *key = PyLong_FromLongLong((long long)v.block << 20 | (long long)qtype << 4 | rcode);
-    if (key == NULL)
-        return -1;
-    PyObject *found = PyDict_GetItemWithError(b->slots, key); /* borrowed */
-    Py_DECREF(key);
-    if (found == NULL)
-        return PyErr_Occurred() ? -1 : 0; /* a kind of answer Python has not made yet */
-    *slot = PyLong_AsSsize_t(found);
-    if (*slot == -1 && PyErr_Occurred())
-        return -1;
+    /* The Info slot of this kind of answer; one a call looks up once, as a rule (no Python
+       runs during a call of the C loop, so the slots dict stays as it was). */
+    long long kind_key = (long long)v.block << 20 | (long long)qtype << 4 | rcode;
+    if (kind_key != b->last_kind) {
+        PyObject *key = PyLong_FromLongLong(kind_key);
+        if (key == NULL)
+            return -1;
+        PyObject *found = PyDict_GetItemWithError(b->slots, key); /* borrowed */
+        Py_DECREF(key);
+        if (found == NULL)
+            return PyErr_Occurred() ? -1 : 0; /* a kind of answer Python has not made yet */
+        Py_ssize_t index = PyLong_AsSsize_t(found);
+        if (index == -1 && PyErr_Occurred())
+            return -1;
+        b->last_kind = kind_key;
+        b->last_slot = index;
+    }
+    *slot = b->last_slot;
 
     unsigned char *p = out;
     p[0] = data[0];

@@ -17,7 +17,12 @@ typedef struct {
     int64_t exact, subdomains, allow;    /* the flag bits (policy/formats) */
     Py_ssize_t overhead;                 /* a memo entry's bytes beyond its answer's */
     Py_ssize_t rows, size;               /* rule sets; table slots (a power of two) */
+    long long last_kind;                 /* the kind of answer last looked up in slots */
+    Py_ssize_t last_slot;                /* (-1: none yet), and its slot */
 } Blocks;
+
+/* Once, when the module is loaded: the table of lower case. */
+void blocks_init(void);
 
 /* Read the view (a blockview.View tuple, or None); 0, or -1 with an exception set. */
 int blocks_open(Blocks *b, PyObject *view);

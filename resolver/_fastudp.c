@@ -37,10 +37,20 @@ monotonic(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+#define SEEN 16 /* senders whose access a call remembers (a power of two) */
+
+/* What a call of the C loop has found out about its IPv4 senders, which come again and
+   again in a batch: nothing Python can change runs during a call, so the access list
+   and the address cache stay as they were. */
+typedef struct {
+    uint32_t addrs[SEEN];
+    signed char verdicts[SEEN]; /* 0 not known, 1 let in, 2 Python's */
+} Seen;
+
 /* Whether the sender of `hdr` is let in: 1 yes, 0 ask Python (an IPv6 sender, or an IPv4
    one not in the address cache yet, or not allowed: Python refuses it), -1 an error. */
 static int
-allowed(struct msghdr *hdr, PyObject *clients, PyObject *hosts)
+allowed(struct msghdr *hdr, PyObject *clients, PyObject *hosts, Seen *seen)
 {
     if (clients == Py_None)
         return 1;
@@ -49,14 +59,20 @@ allowed(struct msghdr *hdr, PyObject *clients, PyObject *hosts)
         return 0;
     uint32_t value;
     memcpy(&value, (char *)sa + 4, 4); /* sin_addr, native order as udpbatch reads it */
+    unsigned int at = (value ^ value >> 8 ^ value >> 16 ^ value >> 24) & (SEEN - 1);
+    if (seen->verdicts[at] && seen->addrs[at] == value)
+        return seen->verdicts[at] == 1;
     PyObject *key = PyLong_FromUnsignedLong(value);
     if (key == NULL)
         return -1;
     PyObject *host = PyDict_GetItemWithError(hosts, key); /* borrowed */
     Py_DECREF(key);
-    if (host == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    return PySet_Contains(clients, host);
+    int verdict = host == NULL ? (PyErr_Occurred() ? -1 : 0) : PySet_Contains(clients, host);
+    if (verdict >= 0) {
+        seen->addrs[at] = value;
+        seen->verdicts[at] = verdict ? 1 : 2;
+    }
+    return verdict;
 }
 
 typedef struct {
@@ -70,6 +86,9 @@ typedef struct {
     Blocks blocks;   /* blocked names not in the memo (_fastblock.c), when on */
     Py_ssize_t decided; /* answers made that way */
     Py_ssize_t max_entries, max_bytes; /* the memo's bounds (AnswerMemo) */
+    Py_ssize_t used; /* the UDP memo's bytes (AnswerMemo.sizes[0]), once read (-1: not yet) */
+    int grown;       /* 1 when `used` must be written back */
+    Seen seen;
 } Job;
 
 /* Hand datagram i (not in the memo) to Python as it will need it: its bytes, its
@@ -122,29 +141,52 @@ counted(Job *job, Py_ssize_t slot, double elapsed, Py_ssize_t *nslow)
 
 /* Keep a blocked answer made here in the memo under `key`, as AnswerMemo.remember does
    when there is room (its repeats are then memo hits): 1, or 0 when there is none (the
-   eviction is Python's: it answers this one), -1 an error. */
+   eviction is Python's: it answers this one), -1 an error. The memo's bytes are read once
+   a call and written back at its end (save_used). */
 static int
 remember(Job *job, PyObject *key, const char *answer, Py_ssize_t length, double until,
          Py_ssize_t slot)
 {
     if (until <= job->now)
         return 1; /* not to be kept (remember() keeps nothing either) */
-    Py_ssize_t used = PyLong_AsSsize_t(PyList_GET_ITEM(job->blocks.sizes, 0));
-    if (used == -1 && PyErr_Occurred())
-        return -1;
-    used += 2 * length + job->blocks.overhead;
+    if (job->used < 0) {
+        job->used = PyLong_AsSsize_t(PyList_GET_ITEM(job->blocks.sizes, 0));
+        if (job->used == -1 && PyErr_Occurred())
+            return -1;
+    }
+    Py_ssize_t used = job->used + 2 * length + job->blocks.overhead;
     if (used * 2 > job->max_bytes || PyDict_GET_SIZE(job->memo) >= job->max_entries)
         return 0;
-    PyObject *value = Py_BuildValue("(y#dn)", answer + 2, length - 2, until, slot);
+    /* (answer after the ID, until, slot): the tuple of Memo, made without a format */
+    PyObject *value = PyTuple_New(3);
     if (value == NULL)
         return -1;
-    int failed = PyDict_SetItem(job->memo, key, value);
+    PyObject *body = PyBytes_FromStringAndSize(answer + 2, length - 2);
+    PyObject *expiry = body ? PyFloat_FromDouble(until) : NULL;
+    PyObject *index = expiry ? PyLong_FromSsize_t(slot) : NULL;
+    PyTuple_SET_ITEM(value, 0, body ? body : Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(value, 1, expiry ? expiry : Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(value, 2, index ? index : Py_NewRef(Py_None));
+    int failed = index == NULL || PyDict_SetItem(job->memo, key, value) < 0;
     Py_DECREF(value);
-    PyObject *total = failed ? NULL : PyLong_FromSsize_t(used);
+    if (failed)
+        return -1;
+    job->used = used;
+    job->grown = 1;
+    return 1;
+}
+
+/* Write the memo's bytes back, if blocked answers were kept: 0, or -1 an error. */
+static int
+save_used(Job *job)
+{
+    if (!job->grown)
+        return 0;
+    job->grown = 0;
+    PyObject *total = PyLong_FromSsize_t(job->used);
     if (total == NULL)
         return -1;
-    PyList_SetItem(job->blocks.sizes, 0, total); /* (steals it) */
-    return 1;
+    return PyList_SetItem(job->blocks.sizes, 0, total); /* (steals it) */
 }
 
 /* A datagram the memo does not hold (its key `key`): answered here when a list blocks
@@ -157,7 +199,7 @@ answer_blocked(Job *job, PyObject *key, struct mmsghdr *in, struct mmsghdr *out,
     if (!job->blocks.on)
         return 3;
     double started = monotonic();
-    int access = allowed(&in->msg_hdr, job->clients, job->hosts);
+    int access = allowed(&in->msg_hdr, job->clients, job->hosts, &job->seen);
     if (access <= 0)
         return access < 0 ? -1 : 3;
     Py_ssize_t slot = -1;
@@ -219,7 +261,7 @@ answer_one(Job *job, struct mmsghdr *in, struct mmsghdr *out, Py_ssize_t *nslow)
     Py_ssize_t length = PyBytes_GET_SIZE(body);
     if (length + 2 > job->send_size)
         return 0; /* sent on its own by Python */
-    int access = allowed(&in->msg_hdr, job->clients, job->hosts);
+    int access = allowed(&in->msg_hdr, job->clients, job->hosts, &job->seen);
     if (access <= 0)
         return access;
     char *slot_out = (char *)out->msg_hdr.msg_iov->iov_base;
@@ -275,6 +317,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t rounds = PyLong_AsSsize_t(args[4]);
     Job job;
     memset(&job, 0, sizeof(job));
+    job.used = -1;
     job.send_size = PyLong_AsSsize_t(args[5]);
     job.memo = args[6];
     job.clients = args[7];
@@ -350,6 +393,8 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     result = Py_BuildValue("(inninnnnn)", received, ready, sent, err, missed, absent, nslow, round,
                            job.decided);
 done:
+    if (save_used(&job) < 0)
+        Py_CLEAR(result);
     if (job.counts.obj) PyBuffer_Release(&job.counts);
     if (job.times.obj) PyBuffer_Release(&job.times);
     if (job.misses.obj) PyBuffer_Release(&job.misses);
@@ -517,5 +562,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fastudp(void)
 {
+    blocks_init();
     return PyModule_Create(&module);
 }

@@ -15,6 +15,7 @@ import importlib
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import dns.edns
@@ -24,7 +25,9 @@ import dns.name
 import dns.rcode
 import pytest
 
+from resolver.config.model import CacheConfig
 from resolver.core.cache import Cache
+from resolver.core.memo import MEMO_OVERHEAD, AnswerMemo
 from resolver.core.pipeline import Resolver
 from resolver.core.wire import label_offsets
 from resolver.policy import load_policy
@@ -298,7 +301,31 @@ def test_what_c_answers_is_kept_in_the_memo_as_the_pipeline_keeps_it(
         assert entry is not None
         # Same answer but for the name, same instant of expiry, same Info.
         assert entry[1:] == kept_by_python[1:]
+    assert memo.sizes[0] == memo_bytes(memo)
     hits_before = resolver.memo_hits
     burst(running, count)  # the same names again: memo hits now, nothing decided anew
     assert resolver.memo_hits - hits_before == count
     assert memo.fast_decided == decided
+
+
+def memo_bytes(memo: AnswerMemo) -> int:
+    """The UDP memo's bytes as AnswerMemo.forget counts an entry's."""
+    return sum(2 * len(value[0]) + 4 + MEMO_OVERHEAD for value in memo.dicts[False].values())
+
+
+@pytest.mark.parametrize(
+    "bounds", [{"memo_max_entries": 100}, {"memo_max_bytes": 40_000}], ids=["entries", "bytes"]
+)
+def test_what_c_keeps_stays_within_the_memos_bounds(
+    make_server: Callable[..., RunningServer], bounds: dict[str, int]
+) -> None:
+    """C keeps answers while there is room and leaves the eviction to Python: 800
+    distinct names into a memo that holds about 100, counted to the byte."""
+    running = c_loop_server(lambda: make_server(cache=replace(CacheConfig(), **bounds)))
+    memo = running.resolver.memo
+    burst(running, 800)
+    assert memo.fast_decided > 0
+    assert memo.evictions > 0
+    assert len(memo.dicts[False]) <= memo.max_entries
+    assert memo.sizes[0] * 2 <= memo.max_bytes
+    assert memo.sizes[0] == memo_bytes(memo)

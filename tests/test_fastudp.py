@@ -176,6 +176,56 @@ def test_the_access_list_is_asked_for_every_sender(engine: str) -> None:
     assert source.memo.fast_hits == 100
 
 
+async def exchange_from(
+    source: Source, handler: Pipeline, senders: list[str], rounds: int
+) -> dict[str, list[bytes]]:
+    """Queue ``rounds`` queries from each of ``senders`` (IPv4 loopback addresses), taking
+    turns, in a fresh listener's socket; the answers each sender got."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("127.0.0.1", 0))
+    askers = {}
+    for host in senders:
+        asker = askers[host] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        asker.bind((host, 0))
+        asker.setblocking(False)
+    for qid in range(rounds):
+        for asker in askers.values():
+            asker.sendto(question(qid, qid % 3), sock.getsockname())
+    listener = udpbatch.BatchListener(sock, handler, Tasks(), source)  # type: ignore[arg-type]
+    got: dict[str, list[bytes]] = {host: [] for host in senders}
+    deadline = time.monotonic() + 5
+    try:
+        while sum(map(len, got.values())) < rounds * len(senders) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            for host, asker in askers.items():
+                while True:
+                    try:
+                        got[host].append(asker.recv(65535))
+                    except BlockingIOError:
+                        break
+    finally:
+        listener.close()
+        for asker in askers.values():
+            asker.close()
+    return got
+
+
+def test_senders_of_one_batch_each_get_their_own_access(engine: str) -> None:
+    """The C loop remembers each sender's access for the rest of its call, in 16 places:
+    127.0.0.17 takes the place of 127.0.0.1 there, and must not take its access too."""
+    source = Source(names=3)
+    source.memo.fast_clients = {"127.0.0.1", "127.0.0.2"}
+    handler = Pipeline()
+    got = asyncio.run(exchange_from(source, handler, ["127.0.0.1", "127.0.0.17", "127.0.0.2"], 60))
+    for host in ("127.0.0.1", "127.0.0.2"):
+        assert sorted(got[host]) == sorted(answer_of(question(qid, qid % 3)) for qid in range(60))
+    assert [reply[2:4] for reply in got["127.0.0.17"]] == [b"\x81\x05"] * 60  # the pipeline's
+    assert handler.seen == [(len(question(0, 0)), "127.0.0.17")] * 60
+    source.memo.fold()
+    assert source.memo.fast_hits == 120
+
+
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 @pytest.mark.parametrize("acl", [False, True], ids=["everyone", "access-list"])
 def test_ipv6_senders_get_their_answers(engine: str, acl: bool) -> None:
