@@ -51,8 +51,10 @@ workload, and stopped, one peer at a time.  Workloads (dnsperf, A queries):
 * ``mix``      -- interleaved: 5% blocked, 80% warmed hits, 15% never-asked misses.
 
 Per workload: a throughput run (``--duration`` s, as fast as dnsperf goes), then a
-latency run at a fixed ``--latency-qps`` (5,000; ``dnsperf -Q -v``, percentiles of the
-per-query times, lost queries counted as infinitely late), then the resident memory of
+latency run at a fixed ``--latency-qps`` (5,000; bench/udplat.c, built with the C
+compiler, on the last core with the peer on the others unless ``--no-pin``; or
+``--latency-tool dnsperf``: ``dnsperf -Q -v``; percentiles of the per-query times, lost
+queries counted as infinitely late), then the resident memory of
 the server's process tree.  Never-asked names are handed out once per run; when a file
 runs out before the run ends the row says "names exhausted" (raise ``--names``).
 
@@ -140,6 +142,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -416,6 +419,10 @@ class BenchContext:
     zone_names: int = 0
     #: CPUs each process of a peer may use (a cgroup of its own; None: no limit).
     cpu_quota: float | None = None
+    #: The latency runs' load generator: bench/udplat.c built here (None: dnsperf -Q -v).
+    udplat: Path | None = None
+    #: Latency runs with udplat on a core of its own and the peer on the others.
+    pin: bool = False
     # Zone names below REPEATED_SET are the cache-hit set; fresh ones are handed out once.
     next_fresh: int = REPEATED_SET
 
@@ -1351,26 +1358,106 @@ def measure_latency(
     peer: Peer, wl: Workload, plan: WorkloadPlan, opts: DnsperfOptions, rate: int
 ) -> tuple[Latency, list[str]]:
     """p50/p99 latency at a fixed offered rate; lost queries count as infinitely late."""
-    stats = run_dnsperf(
-        peer.port, _prepare(peer, f"{wl.name}-latency", plan), opts, plan.loop, rate
-    )
+    datafile = _prepare(peer, f"{wl.name}-latency", plan)
+    notes: list[str] = []
+    if peer.ctx.udplat is not None:
+        stats = run_udplat(peer, datafile, opts, plan.loop, rate)
+        lat = Latency(
+            qps=rate,
+            sent=stats["sent"],
+            lost=stats["lost"],
+            p50_ms=math.inf if stats["p50_ms"] < 0 else stats["p50_ms"],
+            p99_ms=math.inf if stats["p99_ms"] < 0 else stats["p99_ms"],
+            max_ms=stats["max_ms"],
+            rcode_ok_pct=rcode_ok_pct(wl.expected, stats["rcodes"], stats["answered"]),
+        )
+        rcodes: dict[str, int] = stats["rcodes"]
+        answered_qps = stats["answered"] / max(opts.duration, 1)
+        if stats["stalls"]:
+            stalled = f"udplat itself was held up {stats['stalls']} times over 100 us"
+            notes.append(f"at {rate} qps: {stalled}, {stats['stalled_ms']:.1f} ms in all")
+    else:
+        run = run_dnsperf(peer.port, datafile, opts, plan.loop, rate)
+        times = sorted(t * 1000 for t in run.latencies_s)
+        times += [math.inf] * run.lost
+        lat = Latency(
+            qps=rate,
+            sent=run.sent,
+            lost=run.lost,
+            p50_ms=percentile(times, 0.50),
+            p99_ms=percentile(times, 0.99),
+            max_ms=max(times, default=math.nan),
+            rcode_ok_pct=rcode_ok_pct(wl.expected, run.rcodes, run.completed),
+        )
+        rcodes = run.rcodes
+        answered_qps = run.qps
     _check_alive(peer, f"{wl.name} at {rate} qps")
-    times = sorted(t * 1000 for t in stats.latencies_s)
-    times += [math.inf] * stats.lost
-    ok = rcode_ok_pct(wl.expected, stats.rcodes, stats.completed)
-    lat = Latency(
-        qps=rate,
-        sent=stats.sent,
-        lost=stats.lost,
-        p50_ms=percentile(times, 0.50),
-        p99_ms=percentile(times, 0.99),
-        max_ms=max(times, default=math.nan),
-        rcode_ok_pct=ok,
-    )
-    notes = [f"at {rate} qps: {n}" for n in _wrong_answers(wl.expected, ok, stats.rcodes)]
-    if stats.qps < 0.95 * rate:
-        notes.append(f"at {rate} qps: only {stats.qps:,.0f} qps were answered")
+    notes += [f"at {rate} qps: {n}" for n in _wrong_answers(wl.expected, lat.rcode_ok_pct, rcodes)]
+    if answered_qps < 0.95 * rate:
+        notes.append(f"at {rate} qps: only {answered_qps:,.0f} qps were answered")
     return lat, notes
+
+
+def build_udplat(workdir: Path) -> Path | None:
+    """bench/udplat.c compiled into ``workdir``, or None (no C compiler: dnsperf instead)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = workdir / "udplat"
+    source = Path(__file__).resolve().parent / "udplat.c"
+    done = subprocess.run(
+        [compiler, "-O2", "-o", str(binary), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"udplat did not build:\n{done.stderr[-2000:]}")
+    return binary
+
+
+@contextlib.contextmanager
+def pinned(peer: Peer, cores: set[int]) -> Iterator[None]:
+    """Every thread of the peer's processes held to ``cores`` for the block."""
+    tids = [
+        int(task.name)
+        for proc in process_tree(peer.pid)
+        for task in Path(f"/proc/{proc.pid}/task").iterdir()
+    ]
+    every = set(range(os.cpu_count() or 1))
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, cores)
+    try:
+        yield
+    finally:
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, every)
+
+
+def run_udplat(
+    peer: Peer, datafile: Path, opts: DnsperfOptions, loop: bool, rate: int
+) -> dict[str, Any]:
+    """One bounded udplat run at ``rate`` (see bench/udplat.c); with ``ctx.pin``, udplat on
+    the last core and the peer on the others, so that neither waits for the other's turn."""
+    assert peer.ctx.udplat is not None
+    argv = [str(peer.ctx.udplat), LOOPBACK, str(peer.port), str(datafile), str(rate)]
+    argv += [str(opts.duration), str(opts.clients), "1" if loop else "0"]
+    last = (os.cpu_count() or 1) - 1
+    pin = peer.ctx.pin and last > 0
+    with pinned(peer, set(range(last))) if pin else contextlib.nullcontext():
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=opts.duration + 30,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {last})) if pin else None,
+        )
+    if done.returncode != 0:
+        raise BenchError(f"udplat exited {done.returncode}: {done.stderr[-2000:]}")
+    stats: dict[str, Any] = json.loads(done.stdout)
+    return stats
 
 
 # --------------------------------------------------------------------------
@@ -1519,6 +1606,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds per fixed-rate latency run (default 5, quick 2; 0: none)",
     )
     p.add_argument("--latency-qps", type=int, default=5000, help="rate of the latency runs")
+    p.add_argument(
+        "--latency-tool",
+        choices=("udplat", "dnsperf"),
+        default="udplat",
+        help="the latency runs' load: bench/udplat.c (built with the C compiler; default), "
+        "or dnsperf -Q -v (the per-query lines it prints weigh on what it measures)",
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="latency runs with udplat and the peer sharing every core (by default udplat "
+        "has the last core and the peer the others)",
+    )
     p.add_argument("--quick", action="store_true", help="short runs (3 s, latency 2 s, scale 2 s)")
     p.add_argument(
         "--names",
@@ -1786,9 +1886,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolver_args=shlex.split(args.resolver_args),
         zone_names=names,
         cpu_quota=args.cpu_quota,
+        pin=not args.no_pin,
     )
     started = time.monotonic()
     try:
+        if args.latency_tool == "udplat" and args.latency_duration:
+            ctx.udplat = build_udplat(workdir)
+            if ctx.udplat is None:
+                log("no C compiler for bench/udplat.c: latency runs with dnsperf -Q -v")
         nsd = NsdUpstream(ctx, names)
         ctx.upstream_port = nsd.port
         log(f"workdir {workdir}; generating {names} names and starting nsd")
