@@ -71,7 +71,7 @@ blocks_open(Blocks *b, PyObject *view)
     if (!PyBytes_CheckExact(depths) || PyBytes_GET_SIZE(depths) != 32 || !PyTuple_CheckExact(b->multi)
         || !PyTuple_CheckExact(b->answers) || !PyDict_CheckExact(b->slots)
         || !PyList_CheckExact(b->sizes) || PyList_GET_SIZE(b->sizes) < 1
-        || !PyTuple_CheckExact(consts) || PyTuple_GET_SIZE(consts) != 4) {
+        || !PyTuple_CheckExact(consts) || PyTuple_GET_SIZE(consts) != 5) {
         PyErr_SetString(PyExc_TypeError, "blocks: a part of the view is not what it should be");
         return -1;
     }
@@ -80,8 +80,13 @@ blocks_open(Blocks *b, PyObject *view)
     b->subdomains = PyLong_AsLongLong(PyTuple_GET_ITEM(consts, 1));
     b->allow = PyLong_AsLongLong(PyTuple_GET_ITEM(consts, 2));
     b->overhead = PyLong_AsSsize_t(PyTuple_GET_ITEM(consts, 3));
+    b->share = PyLong_AsSsize_t(PyTuple_GET_ITEM(consts, 4));
     if (PyErr_Occurred())
         return -1;
+    if (b->share < 1) {
+        PyErr_SetString(PyExc_ValueError, "blocks: an eviction share below 1");
+        return -1;
+    }
     if (open_array(PyTuple_GET_ITEM(view, 0), &b->keys, "Q") < 0
         || open_array(PyTuple_GET_ITEM(view, 1), &b->values, "I") < 0
         || open_array(PyTuple_GET_ITEM(view, 3), &b->times, "d") < 0

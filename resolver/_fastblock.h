@@ -16,6 +16,7 @@ typedef struct {
     PyObject *sizes;                     /* the memo's bytes, UDP's and TCP's (a list) */
     int64_t exact, subdomains, allow;    /* the flag bits (policy/formats) */
     Py_ssize_t overhead;                 /* a memo entry's bytes beyond its answer's */
+    Py_ssize_t share;                    /* evictions take 1/share of the memo at once */
     Py_ssize_t rows, size;               /* rule sets; table slots (a power of two) */
     long long last_kind;                 /* the kind of answer last looked up in slots */
     Py_ssize_t last_slot;                /* (-1: none yet), and its slot */

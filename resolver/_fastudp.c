@@ -88,6 +88,7 @@ typedef struct {
     Py_ssize_t max_entries, max_bytes; /* the memo's bounds (AnswerMemo) */
     Py_ssize_t used; /* the UDP memo's bytes (AnswerMemo.sizes[0]), once read (-1: not yet) */
     int grown;       /* 1 when `used` must be written back */
+    Py_ssize_t evicted; /* memo entries evicted to make room (AnswerMemo.evictions) */
     Seen seen;
 } Job;
 
@@ -139,10 +140,50 @@ counted(Job *job, Py_ssize_t slot, double elapsed, Py_ssize_t *nslow)
     return 2;
 }
 
+/* AnswerMemo._make_room for an entry of `size` bytes: the memo's oldest entries evicted,
+   1/share of it at a time (its insertion order: the start of the dict), until the entry
+   is within the entry cap and the UDP half of the bytes. 1, or 0 when it may not join
+   (the memo is off, or the entry would crowd out too many: Python's, which counts the
+   rejection), -1 an error. */
+static int
+make_room(Job *job, Py_ssize_t size)
+{
+    PyObject *memo = job->memo;
+    Py_ssize_t half = job->max_bytes / 2, share = job->blocks.share;
+    if (job->max_entries <= 0 || half <= 0 || size * share > half)
+        return 0;
+    while (PyDict_GET_SIZE(memo) > 0
+           && (PyDict_GET_SIZE(memo) >= job->max_entries || job->used + size > half)) {
+        Py_ssize_t count = PyDict_GET_SIZE(memo) / share, pos = 0, taken = 0;
+        if (count < 1)
+            count = 1;
+        PyObject *doomed = PyList_New(count), *key, *value;
+        if (doomed == NULL)
+            return -1;
+        while (taken < count && PyDict_Next(memo, &pos, &key, &value)) {
+            Py_ssize_t freed = 4 + job->blocks.overhead;
+            if (PyTuple_CheckExact(value) && PyTuple_GET_SIZE(value) > 0
+                && PyBytes_CheckExact(PyTuple_GET_ITEM(value, 0)))
+                freed += 2 * PyBytes_GET_SIZE(PyTuple_GET_ITEM(value, 0));
+            job->used -= freed; /* (as AnswerMemo.forget counts an entry) */
+            PyList_SET_ITEM(doomed, taken++, Py_NewRef(key));
+        }
+        int failed = 0;
+        for (Py_ssize_t k = 0; k < taken && !failed; k++)
+            failed = PyDict_DelItem(memo, PyList_GET_ITEM(doomed, k)) < 0;
+        Py_DECREF(doomed); /* (a list made full: any slot left NULL is skipped) */
+        job->evicted += taken;
+        job->grown = 1;
+        if (failed)
+            return -1;
+    }
+    return 1;
+}
+
 /* Keep a blocked answer made here in the memo under `key`, as AnswerMemo.remember does
-   when there is room (its repeats are then memo hits): 1, or 0 when there is none (the
-   eviction is Python's: it answers this one), -1 an error. The memo's bytes are read once
-   a call and written back at its end (save_used). */
+   (its repeats are then memo hits), making room as it would: 1, or 0 when it may not
+   join (Python answers it), -1 an error. The memo's bytes are read once a call and
+   written back at its end (save_used). */
 static int
 remember(Job *job, PyObject *key, const char *answer, Py_ssize_t length, double until,
          Py_ssize_t slot)
@@ -154,9 +195,12 @@ remember(Job *job, PyObject *key, const char *answer, Py_ssize_t length, double 
         if (job->used == -1 && PyErr_Occurred())
             return -1;
     }
-    Py_ssize_t used = job->used + 2 * length + job->blocks.overhead;
-    if (used * 2 > job->max_bytes || PyDict_GET_SIZE(job->memo) >= job->max_entries)
-        return 0;
+    Py_ssize_t size = 2 * length + job->blocks.overhead;
+    if ((job->used + size) * 2 > job->max_bytes || PyDict_GET_SIZE(job->memo) >= job->max_entries) {
+        int room = make_room(job, size);
+        if (room <= 0)
+            return room;
+    }
     /* (answer after the ID, until, slot): the tuple of Memo, made without a format */
     PyObject *value = PyTuple_New(3);
     if (value == NULL)
@@ -171,7 +215,7 @@ remember(Job *job, PyObject *key, const char *answer, Py_ssize_t length, double 
     Py_DECREF(value);
     if (failed)
         return -1;
-    job->used = used;
+    job->used += size;
     job->grown = 1;
     return 1;
 }
@@ -291,7 +335,7 @@ PyDoc_STRVAR(serve_doc,
 "serve(fd, recv_msgs, send_msgs, slots, rounds, send_size, memo, clients, hosts,\n"
 "      counts, times, now, bound, misses, slow_slots, slow_times, send, fresh, blocks,\n"
 "      max_entries, max_bytes)\n"
-"-> (received, ready, sent, errno, missed, absent, slow, rounds, decided)\n\n"
+"-> (received, ready, sent, errno, missed, absent, slow, rounds, decided, evicted)\n\n"
 "Read, answer from the memo and send, as the module's comment says. `received` is the\n"
 "last recvmmsg's result (-1 with errno on failure), `ready` the answers in send slots\n"
 "0.., `sent` how many of them went out (only tried when `send` is true and nothing was\n"
@@ -300,8 +344,9 @@ PyDoc_STRVAR(serve_doc,
 "index) in the order they came, `slow` the pauses in\n"
 "`slow_slots`/`slow_times`, `rounds` the reads made. `blocks`: a view of the policy\n"
 "(core/blockview.py) with which blocked names not in the memo are answered and kept\n"
-"in it (within the memo's `max_entries` and `max_bytes`), or None; `decided` how many\n"
-"were answered that way (counted in their Info's slot too).");
+"in it (within the memo's `max_entries` and `max_bytes`, evicting its oldest entries as\n"
+"AnswerMemo does: `evicted` of them), or None; `decided` how many were answered that\n"
+"way (counted in their Info's slot too).");
 
 static PyObject *
 serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -390,8 +435,8 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         if (sent < ready || received < slots)
             break;
     }
-    result = Py_BuildValue("(inninnnnn)", received, ready, sent, err, missed, absent, nslow, round,
-                           job.decided);
+    result = Py_BuildValue("(inninnnnnn)", received, ready, sent, err, missed, absent, nslow, round,
+                           job.decided, job.evicted);
 done:
     if (save_used(&job) < 0)
         Py_CLEAR(result);

@@ -319,12 +319,14 @@ def memo_bytes(memo: AnswerMemo) -> int:
 def test_what_c_keeps_stays_within_the_memos_bounds(
     make_server: Callable[..., RunningServer], bounds: dict[str, int]
 ) -> None:
-    """C keeps answers while there is room and leaves the eviction to Python: 800
+    """C keeps answers and evicts the oldest to make room, as AnswerMemo does: 800
     distinct names into a memo that holds about 100, counted to the byte."""
     running = c_loop_server(lambda: make_server(cache=replace(CacheConfig(), **bounds)))
     memo = running.resolver.memo
     burst(running, 800)
-    assert memo.fast_decided > 0
+    # C makes room itself, as Python would: before it did, Python took every datagram
+    # of a batch after the memo filled (184-200 of 800 decided in C, 25-33 by bytes).
+    assert memo.fast_decided >= 400
     assert memo.evictions > 0
     assert len(memo.dicts[False]) <= memo.max_entries
     assert memo.sizes[0] * 2 <= memo.max_bytes

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 from ..policy.formats import ALLOW, EXACT, SUBDOMAINS
 from ..policy.model import ALL_CLIENTS, Policy
 from .guard import EVERYONE, Guard
-from .memo import MEMO_OVERHEAD, AnswerMemo
+from .memo import EVICT_SHARE, MEMO_OVERHEAD, AnswerMemo
 from .outcome import BLOCKED
 from .sinkhole import soa_prefix
 
@@ -41,7 +41,7 @@ KINDS: Final = {"nxdomain": 0, "nodata": 1, "refused": 2, "null": 3, "sinkhole":
 #: 'd' (t0, t1, t2 a rule set), flags 'q' (flags, applies to "all" a rule set), multi
 #: (rule set indices a multi value), answers (kind, TTL, SOA RDATA less its minimum, A
 #: addresses, AAAA addresses, OPT, OPT with DO a rule set), block slots, (EXACT,
-#: SUBDOMAINS, ALLOW, a memo entry's overhead), the memo's sizes).
+#: SUBDOMAINS, ALLOW, a memo entry's overhead, the memo's eviction share), the memo's sizes).
 View = tuple[
     "array[int]",
     "array[int]",
@@ -51,7 +51,7 @@ View = tuple[
     tuple[tuple[int, ...], ...],
     tuple[tuple[int, int, bytes, bytes, bytes, bytes, bytes], ...],
     dict[int, int],
-    tuple[int, int, int, int],
+    tuple[int, int, int, int, int],
     list[int],
 ]
 
@@ -111,7 +111,7 @@ def build(policy: Policy, memo: AnswerMemo) -> View | None:
         multi,
         tuple(answers),
         memo.block_slots,
-        (EXACT, SUBDOMAINS, ALLOW, MEMO_OVERHEAD),
+        (EXACT, SUBDOMAINS, ALLOW, MEMO_OVERHEAD, EVICT_SHARE),
         memo.sizes,
     )
 

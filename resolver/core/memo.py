@@ -40,8 +40,9 @@ _MEMO_MAX: Final = DEFAULT_MEMO_MAX_ENTRIES
 MEMO_OVERHEAD: Final = 200
 #: Memo entries evicted at once, as a share of the memo (1/16): the oldest in insertion
 #: order, in one pass over the start of the dict, which stays cheap and keeps the
-#: dict's table from filling with holes at its front.
-_EVICT_SHARE: Final = 16
+#: dict's table from filling with holes at its front. (The C loop evicts alike for the
+#: blocked answers it keeps: resolver/_fastudp.c, make_room.)
+EVICT_SHARE: Final = 16
 #: Info objects that memo entries may refer to (see AnswerMemo.slot) before the memo
 #: starts afresh (or four per entry the memo may hold, if more).
 _SLOTS_MAX: Final = 4 * _MEMO_MAX
@@ -351,12 +352,12 @@ class AnswerMemo:
         half = self.max_bytes // 2
         if self.max_entries <= 0 or half <= 0:
             return False
-        if size * _EVICT_SHARE > half:
+        if size * EVICT_SHARE > half:
             self.rejections += 1  # it would crowd out too many others
             return False
         sizes = self.sizes
         while memo and (len(memo) >= self.max_entries or sizes[tcp] + size > half):
-            count = max(1, len(memo) // _EVICT_SHARE)
+            count = max(1, len(memo) // EVICT_SHARE)
             doomed: list[bytes] = []
             for key in memo:
                 doomed.append(key)

@@ -228,7 +228,7 @@ class BatchListener(UDPListener):
         while rounds > 0:
             try:
                 # (A plain call: star-unpacked groups would build a list and a tuple an event.)
-                count, ready, sent, code, missed, absent, slow, used, decided = serve(
+                count, ready, sent, code, missed, absent, slow, used, decided, evicted = serve(
                     self._fd,
                     b.recv_ptr,
                     b.send_ptr,
@@ -258,6 +258,7 @@ class BatchListener(UDPListener):
                 return
             rounds -= used
             fast.fast_decided += decided
+            fast.evictions += evicted
             self._busy = count >= _PLAIN_READS
             if count <= 0:  # (a refusal ends the batches: see _recv_error)
                 if count < 0:
