@@ -117,16 +117,21 @@ def available() -> bool:
 class BatchListener(UDPListener):
     """One UDP socket served with recvmmsg and sendmmsg, on its own reader callback.
 
-    A batch has a price of its own: two ctypes calls and the setup of the slots cost
-    about 5 us more than a recvfrom and a sendto when the batch is one query, which is
-    what a lightly loaded server sees (a round trip went from 25 to 31 us). So a quiet
-    socket is read the plain way, up to :data:`_PLAIN_READS` datagrams an event with
-    recvfrom, each answered by :meth:`UDPListener.datagram_received` (the same fast path
-    and full path). When that many were waiting, there is a backlog: the next events read
-    batches, for as long as a batch holds that many or more. (The C loop would answer a
-    batch of one memo hit for less than a plain read, but a miss for more: 98,800
-    instructions a distinct blocked name against 85,400, bench/instructions.py
-    --outstanding 1; so it waits for a backlog too.)"""
+    Where the C loop serves it (resolver/_fastudp.c, with the memo's fast path on), every
+    readable event is one call of that loop, a batch of one datagram or many: a quiet
+    server's blocked name or cache hit costs 13,900 instructions that way against 25,000
+    read the plain way, and a miss 1% more (bench/instructions.py --outstanding 1; a
+    round trip takes the same 0.04-0.09 ms either way, bench/udplat.c at 1,000 and
+    20,000 qps).
+
+    Without it, a batch has a price of its own: two ctypes calls and the setup of the
+    slots cost about 5 us more than a recvfrom and a sendto when the batch is one query,
+    which is what a lightly loaded server sees (a round trip went from 25 to 31 us). So
+    the Python loop reads a quiet socket the plain way, up to :data:`_PLAIN_READS`
+    datagrams an event with recvfrom, each answered by
+    :meth:`UDPListener.datagram_received` (the same fast path and full path). When that
+    many were waiting, there is a backlog: the next events read batches, for as long as
+    a batch holds that many or more."""
 
     def __init__(
         self,
@@ -138,9 +143,9 @@ class BatchListener(UDPListener):
     ) -> None:
         super().__init__(handler, tasks, fast)
         self.sock = sock
-        #: Whether the last read found a backlog (_PLAIN_READS datagrams or more): then
-        #: the next reads batches, otherwise datagrams one by one.
-        self._busy = False
+        #: Whether the next event reads a batch: always where the C loop serves, otherwise
+        #: when the last read found a backlog (_PLAIN_READS datagrams or more).
+        self._busy = _SERVE is not None and fast is not None
         #: False once the system refused a batch call (a seccomp filter, say): from then
         #: on every datagram is read and answered the plain way.
         self._batching = True
@@ -258,16 +263,17 @@ class BatchListener(UDPListener):
                 b.fresh.clear()
                 return
             rounds -= used
-            fast.fast_decided += decided
-            fast.evictions += evicted
-            self._busy = count >= _PLAIN_READS
+            if decided:
+                fast.fast_decided += decided
+                fast.evictions += evicted
             if count <= 0:  # (a refusal ends the batches: see _recv_error)
                 if count < 0:
                     self._recv_error(code)
                 return
-            for k in range(slow):
-                fast.fast_hits += 1
-                fast.slots[b.slow_slots[k]].count(fast.stats, PROTO_UDP, b.slow_times[k])
+            if slow:
+                for k in range(slow):
+                    fast.fast_hits += 1
+                    fast.slots[b.slow_slots[k]].count(fast.stats, PROTO_UDP, b.slow_times[k])
             if missed:  # (with those not in the memo, in b.fresh already)
                 ready = self._answer(b.misses[:missed], ready)
             elif absent:  # not in the memo: straight to the pipeline, in the order they came
