@@ -226,6 +226,38 @@ def test_senders_of_one_batch_each_get_their_own_access(engine: str) -> None:
     assert source.memo.fast_hits == 120
 
 
+def test_a_quiet_socket_is_served_by_the_c_loop_one_datagram_at_a_time(engine: str) -> None:
+    """No backlog needed: each lone query is a call of the C loop (its counts are the
+    C loop's, in fast_counts), where the Python loop reads it the plain way."""
+
+    async def main() -> list[bytes]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        asker.bind(("127.0.0.1", 0))
+        asker.settimeout(2.0)
+        listener = udpbatch.BatchListener(sock, handler, Tasks(), source)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        got = []
+        try:
+            for qid in range(5):
+                asker.sendto(question(qid, qid % 2), sock.getsockname())
+                got.append(await loop.run_in_executor(None, asker.recv, 4096))
+        finally:
+            listener.close()
+            asker.close()
+        return got
+
+    source = Source(names=2)
+    handler = Pipeline()
+    got = asyncio.run(main())
+    assert got == [answer_of(question(qid, qid % 2)) for qid in range(5)]
+    assert handler.seen == []
+    assert sum(source.memo.fast_counts) == (5 if engine == "c" else 0)
+    source.memo.fold()
+    assert source.memo.fast_hits == 5
+
+
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 @pytest.mark.parametrize("acl", [False, True], ids=["everyone", "access-list"])
 def test_ipv6_senders_get_their_answers(engine: str, acl: bool) -> None:
