@@ -37,6 +37,7 @@ from ..defaults import (
     DEFAULT_TCP_MAX_PER_CLIENT,
     DEFAULT_TCP_MAX_PIPELINE,
 )
+from .sockopts import dont_fragment
 
 if TYPE_CHECKING:
     from ..config import Listen
@@ -540,7 +541,7 @@ class TCPConnection(asyncio.Protocol):
 
 def make_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
     """A bound, non-blocking socket. IPv6 sockets are IPv6-only, so that ``[::]`` and
-    ``0.0.0.0`` can both be listed on one port."""
+    ``0.0.0.0`` can both be listed on one port; UDP ones send with DF (dont_fragment)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
@@ -550,6 +551,8 @@ def make_socket(host: str, port: int, kind: socket.SocketKind, reuse_port: bool)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_DGRAM:
+            dont_fragment(sock, family)
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:
