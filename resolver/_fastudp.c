@@ -8,6 +8,10 @@
    handed back: the indices of those datagrams (the listener runs its Python path on
    them), and the answers it could not send (the listener queues them).
 
+   event() is the socket's readable callback itself: it reads what it needs of the
+   listener and the memo, makes that call, and calls back into Python only for what needs
+   it, so that an event the loop answers whole runs no Python frame at all.
+
    No Python code runs in here: the memo is a dict of bytes keys (looked up with the
    bytes of a datagram after its ID), the access list a set of str (looked up through the
    listener's IPv4 address cache, a dict of int to str); the GIL is held throughout (every
@@ -348,6 +352,114 @@ PyDoc_STRVAR(serve_doc,
 "AnswerMemo does: `evicted` of them), or None; `decided` how many were answered that\n"
 "way (counted in their Info's slot too).");
 
+/* What one call of the loop reads and writes besides the Job. */
+typedef struct {
+    int fd, send;            /* the socket; whether answers may be sent now */
+    struct mmsghdr *recv_msgs, *send_msgs;
+    Py_ssize_t slots, rounds;
+    int received, err;       /* the last recvmmsg's result, and errno */
+    Py_ssize_t ready, sent, missed, absent, nslow, round;
+} Io;
+
+/* The Job's arrays and view, from the objects of the listener and the memo: 0, or -1
+   with an exception set (close_job releases what was taken). */
+static int
+open_job(Job *job, PyObject *counts, PyObject *times, PyObject *misses, PyObject *slow_slots,
+         PyObject *slow_times, PyObject *blocks, Py_ssize_t slots)
+{
+    if (!PyDict_CheckExact(job->memo) || !PyDict_CheckExact(job->hosts)
+        || (job->clients != Py_None && !PyAnySet_Check(job->clients))
+        || !PyList_CheckExact(job->fresh)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "memo and hosts must be dicts, clients a set or None, fresh a list");
+        return -1;
+    }
+    if (get_buffer(counts, &job->counts, "q", 0) < 0 || get_buffer(times, &job->times, "d", 0) < 0
+        || get_buffer(misses, &job->misses, "H", slots) < 0
+        || get_buffer(slow_slots, &job->slow_slots, "q", slots) < 0
+        || get_buffer(slow_times, &job->slow_times, "d", slots) < 0
+        || blocks_open(&job->blocks, blocks) < 0)
+        return -1;
+    return 0;
+}
+
+/* Write the memo's bytes back and release the Job's buffers: 0, or -1 (an exception). */
+static int
+close_job(Job *job)
+{
+    int failed = save_used(job);
+    if (job->counts.obj) PyBuffer_Release(&job->counts);
+    if (job->times.obj) PyBuffer_Release(&job->times);
+    if (job->misses.obj) PyBuffer_Release(&job->misses);
+    if (job->slow_slots.obj) PyBuffer_Release(&job->slow_slots);
+    if (job->slow_times.obj) PyBuffer_Release(&job->slow_times);
+    blocks_close(&job->blocks);
+    return failed;
+}
+
+/* Read, answer and send, round after round, as serve() says: 0, or -1 (an exception). */
+static int
+run(Job *job, Io *io)
+{
+    uint16_t *misses = (uint16_t *)job->misses.buf;
+    while (io->round < io->rounds) {
+        io->round++;
+        io->ready = io->sent = io->missed = io->absent = io->nslow = 0;
+        io->received = recvmmsg(io->fd, io->recv_msgs, (unsigned int)io->slots, MSG_DONTWAIT, NULL);
+        if (io->received <= 0) {
+            io->err = io->received < 0 ? errno : 0;
+            break;
+        }
+        for (int i = 0; i < io->received; i++) {
+            int done = answer_one(job, &io->recv_msgs[i], &io->send_msgs[io->ready], &io->nslow);
+            if (done < 0)
+                return -1;
+            if (done == 0)
+                misses[io->missed++] = (uint16_t)i;
+            else if (done == 3) {
+                if (hand_over(job, &io->recv_msgs[i], i) < 0)
+                    return -1;
+                io->absent++;
+            }
+            else
+                io->ready++;
+        }
+        if (io->missed || io->absent || io->nslow || !io->send)
+            break; /* Python's turn: it answers these, then sends the batch */
+        while (io->sent < io->ready) {
+            int n = sendmmsg(io->fd, io->send_msgs + io->sent,
+                             (unsigned int)(io->ready - io->sent), 0);
+            if (n > 0) {
+                io->sent += n;
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            io->err = n < 0 ? errno : 0;
+            break;
+        }
+        if (io->sent < io->ready || io->received < io->slots)
+            break;
+    }
+    return 0;
+}
+
+/* A tuple of `count` Py_ssize_t values, made without a format (Py_BuildValue's costs a
+   call 1,300 instructions). */
+static PyObject *
+numbers(const Py_ssize_t *values, int count)
+{
+    PyObject *tuple = PyTuple_New(count);
+    for (int k = 0; tuple != NULL && k < count; k++) {
+        PyObject *item = PyLong_FromSsize_t(values[k]);
+        if (item == NULL)
+            Py_CLEAR(tuple);
+        else
+            PyTuple_SET_ITEM(tuple, k, item);
+    }
+    return tuple;
+}
+
 static PyObject *
 serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -355,11 +467,14 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "serve() takes 21 arguments");
         return NULL;
     }
-    int fd = (int)PyLong_AsLong(args[0]);
-    struct mmsghdr *recv_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(args[1]);
-    struct mmsghdr *send_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(args[2]);
-    Py_ssize_t slots = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t rounds = PyLong_AsSsize_t(args[4]);
+    Io io;
+    memset(&io, 0, sizeof(io));
+    io.fd = (int)PyLong_AsLong(args[0]);
+    io.recv_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(args[1]);
+    io.send_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(args[2]);
+    io.slots = PyLong_AsSsize_t(args[3]);
+    io.rounds = PyLong_AsSsize_t(args[4]);
+    io.send = PyObject_IsTrue(args[16]);
     Job job;
     memset(&job, 0, sizeof(job));
     job.used = -1;
@@ -369,92 +484,204 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     job.hosts = args[8];
     job.now = PyFloat_AsDouble(args[11]);
     job.bound = PyFloat_AsDouble(args[12]);
-    int send = PyObject_IsTrue(args[16]);
     job.fresh = args[17];
     job.max_entries = PyLong_AsSsize_t(args[19]);
     job.max_bytes = PyLong_AsSsize_t(args[20]);
     if (PyErr_Occurred())
         return NULL;
-    if (slots <= 0 || slots > MAX_SLOTS || rounds <= 0 || recv_msgs == NULL || send_msgs == NULL) {
+    if (io.slots <= 0 || io.slots > MAX_SLOTS || io.rounds <= 0 || io.recv_msgs == NULL
+        || io.send_msgs == NULL) {
         PyErr_SetString(PyExc_ValueError, "bad slots, rounds or buffers");
         return NULL;
     }
-    if (!PyDict_CheckExact(job.memo) || !PyDict_CheckExact(job.hosts)
-        || (job.clients != Py_None && !PyAnySet_Check(job.clients)) || !PyList_CheckExact(job.fresh)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "memo and hosts must be dicts, clients a set or None, fresh a list");
-        return NULL;
-    }
     PyObject *result = NULL;
-    if (get_buffer(args[9], &job.counts, "q", 0) < 0
-        || get_buffer(args[10], &job.times, "d", 0) < 0
-        || get_buffer(args[13], &job.misses, "H", slots) < 0
-        || get_buffer(args[14], &job.slow_slots, "q", slots) < 0
-        || get_buffer(args[15], &job.slow_times, "d", slots) < 0
-        || blocks_open(&job.blocks, args[18]) < 0)
-        goto done;
-
-    int received = 0, err = 0;
-    Py_ssize_t ready = 0, sent = 0, missed = 0, absent = 0, nslow = 0, round = 0;
-    uint16_t *misses = (uint16_t *)job.misses.buf;
-    while (round < rounds) {
-        round++;
-        ready = sent = missed = absent = nslow = 0;
-        received = recvmmsg(fd, recv_msgs, (unsigned int)slots, MSG_DONTWAIT, NULL);
-        if (received <= 0) {
-            err = received < 0 ? errno : 0;
-            break;
-        }
-        for (int i = 0; i < received; i++) {
-            int done = answer_one(&job, &recv_msgs[i], &send_msgs[ready], &nslow);
-            if (done < 0)
-                goto done;
-            if (done == 0)
-                misses[missed++] = (uint16_t)i;
-            else if (done == 3) {
-                if (hand_over(&job, &recv_msgs[i], i) < 0)
-                    goto done;
-                absent++;
-            }
-            else
-                ready++;
-        }
-        if (missed || absent || nslow || !send)
-            break; /* Python's turn: it answers these, then sends the batch */
-        while (sent < ready) {
-            int n = sendmmsg(fd, send_msgs + sent, (unsigned int)(ready - sent), 0);
-            if (n > 0) {
-                sent += n;
-                continue;
-            }
-            if (n < 0 && errno == EINTR)
-                continue;
-            err = n < 0 ? errno : 0;
-            break;
-        }
-        if (sent < ready || received < slots)
-            break;
+    if (open_job(&job, args[9], args[10], args[13], args[14], args[15], args[18], io.slots) == 0
+        && run(&job, &io) == 0) {
+        Py_ssize_t fields[10] = {io.received, io.ready, io.sent, io.err, io.missed,
+                                 io.absent, io.nslow, io.round, job.decided, job.evicted};
+        result = numbers(fields, 10);
     }
-    /* (made by hand: a format costs a batch of one datagram 1,300 instructions) */
-    Py_ssize_t fields[10] = {received, ready, sent, err, missed, absent, nslow, round,
-                             job.decided, job.evicted};
-    result = PyTuple_New(10);
-    for (int k = 0; result != NULL && k < 10; k++) {
-        PyObject *field = PyLong_FromSsize_t(fields[k]);
-        if (field == NULL)
-            Py_CLEAR(result);
-        else
-            PyTuple_SET_ITEM(result, k, field);
-    }
-done:
-    if (save_used(&job) < 0)
+    if (close_job(&job) < 0)
         Py_CLEAR(result);
-    if (job.counts.obj) PyBuffer_Release(&job.counts);
-    if (job.times.obj) PyBuffer_Release(&job.times);
-    if (job.misses.obj) PyBuffer_Release(&job.misses);
-    if (job.slow_slots.obj) PyBuffer_Release(&job.slow_slots);
-    if (job.slow_times.obj) PyBuffer_Release(&job.slow_times);
-    blocks_close(&job.blocks);
+    return result;
+}
+
+/* Attribute names the event handler reads, interned once (PyInit). */
+static PyObject *s_busy, *s_serve, *s_fast, *s_accepting, *s_closed, *s_fast_memo,
+    *s_fast_clients, *s_fixed, *s_fast_counts, *s_fast_times, *s_fast_blocks, *s_max_entries,
+    *s_max_bytes, *s_clock, *s_queue, *s_fresh, *s_readable, *s_after, *s_failed,
+    *s_fast_decided, *s_evictions, *s_recv_error;
+
+static int
+intern_names(void)
+{
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&s_busy, "_busy"}, {&s_serve, "_serve"}, {&s_fast, "fast"},
+        {&s_accepting, "accepting"}, {&s_closed, "closed"}, {&s_fast_memo, "fast_memo"},
+        {&s_fast_clients, "fast_clients"}, {&s_fixed, "_fixed"}, {&s_fast_counts, "fast_counts"},
+        {&s_fast_times, "fast_times"}, {&s_fast_blocks, "fast_blocks"},
+        {&s_max_entries, "max_entries"}, {&s_max_bytes, "max_bytes"}, {&s_clock, "clock"},
+        {&s_queue, "_queue"}, {&s_fresh, "fresh"}, {&s_readable, "_readable"},
+        {&s_after, "_after"}, {&s_failed, "_serve_failed"}, {&s_fast_decided, "fast_decided"},
+        {&s_evictions, "evictions"}, {&s_recv_error, "_recv_error"},
+    };
+    for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
+        if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)
+            return -1;
+    return 0;
+}
+
+/* obj.name += amount: 0, or -1 (an exception). */
+static int
+add_to(PyObject *obj, PyObject *name, Py_ssize_t amount)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    PyObject *step = value ? PyLong_FromSsize_t(amount) : NULL;
+    PyObject *sum = step ? PyNumber_Add(value, step) : NULL;
+    int failed = sum == NULL || PyObject_SetAttr(obj, name, sum) < 0;
+    Py_XDECREF(value);
+    Py_XDECREF(step);
+    Py_XDECREF(sum);
+    return failed ? -1 : 0;
+}
+
+/* The C loop failed (out of memory, say): the listener is told (it logs the cause and
+   answers with the Python loop from then on) and the event ends quietly. */
+static PyObject *
+failed(PyObject *listener)
+{
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);
+    PyErr_NormalizeException(&type, &value, &trace);
+    if (value != NULL && trace != NULL)
+        PyException_SetTraceback(value, trace);
+    PyObject *told = PyObject_CallMethodOneArg(listener, s_failed, value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(trace);
+    return told;
+}
+
+/* udpbatch.BatchListener._fixed: fd, recv and send pointers, slots, rounds, send size,
+   the address cache, the Buffers, misses, slow slots, slow times, EVERYONE, the bound. */
+#define FIXED 13
+enum { F_FD, F_RECV, F_SEND, F_SLOTS, F_ROUNDS, F_SEND_SIZE, F_HOSTS, F_BUFFERS, F_MISSES,
+       F_SLOW_SLOTS, F_SLOW_TIMES, F_EVERYONE, F_BOUND };
+#define TAKE(var, obj, name) \
+    do { \
+        if ((var = PyObject_GetAttr(obj, name)) == NULL) \
+            goto end; \
+        owned[held++] = var; \
+    } while (0)
+
+PyDoc_STRVAR(event_doc,
+"event(listener) -> None\n\n"
+"A readable event of a udpbatch.BatchListener served by the C loop, without a Python\n"
+"frame: what _readable, _batches and _fast_batches do when nothing needs Python. It\n"
+"reads the listener's state (its _fixed tuple, FIXED above) and the memo's, runs the\n"
+"loop, and calls back only for what needs Python:\n"
+"_readable when the C loop may not serve (plain reads, no fast memo, shutting down),\n"
+"_after(ready, sent, missed, absent, slow) for what it handed back, _recv_error(errno),\n"
+"and _serve_failed(exception) when it failed.");
+
+static PyObject *
+event(PyObject *Py_UNUSED(module), PyObject *listener)
+{
+    PyObject *owned[24], *result = NULL;
+    int held = 0;
+    PyObject *busy, *serve_fn, *fast, *accepting, *closed, *memo, *clients, *fixed;
+    TAKE(busy, listener, s_busy);
+    TAKE(serve_fn, listener, s_serve);
+    TAKE(fast, listener, s_fast);
+    TAKE(accepting, listener, s_accepting);
+    TAKE(closed, listener, s_closed);
+    int ours = busy == Py_True && serve_fn != Py_None && fast != Py_None
+               && accepting == Py_True && closed == Py_False;
+    if (ours) {
+        TAKE(memo, fast, s_fast_memo);
+        TAKE(clients, fast, s_fast_clients);
+        TAKE(fixed, listener, s_fixed);
+        ours = PyDict_CheckExact(memo) && PyTuple_CheckExact(fixed)
+               && PyTuple_GET_SIZE(fixed) == FIXED
+               && (clients == PyTuple_GET_ITEM(fixed, F_EVERYONE) || PySet_CheckExact(clients));
+    }
+    if (!ours) {
+        result = PyObject_CallMethodNoArgs(listener, s_readable);
+        goto end;
+    }
+    PyObject *counts, *times, *blocks, *max_entries, *max_bytes, *clock, *queue, *fresh;
+    TAKE(counts, fast, s_fast_counts);
+    TAKE(times, fast, s_fast_times);
+    TAKE(blocks, fast, s_fast_blocks);
+    TAKE(max_entries, fast, s_max_entries);
+    TAKE(max_bytes, fast, s_max_bytes);
+    TAKE(clock, fast, s_clock);
+    TAKE(queue, listener, s_queue);
+    PyObject *now = PyObject_CallNoArgs(clock);
+    if (now == NULL)
+        goto end;
+    owned[held++] = now;
+    TAKE(fresh, PyTuple_GET_ITEM(fixed, F_BUFFERS), s_fresh);
+
+    Io io;
+    memset(&io, 0, sizeof(io));
+    io.fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(fixed, F_FD));
+    io.recv_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(fixed, F_RECV));
+    io.send_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(fixed, F_SEND));
+    io.slots = PyLong_AsSsize_t(PyTuple_GET_ITEM(fixed, F_SLOTS));
+    io.rounds = PyLong_AsSsize_t(PyTuple_GET_ITEM(fixed, F_ROUNDS));
+    Py_ssize_t waiting = PyObject_Size(queue);
+    io.send = waiting == 0;
+    Job job;
+    memset(&job, 0, sizeof(job));
+    job.used = -1;
+    job.send_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(fixed, F_SEND_SIZE));
+    job.memo = memo;
+    job.clients = clients == PyTuple_GET_ITEM(fixed, F_EVERYONE) ? Py_None : clients;
+    job.hosts = PyTuple_GET_ITEM(fixed, F_HOSTS);
+    job.fresh = fresh;
+    job.now = PyFloat_AsDouble(now);
+    job.bound = PyFloat_AsDouble(PyTuple_GET_ITEM(fixed, F_BOUND));
+    job.max_entries = PyLong_AsSsize_t(max_entries);
+    job.max_bytes = PyLong_AsSsize_t(max_bytes);
+    if (waiting < 0 || PyErr_Occurred() || io.slots <= 0 || io.slots > MAX_SLOTS
+        || io.rounds <= 0 || io.recv_msgs == NULL || io.send_msgs == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad slots, rounds or buffers");
+        result = failed(listener);
+        goto end;
+    }
+    int ran = open_job(&job, counts, times, PyTuple_GET_ITEM(fixed, F_MISSES),
+                       PyTuple_GET_ITEM(fixed, F_SLOW_SLOTS), PyTuple_GET_ITEM(fixed, F_SLOW_TIMES),
+                       blocks, io.slots);
+    ran = ran == 0 ? run(&job, &io) : -1;
+    if (close_job(&job) < 0 || ran < 0
+        || (job.decided && (add_to(fast, s_fast_decided, job.decided) < 0
+                            || add_to(fast, s_evictions, job.evicted) < 0))) {
+        result = failed(listener);
+        goto end;
+    }
+    if (io.received < 0)
+    {
+        PyObject *code = PyLong_FromLong(io.err);
+        if (code != NULL)
+            result = PyObject_CallMethodOneArg(listener, s_recv_error, code);
+        Py_XDECREF(code);
+    }
+    else if (io.received > 0 && (io.nslow || io.missed || io.absent || io.sent < io.ready)) {
+        Py_ssize_t rest[5] = {io.ready, io.sent, io.missed, io.absent, io.nslow};
+        PyObject *values = numbers(rest, 5);
+        PyObject *after = values ? PyObject_GetAttr(listener, s_after) : NULL;
+        if (after != NULL)
+            result = PyObject_CallObject(after, values);
+        Py_XDECREF(after);
+        Py_XDECREF(values);
+    }
+    else
+        result = Py_NewRef(Py_None);
+end:
+    while (held > 0)
+        Py_DECREF(owned[--held]);
     return result;
 }
 
@@ -602,6 +829,7 @@ blocked(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"blocked", (PyCFunction)(void (*)(void))blocked, METH_FASTCALL, blocked_doc},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, serve_doc},
+    {"event", (PyCFunction)event, METH_O, event_doc},
     {"send", (PyCFunction)(void (*)(void))send_answers, METH_FASTCALL, send_doc},
     {"dotted", (PyCFunction)(void (*)(void))dotted, METH_FASTCALL, dotted_doc},
     {NULL, NULL, 0, NULL},
@@ -617,5 +845,7 @@ PyMODINIT_FUNC
 PyInit__fastudp(void)
 {
     blocks_init();
+    if (intern_names() < 0)
+        return NULL;
     return PyModule_Create(&module);
 }

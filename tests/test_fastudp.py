@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,25 @@ def test_a_failing_c_loop_hands_the_listener_to_the_python_loop(
     # (A C loop that failed after reading would lose that batch; this one read nothing.)
     assert len(got) == len(more) == 100
     assert caplog.text.count("the C loop failed") == 2  # once a listener
+
+
+def test_a_failing_c_event_hands_the_listener_to_the_python_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The whole event in C (_fastudp.event): a failure is logged with its cause, and the
+    listener answers with the Python loop from then on."""
+    if udpbatch._EVENT is None or udpbatch._SERVE is None:
+        pytest.skip("resolver._fastudp is not built (or RESOLVER_FASTUDP=0)")
+    source = Source(names=2)
+    source.memo.fast_counts = array("i", [0])  # not the int64 counts the C loop writes
+    queries = [question(qid, qid % 2) for qid in range(100)]
+    with caplog.at_level("ERROR", logger="resolver.transport"):
+        got = asyncio.run(exchange(source, Pipeline(), queries))
+    assert sorted(got) == sorted(answer_of(q) for q in queries)  # (it failed before reading)
+    assert caplog.text.count("the C loop failed") == 1
+    assert "expected a writable 'q' array" in caplog.text  # the cause, from C
+    source.memo.fold()
+    assert source.memo.fast_hits == 100
 
 
 _WITHOUT = """

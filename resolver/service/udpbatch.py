@@ -14,7 +14,9 @@ queue that a writer callback drains, as the loop's own transport would do.
 
 Where resolver/_fastudp.c is built (setup.py builds it with any compiler at hand;
 RESOLVER_FASTUDP=0 turns it off; the log says which loop runs), memo hits never enter the
-interpreter: one C call reads a batch, answers the hits as fast_answer would (access list,
+interpreter: the socket's readable event is a C function (``_fastudp.event``, which calls
+back into Python only for what it hands back) that reads a batch, answers the hits as
+fast_answer would (access list,
 expiry, audit log; counts in the memo's per-slot arrays, which AnswerMemo.fold adds) and
 sends. What it hands back is answered here as without it: misses, what it cannot decide,
 answers too large for a slot (bench/instructions.py: a repeated blocked name went from
@@ -105,6 +107,8 @@ _FAST: Final = _fast_module()
 _SERVE: Final = getattr(_FAST, "serve", None)
 #: The C sendmmsg of answers from their own bytes to their raw addresses, or None.
 _SEND: Final = getattr(_FAST, "send", None)
+#: A readable event handled in C from start to end (BatchListener._fixed), or None.
+_EVENT: Final = getattr(_FAST, "event", None)
 #: Which loop answers memo hits in batches: "c" (resolver._fastudp) or "python".
 ENGINE: Final = "c" if _SERVE is not None else "python"
 
@@ -159,11 +163,33 @@ class BatchListener(UDPListener):
         self._writing = False
         self.closed = False
         sock.setblocking(False)
-        self._loop.add_reader(self._fd, self._readable)
         #: The C loop's entry point (None: the Python loop answers every batch), and the
         #: C sendmmsg of later answers that comes with it.
         self._serve = _SERVE
         self._send = _SEND if _SERVE is not None else None
+        b = self._buffers
+        #: What resolver/_fastudp.c's event() reads of this listener that never changes
+        #: (FIXED there): with it, an event the C loop can serve runs no Python at all.
+        self._fixed = (
+            self._fd,
+            b.recv_ptr,
+            b.send_ptr,
+            b.slots,
+            ROUNDS,
+            SEND_SIZE,
+            b._hosts,
+            b,
+            b.misses,
+            b.slow_slots,
+            b.slow_times,
+            EVERYONE,
+            FAST_BOUND,
+        )
+        event = _EVENT if _SERVE is getattr(_FAST, "serve", None) else None
+        if event is not None:
+            self._loop.add_reader(self._fd, event, self)
+        else:
+            self._loop.add_reader(self._fd, self._readable)
         loop = "C (resolver._fastudp)" if ENGINE == "c" else "Python"
         host = sock.getsockname()[0]
         log.info("UDP on %s: batches, memo hits answered by the %s loop", host, loop)
@@ -257,10 +283,8 @@ class BatchListener(UDPListener):
                     fast.max_entries,
                     fast.max_bytes,
                 )
-            except Exception:  # (out of memory, say): the batch is lost, never the listener
-                log.exception("UDP: the C loop failed; the Python loop answers from now on")
-                self._serve = None
-                b.fresh.clear()
+            except Exception as exc:  # (out of memory, say): the batch is lost, never the listener
+                self._serve_failed(exc)
                 return
             rounds -= used
             if decided:
@@ -270,18 +294,37 @@ class BatchListener(UDPListener):
                 if count < 0:
                     self._recv_error(code)
                 return
-            if slow:
-                for k in range(slow):
-                    fast.fast_hits += 1
-                    fast.slots[b.slow_slots[k]].count(fast.stats, PROTO_UDP, b.slow_times[k])
-            if missed:  # (with those not in the memo, in b.fresh already)
-                ready = self._answer(b.misses[:missed], ready)
-            elif absent:  # not in the memo: straight to the pipeline, in the order they came
-                ready = self._fresh(ready)
-            if sent < ready:
-                self._send_batch(ready, sent)
+            if slow or missed or absent or sent < ready:
+                self._after(ready, sent, missed, absent, slow)
             if count < b.slots:
                 return
+
+    def _after(self, ready: int, sent: int, missed: int, absent: int, slow: int) -> None:
+        """What the C loop handed back of a batch: its pauses (``slow``, counted one by
+        one), the datagrams it left (``missed``, with those not in the memo, in b.fresh;
+        or only those, ``absent``), and the ``ready`` answers in the send slots, of which
+        ``sent`` went out. (Called by resolver/_fastudp.c's event() too.)"""
+        fast, b = self.fast, self._buffers
+        assert fast is not None
+        for k in range(slow):
+            fast.fast_hits += 1
+            fast.slots[b.slow_slots[k]].count(fast.stats, PROTO_UDP, b.slow_times[k])
+        if missed:  # (with those not in the memo, in b.fresh already)
+            ready = self._answer(b.misses[:missed], ready)
+        elif absent:  # not in the memo: straight to the pipeline, in the order they came
+            ready = self._fresh(ready)
+        if sent < ready:
+            self._send_batch(ready, sent)
+
+    def _serve_failed(self, exc: BaseException) -> None:
+        """The C loop failed (out of memory, say): the batch is lost, never the listener,
+        which answers with the Python loop from now on."""
+        log.error(
+            "UDP: the C loop failed; the Python loop answers from now on",
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        self._serve = None
+        self._buffers.fresh.clear()
 
     def _answer(self, indices: Iterable[int], ready: int) -> int:
         """Answer the received datagrams ``indices`` from the memo, or hand them to the
