@@ -567,9 +567,38 @@ failed(PyObject *listener)
 #define FIXED 13
 enum { F_FD, F_RECV, F_SEND, F_SLOTS, F_ROUNDS, F_SEND_SIZE, F_HOSTS, F_BUFFERS, F_MISSES,
        F_SLOW_SLOTS, F_SLOW_TIMES, F_EVERYONE, F_BOUND };
-#define TAKE(var, obj, name) \
+/* The instance dict of `obj` (a new reference), or NULL without an exception where it
+   has none (a class compiled by mypyc): its attributes are then read the generic way. */
+static PyObject *
+instance_dict(PyObject *obj)
+{
+    if (Py_TYPE(obj)->tp_dictoffset == 0)
+        return NULL;
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL)
+        PyErr_Clear();
+    return dict;
+}
+
+/* obj.name, read from its instance dict when it is there (about 60 instructions against
+   200 the generic way, which looks through the class first: none of the names read here
+   is a descriptor of its class), else the generic way. A new reference, or NULL. */
+static PyObject *
+read_attr(PyObject *obj, PyObject *dict, PyObject *name)
+{
+    if (dict != NULL) {
+        PyObject *value = PyDict_GetItemWithError(dict, name); /* borrowed */
+        if (value != NULL)
+            return Py_NewRef(value);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+#define TAKE(var, obj, dict, name) \
     do { \
-        if ((var = PyObject_GetAttr(obj, name)) == NULL) \
+        if ((var = read_attr(obj, dict, name)) == NULL) \
             goto end; \
         owned[held++] = var; \
     } while (0)
@@ -590,17 +619,22 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
     PyObject *owned[24], *result = NULL;
     int held = 0;
     PyObject *busy, *serve_fn, *fast, *accepting, *closed, *memo, *clients, *fixed;
-    TAKE(busy, listener, s_busy);
-    TAKE(serve_fn, listener, s_serve);
-    TAKE(fast, listener, s_fast);
-    TAKE(accepting, listener, s_accepting);
-    TAKE(closed, listener, s_closed);
+    PyObject *mine = instance_dict(listener), *its = NULL;
+    if (mine != NULL)
+        owned[held++] = mine;
+    TAKE(busy, listener, mine, s_busy);
+    TAKE(serve_fn, listener, mine, s_serve);
+    TAKE(fast, listener, mine, s_fast);
+    TAKE(accepting, listener, mine, s_accepting);
+    TAKE(closed, listener, mine, s_closed);
     int ours = busy == Py_True && serve_fn != Py_None && fast != Py_None
                && accepting == Py_True && closed == Py_False;
     if (ours) {
-        TAKE(memo, fast, s_fast_memo);
-        TAKE(clients, fast, s_fast_clients);
-        TAKE(fixed, listener, s_fixed);
+        if ((its = instance_dict(fast)) != NULL)
+            owned[held++] = its;
+        TAKE(memo, fast, its, s_fast_memo);
+        TAKE(clients, fast, its, s_fast_clients);
+        TAKE(fixed, listener, mine, s_fixed);
         ours = PyDict_CheckExact(memo) && PyTuple_CheckExact(fixed)
                && PyTuple_GET_SIZE(fixed) == FIXED
                && (clients == PyTuple_GET_ITEM(fixed, F_EVERYONE) || PySet_CheckExact(clients));
@@ -610,18 +644,18 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
         goto end;
     }
     PyObject *counts, *times, *blocks, *max_entries, *max_bytes, *clock, *queue, *fresh;
-    TAKE(counts, fast, s_fast_counts);
-    TAKE(times, fast, s_fast_times);
-    TAKE(blocks, fast, s_fast_blocks);
-    TAKE(max_entries, fast, s_max_entries);
-    TAKE(max_bytes, fast, s_max_bytes);
-    TAKE(clock, fast, s_clock);
-    TAKE(queue, listener, s_queue);
+    TAKE(counts, fast, its, s_fast_counts);
+    TAKE(times, fast, its, s_fast_times);
+    TAKE(blocks, fast, its, s_fast_blocks);
+    TAKE(max_entries, fast, its, s_max_entries);
+    TAKE(max_bytes, fast, its, s_max_bytes);
+    TAKE(clock, fast, its, s_clock);
+    TAKE(queue, listener, mine, s_queue);
     PyObject *now = PyObject_CallNoArgs(clock);
     if (now == NULL)
         goto end;
     owned[held++] = now;
-    TAKE(fresh, PyTuple_GET_ITEM(fixed, F_BUFFERS), s_fresh);
+    TAKE(fresh, PyTuple_GET_ITEM(fixed, F_BUFFERS), NULL, s_fresh);
 
     Io io;
     memset(&io, 0, sizeof(io));
