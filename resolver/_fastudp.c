@@ -510,7 +510,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 static PyObject *s_busy, *s_serve, *s_fast, *s_accepting, *s_closed, *s_fast_memo,
     *s_fast_clients, *s_fixed, *s_fast_counts, *s_fast_times, *s_fast_blocks, *s_max_entries,
     *s_max_bytes, *s_clock, *s_queue, *s_fresh, *s_readable, *s_after, *s_failed,
-    *s_fast_decided, *s_evictions, *s_recv_error;
+    *s_fast_decided, *s_evictions, *s_recv_error, *s_event_error;
 
 static int
 intern_names(void)
@@ -524,6 +524,7 @@ intern_names(void)
         {&s_queue, "_queue"}, {&s_fresh, "fresh"}, {&s_readable, "_readable"},
         {&s_after, "_after"}, {&s_failed, "_serve_failed"}, {&s_fast_decided, "fast_decided"},
         {&s_evictions, "evictions"}, {&s_recv_error, "_recv_error"},
+        {&s_event_error, "_event_error"},
     };
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
         if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)
@@ -545,21 +546,29 @@ add_to(PyObject *obj, PyObject *name, Py_ssize_t amount)
     return failed ? -1 : 0;
 }
 
-/* The C loop failed (out of memory, say): the listener is told (it logs the cause and
-   answers with the Python loop from then on) and the event ends quietly. */
+/* The exception raised is handed to the listener's method `name` (it logs the cause),
+   and the event ends quietly. */
 static PyObject *
-failed(PyObject *listener)
+hand_error(PyObject *listener, PyObject *name)
 {
     PyObject *type, *value, *trace;
     PyErr_Fetch(&type, &value, &trace);
     PyErr_NormalizeException(&type, &value, &trace);
     if (value != NULL && trace != NULL)
         PyException_SetTraceback(value, trace);
-    PyObject *told = PyObject_CallMethodOneArg(listener, s_failed, value ? value : Py_None);
+    PyObject *told = PyObject_CallMethodOneArg(listener, name, value ? value : Py_None);
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(trace);
     return told;
+}
+
+/* The C loop failed (out of memory, say): the listener logs the cause and answers with
+   the Python loop from then on. */
+static PyObject *
+failed(PyObject *listener)
+{
+    return hand_error(listener, s_failed);
 }
 
 /* udpbatch.BatchListener._fixed: fd, recv and send pointers, slots, rounds, send size,
@@ -611,7 +620,8 @@ PyDoc_STRVAR(event_doc,
 "loop, and calls back only for what needs Python:\n"
 "_readable when the C loop may not serve (plain reads, no fast memo, shutting down),\n"
 "_after(ready, sent, missed, absent, slow) for what it handed back, _recv_error(errno),\n"
-"and _serve_failed(exception) when it failed.");
+"_serve_failed(exception) when the loop failed, and _event_error(exception) for any\n"
+"other fault (the event is lost, never the listener).");
 
 static PyObject *
 event(PyObject *Py_UNUSED(module), PyObject *listener)
@@ -714,6 +724,8 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
     else
         result = Py_NewRef(Py_None);
 end:
+    if (result == NULL && PyErr_Occurred()) /* (a fault around the loop: logged, no more) */
+        result = hand_error(listener, s_event_error);
     while (held > 0)
         Py_DECREF(owned[--held]);
     return result;

@@ -378,9 +378,12 @@ def test_a_stored_entry_comes_back_whole_and_the_cache_is_no_work_for_the_gc() -
     assert all(type(blob) is bytes for shard in cache._shards for blob in shard.values())
 
 
-def test_an_error_in_the_udp_fast_path_costs_one_answer_not_the_listener(
+def test_an_error_in_the_udp_fast_path_costs_one_answer_at_most_not_the_listener(
     make_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture, udp: UDPConfig
 ) -> None:
+    """The Python paths lose the answer whose handling failed. The C event
+    (resolver/_fastudp.c) reads the memo's clock before it reads the socket: a fault
+    there loses the event, and the query waiting in the socket is answered at the next."""
     server = make_server(udp=udp)
     query = dns.message.make_query("deepseek.com", "A")
     assert server.send(query).rcode() == dns.rcode.NXDOMAIN  # now in the memo
@@ -396,9 +399,13 @@ def test_an_error_in_the_udp_fast_path_costs_one_answer_not_the_listener(
 
     resolver.clock = broken
     try:
-        with pytest.raises(dns.exception.Timeout):
-            server.send(query, timeout=0.5)
+        reply = server.send(query, timeout=0.5)
+        assert reply.rcode() == dns.rcode.NXDOMAIN  # (the C event: the next one answers)
+    except dns.exception.Timeout:
+        pass  # (a Python path: that answer is lost)
     finally:
         resolver.clock = clock
+    assert calls  # the fault did happen
     assert "internal error answering a UDP query" in caplog.text
+    assert "a bug" in caplog.text  # with its cause
     assert server.send(query).rcode() == dns.rcode.NXDOMAIN  # the listener lives on

@@ -316,6 +316,13 @@ class BatchListener(UDPListener):
         if sent < ready:
             self._send_batch(ready, sent)
 
+    def _event_error(self, exc: BaseException) -> None:
+        """A fault around the C loop in resolver/_fastudp.c's event() (reading the memo's
+        clock, say): that event is lost, never the listener."""
+        log.error(
+            "internal error answering a UDP query", exc_info=(type(exc), exc, exc.__traceback__)
+        )
+
     def _serve_failed(self, exc: BaseException) -> None:
         """The C loop failed (out of memory, say): the batch is lost, never the listener,
         which answers with the Python loop from now on."""
