@@ -51,6 +51,29 @@ typedef struct {
     signed char verdicts[SEEN]; /* 0 not known, 1 let in, 2 Python's */
 } Seen;
 
+/* The IPv4 address of `sa` as udpbatch's address cache keys it (sin_addr in native
+   order). */
+static uint32_t
+ipv4_of(const struct sockaddr *sa)
+{
+    uint32_t value;
+    memcpy(&value, (const char *)sa + 4, 4);
+    return value;
+}
+
+/* The host string the listener's address cache holds for the IPv4 `value` (borrowed),
+   Py_None when it holds none yet, or NULL with an exception set. */
+static PyObject *
+cached_host(PyObject *hosts, uint32_t value)
+{
+    PyObject *key = PyLong_FromUnsignedLong(value);
+    if (key == NULL)
+        return NULL;
+    PyObject *host = PyDict_GetItemWithError(hosts, key); /* borrowed */
+    Py_DECREF(key);
+    return host != NULL || PyErr_Occurred() ? host : Py_None;
+}
+
 /* Whether the sender of `hdr` is let in: 1 yes, 0 ask Python (an IPv6 sender, or an IPv4
    one not in the address cache yet, or not allowed: Python refuses it), -1 an error. */
 static int
@@ -61,17 +84,14 @@ allowed(struct msghdr *hdr, PyObject *clients, PyObject *hosts, Seen *seen)
     struct sockaddr *sa = (struct sockaddr *)hdr->msg_name;
     if (sa->sa_family != AF_INET)
         return 0;
-    uint32_t value;
-    memcpy(&value, (char *)sa + 4, 4); /* sin_addr, native order as udpbatch reads it */
+    uint32_t value = ipv4_of(sa);
     unsigned int at = (value ^ value >> 8 ^ value >> 16 ^ value >> 24) & (SEEN - 1);
     if (seen->verdicts[at] && seen->addrs[at] == value)
         return seen->verdicts[at] == 1;
-    PyObject *key = PyLong_FromUnsignedLong(value);
-    if (key == NULL)
+    PyObject *host = cached_host(hosts, value);
+    if (host == NULL)
         return -1;
-    PyObject *host = PyDict_GetItemWithError(hosts, key); /* borrowed */
-    Py_DECREF(key);
-    int verdict = host == NULL ? (PyErr_Occurred() ? -1 : 0) : PySet_Contains(clients, host);
+    int verdict = host == Py_None ? 0 : PySet_Contains(clients, host);
     if (verdict >= 0) {
         seen->addrs[at] = value;
         seen->verdicts[at] = verdict ? 1 : 2;
@@ -91,7 +111,7 @@ typedef struct {
     Py_ssize_t decided; /* answers made that way */
     Py_ssize_t max_entries, max_bytes; /* the memo's bounds (AnswerMemo) */
     Py_ssize_t used; /* the UDP memo's bytes (AnswerMemo.sizes[0]), once read (-1: not yet) */
-    int grown;       /* 1 when `used` must be written back */
+    int dirty;       /* 1 when `used` changed and must be written back */
     Py_ssize_t evicted; /* memo entries evicted to make room (AnswerMemo.evictions) */
     Seen seen;
 } Job;
@@ -103,21 +123,9 @@ static int
 hand_over(Job *job, struct mmsghdr *in, int i)
 {
     struct sockaddr *sa = (struct sockaddr *)in->msg_hdr.msg_name;
-    PyObject *host = Py_None;
-    if (sa->sa_family == AF_INET) {
-        uint32_t value;
-        memcpy(&value, (char *)sa + 4, 4);
-        PyObject *key = PyLong_FromUnsignedLong(value);
-        if (key == NULL)
-            return -1;
-        host = PyDict_GetItemWithError(job->hosts, key); /* borrowed */
-        Py_DECREF(key);
-        if (host == NULL) {
-            if (PyErr_Occurred())
-                return -1;
-            host = Py_None;
-        }
-    }
+    PyObject *host = sa->sa_family == AF_INET ? cached_host(job->hosts, ipv4_of(sa)) : Py_None;
+    if (host == NULL)
+        return -1;
     PyObject *item = Py_BuildValue(
         "(y#Oy#i)", (const char *)in->msg_hdr.msg_iov->iov_base, (Py_ssize_t)in->msg_len,
         host, (const char *)sa, (Py_ssize_t)NAME_SIZE, i);
@@ -177,7 +185,7 @@ make_room(Job *job, Py_ssize_t size)
             failed = PyDict_DelItem(memo, PyList_GET_ITEM(doomed, k)) < 0;
         Py_DECREF(doomed); /* (a list made full: any slot left NULL is skipped) */
         job->evicted += taken;
-        job->grown = 1;
+        job->dirty = 1;
         if (failed)
             return -1;
     }
@@ -220,17 +228,17 @@ remember(Job *job, PyObject *key, const char *answer, Py_ssize_t length, double 
     if (failed)
         return -1;
     job->used += size;
-    job->grown = 1;
+    job->dirty = 1;
     return 1;
 }
 
-/* Write the memo's bytes back, if blocked answers were kept: 0, or -1 an error. */
+/* Write the memo's bytes back, if C kept or evicted entries: 0, or -1 an error. */
 static int
 save_used(Job *job)
 {
-    if (!job->grown)
+    if (!job->dirty)
         return 0;
-    job->grown = 0;
+    job->dirty = 0;
     PyObject *total = PyLong_FromSsize_t(job->used);
     if (total == NULL)
         return -1;
@@ -705,8 +713,7 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
         result = failed(listener);
         goto end;
     }
-    if (io.received < 0)
-    {
+    if (io.received < 0) {
         PyObject *code = PyLong_FromLong(io.err);
         if (code != NULL)
             result = PyObject_CallMethodOneArg(listener, s_recv_error, code);

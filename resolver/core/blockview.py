@@ -15,8 +15,9 @@ Info that Python made for the first answer of the same kind (rule set, type, rco
 memo's ``block_slots`` map that kind to the Info's slot, which Python fills as it answers
 (AnswerMemo.note_block). So the counters and the latency histogram stay whole, and an
 answer the audit log must see is never made in C (its Info has no slot there). What it
-answers it keeps in the memo, as the pipeline would, while the memo has room (making room
-is Python's: without, Python answers), so that a repeat is a memo hit.
+answers it keeps in the memo, as the pipeline would, evicting the oldest entries as
+AnswerMemo does when the memo is full (resolver/_fastudp.c, make_room), so that a repeat
+is a memo hit.
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ def fast_path(
 def build(policy: Policy, memo: AnswerMemo) -> View | None:
     """The view of ``policy`` (None when the C loop cannot decide its names alone); it
     shares ``memo``'s ``block_slots`` and ``sizes``: the C loop keeps its answers in the
-    memo while it has room (AnswerMemo.remember's bounds), so that their repeats are memo
-    hits."""
+    memo within AnswerMemo.remember's bounds, so that their repeats are memo hits."""
     if policy.patterns or policy.uses_groups:
         return None
     index: dict[int, int] = {}
