@@ -16,11 +16,10 @@ Where resolver/_fastudp.c is built (setup.py builds it with any compiler at hand
 RESOLVER_FASTUDP=0 turns it off; the log says which loop runs), memo hits never enter the
 interpreter: the socket's readable event is a C function (``_fastudp.event``, which calls
 back into Python only for what it hands back) that reads a batch, answers the hits as
-fast_answer would (access list,
-expiry, audit log; counts in the memo's per-slot arrays, which AnswerMemo.fold adds) and
-sends. What it hands back is answered here as without it: misses, what it cannot decide,
-answers too large for a slot (bench/instructions.py: a repeated blocked name went from
-about 16,500 user-space instructions to 1,500). A blocked name the memo does not hold yet
+fast_answer would (access list, expiry, audit log; counts in the memo's per-slot arrays,
+which AnswerMemo.fold adds) and sends. What it hands back is answered here as without
+it: misses, what it cannot decide, answers too large for a slot (bench/instructions.py: a
+repeated blocked name went from about 16,500 user-space instructions to 1,100). A blocked name the memo does not hold yet
 is decided in C as well, from a view of the policy (core/blockview.py,
 resolver/_fastblock.c), and kept in the memo, whose oldest entries C evicts as
 AnswerMemo does when it is full: a distinct blocked name went from 58,000 instructions
@@ -123,8 +122,8 @@ class BatchListener(UDPListener):
 
     Where the C loop serves it (resolver/_fastudp.c, with the memo's fast path on), every
     readable event is one call of that loop, a batch of one datagram or many: a quiet
-    server's blocked name or cache hit costs 13,900 instructions that way against 25,000
-    read the plain way, and a miss 1% more (bench/instructions.py --outstanding 1; a
+    server's blocked name or cache hit costs 8,200 instructions that way against 25,000
+    read the plain way, and a miss 2% more (bench/instructions.py --outstanding 1; a
     round trip takes the same 0.04-0.09 ms either way, bench/udplat.c at 1,000 and
     20,000 qps).
 
