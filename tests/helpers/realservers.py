@@ -3,6 +3,7 @@ a subprocess started the way an operator starts it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -30,11 +31,19 @@ def _port_range() -> range:
     return range(int(low), int(high))
 
 
+_turn = itertools.count(random.randrange(1 << 30))
+
+
 def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (at the time of asking)."""
+    """A port free for both UDP and TCP on 127.0.0.1 (at the time of asking).
+
+    Ports are tried in turn from a random start, so one process never hands out the same
+    port twice until it has gone round its whole range: two ports asked for by one test
+    (an admin and a metrics listener, say) cannot be the same one, as two random picks
+    could be."""
     ports = _port_range()
     for _ in range(200):
-        port = random.choice(ports)
+        port = ports[next(_turn) % len(ports)]
         with (
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
             socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
