@@ -514,25 +514,17 @@ serve(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
-/* Attribute names the event handler reads, interned once (PyInit). */
-static PyObject *s_busy, *s_serve, *s_fast, *s_accepting, *s_closed, *s_fast_memo,
-    *s_fast_clients, *s_fixed, *s_fast_counts, *s_fast_times, *s_fast_blocks, *s_max_entries,
-    *s_max_bytes, *s_clock, *s_queue, *s_fresh, *s_readable, *s_after, *s_failed,
-    *s_fast_decided, *s_evictions, *s_recv_error, *s_event_error;
+/* Names the event handler uses, interned once (PyInit). */
+static PyObject *s_readable, *s_after, *s_failed, *s_fast_decided, *s_evictions, *s_recv_error,
+    *s_event_error;
 
 static int
 intern_names(void)
 {
     struct { PyObject **slot; const char *text; } names[] = {
-        {&s_busy, "_busy"}, {&s_serve, "_serve"}, {&s_fast, "fast"},
-        {&s_accepting, "accepting"}, {&s_closed, "closed"}, {&s_fast_memo, "fast_memo"},
-        {&s_fast_clients, "fast_clients"}, {&s_fixed, "_fixed"}, {&s_fast_counts, "fast_counts"},
-        {&s_fast_times, "fast_times"}, {&s_fast_blocks, "fast_blocks"},
-        {&s_max_entries, "max_entries"}, {&s_max_bytes, "max_bytes"}, {&s_clock, "clock"},
-        {&s_queue, "_queue"}, {&s_fresh, "fresh"}, {&s_readable, "_readable"},
-        {&s_after, "_after"}, {&s_failed, "_serve_failed"}, {&s_fast_decided, "fast_decided"},
-        {&s_evictions, "evictions"}, {&s_recv_error, "_recv_error"},
-        {&s_event_error, "_event_error"},
+        {&s_readable, "_readable"}, {&s_after, "_after"}, {&s_failed, "_serve_failed"},
+        {&s_fast_decided, "fast_decided"}, {&s_evictions, "evictions"},
+        {&s_recv_error, "_recv_error"}, {&s_event_error, "_event_error"},
     };
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
         if ((*names[k].slot = PyUnicode_InternFromString(names[k].text)) == NULL)
@@ -579,101 +571,57 @@ failed(PyObject *listener)
     return hand_error(listener, s_failed);
 }
 
-/* udpbatch.BatchListener._fixed: fd, recv and send pointers, slots, rounds, send size,
-   the address cache, the Buffers, misses, slow slots, slow times, EVERYONE, the bound. */
-#define FIXED 13
-enum { F_FD, F_RECV, F_SEND, F_SLOTS, F_ROUNDS, F_SEND_SIZE, F_HOSTS, F_BUFFERS, F_MISSES,
-       F_SLOW_SLOTS, F_SLOW_TIMES, F_EVERYONE, F_BOUND };
-/* The instance dict of `obj` (a new reference), or NULL without an exception where it
-   has none (a class compiled by mypyc): its attributes are then read the generic way. */
-static PyObject *
-instance_dict(PyObject *obj)
-{
-    if (Py_TYPE(obj)->tp_dictoffset == 0)
-        return NULL;
-    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
-    if (dict == NULL)
-        PyErr_Clear();
-    return dict;
-}
-
-/* obj.name, read from its instance dict when it is there (about 60 instructions against
-   200 the generic way, which looks through the class first: none of the names read here
-   is a descriptor of its class), else the generic way. A new reference, or NULL. */
-static PyObject *
-read_attr(PyObject *obj, PyObject *dict, PyObject *name)
-{
-    if (dict != NULL) {
-        PyObject *value = PyDict_GetItemWithError(dict, name); /* borrowed */
-        if (value != NULL)
-            return Py_NewRef(value);
-        if (PyErr_Occurred())
-            return NULL;
-    }
-    return PyObject_GetAttr(obj, name);
-}
-
-#define TAKE(var, obj, dict, name) \
-    do { \
-        if ((var = read_attr(obj, dict, name)) == NULL) \
-            goto end; \
-        owned[held++] = var; \
-    } while (0)
+/* event()'s argument, made once by udpbatch.BatchListener: fd, recv and send pointers,
+   slots, rounds, send size, the address cache, the list of fresh datagrams, misses, slow
+   slots, slow times, EVERYONE, the bound, the listener, its queue of answers waiting to
+   be sent, the memo's fast_state list (by the S_ indices of core/memo.py), the memo. */
+#define FIXED 17
+enum { F_FD, F_RECV, F_SEND, F_SLOTS, F_ROUNDS, F_SEND_SIZE, F_HOSTS, F_FRESH, F_MISSES,
+       F_SLOW_SLOTS, F_SLOW_TIMES, F_EVERYONE, F_BOUND, F_LISTENER, F_QUEUE, F_STATE, F_FAST };
+#define STATE 8
+enum { S_MEMO, S_CLIENTS, S_COUNTS, S_TIMES, S_BLOCKS, S_MAX_ENTRIES, S_MAX_BYTES, S_CLOCK };
 
 PyDoc_STRVAR(event_doc,
-"event(listener) -> None\n\n"
+"event(fixed) -> None\n\n"
 "A readable event of a udpbatch.BatchListener served by the C loop, without a Python\n"
-"frame: what _readable, _batches and _fast_batches do when nothing needs Python. It\n"
-"reads the listener's state (its _fixed tuple, FIXED above) and the memo's, runs the\n"
-"loop, and calls back only for what needs Python:\n"
-"_readable when the C loop may not serve (plain reads, no fast memo, shutting down),\n"
-"_after(ready, sent, missed, absent, slow) for what it handed back, _recv_error(errno),\n"
-"_serve_failed(exception) when the loop failed, and _event_error(exception) for any\n"
-"other fault (the event is lost, never the listener).");
+"frame: what _readable, _batches and _fast_batches do when nothing needs Python. Its\n"
+"argument (FIXED above) holds all it reads, the memo's state as a list that the memo's\n"
+"properties keep current, so it looks up no attribute. The listener makes _readable the\n"
+"reader instead when the C loop may not serve (shutting down, a failed C loop); this\n"
+"calls _readable itself when the memo has no fast path (no fast memo, an access list\n"
+"that is not a set). It calls back only for what needs Python: _after(ready, sent,\n"
+"missed, absent, slow) for what it handed back, _recv_error(errno), _serve_failed\n"
+"(exception) when the loop failed, and _event_error(exception) for any other fault (the\n"
+"event is lost, never the listener).");
 
 static PyObject *
-event(PyObject *Py_UNUSED(module), PyObject *listener)
+event(PyObject *Py_UNUSED(module), PyObject *fixed)
 {
-    PyObject *owned[24], *result = NULL;
-    int held = 0;
-    PyObject *busy, *serve_fn, *fast, *accepting, *closed, *memo, *clients, *fixed;
-    PyObject *mine = instance_dict(listener), *its = NULL;
-    if (mine != NULL)
-        owned[held++] = mine;
-    TAKE(busy, listener, mine, s_busy);
-    TAKE(serve_fn, listener, mine, s_serve);
-    TAKE(fast, listener, mine, s_fast);
-    TAKE(accepting, listener, mine, s_accepting);
-    TAKE(closed, listener, mine, s_closed);
-    int ours = busy == Py_True && serve_fn != Py_None && fast != Py_None
-               && accepting == Py_True && closed == Py_False;
-    if (ours) {
-        if ((its = instance_dict(fast)) != NULL)
-            owned[held++] = its;
-        TAKE(memo, fast, its, s_fast_memo);
-        TAKE(clients, fast, its, s_fast_clients);
-        TAKE(fixed, listener, mine, s_fixed);
-        ours = PyDict_CheckExact(memo) && PyTuple_CheckExact(fixed)
-               && PyTuple_GET_SIZE(fixed) == FIXED
-               && (clients == PyTuple_GET_ITEM(fixed, F_EVERYONE) || PySet_CheckExact(clients));
+    if (!PyTuple_CheckExact(fixed) || PyTuple_GET_SIZE(fixed) != FIXED
+        || !PyList_CheckExact(PyTuple_GET_ITEM(fixed, F_STATE))
+        || PyList_GET_SIZE(PyTuple_GET_ITEM(fixed, F_STATE)) != STATE) {
+        PyErr_SetString(PyExc_TypeError, "event: expected the listener's tuple (FIXED)");
+        return NULL;
     }
-    if (!ours) {
-        result = PyObject_CallMethodNoArgs(listener, s_readable);
-        goto end;
-    }
-    PyObject *counts, *times, *blocks, *max_entries, *max_bytes, *clock, *queue, *fresh;
-    TAKE(counts, fast, its, s_fast_counts);
-    TAKE(times, fast, its, s_fast_times);
-    TAKE(blocks, fast, its, s_fast_blocks);
-    TAKE(max_entries, fast, its, s_max_entries);
-    TAKE(max_bytes, fast, its, s_max_bytes);
-    TAKE(clock, fast, its, s_clock);
-    TAKE(queue, listener, mine, s_queue);
-    PyObject *now = PyObject_CallNoArgs(clock);
+    PyObject *listener = PyTuple_GET_ITEM(fixed, F_LISTENER);
+    PyObject *state = PyTuple_GET_ITEM(fixed, F_STATE);
+    PyObject *memo = PyList_GET_ITEM(state, S_MEMO);
+    PyObject *clients = PyList_GET_ITEM(state, S_CLIENTS);
+    if (!PyDict_CheckExact(memo)
+        || (clients != PyTuple_GET_ITEM(fixed, F_EVERYONE) && !PySet_CheckExact(clients)))
+        return PyObject_CallMethodNoArgs(listener, s_readable);
+
+    PyObject *result = NULL, *fast = PyTuple_GET_ITEM(fixed, F_FAST);
+    /* (The list's items are borrowed: nothing below runs Python until the job is closed,
+       but the clock, which may; so what the job uses is held.) */
+    PyObject *held[STATE];
+    for (int k = 0; k < STATE; k++)
+        held[k] = Py_NewRef(PyList_GET_ITEM(state, k));
+    memo = held[S_MEMO];
+    clients = held[S_CLIENTS];
+    PyObject *now = PyObject_CallNoArgs(held[S_CLOCK]);
     if (now == NULL)
         goto end;
-    owned[held++] = now;
-    TAKE(fresh, PyTuple_GET_ITEM(fixed, F_BUFFERS), NULL, s_fresh);
 
     Io io;
     memset(&io, 0, sizeof(io));
@@ -682,7 +630,7 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
     io.send_msgs = (struct mmsghdr *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(fixed, F_SEND));
     io.slots = PyLong_AsSsize_t(PyTuple_GET_ITEM(fixed, F_SLOTS));
     io.rounds = PyLong_AsSsize_t(PyTuple_GET_ITEM(fixed, F_ROUNDS));
-    Py_ssize_t waiting = PyObject_Size(queue);
+    Py_ssize_t waiting = PyObject_Size(PyTuple_GET_ITEM(fixed, F_QUEUE));
     io.send = waiting == 0;
     Job job;
     memset(&job, 0, sizeof(job));
@@ -691,11 +639,12 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
     job.memo = memo;
     job.clients = clients == PyTuple_GET_ITEM(fixed, F_EVERYONE) ? Py_None : clients;
     job.hosts = PyTuple_GET_ITEM(fixed, F_HOSTS);
-    job.fresh = fresh;
+    job.fresh = PyTuple_GET_ITEM(fixed, F_FRESH);
     job.now = PyFloat_AsDouble(now);
+    Py_DECREF(now);
     job.bound = PyFloat_AsDouble(PyTuple_GET_ITEM(fixed, F_BOUND));
-    job.max_entries = PyLong_AsSsize_t(max_entries);
-    job.max_bytes = PyLong_AsSsize_t(max_bytes);
+    job.max_entries = PyLong_AsSsize_t(held[S_MAX_ENTRIES]);
+    job.max_bytes = PyLong_AsSsize_t(held[S_MAX_BYTES]);
     if (waiting < 0 || PyErr_Occurred() || io.slots <= 0 || io.slots > MAX_SLOTS
         || io.rounds <= 0 || io.recv_msgs == NULL || io.send_msgs == NULL) {
         if (!PyErr_Occurred())
@@ -703,9 +652,9 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
         result = failed(listener);
         goto end;
     }
-    int ran = open_job(&job, counts, times, PyTuple_GET_ITEM(fixed, F_MISSES),
+    int ran = open_job(&job, held[S_COUNTS], held[S_TIMES], PyTuple_GET_ITEM(fixed, F_MISSES),
                        PyTuple_GET_ITEM(fixed, F_SLOW_SLOTS), PyTuple_GET_ITEM(fixed, F_SLOW_TIMES),
-                       blocks, io.slots);
+                       held[S_BLOCKS], io.slots);
     ran = ran == 0 ? run(&job, &io) : -1;
     if (close_job(&job) < 0 || ran < 0
         || (job.decided && (add_to(fast, s_fast_decided, job.decided) < 0
@@ -733,8 +682,8 @@ event(PyObject *Py_UNUSED(module), PyObject *listener)
 end:
     if (result == NULL && PyErr_Occurred()) /* (a fault around the loop: logged, no more) */
         result = hand_error(listener, s_event_error);
-    while (held > 0)
-        Py_DECREF(owned[--held]);
+    for (int k = 0; k < STATE; k++)
+        Py_DECREF(held[k]);
     return result;
 }
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,10 @@ async def exchange(
     queries: list[bytes],
     host: str = "127.0.0.1",
     expect: int | None = None,
+    then: Callable[[udpbatch.BatchListener], None] | None = None,
 ) -> list[bytes]:
-    """Queue ``queries`` in a fresh listener's socket, let it read them; the answers."""
+    """Queue ``queries`` in a fresh listener's socket, let it read them; the answers.
+    ``then`` is called with the listener made, before it reads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -105,6 +108,8 @@ async def exchange(
     for data in queries:
         asker.sendto(data, where)
     listener = udpbatch.BatchListener(sock, handler, Tasks(), source)  # type: ignore[arg-type]
+    if then is not None:
+        then(listener)
     got: list[bytes] = []
     want = len(queries) if expect is None else expect
     deadline = time.monotonic() + 5
@@ -507,3 +512,56 @@ def test_the_c_send_skips_an_answer_the_system_refuses_and_sends_the_rest() -> N
     finally:
         rx.close()
         tx.close()
+
+
+@pytest.mark.parametrize(
+    "change", ["no fast memo", "clock", "access list", "counts"], ids=lambda c: c.replace(" ", "-")
+)
+def test_what_changes_in_the_memo_after_the_listener_is_made_is_what_it_answers_by(
+    engine: str, change: str
+) -> None:
+    """The C event reads the memo's state from a list its properties keep (fast_state),
+    never from a copy of its own: each change here, made after the listener exists,
+    decides the answers that follow."""
+    source = Source(names=4)
+    memo = source.memo
+    queries = [question(qid, qid % 4) for qid in range(40)]
+    handler = Pipeline()
+    counts = array("q")
+
+    def apply(_listener: udpbatch.BatchListener) -> None:
+        if change == "no fast memo":
+            memo.fast_memo = None
+        elif change == "clock":
+            memo.clock = lambda: NOW + 120  # past the entries' expiry
+        elif change == "access list":
+            memo.fast_clients = {"127.0.0.2"}
+        else:
+            counts.extend(memo.fast_counts)
+            memo.fast_counts = counts  # (a new array the C loop must count in)
+
+    got = asyncio.run(exchange(source, handler, queries, then=apply))
+    assert len(got) == 40
+    if change == "counts":
+        assert sorted(got) == sorted(answer_of(q) for q in queries)
+        memo.fold()
+        assert memo.fast_hits == 40  # (C's counts too, read from the new array)
+        return
+    # The pipeline answers every one (the memo's answer would end in "ANSWER").
+    assert not any(a.endswith(b"ANSWER") for a in got)
+    assert len(handler.seen) == 40
+
+
+def test_a_listener_that_stops_accepting_answers_nothing_more(engine: str) -> None:
+    """Shutting down (Server.stop): the C event is no longer the reader, so memo hits
+    get no answer either, as in the Python loop."""
+    source = Source(names=2)
+    handler = Pipeline()
+    queries = [question(qid, qid % 2) for qid in range(20)]
+
+    def stop(listener: udpbatch.BatchListener) -> None:
+        listener.accepting = False
+
+    got = asyncio.run(exchange(source, handler, queries, expect=0, then=stop))
+    assert got == []
+    assert handler.seen == []

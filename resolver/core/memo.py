@@ -53,6 +53,19 @@ _BLOCK_SLOTS_MAX: Final = 4096
 #: Fast-path answers slower than this (the first latency bucket) are counted one by one.
 FAST_BOUND: Final = BUCKETS[0]
 
+#: Where in ``AnswerMemo.fast_state`` the C loop (resolver/_fastudp.c, event) finds what
+#: it reads of the memo on every readable event: one list read by index, where reading
+#: the same eight attributes cost about 2,000 instructions an event (a compiled class
+#: has no instance dict, so more there).
+S_MEMO: Final = 0
+S_CLIENTS: Final = 1
+S_COUNTS: Final = 2
+S_TIMES: Final = 3
+S_BLOCKS: Final = 4
+S_MAX_ENTRIES: Final = 5
+S_MAX_BYTES: Final = 6
+S_CLOCK: Final = 7
+
 
 class Info:
     """What an answer is, for metrics and the audit log; computed once per distinct
@@ -168,12 +181,17 @@ class AnswerMemo:
 
     def __init__(self, stats: Stats, clock: Callable[[], float]) -> None:
         self.stats = stats
-        self.clock = clock
+        #: What the C loop reads of this memo, by the S_ indices: the properties below
+        #: (clock, the bounds, fast_counts, fast_times, fast_memo, fast_clients,
+        #: fast_blocks) keep their values here and nowhere else, so that it never reads a
+        #: stale one.
+        self.fast_state: list[object] = [None, EVERYONE, None, None, None, 0, 0, clock]
         #: The UDP and the TCP memo (indexed by ``tcp``).
         self.dicts: tuple[Memo, Memo] = ({}, {})
         #: Bytes the UDP and the TCP memo take (keys, answers and MEMO_OVERHEAD each).
         self.sizes = [0, 0]
-        #: The bounds: entries per transport, bytes of both together (half each).
+        #: The bounds (properties): entries per transport, bytes of both together (half
+        #: each).
         self.max_entries = DEFAULT_MEMO_MAX_ENTRIES
         self.max_bytes = DEFAULT_MEMO_MAX_BYTES
         #: Entries evicted to keep within those bounds; answers too large to memoise.
@@ -197,18 +215,86 @@ class AnswerMemo:
         #: it sent for the entries of each Info (-1 for an Info it must leave to Python:
         #: one the audit log sees), and their summed durations; fold() adds them to the
         #: Info's own fast counts. Plain arrays, which C reads and writes without Python.
-        self.fast_counts: array[int] = array("q")
-        self.fast_times: array[float] = array("d")
-        #: For the UDP listeners' fast path (fast_answer): the UDP memo when a memo hit
-        #: needs nothing but the access list to be answered, that is no rate limit and no
-        #: client groups; otherwise None. And the clients that the access list lets in.
-        self.fast_memo: Memo | None = None
-        self.fast_clients: Container[str] = EVERYONE
-        #: For the C fast path's blocked answers (core/blockview.py): the policy's view
-        #: when it can decide names alone, else None; and the slot of the Info each kind
-        #: of blocked answer (blockview.slot_key) is counted in, as Python made them.
-        self.fast_blocks: object = None
+        self.fast_counts = array("q")
+        self.fast_times = array("d")
+        #: The slot of the Info each kind of blocked answer (blockview.slot_key) is
+        #: counted in, as Python made them (see fast_blocks).
         self.block_slots: dict[int, int] = {}
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the memo's expiries are read at."""
+        return self.fast_state[S_CLOCK]  # type: ignore[return-value]
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self.fast_state[S_CLOCK] = clock
+
+    @property
+    def fast_counts(self) -> array[int]:
+        """Answers the C loop sent, by Info slot (see __init__)."""
+        return self.fast_state[S_COUNTS]  # type: ignore[return-value]
+
+    @fast_counts.setter
+    def fast_counts(self, counts: array[int]) -> None:
+        self.fast_state[S_COUNTS] = counts
+
+    @property
+    def fast_times(self) -> array[float]:
+        """Their summed durations, by Info slot."""
+        return self.fast_state[S_TIMES]  # type: ignore[return-value]
+
+    @fast_times.setter
+    def fast_times(self, times: array[float]) -> None:
+        self.fast_state[S_TIMES] = times
+
+    @property
+    def max_entries(self) -> int:
+        """The memo's bound in entries, per transport."""
+        return self.fast_state[S_MAX_ENTRIES]  # type: ignore[return-value]
+
+    @max_entries.setter
+    def max_entries(self, value: int) -> None:
+        self.fast_state[S_MAX_ENTRIES] = value
+
+    @property
+    def max_bytes(self) -> int:
+        """The memo's bound in bytes, both transports together (half each)."""
+        return self.fast_state[S_MAX_BYTES]  # type: ignore[return-value]
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self.fast_state[S_MAX_BYTES] = value
+
+    @property
+    def fast_memo(self) -> Memo | None:
+        """For the UDP listeners' fast path (fast_answer): the UDP memo when a memo hit
+        needs nothing but the access list to be answered, that is no rate limit and no
+        client groups; otherwise None."""
+        return self.fast_state[S_MEMO]  # type: ignore[return-value]
+
+    @fast_memo.setter
+    def fast_memo(self, memo: Memo | None) -> None:
+        self.fast_state[S_MEMO] = memo
+
+    @property
+    def fast_clients(self) -> Container[str]:
+        """The clients that the access list lets in (EVERYONE without one)."""
+        return self.fast_state[S_CLIENTS]  # type: ignore[return-value]
+
+    @fast_clients.setter
+    def fast_clients(self, clients: Container[str]) -> None:
+        self.fast_state[S_CLIENTS] = clients
+
+    @property
+    def fast_blocks(self) -> object:
+        """For the C fast path's blocked answers (core/blockview.py): the policy's view
+        when it can decide names alone, else None."""
+        return self.fast_state[S_BLOCKS]
+
+    @fast_blocks.setter
+    def fast_blocks(self, view: object) -> None:
+        self.fast_state[S_BLOCKS] = view
 
     def fast_answer(self, body: bytes) -> bytes | None:
         """The answer (after the ID) to a UDP query whose bytes after the ID are ``body``,
@@ -224,7 +310,8 @@ class AnswerMemo:
             return None  # (before the clock is read: most misses are new names)
         started = perf_counter()
         info = self.slots[hit[2]]
-        if info.logged or self.clock() >= hit[1]:
+        clock = self.clock  # (a property: mypyc takes self.clock() for a method call)
+        if info.logged or clock() >= hit[1]:
             return None
         elapsed = perf_counter() - started
         if elapsed < FAST_BOUND:

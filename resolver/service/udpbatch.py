@@ -19,11 +19,11 @@ back into Python only for what it hands back) that reads a batch, answers the hi
 fast_answer would (access list, expiry, audit log; counts in the memo's per-slot arrays,
 which AnswerMemo.fold adds) and sends. What it hands back is answered here as without
 it: misses, what it cannot decide, answers too large for a slot (bench/instructions.py: a
-repeated blocked name went from about 16,500 user-space instructions to 1,100). A blocked name the memo does not hold yet
-is decided in C as well, from a view of the policy (core/blockview.py,
-resolver/_fastblock.c), and kept in the memo, whose oldest entries C evicts as
-AnswerMemo does when it is full: a distinct blocked name went from 58,000 instructions
-interpreted and 28,000 compiled to about 2,500 (2,900 with the memo full).
+repeated blocked name went from about 16,500 user-space instructions to 1,000). A blocked
+name the memo does not hold yet is decided in C as well, from a view of the policy
+(core/blockview.py, resolver/_fastblock.c), and kept in the memo, whose oldest entries C
+evicts as AnswerMemo does when it is full: a distinct blocked name went from 58,000
+instructions interpreted and 28,000 compiled to about 2,500 (2,900 with the memo full).
 
 Where the calls are missing (not Linux, no C library that has them), :func:`available`
 says so and the server uses :class:`.listeners.UDPListener`, the loop's datagram
@@ -106,7 +106,7 @@ _FAST: Final = _fast_module()
 _SERVE: Final = getattr(_FAST, "serve", None)
 #: The C sendmmsg of answers from their own bytes to their raw addresses, or None.
 _SEND: Final = getattr(_FAST, "send", None)
-#: A readable event handled in C from start to end (BatchListener._fixed), or None.
+#: A readable event handled in C from start to end (its argument: FIXED there), or None.
 _EVENT: Final = getattr(_FAST, "event", None)
 #: Which loop answers memo hits in batches: "c" (resolver._fastudp) or "python".
 ENGINE: Final = "c" if _SERVE is not None else "python"
@@ -144,6 +144,9 @@ class BatchListener(UDPListener):
         fast: FastSource | None = None,
         slots: int = SLOTS,
     ) -> None:
+        #: Whether the C event (resolver/_fastudp.c's event()) is this socket's reader;
+        #: see _python_reads. (Set before UDPListener's __init__ sets ``accepting``.)
+        self._c_event = False
         super().__init__(handler, tasks, fast)
         self.sock = sock
         #: Whether the next event reads a batch: always where the C loop serves, otherwise
@@ -167,31 +170,56 @@ class BatchListener(UDPListener):
         self._serve = _SERVE
         self._send = _SEND if _SERVE is not None else None
         b = self._buffers
-        #: What resolver/_fastudp.c's event() reads of this listener that never changes
-        #: (FIXED there): with it, an event the C loop can serve runs no Python at all.
-        self._fixed = (
-            self._fd,
-            b.recv_ptr,
-            b.send_ptr,
-            b.slots,
-            ROUNDS,
-            SEND_SIZE,
-            b._hosts,
-            b,
-            b.misses,
-            b.slow_slots,
-            b.slow_times,
-            EVERYONE,
-            FAST_BOUND,
-        )
         event = _EVENT if _SERVE is getattr(_FAST, "serve", None) else None
-        if event is not None:
-            self._loop.add_reader(self._fd, event, self)
+        if event is not None and self.fast is not None:
+            # What resolver/_fastudp.c's event() reads (FIXED there), its argument: with
+            # it, an event the C loop can serve runs no Python and looks up no attribute.
+            # The memo's state is the list fast_state, whose contents its properties keep.
+            fixed = (
+                self._fd,
+                b.recv_ptr,
+                b.send_ptr,
+                b.slots,
+                ROUNDS,
+                SEND_SIZE,
+                b._hosts,
+                b.fresh,
+                b.misses,
+                b.slow_slots,
+                b.slow_times,
+                EVERYONE,
+                FAST_BOUND,
+                self,
+                self._queue,
+                self.fast.fast_state,
+                self.fast,
+            )
+            self._loop.add_reader(self._fd, event, fixed)
+            self._c_event = True
         else:
             self._loop.add_reader(self._fd, self._readable)
         loop = "C (resolver._fastudp)" if ENGINE == "c" else "Python"
         host = sock.getsockname()[0]
         log.info("UDP on %s: batches, memo hits answered by the %s loop", host, loop)
+
+    @property
+    def accepting(self) -> bool:
+        """False while shutting down (see UDPListener): then the Python loop reads."""
+        return self._accepting
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._accepting = value
+        if not value:
+            self._python_reads()
+
+    def _python_reads(self) -> None:
+        """From now on, _readable reads this socket, not the C event, which serves
+        without asking: shutting down, the C loop failed, or batch calls refused."""
+        if self._c_event:
+            self._c_event = False
+            if not self.closed:
+                self._loop.add_reader(self._fd, self._readable)
 
     def close(self) -> None:
         if self.closed:
@@ -330,6 +358,7 @@ class BatchListener(UDPListener):
             exc_info=(type(exc), exc, exc.__traceback__),
         )
         self._serve = None
+        self._python_reads()
         self._buffers.fresh.clear()
 
     def _answer(self, indices: Iterable[int], ready: int) -> int:
@@ -385,7 +414,8 @@ class BatchListener(UDPListener):
         (datagram, host or None, sockaddr, index): the pipeline's. Answers go in the send
         slots from ``ready`` on; return how many are there then."""
         b = self._buffers
-        fresh, b.fresh = b.fresh, []
+        fresh = b.fresh.copy()  # (b.fresh itself stays: the C event holds it)
+        b.fresh.clear()
         handle, later, held, names_base = self.handle, self._later, self.tasks.held, b.names_base
         for data, host, sockaddr, i in fresh:
             try:
@@ -524,6 +554,7 @@ class BatchListener(UDPListener):
                 errno.errorcode.get(code, code),
             )
         self._batching = self._busy = False
+        self._python_reads()
 
     def _recv_error(self, code: int) -> None:
         if code in _REFUSED:
