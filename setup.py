@@ -55,6 +55,7 @@ COMPILED = [
     "resolver/core/account.py",
     "resolver/core/stages.py",
     "resolver/core/pending.py",
+    "resolver/observe/counts.py",
     "resolver/observe/metrics.py",
     "resolver/upstream/endpoints.py",
     "resolver/upstream/base.py",

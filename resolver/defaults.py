@@ -18,6 +18,12 @@ DEFAULT_CACHE_MAX_NEGATIVE_TTL: Final = 3_600
 #: Seconds to wait for upstreams before serving a stale answer.
 DEFAULT_STALE_TIMER: Final = 1.8
 DEFAULT_MEMO_MAX_BYTES: Final = 16 * 1024 * 1024
+#: Bytes of queries the kernel may hold for each UDP listening socket (udp.receive_buffer):
+#: about 5,000 queries that arrive while the loop is busy (a reload, a pause of the
+#: process), where Linux's usual default holds about 270 and drops the rest unseen.
+DEFAULT_UDP_RECEIVE_BUFFER: Final = 4 * 1024 * 1024
+#: The most udp.receive_buffer may ask for.
+MAX_UDP_RECEIVE_BUFFER: Final = 1 << 30
 #: The answer memo's entries per transport.
 DEFAULT_MEMO_MAX_ENTRIES: Final = 50_000
 #: Queries waiting for upstreams at once; beyond, SERVFAIL.

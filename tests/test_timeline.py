@@ -86,7 +86,7 @@ def test_timeline_states_countdowns_and_would_block_by_group(
 def test_would_block_by_group_adds_up_across_workers() -> None:
     from collections import Counter
 
-    from resolver.observe.metrics import Counts
+    from resolver.observe.counts import Counts
     from resolver.policy.model import ClientGroups, Policy
     from resolver.policy.table import NameTable
     from resolver.service.rules_api import by_group

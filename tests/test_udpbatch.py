@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from resolver.core.pending import Pending
+from resolver.observe.counts import Counts
 from resolver.service import udpbatch
 from resolver.service.listeners import Tasks
 
@@ -271,6 +272,9 @@ def test_answers_that_wait_for_room_keep_their_order_and_the_queue_is_bounded() 
             for _ in range(udpbatch.MAX_QUEUED + 10):
                 listener._enqueue(b"x", where)
             assert len(listener._queue) == udpbatch.MAX_QUEUED
+            assert listener.answers_dropped == 10  # (resolver_udp_answers_dropped_total)
+            counts = udpbatch.count_into([listener], Counts())
+            assert counts.udp_answers_dropped == 10
 
     run(main)
 

@@ -261,7 +261,7 @@ def test_counts_add_up_every_field_in_either_build() -> None:
     (the compiled one gives field types as classes, not strings)."""
     from dataclasses import fields
 
-    from resolver.observe.metrics import SCALARS, Counts
+    from resolver.observe.counts import SCALARS, Counts
 
     ints = {f.name for f in fields(Counts) if type(getattr(Counts(), f.name)) is int}
     assert set(SCALARS) == ints

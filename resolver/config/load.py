@@ -11,7 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
-from ..defaults import DEFAULT_DOH_PATH, STRATEGIES
+from ..defaults import DEFAULT_DOH_PATH, MAX_UDP_RECEIVE_BUFFER, STRATEGIES
+from ..observe.auditconfig import parse_size
 from ..upstream.endpoints import Upstream, parse_upstream
 from ..yamlload import (
     SourceError,
@@ -124,10 +125,7 @@ def read_config(path: Path) -> tuple[Config, list[SourceError]]:
         bootstrap=get(lambda: read_addresses(doc, "bootstrap", parse_bootstrap), ()),
         cache=get(lambda: _cache(section("cache", CACHE_KEYS)), base.cache),
         tcp=get(lambda: _tcp(section("tcp", TCP_KEYS)), base.tcp),
-        udp=get(
-            lambda: UDPConfig(read_flag(section("udp", UDP_KEYS), "batch", "udp.batch", True)),
-            base.udp,
-        ),
+        udp=get(lambda: _udp(section("udp", UDP_KEYS)), base.udp),
         drain_timeout=get(
             lambda: read_number(doc, "drain_timeout", float, 0, 300, base.drain_timeout),
             base.drain_timeout,
@@ -260,6 +258,26 @@ def _tcp(doc: YMap) -> TCPConfig:
             doc, "max_connections_per_client", int, 0, 1_000_000, d.max_connections_per_client
         ),
     )
+
+
+def _udp(doc: YMap) -> UDPConfig:
+    value = doc.get("receive_buffer")
+    buffer: int | None = None
+    if value is not None:
+        where = value_where(doc, "receive_buffer")
+        try:
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                if value < 0:
+                    raise ValueError(f"0 (the system's own) or a size such as 4MiB, got {value}")
+                buffer = 0
+            else:
+                buffer = parse_size(value)
+        except ValueError as exc:
+            raise SourceError(where, "udp.receive_buffer", str(exc)) from None
+        if buffer > MAX_UDP_RECEIVE_BUFFER:
+            limit = f"at most {MAX_UDP_RECEIVE_BUFFER >> 20} MiB, got {value!r}"
+            raise SourceError(where, "udp.receive_buffer", limit)
+    return UDPConfig(read_flag(doc, "batch", "udp.batch", True), buffer)
 
 
 def _reload(doc: YMap) -> ReloadConfig:

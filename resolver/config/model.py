@@ -114,6 +114,10 @@ class TCPConfig:
 @dataclass(frozen=True, slots=True)
 class UDPConfig:
     batch: bool = True  # recvmmsg/sendmmsg where the system has them (udpbatch.py)
+    #: Bytes the kernel may queue for each UDP listening socket (SO_RCVBUF); None: the
+    #: default (DEFAULT_UDP_RECEIVE_BUFFER, quietly capped by the system); 0: the
+    #: system's own.
+    receive_buffer: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import (
@@ -26,9 +25,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
-from ..core.stats import Histogram
 from ..policy.model import ENFORCED, EXPIRED, MONITOR, PENDING
 from ..policy.timewindow import ALWAYS, NEVER
+from .counts import Counts
+from .socketmetrics import tcp_families, udp_families
 from .store import StoreCollector
 
 if TYPE_CHECKING:
@@ -37,99 +37,7 @@ if TYPE_CHECKING:
     from ..policy.model import Policy, RemoteSpec
     from ..policy.remote import FetchResult
 
-K = TypeVar("K")
-
 STATES: Final = (PENDING, MONITOR, ENFORCED, EXPIRED)
-
-
-def _merge_hists(mine: dict[K, Histogram], theirs: dict[K, Histogram]) -> dict[K, Histogram]:
-    return {k: h.merged(theirs.get(k)) for k, h in mine.items()} | {
-        k: h.merged(None) for k, h in theirs.items() if k not in mine
-    }
-
-
-@dataclass
-class Counts:
-    """Everything one process has counted, as plain picklable data.
-
-    With ``--workers N`` each worker sends its Counts to the first one, which adds them up
-    for /metrics; a single process just reads its own.
-    """
-
-    answers: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
-    durations: dict[str, Histogram] = field(default_factory=dict)
-    blocked: Counter[str] = field(default_factory=Counter)
-    would_block: Counter[str] = field(default_factory=Counter)
-    stopped: Counter[str] = field(default_factory=Counter)
-    upstream_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)
-    upstream_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
-    cache_hits: int = 0
-    stale: int = 0
-    cache_entries: int = 0
-    cache_misses: int = 0
-    cache_prefetches: int = 0
-    cache_evictions: int = 0
-    cache_bytes: int = 0
-    memo_entries: int = 0
-    memo_bytes: int = 0
-    memo_evictions: int = 0
-    memo_rejections: int = 0
-    ratelimit_clients: int = 0
-    audit_dropped: int = 0
-    ratelimit_evictions: int = 0
-    # TCP listeners (service.listeners.TCPConnections.count_into).
-    tcp_connections: int = 0
-    tcp_evicted_idle: int = 0
-    tcp_evicted_busy: int = 0
-    tcp_evicted_client: int = 0
-    tcp_aborted_stalled: int = 0
-    tcp_aborted_output: int = 0
-    tcp_paused_output: int = 0
-    tcp_paused_pipeline: int = 0
-    # Encrypted listeners (service.encrypted.Encrypted.count_into): every worker serves DoT
-    # and DoH, so their counts are relayed as the queries' are. (DoQ: the primary only.)
-    tls_handshakes: Counter[str] = field(default_factory=Counter)
-    tls_handshake_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
-    doh_rejected: Counter[str] = field(default_factory=Counter)
-    dot_evicted: Counter[str] = field(default_factory=Counter)
-    dot_aborted: Counter[str] = field(default_factory=Counter)
-    dot_connections: int = 0
-    dot_handshaking: int = 0
-    doh_connections: int = 0
-    #: Would-block matches by (list, client group mask), for /v1/timeline.
-    would_block_groups: Counter[tuple[str, int]] = field(default_factory=Counter)
-
-    @property
-    def answered(self) -> int:
-        """Queries answered (every response sent)."""
-        return sum(self.answers.values())
-
-    def __add__(self, other: Counts) -> Counts:
-        out = Counts(
-            self.answers + other.answers,
-            _merge_hists(self.durations, other.durations),
-            self.blocked + other.blocked,
-            self.would_block + other.would_block,
-            self.stopped + other.stopped,
-            _merge_hists(self.upstream_durations, other.upstream_durations),
-            self.upstream_errors + other.upstream_errors,
-        )
-        for name in SCALARS:
-            setattr(out, name, getattr(self, name) + getattr(other, name))
-        for name in TALLIES:  # update, not +: a reason at 0 stays (every reason from 0)
-            tally: Counter[Any] = Counter(getattr(self, name))
-            tally.update(getattr(other, name))
-            setattr(out, name, tally)
-        return out
-
-
-#: The int fields. (The type is the string "int" in the interpreted build, where
-#: annotations are postponed, and the class ``int`` in the build mypyc compiles: with "int"
-#: alone, the compiled build added up no scalar at all across workers.)
-SCALARS: Final = tuple(f.name for f in fields(Counts) if f.type in ("int", int))
-#: The encrypted listeners' counters by label, added up across workers.
-TALLIES: Final = ("tls_handshakes", "tls_handshake_failures", "doh_rejected", "dot_evicted",
-                  "dot_aborted", "would_block_groups")  # fmt: skip
 
 
 def counts_of(resolver: Resolver) -> Counts:
@@ -193,7 +101,8 @@ class ResolverCollector(Collector):
         yield from self._cache(counts)
         yield from self._upstreams(resolver, counts)
         yield from self._protection(counts)
-        yield from self._tcp(counts)
+        yield from tcp_families(counts)
+        yield from udp_families(counts)
         build = GaugeMetricFamily(
             "resolver_build_info",
             "Version of the resolver and of Python.",
@@ -429,42 +338,6 @@ class ResolverCollector(Collector):
             "Audit log entries dropped because the log could not keep up.",
             value=counts.audit_dropped,
         )
-
-    def _tcp(self, counts: Counts) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "resolver_tcp_connections", "Open TCP client connections.", value=counts.tcp_connections
-        )
-        yield _by_reason(
-            "resolver_tcp_connections_evicted",
-            "TCP connections closed to make room for a new one: the oldest idle (idle), the "
-            "oldest busy when none was idle (busy), the client's own oldest over "
-            "tcp.max_connections_per_client (client_limit).",
-            (
-                ("idle", counts.tcp_evicted_idle),
-                ("busy", counts.tcp_evicted_busy),
-                ("client_limit", counts.tcp_evicted_client),
-            ),
-        )
-        yield _by_reason(
-            "resolver_tcp_connections_aborted",
-            "TCP connections aborted because the client did not read its answers: not "
-            "drained within tcp.idle_timeout (stalled), or past 4 x tcp.max_output (output).",
-            (("stalled", counts.tcp_aborted_stalled), ("output", counts.tcp_aborted_output)),
-        )
-        yield _by_reason(
-            "resolver_tcp_read_pauses",
-            "Times a TCP connection stopped reading: pending output over tcp.max_output "
-            "(output), or tcp.max_pipeline queries in flight (pipeline).",
-            (("output", counts.tcp_paused_output), ("pipeline", counts.tcp_paused_pipeline)),
-        )
-
-
-def _by_reason(name: str, doc: str, values: tuple[tuple[str, int], ...]) -> CounterMetricFamily:
-    """A counter family with one sample per ``reason``."""
-    family = CounterMetricFamily(name, doc, labels=["reason"])
-    for reason, value in values:
-        family.add_metric([reason], value)
-    return family
 
 
 class HTTPListener(Protocol):

@@ -32,7 +32,7 @@ from .tlsmetrics import TLSCollector
 if TYPE_CHECKING:
     from ..config import Config
     from ..core.pipeline import Resolver
-    from ..observe.metrics import Counts
+    from ..observe.counts import Counts
     from ..policy.model import Policy
     from ..policy.remote import FetchResult
     from ..upstream.endpoints import Upstream

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import Config, Listen
-from ..observe.metrics import Counts
+from ..observe.counts import Counts
 from . import doh, doq
 from .assembly import StartupError
 from .certs import CertError, CertStore, open_store

@@ -42,7 +42,7 @@ from .sockopts import dont_fragment
 if TYPE_CHECKING:
     from ..config import Listen
     from ..core.memo import AnswerMemo
-    from ..observe.metrics import Counts
+    from ..observe.counts import Counts
 
 log = logging.getLogger("resolver.transport")
 

@@ -32,7 +32,7 @@ from .http import Handler, Request, Response, error, json_response
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..observe.metrics import Counts
+    from ..observe.counts import Counts
     from ..policy.model import BlockList, Policy, RuleSet
     from ..yamlload import Where
     from .workers import Supervisor

@@ -25,7 +25,8 @@ from ..console import Console
 from ..core import wire
 from ..core.account import AuditSink
 from ..core.pipeline import Clock, Resolver
-from ..observe.metrics import Counts, counts_of
+from ..observe.counts import Counts
+from ..observe.metrics import counts_of
 from ..policy import Policy, remote
 from ..policy.isolated import PolicyLoader
 from ..policy.loader import fault
@@ -40,6 +41,7 @@ from .dot import DoTListeners
 from .encrypted import Encrypted
 from .http import HTTPServer
 from .listeners import Tasks, TCPConnection, UDPListener, bind_message, make_socket
+from .sockopts import size_receive_queue
 from .watch import FileWatcher, RemoteRefresher
 from .workers import RelayAudit, Supervisor, WorkerLink, spread_datagrams
 
@@ -178,6 +180,7 @@ class Server:
         """What this server has counted, all workers included (as of their last report)."""
         assert self.resolver is not None
         mine = self.encrypted.count_into(self.connections.count_into(counts_of(self.resolver)))
+        mine = udpbatch.count_into(self._udp_listeners, mine)
         return mine + self.supervisor.total() if self.supervisor is not None else mine
 
     async def _start_http(self) -> None:
@@ -409,6 +412,7 @@ class Server:
             break
         else:
             raise StartupError(f"cannot find a port free for both UDP and TCP on {listen.host}")
+        size_receive_queue(udp_sock, self.config.udp.receive_buffer)
         if self.config.udp.batch and udpbatch.available():
             batched = udpbatch.BatchListener(udp_sock, handler, self.tasks, resolver)
             self._udp_listeners.append(batched)

@@ -7,6 +7,8 @@ import os
 import socket
 from typing import Final
 
+from ..defaults import DEFAULT_UDP_RECEIVE_BUFFER
+
 log = logging.getLogger("resolver.transport")
 
 #: IP_MTU_DISCOVER and its IP_PMTUDISC_PROBE (Linux's numbers; the socket module names
@@ -29,3 +31,62 @@ def dont_fragment(sock: socket.socket, family: int) -> None:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DONTFRAG, 1)
     except OSError as exc:
         log.debug("UDP: no DF on answers (%s)", exc)
+
+
+#: SO_RCVBUFFORCE and SO_MEMINFO (Linux's numbers; the socket module names neither).
+_SO_RCVBUFFORCE: Final = 33
+_SO_MEMINFO: Final = 55
+#: SO_MEMINFO's u32 fields: SK_MEMINFO_RMEM_ALLOC, _RCVBUF, ... and _DROPS, the ninth.
+_MEMINFO_FIELDS: Final = 9
+
+
+def receive_buffer(sock: socket.socket, size: int) -> tuple[int, bool]:
+    """Ask that the kernel queue up to ``size`` bytes of datagrams for ``sock`` (0: leave
+    the system's default): with SO_RCVBUFFORCE where the process may (CAP_NET_ADMIN, as
+    Unbound does), else SO_RCVBUF, which net.core.rmem_max caps. Returns the size the
+    kernel reports (it doubles the request for its own overhead) and whether the request
+    was granted in full."""
+    if size > 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            except OSError as exc:
+                log.debug("UDP: receive buffer left as it was (%s)", exc)
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return got, size <= 0 or got >= 2 * size or (got >= size and os.uname().sysname != "Linux")
+
+
+def size_receive_queue(sock: socket.socket, configured: int | None) -> int:
+    """Apply udp.receive_buffer (None: DEFAULT_UDP_RECEIVE_BUFFER) to a UDP listening
+    socket; say so when the system granted less (a warning when the operator asked for
+    that size, else a note). Returns the bound the kernel reports."""
+    size = DEFAULT_UDP_RECEIVE_BUFFER if configured is None else configured
+    got, granted = receive_buffer(sock, size)
+    if not granted:
+        host, port = sock.getsockname()[:2]
+        (log.warning if configured is not None else log.info)(
+            "UDP %s port %d: udp.receive_buffer asks %d bytes, the system granted %d "
+            "(half of it for queries; net.core.rmem_max caps it: raise it with sysctl, or "
+            "give the process CAP_NET_ADMIN)",
+            host,
+            port,
+            size,
+            got // 2,
+        )
+    return got
+
+
+def receive_queue(sock: socket.socket) -> tuple[int, int, int] | None:
+    """A UDP socket's receive side from the kernel (Linux 4.6+, SO_MEMINFO): bytes queued
+    now, the queue's bound in bytes, and datagrams dropped since it was opened (almost
+    always because the queue was full). None where the system cannot say."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 4 * _MEMINFO_FIELDS)
+    except OSError:
+        return None
+    if len(raw) < 4 * _MEMINFO_FIELDS:
+        return None
+    values = memoryview(raw).cast("I")
+    return values[0], values[1], values[8]

@@ -50,7 +50,9 @@ from typing import Any, Final
 from ..core.guard import EVERYONE
 from ..core.memo import FAST_BOUND, AnswerMemo, Memo
 from ..core.stats import PROTO_UDP
+from ..observe.counts import Counts
 from .listeners import FastSource, Handler, Tasks, UDPListener
+from .sockopts import receive_queue
 from .udpslots import NAME_SIZE as _NAME_SIZE
 from .udpslots import RECV_SIZE, SEND_SIZE, SLOTS, Buffers, sockaddr_tuple
 
@@ -160,6 +162,8 @@ class BatchListener(UDPListener):
         self._fd = sock.fileno()
         #: Answers waiting for room in the send buffer, with their addresses.
         self._queue: deque[tuple[bytes, Any]] = deque()
+        #: Answers dropped with the queue full (resolver_udp_answers_dropped_total).
+        self.answers_dropped = 0
         #: Answers from upstream waiting for the next flush, with their raw addresses.
         self._waiting: list[tuple[bytes, bytes]] = []
         self._writing = False
@@ -525,6 +529,7 @@ class BatchListener(UDPListener):
 
     def _enqueue(self, answer: bytes, addr: Any) -> None:
         if len(self._queue) >= MAX_QUEUED:
+            self.answers_dropped += 1
             log.debug("UDP send queue full: dropped an answer to %s", addr[0])
             return
         self._queue.append((answer, addr))
@@ -562,3 +567,25 @@ class BatchListener(UDPListener):
         elif code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
             # ICMP errors for earlier answers (a client went away) are no reason to stop.
             log.debug("UDP receive error: %s", errno.errorcode.get(code, code))
+
+
+def count_into(listeners: Iterable[UDPListener], counts: Counts) -> Counts:
+    """Add what the kernel says of each UDP listener's receive queue (its drops, the bytes
+    queued now, its bound) to ``counts`` by listening address, and the answers the batch
+    listeners dropped."""
+    for listener in listeners:
+        sock = listener.sock if isinstance(listener, BatchListener) else listener._direct
+        if isinstance(listener, BatchListener):
+            counts.udp_answers_dropped += listener.answers_dropped
+        if sock is None or sock.fileno() < 0:
+            continue
+        queue = receive_queue(sock)
+        if queue is None:
+            continue
+        host, port = sock.getsockname()[:2]
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        queued, bound, drops = queue
+        counts.udp_receive_queued[listen] += queued
+        counts.udp_receive_buffer[listen] += bound
+        counts.udp_receive_drops[listen] += drops
+    return counts

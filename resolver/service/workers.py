@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..observe.metrics import Counts
+from ..observe.counts import Counts
 from ..observe.querylog import BLOCKED_DECISIONS, DECISIONS, AuditConfig
 
 if TYPE_CHECKING:
@@ -258,6 +258,8 @@ class Supervisor:
         dead = child.counts
         dead.cache_entries = dead.ratelimit_clients = dead.tcp_connections = 0
         dead.dot_connections = dead.dot_handshaking = dead.doh_connections = 0
+        dead.udp_receive_queued.clear()
+        dead.udp_receive_buffer.clear()
         child.base = child.base + child.counts
         child.counts = Counts()
         try:

@@ -83,6 +83,7 @@ CONTRACT: dict[str, tuple[str, Labels]] = {
     "resolver_upstream_errors_total": ("counter", {"upstream": None, "kind": UPSTREAM_ERROR}),
     "resolver_upstream_up": ("gauge", {"upstream": None}),
     "resolver_audit_dropped_total": ("counter", {}),
+    "resolver_udp_receive_drops_total": ("counter", {"listen": None}),
     "resolver_build_info": ("gauge", {"version": None, "python": None}),
     "resolver_remote_list_last_success_timestamp_seconds": ("gauge", {"list": None}),
     "resolver_remote_list_age_seconds": ("gauge", {"list": None}),
@@ -191,6 +192,9 @@ resolver_upstream_up{upstream="10.0.0.53:53"} 1
 # HELP resolver_audit_dropped_total Audit records dropped because the audit queue was full.
 # TYPE resolver_audit_dropped_total counter
 resolver_audit_dropped_total 0
+# HELP resolver_udp_receive_drops_total Queries the kernel dropped before the resolver read them.
+# TYPE resolver_udp_receive_drops_total counter
+resolver_udp_receive_drops_total{listen="127.0.0.1:53"} 0
 # HELP resolver_build_info The resolver's build; the value is always 1.
 # TYPE resolver_build_info gauge
 resolver_build_info{version="0.1.0",python="3.11.7"} 1
