@@ -9,10 +9,12 @@ One command (issue 8)::
 Issue 21's figures (as root for --cpu-quota; the cgroup v1 cpu controller)::
 
     # workers: two against one, each process held to 0.4 CPU (0.2 where dnsperf, NSD and
-    # the rest keep the machine near 100% busy: then the machine, not the quota, binds)
+    # the rest keep the machine near 100% busy: then the machine, not the quota, binds);
+    # 64 clients with 1,000 queries in flight, so that both workers always have queries
+    # waiting (bench/README.md: with 200, the window, not the workers, sets the figure)
     python3 bench/core_bench.py --servers resolver,resolver-w2 --workloads blocked,repeated \
-        --cpu-quota 0.4 --baselines resolver --latency-duration 0 --scale-sizes '' \
-        --startup-runs 0 --rounds 3
+        --cpu-quota 0.4 --clients 64 --outstanding 1000 --baselines resolver \
+        --latency-duration 0 --scale-sizes '' --startup-runs 0 --rounds 3
     # p99 at a fixed 50,000 qps, the resolver and Unbound in the same run
     python3 bench/core_bench.py --servers resolver,resolver-compiled,unbound \
         --workloads blocked,repeated --baselines unbound --latency-qps 50000 \
