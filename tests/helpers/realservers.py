@@ -141,10 +141,15 @@ class ResolverProcess:
     LISTEN = re.compile(r"listening on (udp|tcp) (\S+):(\d+)$")
 
     def __init__(
-        self, *args: str, ready: bool = True, timeout: float = 15.0, ready_text: str = "ready ("
+        self,
+        *args: str,
+        ready: bool = True,
+        timeout: float = 15.0,
+        ready_text: str = "ready (",
+        launcher: tuple[str, ...] = ("-m", "resolver"),
     ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver", "serve", *args],
+            [sys.executable, *launcher, "serve", *args],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
