@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from typing import Final
 
 from ..defaults import DEFAULT_UDP_RECEIVE_BUFFER
@@ -46,8 +47,11 @@ def receive_buffer(sock: socket.socket, size: int) -> tuple[int, bool]:
     Unbound does), else SO_RCVBUF, which net.core.rmem_max caps. Returns the size the
     kernel reports (it doubles the request for its own overhead) and whether the request
     was granted in full."""
+    linux = sys.platform.startswith("linux")
     if size > 0:
         try:
+            if not linux:  # (SO_RCVBUFFORCE's number means something else, or nothing)
+                raise OSError("no SO_RCVBUFFORCE here")
             sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
         except OSError:
             try:
@@ -55,7 +59,7 @@ def receive_buffer(sock: socket.socket, size: int) -> tuple[int, bool]:
             except OSError as exc:
                 log.debug("UDP: receive buffer left as it was (%s)", exc)
     got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    return got, size <= 0 or got >= 2 * size or (got >= size and os.uname().sysname != "Linux")
+    return got, size <= 0 or got >= (2 * size if linux else size)
 
 
 def size_receive_queue(sock: socket.socket, configured: int | None) -> int:
@@ -82,6 +86,8 @@ def receive_queue(sock: socket.socket) -> tuple[int, int, int] | None:
     """A UDP socket's receive side from the kernel (Linux 4.6+, SO_MEMINFO): bytes queued
     now, the queue's bound in bytes, and datagrams dropped since it was opened (almost
     always because the queue was full). None where the system cannot say."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 4 * _MEMINFO_FIELDS)
     except OSError:
