@@ -560,7 +560,7 @@ def test_a_listener_that_stops_accepting_answers_nothing_more(engine: str) -> No
     queries = [question(qid, qid % 2) for qid in range(20)]
 
     def stop(listener: udpbatch.BatchListener) -> None:
-        listener.accepting = False
+        listener.stop_accepting()
 
     got = asyncio.run(exchange(source, handler, queries, expect=0, then=stop))
     assert got == []

@@ -284,7 +284,7 @@ def test_while_shutting_down_queries_are_read_but_not_answered() -> None:
         echo = Echo()
         async with serving(echo) as (listener, asker, where):
             asker.settimeout(0.2)
-            listener.accepting = False
+            listener.stop_accepting()
             asker.sendto(query(1), where)
             await asyncio.sleep(0.05)
             assert echo.seen == []

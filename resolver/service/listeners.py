@@ -23,12 +23,13 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from math import inf
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from ..core.guard import EVERYONE
+from ..core.memo import S_CLIENTS, S_MEMO
 from ..core.pending import Pending
 from ..defaults import (
     DEFAULT_TCP_IDLE,
@@ -41,7 +42,7 @@ from .sockopts import dont_fragment
 
 if TYPE_CHECKING:
     from ..config import Listen
-    from ..core.memo import AnswerMemo
+    from ..core.memo import AnswerMemo, Memo
     from ..observe.counts import Counts
 
 log = logging.getLogger("resolver.transport")
@@ -119,6 +120,10 @@ class UDPListener(asyncio.DatagramProtocol):
         #: The same socket (a duplicate descriptor), for answers sent straight from here.
         self._direct: socket.socket | None = None
 
+    def stop_accepting(self) -> None:
+        """Shutting down: answers in progress still go out, new queries do not."""
+        self.accepting = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
         # Answers go out through a plain socket's sendto: the loop's transport converts the
@@ -140,17 +145,20 @@ class UDPListener(asyncio.DatagramProtocol):
             return
         fast = self.fast
         try:
-            memo = fast.fast_memo if fast is not None else None
-            if (
-                memo is not None
-                and fast is not None
-                and (key := data[2:]) in memo  # (no call for a miss)
-                and (fast.fast_clients is EVERYONE or addr[0] in fast.fast_clients)
-            ):
-                body = fast.fast_answer(key)
-                if body is not None:
-                    self._sendto(data[:2] + body, addr)
-                    return
+            if fast is not None:
+                # (The memo's state read directly, as fast_answer does: no property calls.)
+                state = fast.fast_state
+                memo: Memo | None = state[S_MEMO]  # type: ignore[assignment]
+                clients: Container[str] = state[S_CLIENTS]  # type: ignore[assignment]
+                if (
+                    memo is not None
+                    and (key := data[2:]) in memo  # (no call for a miss)
+                    and (clients is EVERYONE or addr[0] in clients)
+                ):
+                    body = fast.fast_answer(key)
+                    if body is not None:
+                        self._sendto(data[:2] + body, addr)
+                        return
             result = self.handle(data, addr[0], False)
         except Exception:  # a bug must cost one answer, never the listener
             log.exception("internal error answering a UDP query")

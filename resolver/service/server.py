@@ -459,7 +459,7 @@ class Server:
         # UDP sockets stay open while draining (answers leave through them) but take no
         # new queries; TCP stops accepting connections and reading new queries.
         for listener in self._udp_listeners:
-            listener.accepting = False
+            listener.stop_accepting()
         for server in self._tcp:
             server.close()
         self.connections.stop_reading()

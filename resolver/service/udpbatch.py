@@ -146,10 +146,10 @@ class BatchListener(UDPListener):
         fast: FastSource | None = None,
         slots: int = SLOTS,
     ) -> None:
-        #: Whether the C event (resolver/_fastudp.c's event()) is this socket's reader;
-        #: see _python_reads. (Set before UDPListener's __init__ sets ``accepting``.)
-        self._c_event = False
         super().__init__(handler, tasks, fast)
+        #: Whether the C event (resolver/_fastudp.c's event()) is this socket's reader;
+        #: see _python_reads.
+        self._c_event = False
         self.sock = sock
         #: Whether the next event reads a batch: always where the C loop serves, otherwise
         #: when the last read found a backlog (_PLAIN_READS datagrams or more).
@@ -206,16 +206,10 @@ class BatchListener(UDPListener):
         host = sock.getsockname()[0]
         log.info("UDP on %s: batches, memo hits answered by the %s loop", host, loop)
 
-    @property
-    def accepting(self) -> bool:
-        """False while shutting down (see UDPListener): then the Python loop reads."""
-        return self._accepting
-
-    @accepting.setter
-    def accepting(self, value: bool) -> None:
-        self._accepting = value
-        if not value:
-            self._python_reads()
+    def stop_accepting(self) -> None:
+        """Shutting down (see UDPListener): from now on the Python loop reads, and drops."""
+        super().stop_accepting()
+        self._python_reads()
 
     def _python_reads(self) -> None:
         """From now on, _readable reads this socket, not the C event, which serves
