@@ -568,13 +568,12 @@ def count_into(listeners: Iterable[UDPListener], counts: Counts) -> Counts:
     queued now, its bound) to ``counts`` by listening address, and the answers the batch
     listeners dropped."""
     for listener in listeners:
-        sock = listener.sock if isinstance(listener, BatchListener) else listener._direct
         if isinstance(listener, BatchListener):
             counts.udp_answers_dropped += listener.answers_dropped
-        if sock is None or sock.fileno() < 0:
-            continue
-        queue = receive_queue(sock)
-        if queue is None:
+            sock = None if listener.closed else listener.sock
+        else:
+            sock = listener._direct  # (its duplicate of the transport's socket, while open)
+        if sock is None or (queue := receive_queue(sock)) is None:
             continue
         host, port = sock.getsockname()[:2]
         listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
