@@ -48,16 +48,14 @@ def receive_buffer(sock: socket.socket, size: int) -> tuple[int, bool]:
     kernel reports (it doubles the request for its own overhead) and whether the request
     was granted in full."""
     linux = sys.platform.startswith("linux")
-    if size > 0:
+    # (SO_RCVBUFFORCE's number is Linux's: elsewhere it means another option, or none.)
+    options = (_SO_RCVBUFFORCE, socket.SO_RCVBUF) if linux else (socket.SO_RCVBUF,)
+    for option in options if size > 0 else ():
         try:
-            if not linux:  # (SO_RCVBUFFORCE's number means something else, or nothing)
-                raise OSError("no SO_RCVBUFFORCE here")
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
-        except OSError:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-            except OSError as exc:
-                log.debug("UDP: receive buffer left as it was (%s)", exc)
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            break
+        except OSError as exc:
+            log.debug("UDP: receive buffer option %d refused (%s)", option, exc)
     got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     return got, size <= 0 or got >= (2 * size if linux else size)
 
